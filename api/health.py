@@ -1,0 +1,20 @@
+"""`/healthz`: is the API up, can it reach Redis, how long is the queue."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app
+
+from shared import keys
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    services = current_app.extensions["demix"]
+    client = services.jobs.redis
+    try:
+        client.ping()
+        queued = sum(client.llen(key) for key in keys.queue_keys(services.settings.queue))
+    except Exception as exc:  # report, don't raise: health checks want a body either way
+        return {"status": "degraded", "redis": f"unreachable: {type(exc).__name__}"}, 503
+    return {"status": "ok", "redis": "ok", "queue_length": queued, "model": services.settings.model}

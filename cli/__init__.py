@@ -1,0 +1,1 @@
+"""The `demix` command: start the service (`up`, `api`, `worker`) and manage it."""

@@ -1,0 +1,76 @@
+"""`demix`: command-line entry point."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing as tp
+
+from shared.config import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="demix", description="Music demixing service (Demucs).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("up", help="start Redis (unless DEMIX_REDIS_URL is set), a worker and the API")
+    api = commands.add_parser("api", help="serve the HTTP API under gunicorn")
+    api.add_argument("--workers", type=int, help="gunicorn worker processes (DEMIX_API_WORKERS)")
+    worker = commands.add_parser("worker", help="run a Celery worker that separates jobs")
+    worker.add_argument("--concurrency", type=int, help="jobs at once (DEMIX_WORKER_CONCURRENCY)")
+    worker.add_argument("--loglevel", default="INFO")
+    commands.add_parser("config", help="print every DEMIX_* setting, its value and its meaning")
+    return parser
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"demix: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "up":
+        from .supervisor import run_up
+        return run_up(settings)
+    if args.command == "api":
+        return exec_api(settings, args.workers)
+    if args.command == "worker":
+        return exec_worker(settings, args.concurrency, args.loglevel)
+    if args.command == "config":
+        for name, default, doc in Settings.describe():
+            value = getattr(settings, name[len("DEMIX_"):].lower())
+            print(f"{name}={value}\n    {doc} (default: {default})")
+        return 0
+    raise AssertionError(args.command)
+
+
+def exec_api(settings: Settings, workers: tp.Optional[int] = None) -> int:
+    """Replace this process with gunicorn serving `api:create_app()`."""
+    argv = [sys.executable, "-m", "gunicorn",
+            "--bind", f"{settings.host}:{settings.port}",
+            "--workers", str(workers or settings.api_workers),
+            # Threads let slow uploads and long /result streams share a worker process.
+            "--worker-class", "gthread", "--threads", "8",
+            # Uploads of hour-long WAVs over slow links take a while.
+            "--timeout", "600", "--graceful-timeout", "10",
+            "--access-logfile", "-",
+            "api:create_app()"]
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def exec_worker(settings: Settings, concurrency: tp.Optional[int] = None, loglevel: str = "INFO") -> int:
+    """Replace this process with a Celery worker consuming the separation queue."""
+    argv = [sys.executable, "-m", "celery", "--app", "shared.celery_app", "worker",
+            "--queues", settings.queue,
+            "--concurrency", str(concurrency or settings.worker_concurrency),
+            "--prefetch-multiplier", "1",
+            "--task-events",
+            "--hostname", "demix@%h",
+            "--loglevel", loglevel]
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Audio I/O shared by the API (probing uploads) and the worker (reading, writing stems).
+
+Decoding is libsndfile's (through `soundfile`): it reads every PCM width, float,
+μ-law/A-law and ADPCM WAV, WAVE_FORMAT_EXTENSIBLE and RF64. What is not a WAV is
+named by its magic bytes, so the user learns what they actually sent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from .errors import InvalidAudio
+
+MAX_CHANNELS = 2
+"""Until channel-pair separation lands, more than stereo is refused rather than downmixed."""
+
+WAV_MAX_BYTES = 0xFFFFFFFF - 1024
+"""RIFF sizes are 32-bit; bigger outputs are written as RF64 (header space kept in reserve)."""
+
+PCM_SCALES = {"PCM_16": 2 ** 15, "PCM_24": 2 ** 23}
+"""Full-scale integer value of each PCM output format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioInfo:
+    """What a probe learns from a WAV header."""
+    samplerate: int
+    channels: int
+    frames: int
+    subtype: str  # libsndfile's name of the sample format, e.g. PCM_16, FLOAT, ULAW
+    container: str  # WAV, WAVEX (WAVE_FORMAT_EXTENSIBLE) or RF64
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.samplerate
+
+
+def describe_non_wav(head: bytes) -> tp.Optional[str]:
+    """Say what a file looks like if its first bytes are not a WAV header, else None."""
+    if not head:
+        return "the file is empty"
+    if head[:4] in (b"RIFF", b"RIFX", b"RF64", b"BW64"):
+        if head[8:12] == b"WAVE":
+            return None
+        if len(head) < 12:
+            return "it is cut off inside its RIFF header"
+        return f"it is a RIFF file of type {head[8:12].decode('latin-1')!r} (AVI, WebP, ...), not WAVE"
+    stripped = head.lstrip().lower()
+    guesses = [
+        (head.startswith(b"ID3"), "an MP3 file (it starts with an ID3 tag)"),
+        (len(head) > 1 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0, "AAC audio (ADTS frame header)"),
+        (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0, "an MP3 file (it starts with an MP3 frame header)"),
+        (head.startswith(b"fLaC"), "a FLAC file"),
+        (head.startswith(b"OggS"), "an Ogg file (Vorbis/Opus)"),
+        (head[4:8] == b"ftyp", "an MP4/M4A file"),
+        (head.startswith(b"FORM") and head[8:12] in (b"AIFF", b"AIFC"), "an AIFF file"),
+        (head.startswith(b"\x1aE\xdf\xa3"), "a Matroska/WebM file"),
+        (head.startswith(b"caff"), "a CAF file"),
+        (head.startswith(b".snd"), "a Sun/NeXT AU file"),
+        (head.startswith(b"MThd"), "a MIDI file (notes, not audio)"),
+        (head.startswith(b"PK\x03\x04"), "a ZIP archive"),
+        (head.startswith(b"%PDF"), "a PDF document"),
+        (stripped.startswith((b"<!doctype html", b"<html")), "an HTML page"),
+        (stripped.startswith(b"<?xml"), "an XML document"),
+        (stripped.startswith((b"{", b"[")), "JSON or other text"),
+    ]
+    for matched, description in guesses:
+        if matched:
+            return description
+    return f"its first bytes ({head[:8].hex(' ')}) match no audio format"
+
+
+def probe_wav(path: Path) -> AudioInfo:
+    """Check that `path` is a decodable, non-empty WAV we can separate, and describe it.
+
+    Raises:
+        InvalidAudio: with a message saying what is wrong with the file.
+    """
+    with open(path, "rb") as file:
+        head = file.read(16)
+    not_wav = describe_non_wav(head)
+    if not_wav is not None:
+        raise InvalidAudio(f"file is not a WAV: {not_wav}", code="not_wav")
+    try:
+        info = read_info(path)
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise InvalidAudio(f"the WAV could not be decoded: {_libsndfile_reason(exc)}",
+                           code="undecodable_wav") from None
+    if info.frames <= 0:
+        raise InvalidAudio("the WAV holds no audio: it has zero frames", code="empty_audio")
+    if info.channels > MAX_CHANNELS:
+        raise InvalidAudio(f"the WAV has {info.channels} channels; at most {MAX_CHANNELS} "
+                           "(mono or stereo) are supported", code="too_many_channels")
+    return info
+
+
+def read_info(path: Path) -> AudioInfo:
+    """The header facts of a sound file, unchecked (see `probe_wav` for uploads)."""
+    info = sf.info(str(path))
+    return AudioInfo(samplerate=info.samplerate, channels=info.channels, frames=info.frames,
+                     subtype=info.subtype, container=info.format)
+
+
+def _libsndfile_reason(exc: Exception) -> str:
+    message = str(exc)
+    # soundfile prefixes the path ("Error opening '/x/y': ..."); the user's file has no such path.
+    if ": " in message:
+        message = message.split(": ", 1)[1]
+    return message.strip().rstrip(".") or "unknown decoder error"
+
+
+def output_subtype(input_subtype: str) -> str:
+    """The sample format stems are written in, derived from the input's.
+
+    16- and 24-bit PCM are kept; narrower or companded inputs (8-bit, μ-law, A-law,
+    ADPCM) come back as 16-bit; 32-bit PCM and float come back as 32-bit float.
+    """
+    if input_subtype in PCM_SCALES:
+        return input_subtype
+    if input_subtype in ("PCM_32", "FLOAT", "DOUBLE"):
+        return "FLOAT"
+    return "PCM_16"
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """The whole file as float32 `[frames, channels]` and its sample rate."""
+    data, samplerate = sf.read(str(path), dtype="float32", always_2d=True)
+    return data, samplerate
+
+
+def quantize(samples: np.ndarray, subtype: str) -> np.ndarray:
+    """Float samples in [-1, 1) to the integers `write_audio` stores for a PCM subtype.
+
+    Rounds to the nearest step and clamps to the format's range (integers never wrap).
+    Float subtypes pass through as float32.
+    """
+    if subtype not in PCM_SCALES:
+        return samples.astype(np.float32, copy=False)
+    scale = PCM_SCALES[subtype]
+    return np.clip(np.rint(samples.astype(np.float64) * scale), -scale, scale - 1).astype(np.int32)
+
+
+def dequantize(values: np.ndarray, subtype: str) -> np.ndarray:
+    """Inverse of `quantize`: the float samples a reader of the file will see."""
+    if subtype not in PCM_SCALES:
+        return values.astype(np.float32, copy=False)
+    return (values.astype(np.float64) / PCM_SCALES[subtype]).astype(np.float32)
+
+
+def write_audio(path: Path, samples: np.ndarray, samplerate: int, subtype: str) -> None:
+    """Write `[frames, channels]` samples as a WAV (RF64 past 4 GiB).
+
+    Integer input must come from `quantize` for the same subtype. It is handed to
+    libsndfile as left-aligned int32, which it stores bit-exactly; handing it floats
+    would let libsndfile rescale by 0x7FFF and shift every sample by up to one step.
+    """
+    if subtype in PCM_SCALES:
+        shift = 32 - int(np.log2(PCM_SCALES[subtype])) - 1
+        samples = samples.astype(np.int32) << shift
+    container = "WAV" if _wav_bytes(samples, subtype) <= WAV_MAX_BYTES else "RF64"
+    sf.write(str(path), samples, samplerate, subtype=subtype, format=container)
+
+
+def _wav_bytes(samples: np.ndarray, subtype: str) -> int:
+    width = {"PCM_16": 2, "PCM_24": 3}.get(subtype, 4)
+    return samples.shape[0] * samples.shape[1] * width
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a finished file to disk before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

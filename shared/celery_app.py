@@ -1,0 +1,51 @@
+"""The one Celery app. The API sends tasks to it by name (so it never imports the
+worker's torch code); `demix worker` runs it with the tasks of `worker.tasks`;
+Flower watches it: `celery --app shared.celery_app flower`."""
+from __future__ import annotations
+
+from celery import Celery
+
+from .config import Settings, get_settings
+
+SEPARATE_TASK = "demix.separate"
+"""Name of the task that separates one job; its only argument is the job id."""
+
+
+def celery_config(settings: Settings) -> dict:
+    """The Celery configuration mapping for these settings."""
+    url = settings.effective_redis_url
+    return {
+        "broker_url": url,
+        # Job state lives in our own job records; Celery's result backend would only
+        # duplicate it, so results are not stored.
+        "task_ignore_result": True,
+        "task_default_queue": settings.queue,
+        "task_routes": {SEPARATE_TASK: {"queue": settings.queue}},
+        # A separation takes minutes: take one job at a time and acknowledge it only
+        # when it is done, so a worker that dies mid-job gives the job back.
+        "worker_prefetch_multiplier": 1,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "broker_transport_options": {"visibility_timeout": settings.job_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        # Flower needs task events; sending them costs little.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("demix", include=["worker.tasks"])
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Re-point an existing app at new settings (tests, `demix up`)."""
+    app.conf.update(celery_config(settings))
+
+
+celery_app = make_celery(get_settings())

@@ -1,0 +1,117 @@
+"""Running one job: from its id to its stems in storage and its record updated.
+
+Plain Python over the job store, the storage and a model cache, so tests drive it
+without Celery; `worker.tasks` is the thin Celery edge over `run_job`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+import typing as tp
+
+import numpy as np
+import redis
+
+from shared.audio import fsync_file, write_audio
+from shared.config import Settings, get_settings
+from shared.errors import DemixError, JobNotFound, SeparationFailed
+from shared.jobs import JobStore
+from shared.storage import JobStorage
+
+from .engine import SeparationOptions, separate_file
+from .models import ModelCache, ModelSpec, resolve_device
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.5
+"""Least time between two progress writes to Redis for one job."""
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    """What a worker process builds once and reuses for every job."""
+    settings: Settings
+    jobs: JobStore
+    storage: JobStorage
+    models: ModelCache
+
+
+@functools.lru_cache(maxsize=1)
+def worker_context() -> WorkerContext:
+    """This process's context, built on first use (after the fork, in a prefork pool)."""
+    settings = get_settings()
+    _configure_torch_threads(settings)
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5,
+                                  socket_timeout=30, health_check_interval=30)
+    return WorkerContext(settings=settings, jobs=JobStore(client),
+                         storage=JobStorage(settings.data_dir), models=ModelCache())
+
+
+def _configure_torch_threads(settings: Settings) -> None:
+    import torch
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency)
+    torch.set_num_threads(threads)
+
+
+def run_job(job_id: str, context: WorkerContext) -> None:
+    """Separate job `job_id` and record the outcome in its job record.
+
+    A job whose record is gone (deleted) or already finished (a duplicate delivery) is
+    skipped. Failures the user can act on are recorded as the job's error; anything
+    unexpected is recorded too, then re-raised so Celery (and Flower) see it.
+    """
+    jobs, storage, settings = context.jobs, context.storage, context.settings
+    try:
+        job = jobs.get(job_id)
+    except JobNotFound:
+        log.warning("job %s has no record (deleted?); skipping", job_id)
+        return
+    if job.status.is_finished:
+        log.info("job %s is already %s; skipping duplicate delivery", job_id, job.status.value)
+        return
+    jobs.mark_running(job_id)
+    storage.clear_stems(job_id)
+    started = time.monotonic()
+    try:
+        device = resolve_device(settings.device)
+        model = context.models.get(ModelSpec(settings.model, settings.model_repo, device))
+        options = SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device)
+        outputs = separate_file(model, storage.input_path(job_id), job.stems,
+                                write_stem=functools.partial(_write_stem, storage, job_id),
+                                options=options, progress=ProgressReporter(jobs, job_id))
+    except DemixError as exc:
+        log.warning("job %s failed: %s", job_id, exc.message)
+        jobs.mark_failed(job_id, exc)
+        return
+    except Exception as exc:
+        log.exception("job %s failed unexpectedly", job_id)
+        jobs.mark_failed(job_id, SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"))
+        raise
+    jobs.mark_succeeded(job_id, outputs)
+    log.info("job %s succeeded in %.1fs (%.1fs of audio)", job_id, time.monotonic() - started,
+             job.duration)
+
+
+def _write_stem(storage: JobStorage, job_id: str, name: str, samples: np.ndarray,
+                samplerate: int, subtype: str) -> None:
+    temporary = storage.temporary_stem_path(job_id, name)
+    write_audio(temporary, samples, samplerate, subtype)
+    fsync_file(temporary)
+    storage.publish_stem(job_id, name)
+
+
+class ProgressReporter:
+    """Writes a job's progress to its record, at most every `PROGRESS_INTERVAL_S`."""
+
+    def __init__(self, jobs: JobStore, job_id: str, interval: float = PROGRESS_INTERVAL_S):
+        self.jobs, self.job_id, self.interval = jobs, job_id, interval
+        self._last_write = -float("inf")
+
+    def __call__(self, progress: float) -> None:
+        now = time.monotonic()
+        if now - self._last_write >= self.interval:
+            self._last_write = now
+            self.jobs.set_progress(self.job_id, progress)
