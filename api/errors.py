@@ -11,9 +11,9 @@ from shared.errors import DemixError, UploadTooLarge
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str, **extra):
+def error_response(http_status: int, code: str, message: str, **extra):
     body = {"error": {"code": code, "message": message, **extra}}
-    return jsonify(body), status
+    return jsonify(body), http_status
 
 
 def register(app: Flask) -> None:

@@ -33,9 +33,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         from .supervisor import run_up
         return run_up(settings)
     if args.command == "api":
-        return exec_api(settings, args.workers)
+        _replace_process(api_argv(settings, args.workers))
     if args.command == "worker":
-        return exec_worker(settings, args.concurrency, args.loglevel)
+        _replace_process(worker_argv(settings, args.concurrency, args.loglevel))
     if args.command == "config":
         for name, default, doc in Settings.describe():
             value = getattr(settings, name[len("DEMIX_"):].lower())
@@ -44,9 +44,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     raise AssertionError(args.command)
 
 
-def exec_api(settings: Settings, workers: tp.Optional[int] = None) -> int:
-    """Replace this process with gunicorn serving `api:create_app()`."""
-    argv = [sys.executable, "-m", "gunicorn",
+def _replace_process(argv: list[str]) -> tp.NoReturn:
+    # exec, not a child: signals from docker or `demix up` reach gunicorn/celery directly.
+    os.execv(argv[0], argv)
+
+
+def api_argv(settings: Settings, workers: tp.Optional[int] = None) -> list[str]:
+    """The command serving `api:create_app()` under gunicorn."""
+    return [sys.executable, "-m", "gunicorn",
             "--bind", f"{settings.host}:{settings.port}",
             "--workers", str(workers or settings.api_workers),
             # Threads let slow uploads and long /result streams share a worker process.
@@ -55,21 +60,17 @@ def exec_api(settings: Settings, workers: tp.Optional[int] = None) -> int:
             "--timeout", "600", "--graceful-timeout", "10",
             "--access-logfile", "-",
             "api:create_app()"]
-    os.execv(sys.executable, argv)
-    return 0  # not reached
 
 
-def exec_worker(settings: Settings, concurrency: tp.Optional[int] = None, loglevel: str = "INFO") -> int:
-    """Replace this process with a Celery worker consuming the separation queue."""
-    argv = [sys.executable, "-m", "celery", "--app", "shared.celery_app", "worker",
+def worker_argv(settings: Settings, concurrency: tp.Optional[int] = None, loglevel: str = "INFO") -> list[str]:
+    """The command running a Celery worker on the separation queue, with task events for Flower."""
+    return [sys.executable, "-m", "celery", "--app", "shared.celery_app", "worker",
             "--queues", settings.queue,
             "--concurrency", str(concurrency or settings.worker_concurrency),
             "--prefetch-multiplier", "1",
             "--task-events",
             "--hostname", "demix@%h",
             "--loglevel", loglevel]
-    os.execv(sys.executable, argv)
-    return 0  # not reached
 
 
 if __name__ == "__main__":

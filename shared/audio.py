@@ -54,7 +54,7 @@ def describe_non_wav(head: bytes) -> tp.Optional[str]:
     guesses = [
         (head.startswith(b"ID3"), "an MP3 file (it starts with an ID3 tag)"),
         (len(head) > 1 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0, "AAC audio (ADTS frame header)"),
-        (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0, "an MP3 file (it starts with an MP3 frame header)"),
+        (_is_mpeg_audio_frame(head), "an MP3 file (it starts with an MP3 frame header)"),
         (head.startswith(b"fLaC"), "a FLAC file"),
         (head.startswith(b"OggS"), "an Ogg file (Vorbis/Opus)"),
         (head[4:8] == b"ftyp", "an MP4/M4A file"),
@@ -73,6 +73,16 @@ def describe_non_wav(head: bytes) -> tp.Optional[str]:
         if matched:
             return description
     return f"its first bytes ({head[:8].hex(' ')}) match no audio format"
+
+
+def _is_mpeg_audio_frame(head: bytes) -> bool:
+    """An MPEG audio frame header: 11 sync bits, then no reserved version, layer,
+    bitrate or sample-rate value (which random bytes rarely all avoid)."""
+    if len(head) < 4 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
+        return False
+    version, layer = (head[1] >> 3) & 0b11, (head[1] >> 1) & 0b11
+    bitrate, rate = head[2] >> 4, (head[2] >> 2) & 0b11
+    return version != 0b01 and layer != 0b00 and bitrate != 0b1111 and rate != 0b11
 
 
 def probe_wav(path: Path) -> AudioInfo:

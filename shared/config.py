@@ -85,7 +85,7 @@ def _coerce(field: dataclasses.Field, raw: tp.Any, name: str) -> tp.Any:
     if isinstance(raw, kind):
         return raw
     try:
-        if kind is Path:
+        if issubclass(kind, Path):
             return Path(raw).expanduser()
         return kind(raw)
     except (TypeError, ValueError):

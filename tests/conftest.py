@@ -1,0 +1,172 @@
+"""Fixtures: a real redis-server on a free port, a tiny real HT-Demucs in a
+demucs-format model folder, a real Celery worker, and the real app over real HTTP.
+
+The environment is set here, at import, before any test module imports the service:
+the service reads its settings (and Celery its broker) from `DEMIX_*` variables once.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import typing as tp
+from pathlib import Path
+
+import pytest
+
+from cli.redis_server import RedisServer, free_port
+
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="demix-tests-"))
+REDIS_PORT = free_port()
+TINY_MODEL = "tiny"
+TINY_SOURCES = ["drums", "bass", "other", "vocals"]
+
+os.environ.update({
+    "DEMIX_REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
+    "DEMIX_DATA_DIR": str(SESSION_DIR / "data"),
+    "DEMIX_MODEL": TINY_MODEL,
+    "DEMIX_MODEL_REPO": str(SESSION_DIR / "models"),
+    "DEMIX_DEVICE": "cpu",
+    "DEMIX_TORCH_THREADS": "2",
+})
+for _name in list(os.environ):  # a developer's own DEMIX_* settings must not leak in
+    if _name.startswith("DEMIX_") and _name not in {
+            "DEMIX_REDIS_URL", "DEMIX_DATA_DIR", "DEMIX_MODEL", "DEMIX_MODEL_REPO",
+            "DEMIX_DEVICE", "DEMIX_TORCH_THREADS", "DEMIX_TEST_CACHE"}:
+        del os.environ[_name]
+
+
+def make_tiny_htdemucs(seed: int = 0):
+    """The real demucs HTDemucs class at a tiny width (depth stays 4: shallower models
+    make the transformer attend over far more positions and need gigabytes)."""
+    import torch
+    from demucs.htdemucs import HTDemucs
+
+    torch.manual_seed(seed)
+    return HTDemucs(sources=TINY_SOURCES, channels=8, depth=4, t_layers=1, t_heads=2,
+                    bottom_channels=0).eval()
+
+
+def write_tiny_repo(repo: Path, name: str = TINY_MODEL, seed: int = 0) -> Path:
+    from worker.model_repo import save_model, write_bag
+
+    sig = f"{name}{seed}"
+    save_model(make_tiny_htdemucs(seed), repo, sig)
+    write_bag(repo, name, [sig])
+    return repo
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_dir() -> tp.Iterator[Path]:
+    yield SESSION_DIR
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> tp.Iterator[RedisServer]:
+    with RedisServer(SESSION_DIR / "redis", port=REDIS_PORT, persist=False) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from shared.config import get_settings
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_repo(settings) -> Path:
+    return write_tiny_repo(Path(settings.model_repo))
+
+
+@pytest.fixture(scope="session")
+def celery_worker(redis_server, tiny_model_repo):
+    """A real Celery worker (solo pool, in a thread) consuming the service's queue."""
+    from celery.contrib.testing.worker import start_worker
+
+    from shared.celery_app import celery_app
+    import worker.tasks  # noqa: F401  registers the task
+
+    from worker.runner import worker_context
+
+    with start_worker(celery_app, pool="solo", concurrency=1, perform_ping_check=False,
+                      loglevel="WARNING", shutdown_timeout=60) as worker:
+        yield worker
+    if worker_context.cache_info().currsize:
+        worker_context().jobs.redis.close()
+    celery_app.pool.force_close_all()
+
+
+class LiveServer:
+    """The app served over real HTTP by werkzeug in a background thread."""
+
+    def __init__(self, app):
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.shutdown()
+        self.thread.join(10)
+        self.server.server_close()
+        self.server.app.extensions["demix"].jobs.redis.close()
+
+
+@pytest.fixture(scope="session")
+def live_server(redis_server, celery_worker) -> tp.Iterator[LiveServer]:
+    """The API in front of a consuming worker: jobs run."""
+    from api import create_app
+
+    with LiveServer(create_app()) as server:
+        yield server
+
+
+UNCONSUMED_QUEUE = "demix-tests-unconsumed"
+
+
+@pytest.fixture(scope="session")
+def idle_server(redis_server, settings) -> tp.Iterator[LiveServer]:
+    """The API in front of a queue no worker consumes: jobs stay queued, so tests can
+    count exactly what was enqueued."""
+    import dataclasses
+
+    from api import create_app
+
+    idle_settings = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE,
+                                        data_dir=SESSION_DIR / "idle-data", max_upload_mb=1)
+    with LiveServer(create_app({"SETTINGS": idle_settings})) as server:
+        server.settings = idle_settings
+        yield server
+
+
+def wait_for_job(base_url: str, job_id: str, timeout: float = 120.0,
+                 on_poll: tp.Optional[tp.Callable[[dict], None]] = None) -> dict:
+    """Poll a job until it is finished; returns its last JSON."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{base_url}/v1/jobs/{job_id}", timeout=10).json()
+        if on_poll is not None:
+            on_poll(job)
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish within {timeout}s: {job}")

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import Settings
+
+
+def test_settings_come_from_demix_variables_with_defaults():
+    settings = Settings.from_env({"DEMIX_PORT": "9001", "DEMIX_DATA_DIR": "~/stems", "DEMIX_OVERLAP": "0.5"})
+    assert settings.port == 9001 and settings.overlap == 0.5
+    assert settings.data_dir == Path("~/stems").expanduser()
+    assert settings.host == "127.0.0.1" and settings.model == "htdemucs" and settings.max_upload_mb == 500
+    assert settings.max_upload_bytes == 500 * 1024 * 1024
+
+
+def test_empty_redis_url_means_the_local_default():
+    assert Settings.from_env({}).effective_redis_url == "redis://127.0.0.1:6379/0"
+    assert Settings.from_env({"DEMIX_REDIS_URL": "redis://h:1/2"}).effective_redis_url == "redis://h:1/2"
+
+
+def test_a_malformed_value_names_the_variable():
+    with pytest.raises(ValueError, match="DEMIX_PORT='eighty'"):
+        Settings.from_env({"DEMIX_PORT": "eighty"})
+
+
+def test_every_setting_is_documented():
+    for name, _default, doc in Settings.describe():
+        assert name.startswith("DEMIX_") and doc.strip()
