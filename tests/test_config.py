@@ -28,3 +28,9 @@ def test_a_malformed_value_names_the_variable():
 def test_every_setting_is_documented():
     for name, _default, doc in Settings.describe():
         assert name.startswith("DEMIX_") and doc.strip()
+
+
+def test_a_value_outside_the_choices_names_them():
+    assert Settings.from_env({"DEMIX_PRECISION": "bf16"}).precision == "bf16"
+    with pytest.raises(ValueError, match="DEMIX_PRECISION='int8' is not one of fp32, bf16, fp16"):
+        Settings.from_env({"DEMIX_PRECISION": "int8"})
