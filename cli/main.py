@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import typing as tp
+from pathlib import Path
 
 from shared.config import Settings
 
@@ -22,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="INFO")
     commands.add_parser("config", help="print every DEMIX_* setting, its value and its meaning")
     models.add_parser(commands)
+    separate = commands.add_parser("separate", help="upload WAVs to a running service and download their stems")
+    separate.add_argument("files", nargs="+", type=Path, metavar="WAV")
+    separate.add_argument("--stems", default="all", help="all (default), drums, bass, vocals or other")
+    separate.add_argument("--server", help="service URL (default: http://DEMIX_HOST:DEMIX_PORT)")
+    separate.add_argument("-o", "--out", type=Path, default=Path("separated"),
+                          help="folder for the stems, one sub-folder per file (default: ./separated)")
     return parser
 
 
@@ -39,6 +46,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         _replace_process(api_argv(settings, args.workers))
     if args.command == "worker":
         _replace_process(worker_argv(settings, args.concurrency, args.loglevel))
+    if args.command == "separate":
+        from .client import run_separate
+        server = args.server or f"http://{settings.host}:{settings.port}"
+        return run_separate(server, args.files, args.stems, args.out)
     if args.command == "models":
         return models.run(args, settings)
     if args.command == "config":
