@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from cli.redis_server import RedisServer, free_port
+from tests.tiny_models import TINY_MODEL, TINY_SOURCES, make_tiny_htdemucs, write_tiny_repo  # noqa: F401
 
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="demix-tests-"))
 REDIS_PORT = free_port()
-TINY_MODEL = "tiny"
-TINY_SOURCES = ["drums", "bass", "other", "vocals"]
 
 os.environ.update({
     "DEMIX_REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
@@ -36,26 +35,6 @@ for _name in list(os.environ):  # a developer's own DEMIX_* settings must not le
             "DEMIX_REDIS_URL", "DEMIX_DATA_DIR", "DEMIX_MODEL", "DEMIX_MODEL_REPO",
             "DEMIX_DEVICE", "DEMIX_TORCH_THREADS", "DEMIX_TEST_CACHE"}:
         del os.environ[_name]
-
-
-def make_tiny_htdemucs(seed: int = 0):
-    """The real demucs HTDemucs class at a tiny width (depth stays 4: shallower models
-    make the transformer attend over far more positions and need gigabytes)."""
-    import torch
-    from demucs.htdemucs import HTDemucs
-
-    torch.manual_seed(seed)
-    return HTDemucs(sources=TINY_SOURCES, channels=8, depth=4, t_layers=1, t_heads=2,
-                    bottom_channels=0).eval()
-
-
-def write_tiny_repo(repo: Path, name: str = TINY_MODEL, seed: int = 0) -> Path:
-    from worker.model_repo import save_model, write_bag
-
-    sig = f"{name}{seed}"
-    save_model(make_tiny_htdemucs(seed), repo, sig)
-    write_bag(repo, name, [sig])
-    return repo
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,98 @@
+"""What the service costs on top of the model: one 3-minute stereo WAV end to end.
+
+Starts `demix up` with a tiny HT-Demucs (the real class, small width) in a scratch
+folder, then for the same WAV measures, in this run:
+  * end to end: POST /v1/jobs -> poll until succeeded -> GET /result (all stems, base64);
+  * the model alone: demucs' normalise + apply_model + de-normalise on the same audio,
+    in this process, with the same thread count as the worker;
+and prints both and their ratio. Usage: python bench/service_overhead.py [--seconds 180]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cli.redis_server import free_port  # noqa: E402
+from tests.audio_factory import write_wav  # noqa: E402
+from tests.tiny_models import make_tiny_htdemucs, write_tiny_repo  # noqa: E402
+
+
+def model_alone(path: Path) -> float:
+    import soundfile as sf
+    import torch
+    from demucs.apply import apply_model
+
+    model = make_tiny_htdemucs()
+    wav = torch.from_numpy(sf.read(str(path), dtype="float32")[0].T.copy())
+    started = time.perf_counter()
+    ref = wav.mean(0)
+    with torch.inference_mode():
+        out = apply_model(model, ((wav - ref.mean()) / ref.std())[None], shifts=0, overlap=0.25)
+    (out * ref.std() + ref.mean()).numpy()
+    return time.perf_counter() - started
+
+
+def end_to_end(path: Path, scratch: Path, stems: str) -> dict[str, float]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMIX_")}
+    env.update({"DEMIX_PORT": str(port), "DEMIX_DATA_DIR": str(scratch / "data"), "DEMIX_MODEL": "tiny",
+                "DEMIX_MODEL_REPO": str(write_tiny_repo(scratch / "models"))})
+    up = subprocess.Popen([str(Path(sys.executable).parent / "demix"), "up"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in up.stdout:
+            if "demix is ready" in line:
+                break
+        url = f"http://127.0.0.1:{port}"
+        timings = {}
+        for attempt in ("first job (loads the model)", "second job (model loaded)"):
+            started = time.perf_counter()
+            with open(path, "rb") as file:
+                job = requests.post(f"{url}/v1/jobs", files={"file": file}, data={"stems": stems}).json()
+            while job["status"] not in ("succeeded", "failed"):
+                time.sleep(0.1)
+                job = requests.get(job["url"]).json()
+            assert job["status"] == "succeeded", job["error"]
+            body = requests.get(job["result_url"]).content
+            timings[attempt] = time.perf_counter() - started
+            timings["result bytes"] = len(body)
+        return timings
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=180.0)
+    parser.add_argument("--stems", default="all")
+    args = parser.parse_args()
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = write_wav(Path(scratch) / "song.wav", 44100, 2, args.seconds, subtype="PCM_16")
+        timings = end_to_end(path, Path(scratch), args.stems)
+        alone = model_alone(path)
+    warm = timings["second job (model loaded)"]
+    print(f"input: {args.seconds:.0f} s stereo 44.1 kHz PCM16, stems={args.stems}, tiny HT-Demucs, "
+          f"{os.cpu_count()} cores")
+    for name in ("first job (loads the model)", "second job (model loaded)"):
+        print(f"  end to end, {name}: {timings[name]:.2f} s")
+    print(f"  model alone (normalise + apply_model), same audio: {alone:.2f} s")
+    print(f"  service overhead (warm): {warm - alone:+.2f} s = {warm / alone:.2f}x the model alone; "
+          f"/result body {timings['result bytes'] / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
