@@ -27,7 +27,7 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     app.config.from_mapping(
         SETTINGS=settings,
         # Bodies far over the limit are refused from their Content-Length, before reading;
-        # the exact per-file limit is checked once the file part is on disk.
+        # the exact per-file limit is enforced while the file part streams to disk.
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
     )
     if test_config is not None:

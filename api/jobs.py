@@ -6,8 +6,8 @@ import typing as tp
 
 from flask import Blueprint, Response, current_app, request, send_file, stream_with_context, url_for
 
-from shared.audio import probe_wav
-from shared.errors import BadRequest, JobNotFinished, JobNotFound, UploadTooLarge
+from shared.errors import BadRequest, JobNotFinished, JobNotFound
+from shared.intake import inspect_upload
 from shared.jobs import Job, JobStatus
 from shared.stems import ALL, STEM_CHOICES, output_names
 
@@ -50,11 +50,9 @@ def create_job():
     if stems not in STEM_CHOICES:
         raise BadRequest(f"unknown stems value {stems!r}; expected one of {', '.join(STEM_CHOICES)}",
                          code="invalid_stems")
+    # A part over the upload limit was already refused while it streamed (`CappedUploadFile`).
     path = upload_path(upload)
-    if path.stat().st_size > services.settings.max_upload_bytes:
-        raise UploadTooLarge(f"upload is larger than the {services.settings.max_upload_mb} MiB "
-                             "limit (DEMIX_MAX_UPLOAD_MB)")
-    info = probe_wav(path)
+    info = inspect_upload(path, services.settings)
     job = submit_job(path, info, stems, services)
     response = current_app.json.response(job_json(job))
     response.status_code = 202

@@ -7,16 +7,55 @@ from pathlib import Path
 
 from flask import Request, current_app, request
 
+from shared.config import Settings
+from shared.errors import UploadTooLarge
+
 
 class UploadRequest(Request):
-    """A request whose file parts stream to `<data_dir>/incoming/` instead of `/tmp`."""
+    """A request whose file parts stream to `<data_dir>/incoming/` (never into memory or
+    `/tmp`), each cut off as soon as it passes the upload limit."""
 
     def _get_file_stream(self, total_content_length: tp.Optional[int], content_type: tp.Optional[str],
                          filename: tp.Optional[str] = None,
                          content_length: tp.Optional[int] = None) -> tp.IO[bytes]:
-        stream = current_app.extensions["demix"].storage.open_upload()
-        self.__dict__.setdefault("upload_paths", []).append(Path(stream.name))
-        return stream
+        services = current_app.extensions["demix"]
+        stream = CappedUploadFile(services.storage.open_upload(), services.settings)
+        self.__dict__.setdefault("upload_streams", []).append(stream)
+        return tp.cast(tp.IO[bytes], stream)
+
+
+class CappedUploadFile:
+    """A file part being written to disk that refuses to grow past `DEMIX_MAX_UPLOAD_MB`.
+
+    The request's Content-Length is checked before reading, but a chunked upload has
+    none: counting here stops any upload at the limit while it streams.
+    """
+
+    def __init__(self, file: tp.BinaryIO, settings: Settings):
+        self._file = file
+        self._settings = settings
+        self.size = 0
+
+    @property
+    def name(self) -> str:
+        return self._file.name
+
+    def write(self, data: bytes) -> int:
+        """Append `data`; raises `UploadTooLarge` instead once the part passes the limit."""
+        self.size += len(data)
+        if self.size > self._settings.max_upload_bytes:
+            raise UploadTooLarge(f"upload is larger than the {self._settings.max_upload_mb} MiB "
+                                 "limit (DEMIX_MAX_UPLOAD_MB)")
+        return self._file.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def upload_path(file_storage: tp.Any) -> Path:
@@ -29,5 +68,6 @@ def upload_path(file_storage: tp.Any) -> Path:
 
 def discard_unclaimed_uploads(_exc: tp.Optional[BaseException] = None) -> None:
     """After every request: delete upload files no job claimed (rejected, aborted, extra parts)."""
-    for path in request.__dict__.get("upload_paths", []):
-        path.unlink(missing_ok=True)
+    for stream in request.__dict__.get("upload_streams", []):
+        stream.close()  # a part cut off mid-stream is still open
+        Path(stream.name).unlink(missing_ok=True)

@@ -32,6 +32,8 @@ class Settings:
         Path(platformdirs.user_data_dir("demix")),
         "Folder holding uploads and stems (one sub-folder per job) and the private Redis data.")
     max_upload_mb: int = _setting(500, "Largest accepted upload, in MiB; larger ones get 413.")
+    max_duration_s: int = _setting(
+        3 * 3600, "Longest accepted input, in seconds; longer uploads get 422.")
     model: str = _setting("htdemucs", "Demucs model (or bag of models) name.")
     model_repo: str = _setting(
         "", "Local folder in demucs' repo format (`<sig>-<sha8>.th`, `<name>.yaml`); empty: "

@@ -28,9 +28,16 @@ class BadRequest(DemixError):
 
 
 class InvalidAudio(DemixError):
-    """The upload is not audio we can separate: not a WAV, undecodable, or empty."""
+    """The upload is not audio we can separate: an undecodable or empty WAV, one too long
+    or with unusable samples (`code` says which). Not a WAV at all: `UnsupportedMediaType`."""
     code = "invalid_audio"
     http_status = 422
+
+
+class UnsupportedMediaType(InvalidAudio):
+    """The upload is not a WAV at all; the message says what it looks like instead."""
+    code = "not_wav"
+    http_status = 415
 
 
 class UploadTooLarge(DemixError):

@@ -1,0 +1,391 @@
+"""Intake: every WAV a real tool writes is accepted and described right; every bad one is
+refused with a specific error. The corpus is built here, with soundfile and hand-written
+headers (never committed binaries); tests/test_api_errors.py reuses it over HTTP."""
+from __future__ import annotations
+
+import dataclasses
+import struct
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from shared import intake
+from shared.config import Settings
+from shared.errors import InvalidAudio, UnsupportedMediaType
+from shared.intake import inspect_upload
+from tests.audio_factory import music_like
+
+SETTINGS = Settings()
+STREAMED = 0xFFFFFFFF
+"""The `data` (and RIFF) size `ffmpeg -f wav pipe:` leaves, unable to seek back."""
+MP3_FRAME = bytes([0xFF, 0xFB, 0x90, 0x64]) + bytes(413)
+
+
+# ---- the corpus: hand-written headers -------------------------------------------------
+
+def chunk(tag: bytes, body: bytes, endian: str = "<") -> bytes:
+    """A RIFF chunk, with the pad byte an odd-sized body needs."""
+    return tag + struct.pack(endian + "I", len(body)) + body + b"\0" * (len(body) % 2)
+
+
+def fmt_chunk(channels: int = 2, samplerate: int = 44100, bits: int = 16, tag: int = 1,
+              block_align: tp.Optional[int] = None, endian: str = "<") -> bytes:
+    if block_align is None:
+        block_align = channels * ((bits + 7) // 8)
+    return chunk(b"fmt ", struct.pack(endian + "HHIIHH", tag, channels, samplerate,
+                                      samplerate * block_align, block_align, bits), endian)
+
+
+def riff(*chunks: bytes, magic: bytes = b"RIFF", size: tp.Optional[int] = None,
+         endian: str = "<") -> bytes:
+    """A whole file: the RIFF header (`size` overrides the true size), then `chunks`."""
+    body = b"WAVE" + b"".join(chunks)
+    return magic + struct.pack(endian + "I", len(body) if size is None else size) + body
+
+
+def data_header(size: int) -> bytes:
+    """A `data` chunk header alone, for sizes that do not match what follows."""
+    return b"data" + struct.pack("<I", size)
+
+
+def pcm16(frames: int = 1000, channels: int = 2, seed: int = 0) -> np.ndarray:
+    """`[frames, channels]` int16 samples of a music-like signal."""
+    return np.round(music_like(44100, channels, frames / 44100, seed)[:frames] * 2 ** 15).astype("<i2")
+
+
+SAMPLES = pcm16()
+
+
+def plain_wav(samples: np.ndarray = SAMPLES) -> bytes:
+    return riff(fmt_chunk(channels=samples.shape[1]), chunk(b"data", samples.tobytes()))
+
+
+def rf64_header(data_size: int = 0, riff_size: int = 0, frames: int = 0, before_fmt: bytes = b"") -> bytes:
+    """An RF64 header up to the samples; sizes of 0 are what `ffmpeg -rf64 always` leaves in a pipe."""
+    ds64 = chunk(b"ds64", struct.pack("<QQQI", riff_size, data_size, frames, 0))
+    return (b"RF64" + struct.pack("<I", STREAMED) + b"WAVE" + ds64 + before_fmt + fmt_chunk()
+            + data_header(STREAMED))
+
+
+def rf64_wav() -> bytes:
+    """A complete RF64 file holding SAMPLES, with its `ds64` sizes filled in."""
+    riff_size = len(rf64_header()) - 8 + SAMPLES.nbytes
+    return rf64_header(SAMPLES.nbytes, riff_size, len(SAMPLES)) + SAMPLES.tobytes()
+
+
+def info_list(text: bytes) -> bytes:
+    """A LIST/INFO chunk with one odd-sized software tag, so it needs a pad byte."""
+    return chunk(b"LIST", b"INFO" + chunk(b"ISFT", text))
+
+
+# name -> the file's bytes; each holds exactly SAMPLES (1000 stereo 16-bit frames at 44.1 kHz)
+ODD_VALID_WAVS: dict[str, tp.Callable[[], bytes]] = {
+    "data size 0 (streamed)": lambda: riff(fmt_chunk(), data_header(0) + SAMPLES.tobytes(), size=0),
+    "data size 0xFFFFFFFF (ffmpeg pipe)": lambda: riff(
+        fmt_chunk(), data_header(STREAMED) + SAMPLES.tobytes(), size=STREAMED),
+    "streamed with an odd trailing byte": lambda: riff(
+        fmt_chunk(), data_header(STREAMED) + SAMPLES.tobytes() + b"\x01", size=STREAMED),
+    "RF64 with ds64 sizes 0 (ffmpeg -rf64 pipe)": lambda: rf64_header() + SAMPLES.tobytes(),
+    "RF64 with its sizes filled in": rf64_wav,
+    "RF64 with an odd-sized chunk (pad byte)": lambda: rf64_header(
+        before_fmt=chunk(b"bext", b"abc")) + SAMPLES.tobytes(),
+    "BW64": lambda: b"BW64" + rf64_wav()[4:],
+    "chunks before and after fmt and data": lambda: riff(
+        chunk(b"JUNK", bytes(28)), chunk(b"bext", bytes(602)), fmt_chunk(),
+        chunk(b"iXML", b"<BWFXML/>"), info_list(b"demix"), chunk(b"data", SAMPLES.tobytes()),
+        info_list(b"tail"), chunk(b"JUNK", b"odd")),
+    "odd-sized chunks with pad bytes": lambda: riff(
+        chunk(b"LIST", b"abc"), fmt_chunk(), chunk(b"JUNK", b"x"), chunk(b"data", SAMPLES.tobytes())),
+    "trailing garbage after data": lambda: plain_wav() + b"\x07garbage that is no chunk",
+    "RIFF size wrong": lambda: riff(fmt_chunk(), chunk(b"data", SAMPLES.tobytes()), size=12345),
+    "WAVE_FORMAT_EXTENSIBLE by hand": lambda: riff(
+        chunk(b"fmt ", struct.pack("<HHIIHHHHI", 0xFFFE, 2, 44100, 44100 * 4, 4, 16, 22, 16, 3)
+              + struct.pack("<I", 1) + intake.KSDATAFORMAT_GUID_TAIL),
+        chunk(b"data", SAMPLES.tobytes())),
+    "big-endian RIFX": lambda: riff(fmt_chunk(endian=">"),
+                                    chunk(b"data", SAMPLES.astype(">i2").tobytes(), ">"),
+                                    magic=b"RIFX", endian=">"),
+}
+
+
+def write(tmp_path: Path, content: bytes, name: str = "upload.wav") -> Path:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+def refusal(path: Path, settings: Settings = SETTINGS) -> InvalidAudio:
+    with pytest.raises(InvalidAudio) as caught:
+        inspect_upload(path, settings)
+    assert str(path.parent) not in caught.value.message  # never leak server paths
+    return caught.value
+
+
+# ---- accepted -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(ODD_VALID_WAVS))
+def test_odd_but_valid_wavs_are_accepted_and_read_whole(tmp_path, case):
+    path = write(tmp_path, ODD_VALID_WAVS[case]())
+    info = inspect_upload(path, SETTINGS)
+    assert (info.frames, info.samplerate, info.channels) == (1000, 44100, 2)
+    # What the worker will read from the (possibly repaired) stored copy: every sample.
+    read, _ = sf.read(str(path), dtype="int16", always_2d=True)
+    assert np.array_equal(read, SAMPLES)
+
+
+@pytest.mark.parametrize("size", [0, STREAMED])
+def test_a_streamed_header_is_repaired_to_the_real_sizes(tmp_path, size):
+    content = riff(fmt_chunk(), data_header(size) + SAMPLES.tobytes(), size=size)
+    path = write(tmp_path, content)
+    inspect_upload(path, SETTINGS)
+    repaired = path.read_bytes()
+    assert repaired == riff(fmt_chunk(), chunk(b"data", SAMPLES.tobytes()))
+
+
+def test_a_streamed_rf64_header_gets_its_ds64_sizes(tmp_path):
+    path = write(tmp_path, rf64_header() + SAMPLES.tobytes())
+    inspect_upload(path, SETTINGS)
+    assert path.read_bytes() == rf64_wav()
+
+
+@pytest.mark.parametrize("trailer", [b"", b"\x01"])
+def test_a_streamed_wav_too_big_for_riff_becomes_rf64(tmp_path, monkeypatch, trailer):
+    # 4 GiB of test audio is too slow for the suite; the RIFF limit is lowered instead.
+    monkeypatch.setattr(intake, "RIFF_MAX_SIZE", 1000)
+    content = riff(chunk(b"LIST", b"abc"), fmt_chunk(), data_header(STREAMED) + SAMPLES.tobytes()
+                   + trailer, size=STREAMED)
+    path = write(tmp_path, content)
+    info = inspect_upload(path, SETTINGS)
+    assert (info.container, info.frames, info.channels) == ("RF64", 1000, 2)
+    read, _ = sf.read(str(path), dtype="int16", always_2d=True)
+    assert np.array_equal(read, SAMPLES)
+    repaired = path.read_bytes()
+    assert len(repaired) == len(content) + intake.DS64_CHUNK_BYTES
+    assert repaired[:4] == b"RF64" and repaired[12:16] == b"ds64"
+    assert repaired.endswith(SAMPLES.tobytes() + trailer)
+
+
+def test_shifting_copes_with_blocks_smaller_than_the_shift(tmp_path):
+    path = write(tmp_path, bytes(range(256)) * 10)
+    with open(path, "r+b") as file:
+        intake._shift_tail(file, start=12, end=2560, by=36, block=7)
+    shifted = path.read_bytes()
+    assert shifted[48:] == (bytes(range(256)) * 10)[12:] and shifted[:12] == bytes(range(12))
+
+
+FIXED_WIDTH_SUBTYPES = ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE", "ULAW", "ALAW"]
+SAMPLE_FORMATS = ([(subtype, container) for subtype in FIXED_WIDTH_SUBTYPES
+                   for container in ("WAV", "WAVEX", "RF64")]
+                  # libsndfile writes ADPCM only in plain WAV
+                  + [("IMA_ADPCM", "WAV"), ("MS_ADPCM", "WAV")])
+
+
+@pytest.mark.parametrize("subtype,container", SAMPLE_FORMATS)
+def test_every_sample_format_is_accepted(tmp_path, subtype, container):
+    path = tmp_path / "in.wav"
+    frames = 1001
+    sf.write(str(path), music_like(44100, 2, frames / 44100)[:frames], 44100, subtype=subtype,
+             format=container)
+    info = inspect_upload(path, SETTINGS)
+    assert (info.samplerate, info.channels, info.subtype, info.container) == (44100, 2, subtype, container)
+    assert info.frames == expected_frames(path, frames, subtype)
+    assert len(sf.read(str(path))[0]) == info.frames
+
+
+def expected_frames(path: Path, written: int, subtype: str) -> int:
+    """ADPCM codes whole blocks, so the written frames are padded to a block: the count
+    of samples per block comes from the file's own `fmt ` chunk (wSamplesPerBlock)."""
+    if not subtype.endswith("ADPCM"):
+        return written
+    content = path.read_bytes()
+    samples_per_block = struct.unpack("<H", content[content.index(b"fmt ") + 8 + 18:][:2])[0]
+    return -(-written // samples_per_block) * samples_per_block
+
+
+@pytest.mark.parametrize("samplerate", [8000, 11025, 16000, 22050, 32000, 37800, 44100, 48000,
+                                        88200, 96000, 176400, 192000])
+def test_sample_rates_from_8_to_192_khz(tmp_path, samplerate):
+    path = tmp_path / "in.wav"
+    sf.write(str(path), music_like(samplerate, 1, 0.1), samplerate, subtype="PCM_16")
+    info = inspect_upload(path, SETTINGS)
+    assert (info.samplerate, info.channels, info.frames) == (samplerate, 1, round(samplerate * 0.1))
+
+
+@pytest.mark.parametrize("channels", range(1, 9))
+def test_one_to_eight_channels_once_multichannel_separation_is_on(tmp_path, monkeypatch, channels):
+    monkeypatch.setattr(intake, "MULTICHANNEL_SEPARATION", True)
+    path = tmp_path / "in.wav"
+    sf.write(str(path), music_like(48000, channels, 0.05), 48000, subtype="PCM_24")
+    info = inspect_upload(path, SETTINGS)
+    assert (info.channels, info.frames) == (channels, 2400)
+
+
+def test_more_than_eight_channels_are_refused_even_with_multichannel_separation(tmp_path, monkeypatch):
+    monkeypatch.setattr(intake, "MULTICHANNEL_SEPARATION", True)
+    path = write(tmp_path, riff(fmt_chunk(channels=9), chunk(b"data", bytes(18 * 10))))
+    error = refusal(path)
+    assert error.code == "too_many_channels"
+    assert "9 channels" in error.message and "at most 8" in error.message
+
+
+@pytest.mark.parametrize("channels", range(3, 9))
+def test_more_than_stereo_is_refused_until_multichannel_separation_lands(tmp_path, channels):
+    path = tmp_path / "in.wav"
+    sf.write(str(path), music_like(48000, channels, 0.05), 48000, subtype="PCM_16")
+    error = refusal(path)
+    assert error.code == "too_many_channels" and f"{channels} channels" in error.message
+
+
+@pytest.mark.parametrize("frames", [1, 4410])
+def test_very_short_files_are_accepted(tmp_path, frames):
+    path = write(tmp_path, plain_wav(pcm16(frames)))
+    assert inspect_upload(path, SETTINGS).frames == frames
+
+
+def test_float_beyond_full_scale_and_digital_silence_are_accepted(tmp_path):
+    loud = tmp_path / "loud.wav"
+    sf.write(str(loud), music_like(44100, 2, 0.1) * 8, 44100, subtype="FLOAT")
+    silent = tmp_path / "silent.wav"
+    sf.write(str(silent), np.zeros((4410, 2)), 44100, subtype="DOUBLE")
+    assert inspect_upload(loud, SETTINGS).frames == inspect_upload(silent, SETTINGS).frames == 4410
+
+
+# ---- refused --------------------------------------------------------------------------
+
+NOT_WAVS = {
+    "mp3 with an ID3 tag": (b"ID3\x04\x00\x00\x00\x00\x00\x00" + MP3_FRAME * 4, ["MP3", "ID3"]),
+    "bare mp3 frames": (MP3_FRAME * 4, ["MP3 frame header"]),
+    "flac": (b"fLaC\x00\x00\x00\x22" + bytes(64), ["FLAC"]),
+    "ogg": (b"OggS\x00\x02" + bytes(64), ["Ogg"]),
+    "m4a": (b"\x00\x00\x00\x20ftypM4A " + bytes(64), ["MP4/M4A"]),
+    "aiff": (b"FORM\x00\x00\x00\x40AIFFCOMM" + bytes(64), ["AIFF"]),
+    "html page": (b"<!DOCTYPE html><html><body>404</body></html>", ["HTML"]),
+    "avi": (b"RIFF\x40\x00\x00\x00AVI LIST" + bytes(64), ["'AVI '"]),
+    "empty file": (b"", ["empty"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_WAVS))
+def test_what_is_not_a_wav_is_415_saying_what_it_looks_like(tmp_path, case):
+    content, message_parts = NOT_WAVS[case]
+    error = refusal(write(tmp_path, content))
+    assert isinstance(error, UnsupportedMediaType) and error.http_status == 415
+    assert error.code == "not_wav" and "not a WAV" in error.message
+    for part in message_parts:
+        assert part in error.message
+
+
+def ima_adpcm_with_block_align(block_align: int) -> bytes:
+    fmt = struct.pack("<HHIIHHHH", 0x11, 2, 44100, 44251, block_align, 4, 2, 2041)
+    return riff(chunk(b"fmt ", fmt), chunk(b"data", bytes(2048)))
+
+
+MPEG_IN_WAV = riff(chunk(b"fmt ", struct.pack("<HHIIHHH", 0x55, 2, 44100, 16000, 1, 0, 12) + bytes(12)),
+                   chunk(b"data", MP3_FRAME * 4))
+
+UNDECODABLE = {
+    "RIFF header alone": (b"RIFF\x04\x00\x00\x00WAVE", ["no 'fmt ' chunk", "ends at byte 12"]),
+    "cut off inside fmt": (plain_wav()[:30], ["'fmt ' chunk is cut off"]),
+    "fmt missing": (riff(chunk(b"data", SAMPLES.tobytes())), ["no 'fmt ' chunk before its 'data' chunk"]),
+    "data missing": (riff(fmt_chunk(), chunk(b"LIST", b"INFO")), ["no 'data' chunk"]),
+    "fmt too short": (riff(chunk(b"fmt ", bytes(14)), chunk(b"data", bytes(4))), ["14 bytes", "16"]),
+    "block align 0": (riff(fmt_chunk(block_align=0), chunk(b"data", SAMPLES.tobytes())),
+                      ["0-byte frames", "takes 4 bytes"]),
+    "block align too small": (riff(fmt_chunk(block_align=3), chunk(b"data", SAMPLES.tobytes())),
+                              ["3-byte frames", "2 channel(s) of 16-bit PCM takes 4 bytes"]),
+    "24-bit in 4-byte frames": (riff(fmt_chunk(channels=1, bits=24, block_align=4),
+                                     chunk(b"data", bytes(400))), ["4-byte frames", "takes 3 bytes"]),
+    "16-bit μ-law": (riff(fmt_chunk(tag=7, bits=16), chunk(b"data", bytes(400))), ["μ-law", "takes 2 bytes"]),
+    "IMA ADPCM block align 0": (ima_adpcm_with_block_align(0),
+                                ["Unspecified internal error", "IMA ADPCM", "block align 0"]),
+    "MPEG in WAV": (MPEG_IN_WAV, ["its audio is MP3 (format tag 0x0055)", "not supported", "PCM"]),
+    "unknown codec": (riff(fmt_chunk(tag=0x1234), chunk(b"data", bytes(400))),
+                      ["unknown encoding", "0x1234"]),
+    "extensible, unknown sub-format": (riff(
+        chunk(b"fmt ", struct.pack("<HHIIHHHHI", 0xFFFE, 4, 48000, 48000 * 8, 8, 16, 22, 16, 0)
+              + bytes.fromhex("01000000 2107 d311 8644 c8c1ca000000")), chunk(b"data", bytes(800))),
+        ["sub-format 00000001-0721-11d3-8644-c8c1ca000000", "not supported"]),
+    "zero channels": (riff(fmt_chunk(channels=0, block_align=0), chunk(b"data", bytes(4))),
+                      ["zero channels"]),
+    "zero sample rate": (riff(fmt_chunk(samplerate=0), chunk(b"data", bytes(4))), ["0 Hz"]),
+    "64-bit integer PCM": (riff(fmt_chunk(bits=64), chunk(b"data", bytes(1600))),
+                           ["unimplemented format", "64-bit"]),
+    "RF64 without ds64": (b"RF64" + riff(fmt_chunk(), chunk(b"data", bytes(4)))[4:], ["no 'ds64' chunk"]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNDECODABLE))
+def test_a_wav_nothing_can_decode_is_422_with_the_reason(tmp_path, case):
+    content, message_parts = UNDECODABLE[case]
+    error = refusal(write(tmp_path, content))
+    assert error.http_status == 422 and error.code == "undecodable_wav"
+    assert error.message.startswith("the WAV could not be decoded: ")
+    for part in message_parts:
+        assert part in error.message
+
+
+@pytest.mark.parametrize("content", [plain_wav(SAMPLES[:0]), riff(fmt_chunk(), data_header(0)),
+                                     riff(fmt_chunk(), data_header(STREAMED), size=STREAMED),
+                                     plain_wav()[:44]])
+def test_zero_frames_is_empty_audio(tmp_path, content):
+    error = refusal(write(tmp_path, content))
+    assert error.code == "empty_audio" and "zero frames" in error.message
+
+
+def float_wav(tmp_path: Path, subtype: str, bad_frame: int, bad_channel: int, value: float,
+              frames: int = 3 * 1000) -> Path:
+    samples = music_like(44100, 2, frames / 44100)[:frames].astype(np.float64)
+    samples[bad_frame, bad_channel] = value
+    samples[bad_frame + 5, 0] = np.nan  # a later one must not be the one reported
+    path = tmp_path / "float.wav"
+    sf.write(str(path), samples, 44100, subtype=subtype)
+    return path
+
+
+@pytest.mark.parametrize("subtype,value,expected", [
+    ("FLOAT", np.nan, "a NaN sample"),
+    ("FLOAT", np.inf, "an infinite sample"),
+    ("DOUBLE", -np.inf, "an infinite sample"),
+    ("DOUBLE", np.nan, "a NaN sample"),
+    ("DOUBLE", 1e300, "a sample of 1e+300, beyond the 32-bit float range"),
+])
+def test_nan_and_infinite_samples_are_refused_naming_the_first(tmp_path, monkeypatch, subtype, value,
+                                                               expected):
+    monkeypatch.setattr(intake, "SCAN_BLOCK_FRAMES", 1000)  # the culprit sits in the third block
+    path = float_wav(tmp_path, subtype, bad_frame=2205, bad_channel=1, value=value)
+    error = refusal(path)
+    assert error.code == "non_finite_samples"
+    assert f"{expected} at frame 2205 (channel 2, 0.050 s in)" in error.message
+
+
+def test_the_scan_reads_the_file_in_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(intake, "SCAN_BLOCK_FRAMES", 1000)
+    path = tmp_path / "clean.wav"
+    sf.write(str(path), music_like(44100, 2, 0.1), 44100, subtype="FLOAT")
+    reads = []
+    original_blocks = sf.SoundFile.blocks
+
+    def spy(self, blocksize=None, *args, **kwargs):
+        for block in original_blocks(self, blocksize, *args, **kwargs):
+            reads.append(len(block))
+            yield block
+
+    monkeypatch.setattr(sf.SoundFile, "blocks", spy)
+    assert intake.find_unusable_sample(path, "FLOAT") is None
+    assert reads == [1000] * 4 + [410]
+
+
+def test_a_declared_duration_over_the_limit_is_refused_before_scanning(tmp_path):
+    path = float_wav(tmp_path, "FLOAT", bad_frame=10, bad_channel=0, value=np.nan, frames=44100 * 3)
+    error = refusal(path, dataclasses.replace(SETTINGS, max_duration_s=2))
+    assert error.code == "too_long"
+    assert "lasts 3.0 s" in error.message and "at most 2 s" in error.message
+    assert "DEMIX_MAX_DURATION_S" in error.message
+
+
+def test_the_duration_limit_defaults_to_three_hours():
+    assert Settings().max_duration_s == 3 * 3600
+    assert Settings.from_env({"DEMIX_MAX_DURATION_S": "60"}).max_duration_s == 60
