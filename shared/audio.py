@@ -165,20 +165,70 @@ def dequantize(values: np.ndarray, subtype: str) -> np.ndarray:
 def write_audio(path: Path, samples: np.ndarray, samplerate: int, subtype: str) -> None:
     """Write `[frames, channels]` samples as a WAV (RF64 past 4 GiB).
 
-    Integer input must come from `quantize` for the same subtype. It is handed to
-    libsndfile as left-aligned int32, which it stores bit-exactly; handing it floats
-    would let libsndfile rescale by 0x7FFF and shift every sample by up to one step.
+    Integer input must come from `quantize` for the same subtype (see `AudioWriter`).
     """
-    if subtype in PCM_SCALES:
-        shift = 32 - int(np.log2(PCM_SCALES[subtype])) - 1
-        samples = samples.astype(np.int32) << shift
-    container = "WAV" if _wav_bytes(samples, subtype) <= WAV_MAX_BYTES else "RF64"
-    sf.write(str(path), samples, samplerate, subtype=subtype, format=container)
+    with AudioWriter(path, samplerate, samples.shape[1], subtype, frames=samples.shape[0]) as writer:
+        writer.write(samples)
 
 
-def _wav_bytes(samples: np.ndarray, subtype: str) -> int:
+class AudioWriter:
+    """A WAV written block by block; RF64 when `frames` samples would pass 4 GiB.
+
+    Blocks are `[frames, channels]`; integer blocks must come from `quantize` for the
+    same subtype. They are handed to libsndfile as left-aligned int32, which it stores
+    bit-exactly; handing it floats would let libsndfile rescale by 0x7FFF and shift
+    every sample by up to one step. `frames` only chooses the container: the header
+    holds however many frames were written when the writer is closed.
+    """
+
+    def __init__(self, path: Path, samplerate: int, channels: int, subtype: str, frames: int):
+        self.subtype = subtype
+        container = "WAV" if _wav_bytes(frames, channels, subtype) <= WAV_MAX_BYTES else "RF64"
+        self._file = sf.SoundFile(str(path), "w", samplerate=samplerate, channels=channels,
+                                  subtype=subtype, format=container)
+
+    def write(self, samples: np.ndarray) -> None:
+        if self.subtype in PCM_SCALES:
+            shift = 32 - int(np.log2(PCM_SCALES[self.subtype])) - 1
+            samples = samples.astype(np.int32) << shift
+        self._file.write(samples)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "AudioWriter":
+        return self
+
+    def __exit__(self, *exc_info: tp.Any) -> None:
+        self.close()
+
+
+def _wav_bytes(frames: int, channels: int, subtype: str) -> int:
     width = {"PCM_16": 2, "PCM_24": 3}.get(subtype, 4)
-    return samples.shape[0] * samples.shape[1] * width
+    return frames * channels * width
+
+
+class AudioReader:
+    """A sound file read front to back in float32 `[frames, channels]` blocks."""
+
+    def __init__(self, path: Path):
+        self._file = sf.SoundFile(str(path))
+        self.samplerate: int = self._file.samplerate
+        self.channels: int = self._file.channels
+        self.frames: int = self._file.frames
+
+    def read(self, frames: int) -> np.ndarray:
+        """The next `frames` frames (fewer at the end of the file, none after it)."""
+        return self._file.read(frames, dtype="float32", always_2d=True)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "AudioReader":
+        return self
+
+    def __exit__(self, *exc_info: tp.Any) -> None:
+        self.close()
 
 
 def fsync_file(path: Path) -> None:

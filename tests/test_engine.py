@@ -1,56 +1,289 @@
-"""The separation engine as plain functions over arrays."""
+"""The streaming engine, file in and stems out, against the whole-track computation it
+replaces (`demucs.separate`'s: normalise, apply_model, de-normalise, resample)."""
 from __future__ import annotations
+
+import collections
+import random
+import typing as tp
 
 import numpy as np
 import pytest
+import soundfile as sf
+import soxr
 import torch
+from demucs.apply import BagOfModels, apply_model
 
-from tests.audio_factory import music_like
+from shared.audio import AudioReader, AudioWriter, dequantize, quantize
+from shared.errors import SeparationFailed
+from tests.audio_factory import music_like, write_wav
 from tests.conftest import make_tiny_htdemucs
-from worker.engine import SeparationOptions, apply_normalised, separate_waveform
+from worker import engine
+from worker.engine import (BLOCK_FRAMES, RESAMPLE_QUALITY, ModelForward, SeparationOptions,
+                           autocast_dtype, separate_file)
+
+SEGMENT = 44100  # the test model's segment: 1 s at 44.1 kHz
 
 
 @pytest.fixture(scope="module")
-def model():
-    return make_tiny_htdemucs()
+def model() -> BagOfModels:
+    """The tiny HT-Demucs with a 1 s segment, so many segments run in seconds."""
+    return BagOfModels([make_tiny_htdemucs()], segment=SEGMENT / 44100)
+
+
+class MemorySink:
+    """Collects each stem's blocks and records the order of opens, closes and publishes."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+        self.formats: dict[str, tuple[int, int, str, int]] = {}
+        self.events: list[tuple[str, str]] = []
+
+    def open_stem(self, name: str, samplerate: int, channels: int, subtype: str,
+                  frames: int) -> "MemoryWriter":
+        self.formats[name] = (samplerate, channels, subtype, frames)
+        self.events.append(("open", name))
+        return MemoryWriter(self, name)
+
+    def publish(self, name: str) -> None:
+        self.events.append(("publish", name))
+
+    def written(self, name: str) -> int:
+        return sum(len(block) for block in self.blocks[name])
+
+    def stem(self, name: str) -> np.ndarray:
+        """The stem as a reader of its file would see it (float32)."""
+        return dequantize(np.concatenate(self.blocks[name]), self.formats[name][2])
+
+
+class MemoryWriter:
+    def __init__(self, sink: MemorySink, name: str):
+        self.sink, self.name = sink, name
+
+    def write(self, samples: np.ndarray) -> None:
+        self.sink.blocks[self.name].append(samples)
+
+    def close(self) -> None:
+        self.sink.events.append(("close", self.name))
+
+
+def separate(model: torch.nn.Module, path, stems: str = "all", **options: tp.Any) -> MemorySink:
+    sink = MemorySink()
+    separate_file(model, path, stems, sink, SeparationOptions(**options))
+    return sink
+
+
+def whole_track_reference(model: torch.nn.Module, path, shifts: int = 0,
+                          seed: int = 0) -> dict[str, np.ndarray]:
+    """The engine before streaming: the whole track in memory through apply_model."""
+    wav, samplerate = sf.read(str(path), dtype="float32", always_2d=True)
+    stereo = np.repeat(wav, 2, axis=1) if wav.shape[1] == 1 else wav
+    if samplerate != model.samplerate:
+        stereo = soxr.resample(stereo, samplerate, model.samplerate, quality=RESAMPLE_QUALITY)
+    mix = torch.from_numpy(np.ascontiguousarray(stereo.T))
+    ref = mix.mean(0)
+    mean, std = ref.mean(), ref.std() + 1e-8
+    random.seed(seed)
+    with torch.no_grad():
+        out = apply_model(model, ((mix - mean) / std)[None], shifts=shifts, split=True)[0] * std + mean
+    stems = {}
+    for name, estimate in zip(model.sources, out):
+        stem = estimate.T.numpy()
+        if samplerate != model.samplerate:
+            stem = soxr.resample(stem, model.samplerate, samplerate, quality=RESAMPLE_QUALITY)
+        stem = np.pad(stem, ((0, max(0, len(wav) - len(stem))), (0, 0)))[:len(wav)]
+        stems[name] = stem.mean(axis=1, keepdims=True) if wav.shape[1] == 1 else stem
+    return stems
 
 
 @pytest.mark.parametrize("samplerate,channels", [(44100, 2), (48000, 1), (22050, 2), (8000, 1)])
-def test_stems_come_back_at_the_input_rate_length_and_channels(model, samplerate, channels):
-    wav = music_like(samplerate, channels, seconds=0.7)
-    sources = separate_waveform(model, wav, samplerate)
-    assert list(sources) == model.sources
-    for stem in sources.values():
-        assert stem.shape == wav.shape and stem.dtype == np.float32 and np.isfinite(stem).all()
-
-
-def test_mono_is_separated_as_the_same_signal_on_both_model_channels(model):
-    mono = music_like(44100, 1, seconds=0.7)
-    from_mono = separate_waveform(model, mono, 44100)
-    from_dual = separate_waveform(model, np.repeat(mono, 2, axis=1), 44100)
+def test_stems_come_back_at_the_input_rate_length_and_channels(model, tmp_path, samplerate, channels):
+    path = write_wav(tmp_path / "in.wav", samplerate, channels, seconds=2.3)
+    sink = separate(model, path)
     for name in model.sources:
-        folded = from_dual[name].mean(axis=1, keepdims=True)
-        assert np.abs(from_mono[name] - folded).max() < 1e-6
+        assert sink.formats[name] == (samplerate, channels, "PCM_16", sf.info(str(path)).frames)
+        stem = np.concatenate(sink.blocks[name])
+        assert stem.shape == (sf.info(str(path)).frames, channels) and stem.dtype == np.int32
 
 
-def test_digital_silence_gives_silent_stems_not_nan(model):
-    sources = separate_waveform(model, np.zeros((44100, 2), dtype=np.float32), 44100)
-    for stem in sources.values():
+@pytest.mark.parametrize("samplerate,channels,shifts", [(44100, 2, 0), (44100, 2, 2), (48000, 1, 0),
+                                                        (22050, 2, 0)])
+def test_streamed_stems_match_the_whole_track_computation(model, tmp_path, samplerate, channels, shifts):
+    # Float in, float out: what is compared is the separation, not the quantisation.
+    path = write_wav(tmp_path / "in.wav", samplerate, channels, seconds=3.4, subtype="FLOAT")
+    sink = separate(model, path, shifts=shifts, seed=3)
+    reference = whole_track_reference(model, path, shifts=shifts, seed=3)
+    for name in model.sources:
+        # Only the mean and deviation differ (float64 blocks here, float32 in torch).
+        assert np.abs(sink.stem(name) - reference[name]).max() < 1e-5
+
+
+@pytest.mark.parametrize("seconds", [1 / 44100, 0.1], ids=["1-sample", "100ms"])
+def test_inputs_shorter_than_a_segment_work(model, tmp_path, seconds):
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=seconds, subtype="FLOAT")
+    sink = separate(model, path)
+    for name in model.sources:
+        stem = sink.stem(name)
+        assert stem.shape == (round(seconds * 44100), 2) and np.isfinite(stem).all()
+    if seconds > 1 / 44100:  # one sample has no deviation: torch's std is NaN there
+        reference = whole_track_reference(model, path)
+        for name in model.sources:
+            assert np.abs(sink.stem(name) - reference[name]).max() < 1e-5
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_stem_and_the_rest_add_up_to_the_input_exactly(model, tmp_path, subtype, channels):
+    path = write_wav(tmp_path / "in.wav", 44100, channels, seconds=2.5, subtype=subtype)
+    sink = separate(model, path, stems="vocals")
+    assert list(sink.blocks) == ["vocals", "no_vocals"]
+    mix, _ = sf.read(str(path), dtype="float32", always_2d=True)
+    vocals, rest = (np.concatenate(sink.blocks[name]) for name in ("vocals", "no_vocals"))
+    assert np.array_equal(vocals + rest, quantize(mix, subtype))
+    assert np.abs(vocals).max() > 0
+
+
+def test_stems_are_published_only_after_every_stem_is_complete(model, tmp_path):
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=1.5)
+    sink = separate(model, path, stems="drums")
+    assert sink.events == [("open", "drums"), ("open", "no_drums"), ("close", "drums"),
+                           ("close", "no_drums"), ("publish", "drums"), ("publish", "no_drums")]
+
+
+def test_a_failed_run_closes_its_stems_and_publishes_none(model, tmp_path):
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=1.5)
+    sink = MemorySink()
+
+    def failing_forward(_self: ModelForward, _model: torch.nn.Module,
+                        _windows: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ModelForward, "__call__", failing_forward)
+        separate_file(model, path, "all", sink)
+    closed = [name for event, name in sink.events if event == "close"]
+    assert closed == model.sources and not [event for event, _ in sink.events if event == "publish"]
+
+
+def test_digital_silence_gives_silent_stems_not_nan(model, tmp_path):
+    path = tmp_path / "silence.wav"
+    sf.write(str(path), np.zeros((44100, 2), dtype=np.float32), 44100, subtype="FLOAT")
+    sink = separate(model, path)
+    for name in model.sources:
+        stem = sink.stem(name)
         assert np.isfinite(stem).all() and np.abs(stem).max() < 1e-6
 
 
-def test_shifts_are_seeded_so_a_job_is_reproducible(model):
-    mix = torch.from_numpy(music_like(44100, 2, seconds=0.5).T.copy())
-    options = SeparationOptions(shifts=2, seed=7)
-    first = apply_normalised(model, mix, options)
-    again = apply_normalised(model, mix, options)
-    other_seed = apply_normalised(model, mix, SeparationOptions(shifts=2, seed=8))
-    assert torch.equal(first, again)
-    assert not torch.equal(first, other_seed)
+def test_shifts_are_seeded_so_a_job_is_reproducible(model, tmp_path):
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=1.5, subtype="FLOAT")
+    first, again = (separate(model, path, shifts=2, seed=7).stem("bass") for _ in range(2))
+    other_seed = separate(model, path, shifts=2, seed=8).stem("bass")
+    assert np.array_equal(first, again) and not np.array_equal(first, other_seed)
 
 
-def test_progress_rises_to_one_over_the_segments(model):
-    seen = []
-    mix = torch.from_numpy(music_like(44100, 2, seconds=25.0).T.copy())
-    apply_normalised(model, mix, SeparationOptions(), progress=seen.append)
-    assert len(seen) >= 3 and seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+def test_an_unknown_source_fails_with_a_message(tmp_path):
+    two_sources = BagOfModels([make_tiny_htdemucs()])
+    two_sources.sources = ["drums", "bass"]
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=0.2)
+    with pytest.raises(SeparationFailed) as caught:
+        separate(two_sources, path, stems="vocals")
+    assert caught.value.code == "unknown_source" and "drums, bass" in caught.value.message
+
+
+def test_progress_rises_to_one_over_the_segments(model, tmp_path):
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=6.0)
+    seen: list[float] = []
+    separate_file(model, path, "all", MemorySink(), progress=seen.append)
+    assert len(seen) >= 8 and seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_the_input_is_read_a_bounded_distance_ahead_of_the_written_stems(model, tmp_path, monkeypatch):
+    """Memory stays flat: after the first pass (which keeps only running sums), no read
+    of the input gets more than about a segment ahead of what every stem has written."""
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=30.0)
+    sink = MemorySink()
+    positions: dict[int, int] = collections.defaultdict(int)
+    leads: dict[int, list[int]] = collections.defaultdict(list)
+    requests: dict[int, set[int]] = collections.defaultdict(set)
+    read = AudioReader.read
+
+    def recording_read(reader: AudioReader, frames: int) -> np.ndarray:
+        block = read(reader, frames)
+        requests[id(reader)].add(frames)
+        positions[id(reader)] += len(block)
+        written = min(sink.written(name) for name in ("vocals", "no_vocals"))
+        leads[id(reader)].append(positions[id(reader)] - written)
+        return block
+
+    monkeypatch.setattr(AudioReader, "read", recording_read)
+    separate_file(model, path, "vocals", sink)
+    stats_reader, model_reader, rest_reader = leads  # in the order opened
+    assert requests[stats_reader] == requests[model_reader] == {BLOCK_FRAMES}
+    bound = SEGMENT + int(0.75 * SEGMENT) + 2 * BLOCK_FRAMES
+    assert max(leads[model_reader]) <= bound and max(leads[rest_reader]) <= bound
+    assert bound < 44100 * 30 / 5
+
+
+def test_streamed_resampling_equals_one_shot(tmp_path):
+    """The engine resamples in blocks; soxr's stream gives what one call on the whole gives."""
+    wav = music_like(48000, 2, seconds=3.0)
+    for rates in [(48000, 44100), (44100, 22050), (8000, 44100)]:
+        stream = soxr.ResampleStream(*rates, 2, dtype="float32", quality=RESAMPLE_QUALITY)
+        edges = [0, 1, 777, 50000, 50001, 120000, len(wav)]
+        blocks = [stream.resample_chunk(wav[a:b], last=b == len(wav)) for a, b in zip(edges, edges[1:])]
+        one_shot = soxr.resample(wav, *rates, quality=RESAMPLE_QUALITY)
+        assert np.abs(np.concatenate(blocks) - one_shot).max() <= 1e-6
+
+
+def test_bf16_runs_close_to_fp32(model, tmp_path, monkeypatch):
+    # This runs bf16 even on a CPU without bf16 kernels (slowly: the model is tiny).
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=2.5, subtype="FLOAT")
+    fp32, bf16 = separate(model, path), separate(model, path, precision="bf16")
+    for name in model.sources:
+        error = bf16.stem(name) - fp32.stem(name)
+        snr = 10 * np.log10(np.sum(fp32.stem(name) ** 2) / np.sum(error ** 2))
+        assert 20 < snr < 200
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_warns_and_runs_in_fp32(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: False)
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=0.5, subtype="FLOAT")
+    with pytest.warns(UserWarning, match="no bf16 kernels"):
+        bf16 = separate(model, path, precision="bf16")
+    assert np.array_equal(bf16.stem("drums"), separate(model, path).stem("drums"))
+
+
+class FailsUnderAutocast(torch.nn.Module):
+    """Stands in for a model with an op that has no kernel in the autocast dtype."""
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("no bf16 kernel for this op")
+        return windows[:, None]
+
+
+def test_a_model_failing_in_bf16_degrades_to_fp32_with_a_warning(monkeypatch):
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
+    forward, windows = ModelForward("cpu", "bf16"), torch.randn(1, 2, 10)
+    with pytest.warns(UserWarning, match="bf16 failed on cpu"):
+        assert torch.equal(forward(FailsUnderAutocast(), windows), windows[:, None])
+    assert forward.dtype is None
+
+
+def test_fp16_on_cpu_warns_and_runs_in_fp32(model, tmp_path):
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=0.5, subtype="FLOAT")
+    with pytest.warns(UserWarning, match="fp16 is only supported on CUDA"):
+        fp16 = separate(model, path, precision="fp16")
+    assert np.array_equal(fp16.stem("drums"), separate(model, path).stem("drums"))
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="fp8"):
+        autocast_dtype("fp8", "cpu")
+
+
+def test_a_stem_past_4_gib_is_written_as_rf64(tmp_path):
+    path = tmp_path / "long.wav"
+    with AudioWriter(path, 44100, 2, "PCM_16", frames=2 ** 30) as writer:  # 4 GiB of samples
+        writer.write(quantize(music_like(44100, 2, seconds=0.1), "PCM_16"))
+    assert sf.info(str(path)).format == "RF64" and sf.info(str(path)).frames == 4410

@@ -1,37 +1,57 @@
-"""The separation engine: plain functions over numpy arrays and files, no Celery.
+"""The separation engine: a WAV file in, stems out through a sink, in flat memory.
 
-It follows `demucs.separate` exactly where that matters for the output: the mix is
-normalised by the mean and standard deviation of its mono reference, run through
-`demucs.apply.apply_model` (segments overlapping by `overlap`, triangular
-cross-fades), and de-normalised. Around it, the engine converts any input to the
-model's 44.1 kHz stereo and converts every stem back to the input's rate and
-channel count.
+It follows `demucs.separate` where that matters for the output: the mix is normalised
+by the mean and standard deviation of its mono reference, run through the model as
+`demucs.apply.apply_model` would (segments overlapping by `overlap`, triangular
+cross-fades, the shift trick; see `worker.streaming`), and de-normalised. Around it,
+the engine converts the input to the model's 44.1 kHz stereo and every stem back to
+the input's rate, channel count and length.
+
+Nothing holds the whole track: the input is streamed twice (once for its mean and
+standard deviation, once through the model) and, for one stem `X`, a third time in
+step with the output to write `no_X`. Stems are written block by block as soon as no
+later segment changes them.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import typing as tp
+import warnings
 from pathlib import Path
 
 import numpy as np
 import soxr
 import torch
 
-from shared.audio import dequantize, output_subtype, quantize, read_audio, read_info
+from shared.audio import AudioReader, dequantize, output_subtype, quantize, read_info
 from shared.errors import SeparationFailed
-from shared.stems import ALL, output_names
+from shared.stems import output_names
+
+from .streaming import StreamingSeparator
 
 ProgressFn = tp.Callable[[float], None]
-WriteStemFn = tp.Callable[[str, np.ndarray, int, str], None]
-"""write_stem(name, samples [frames, channels], samplerate, subtype)"""
 
 RESAMPLE_QUALITY = "VHQ"
 """soxr's very-high-quality setting: resampling error far below 16-bit quantisation."""
 
-MODEL_SHARE = 0.9
-"""Share of a job's progress spent in the model; reading/resampling and writing share the rest."""
+MODEL_CHANNELS = 2
+"""The models separate stereo; mono input is given to them on both channels."""
+
+BLOCK_FRAMES = 1 << 16
+"""Frames read from the input at a time: 65536 (1.5 s at 44.1 kHz)."""
+
+STATS_SHARE = 0.05
+"""Share of a job's progress spent on the first pass (the mix's mean and deviation)."""
+
+MODEL_SHARE = 0.94
+"""Share spent running the model; what is left is closing and publishing the stems."""
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""fp32 reproduces apply_model; bf16 (CPU or CUDA) and fp16 (CUDA) run under autocast."""
+
+CUDA_BATCH_SEGMENTS = 4
+"""Segments per forward on a GPU when not set (on CPU, batching only costs memory)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,111 +61,261 @@ class SeparationOptions:
     overlap: float = 0.25  # overlap between segments, fraction of a segment
     device: str = "cpu"
     seed: int = 0  # seeds the shifts, so a job's output is reproducible
+    precision: str = "fp32"  # one of PRECISIONS
+    batch_segments: int = 0  # segments stacked into one forward; 0 = 1 on CPU, 4 on CUDA
 
 
-def separate_waveform(model: torch.nn.Module, wav: np.ndarray, samplerate: int,
-                      options: SeparationOptions = SeparationOptions(),
-                      progress: tp.Optional[ProgressFn] = None) -> dict[str, np.ndarray]:
-    """Separate a `[frames, channels]` float waveform (mono or stereo, any rate).
+class StemWriter(tp.Protocol):
+    """One stem's file being written: quantized `[frames, channels]` blocks in order."""
 
-    Returns every source of the model as float32 `[frames, channels]` at the input's
-    rate, length and channel count.
-    """
-    frames, channels = wav.shape
-    stereo = np.repeat(wav, 2, axis=1) if channels == 1 else wav
-    if samplerate != model.samplerate:
-        stereo = soxr.resample(stereo, samplerate, model.samplerate, quality=RESAMPLE_QUALITY)
-    mix = torch.from_numpy(np.ascontiguousarray(stereo.T, dtype=np.float32))
-    estimates = apply_normalised(model, mix, options, progress)  # [sources, 2, length]
-    sources = {}
-    for name, estimate in zip(model.sources, estimates):
-        stem = estimate.T.numpy()
-        if samplerate != model.samplerate:
-            stem = soxr.resample(stem, model.samplerate, samplerate, quality=RESAMPLE_QUALITY)
-        stem = _fit_length(stem, frames)
-        if channels == 1:
-            # The model saw the mono signal on both channels; fold its stereo estimate back.
-            stem = stem.mean(axis=1, keepdims=True)
-        sources[name] = np.ascontiguousarray(stem, dtype=np.float32)
-    return sources
+    def write(self, samples: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
 
 
-def apply_normalised(model: torch.nn.Module, mix: torch.Tensor, options: SeparationOptions,
-                     progress: tp.Optional[ProgressFn] = None) -> torch.Tensor:
-    """`demucs.separate`'s core on a `[2, length]` mix at the model's rate: normalise,
-    `apply_model`, de-normalise. Returns `[sources, 2, length]`."""
-    from demucs.apply import apply_model
+class StemSink(tp.Protocol):
+    """Where stems go: opened, written block by block, closed, then published."""
 
-    ref = mix.mean(0)
-    mean = ref.mean()
-    std = ref.std() + 1e-8  # as demucs: digital silence gives silent stems, not NaN
-    counter = _ChunkCounter(model, mix.shape[-1], options, progress)
-    random.seed(options.seed)  # apply_model draws its shifts from `random`
-    with torch.inference_mode():
-        out = apply_model(model, ((mix - mean) / std)[None], shifts=options.shifts, split=True,
-                          overlap=options.overlap, device=options.device, progress=False,
-                          callback=counter)
-    return (out[0] * std + mean).cpu()
+    def open_stem(self, name: str, samplerate: int, channels: int, subtype: str,
+                  frames: int) -> StemWriter:
+        """Start stem `name` (`frames` is its final length, e.g. to pick the container)."""
+        ...
+
+    def publish(self, name: str) -> None:
+        """Make the closed, complete stem `name` visible."""
+        ...
 
 
-class _ChunkCounter:
-    """apply_model callback turning finished segments into a 0..1 progress value."""
-
-    def __init__(self, model: torch.nn.Module, length: int, options: SeparationOptions,
-                 progress: tp.Optional[ProgressFn]):
-        self.progress = progress
-        self.done = 0
-        sub_models = getattr(model, "models", [model])
-        passes = max(1, options.shifts)
-        max_shift = int(0.5 * model.samplerate) if options.shifts else 0
-        self.total = 0
-        for sub_model in sub_models:
-            segment_length = int(sub_model.samplerate * float(sub_model.segment))
-            stride = int((1 - options.overlap) * segment_length)
-            self.total += passes * math.ceil((length + max_shift) / stride)
-
-    def __call__(self, info: dict) -> None:
-        if info.get("state") != "end" or self.progress is None:
-            return
-        self.done += 1
-        self.progress(min(self.done / self.total, 1.0))
-
-
-def _fit_length(samples: np.ndarray, frames: int) -> np.ndarray:
-    """Trim or zero-pad to exactly `frames` (resampling may be off by a sample)."""
-    if samples.shape[0] >= frames:
-        return samples[:frames]
-    return np.pad(samples, ((0, frames - samples.shape[0]), (0, 0)))
-
-
-def separate_file(model: torch.nn.Module, input_path: Path, stems: str, write_stem: WriteStemFn,
+def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: StemSink,
                   options: SeparationOptions = SeparationOptions(),
                   progress: tp.Optional[ProgressFn] = None) -> list[str]:
-    """Separate the WAV at `input_path` and hand each requested stem to `write_stem`.
+    """Separate the WAV at `input_path` and write each requested stem through `sink`.
 
     For `stems="all"` these are the model's sources. For one source `X` they are `X`
     and `no_X = input - X`, computed on the output format's sample grid so that
     `X + no_X` reproduces the input (exactly, for PCM inputs without clipping).
-    Returns the names written, in order.
+    Stems are published only once all of them are complete. Returns the names written,
+    in order.
+
+    Raises:
+        SeparationFailed: the model has no such source.
     """
     report = progress or (lambda _value: None)
     names = output_names(stems)
-    wav, samplerate = read_audio(input_path)
-    subtype = output_subtype(read_info(input_path).subtype)
-    report(0.02)
-    sources = separate_waveform(model, wav, samplerate, options,
-                                progress=lambda value: report(0.02 + MODEL_SHARE * value))
-    missing = [name for name in names if not name.startswith("no_") and name not in sources]
+    sources = [name for name in names if not name.startswith("no_")]
+    missing = [name for name in sources if name not in model.sources]
     if missing:
         raise SeparationFailed(f"model has no source {missing[0]!r}; it separates "
-                               f"{', '.join(sources)}", code="unknown_source")
-    if stems == ALL:
-        outputs = {name: quantize(sources[name], subtype) for name in names}
-    else:
-        stem = quantize(sources[stems], subtype)
-        rest = dequantize(quantize(wav, subtype), subtype) - dequantize(stem, subtype)
-        outputs = {stems: stem, f"no_{stems}": quantize(rest, subtype)}
-    for index, (name, samples) in enumerate(outputs.items()):
-        write_stem(name, samples, samplerate, subtype)
-        report(0.02 + MODEL_SHARE + (1 - 0.02 - MODEL_SHARE) * (index + 1) / len(outputs))
+                               f"{', '.join(model.sources)}", code="unknown_source")
+    info = read_info(input_path)
+    subtype = output_subtype(info.subtype)
+    stats = measure_mix(input_path, model.samplerate,
+                        progress=lambda value: report(STATS_SHARE * value))
+    model.to(options.device)  # a no-op for a model already resident there
+    windows_done = 0
+
+    def count_windows(count: int) -> None:
+        nonlocal windows_done
+        windows_done += count
+        report(STATS_SHARE + MODEL_SHARE * windows_done / max(1, separator.window_count))
+
+    separator = StreamingSeparator(
+        model, stats.length, sources, shifts=options.shifts, overlap=options.overlap,
+        seed=options.seed, batch_segments=batch_segments(options), device=options.device,
+        forward=ModelForward(options.device, options.precision), on_windows=count_windows)
+    outputs = {name: _StemOutput(model.samplerate, info.samplerate, info.channels, info.frames,
+                                 subtype) for name in sources}
+    writers: dict[str, StemWriter] = {}
+    try:
+        for name in names:
+            writers[name] = sink.open_stem(name, info.samplerate, info.channels, subtype, info.frames)
+        blocks = _model_rate_blocks(input_path, model.samplerate)
+        estimates = separator.run(stats.normalise(block) for block in blocks)
+        with AudioReader(input_path) as original:
+            for estimate in estimates:
+                _write_block(stats.denormalise(estimate), outputs, writers, original)
+            _write_block(torch.zeros(len(sources), MODEL_CHANNELS, 0), outputs, writers, original,
+                         last=True)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    for name in names:
+        sink.publish(name)
+    report(1.0)
     return names
+
+
+def _write_block(estimate: torch.Tensor, outputs: dict[str, "_StemOutput"],
+                 writers: dict[str, StemWriter], original: AudioReader, last: bool = False) -> None:
+    """Write one model-rate `[sources, channels, frames]` block of every source; for a
+    source `X` with a `no_X` stem, also `no_X` from the input at the same positions."""
+    for (name, output), stem in zip(outputs.items(), estimate):
+        samples = output.convert(stem.T.numpy(), last)
+        if not len(samples):
+            continue
+        writers[name].write(samples)
+        rest = f"no_{name}"
+        if rest in writers:
+            mix = quantize(original.read(len(samples)), output.subtype)
+            difference = dequantize(mix, output.subtype) - dequantize(samples, output.subtype)
+            writers[rest].write(quantize(difference, output.subtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixStats:
+    """What the first pass learns about the mix at the model's rate and channel count."""
+    length: int  # frames
+    mean: float  # of the mono reference (the channels' mean), as `demucs.separate` uses
+    std: float  # unbiased, like `torch.std`; 0 for fewer than two frames
+
+    def normalise(self, block: np.ndarray) -> torch.Tensor:
+        """A `[frames, channels]` float32 block as the model's normalised `[channels, frames]`."""
+        mix = torch.from_numpy(np.ascontiguousarray(block.T))
+        return (mix - self._mean) / self._std
+
+    def denormalise(self, estimate: torch.Tensor) -> torch.Tensor:
+        return estimate * self._std + self._mean
+
+    @property
+    def _mean(self) -> torch.Tensor:
+        return torch.tensor(self.mean, dtype=torch.float32)
+
+    @property
+    def _std(self) -> torch.Tensor:
+        # As demucs: digital silence gives silent stems, not NaN.
+        return torch.tensor(self.std, dtype=torch.float32) + 1e-8
+
+
+def measure_mix(path: Path, model_samplerate: int,
+                progress: tp.Optional[ProgressFn] = None) -> MixStats:
+    """Stream the input once at the model's rate for its length, mean and deviation.
+
+    Blocks are merged with Chan's parallel variance formula in float64, which stays
+    accurate over hours of audio where a running sum of squares would not.
+    """
+    info = read_info(path)
+    expected = max(1, math.ceil(info.frames * model_samplerate / info.samplerate))
+    count, mean, squares = 0, 0.0, 0.0  # squares: sum of squared deviations from `mean`
+    for block in _model_rate_blocks(path, model_samplerate):
+        reference = block.astype(np.float64).mean(axis=1)
+        block_mean = float(reference.mean())
+        block_squares = float(((reference - block_mean) ** 2).sum())
+        total = count + len(reference)
+        delta = block_mean - mean
+        mean += delta * len(reference) / total
+        squares += block_squares + delta ** 2 * count * len(reference) / total
+        count = total
+        if progress is not None:
+            progress(min(1.0, count / expected))
+    std = math.sqrt(squares / (count - 1)) if count > 1 else 0.0
+    return MixStats(length=count, mean=mean, std=std)
+
+
+def _model_rate_blocks(path: Path, model_samplerate: int) -> tp.Iterator[np.ndarray]:
+    """The input as float32 `[frames, 2]` blocks at the model's rate (mono duplicated),
+    the same blocks on every call (so both passes agree on the length)."""
+    with AudioReader(path) as reader:
+        resampler = None
+        if reader.samplerate != model_samplerate:
+            resampler = soxr.ResampleStream(reader.samplerate, model_samplerate, MODEL_CHANNELS,
+                                            dtype="float32", quality=RESAMPLE_QUALITY)
+        while True:
+            block = reader.read(BLOCK_FRAMES)
+            last = len(block) < BLOCK_FRAMES
+            if reader.channels == 1:
+                block = np.repeat(block, MODEL_CHANNELS, axis=1)
+            if resampler is not None:
+                block = resampler.resample_chunk(block, last=last)
+            if len(block):
+                yield block
+            if last:
+                return
+
+
+class _StemOutput:
+    """One stem from model-rate float `[frames, 2]` blocks to quantized blocks at the
+    input's rate, channel count and exact length."""
+
+    def __init__(self, model_samplerate: int, samplerate: int, channels: int, frames: int,
+                 subtype: str):
+        self.channels, self.frames, self.subtype = channels, frames, subtype
+        self.written = 0
+        self._resampler = None
+        if samplerate != model_samplerate:
+            self._resampler = soxr.ResampleStream(model_samplerate, samplerate, MODEL_CHANNELS,
+                                                  dtype="float32", quality=RESAMPLE_QUALITY)
+
+    def convert(self, block: np.ndarray, last: bool) -> np.ndarray:
+        """The next output samples; with `last`, also the resampler's tail and any
+        padding up to the input's length (resampling may be a sample short or long)."""
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if self._resampler is not None:
+            block = self._resampler.resample_chunk(block, last=last)
+        if self.channels == 1:
+            # The model saw the mono signal on both channels; fold its stereo estimate back.
+            block = block.mean(axis=1, keepdims=True)
+        block = block[:self.frames - self.written]
+        if last and self.written + len(block) < self.frames:
+            block = np.pad(block, ((0, self.frames - self.written - len(block)), (0, 0)))
+        self.written += len(block)
+        return quantize(block, self.subtype)
+
+
+def batch_segments(options: SeparationOptions) -> int:
+    """Segments per forward: as set, else 1 on CPU and `CUDA_BATCH_SEGMENTS` on CUDA."""
+    if options.batch_segments > 0:
+        return options.batch_segments
+    return CUDA_BATCH_SEGMENTS if torch.device(options.device).type == "cuda" else 1
+
+
+def autocast_dtype(precision: str, device: str) -> tp.Optional[torch.dtype]:
+    """The autocast dtype for `precision` on `device`; None means plain fp32.
+
+    Warns and falls back to fp32 where the precision is not supported.
+
+    Raises:
+        ValueError: `precision` is not one of `PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    device_type = torch.device(device).type
+    if precision == "fp16" and device_type != "cuda":
+        warnings.warn(f"fp16 is only supported on CUDA, not {device_type}; using fp32")
+        return None
+    if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn("this GPU does not support bf16; using fp32")
+        return None
+    if precision == "bf16" and device_type == "cpu" and not cpu_supports_bf16():
+        warnings.warn("this CPU has no bf16 kernels (oneDNN needs AVX-512 or AMX); torch would "
+                      "fall back to reference convolutions about 20x slower than fp32; using fp32")
+        return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN runs bf16 on this CPU (natively or through AVX-512)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class ModelForward:
+    """Runs a model on a batch of windows on `device` in `precision`; the model must be
+    resident on `device`, the windows come from the CPU."""
+
+    def __init__(self, device: str, precision: str = "fp32"):
+        self.device = torch.device(device)
+        self.precision = precision
+        self.dtype = autocast_dtype(precision, device)
+
+    def __call__(self, model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # Pinned memory makes the copy asynchronous, overlapping the previous batch's work.
+            windows = windows.pin_memory().to(self.device, non_blocking=True)
+        if self.dtype is None:
+            return model(windows)
+        try:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                return model(windows).float()
+        except RuntimeError as exc:
+            warnings.warn(f"{self.precision} failed on {self.device} ({exc}); using fp32")
+            self.dtype = None
+            return model(windows)

@@ -12,10 +12,9 @@ import os
 import time
 import typing as tp
 
-import numpy as np
 import redis
 
-from shared.audio import fsync_file, write_audio
+from shared.audio import AudioWriter, fsync_file
 from shared.config import Settings, get_settings
 from shared.errors import DemixError, JobNotFound, SeparationFailed
 from shared.jobs import JobStore
@@ -81,8 +80,8 @@ def run_job(job_id: str, context: WorkerContext) -> None:
                                                  cache=str(settings.models_dir)))
         options = SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device)
         outputs = separate_file(model, storage.input_path(job_id), job.stems,
-                                write_stem=functools.partial(_write_stem, storage, job_id),
-                                options=options, progress=ProgressReporter(jobs, job_id))
+                                sink=JobStemSink(storage, job_id), options=options,
+                                progress=ProgressReporter(jobs, job_id))
     except DemixError as exc:
         log.warning("job %s failed: %s", job_id, exc.message)
         jobs.mark_failed(job_id, exc)
@@ -96,12 +95,21 @@ def run_job(job_id: str, context: WorkerContext) -> None:
              job.duration)
 
 
-def _write_stem(storage: JobStorage, job_id: str, name: str, samples: np.ndarray,
-                samplerate: int, subtype: str) -> None:
-    temporary = storage.temporary_stem_path(job_id, name)
-    write_audio(temporary, samples, samplerate, subtype)
-    fsync_file(temporary)
-    storage.publish_stem(job_id, name)
+class JobStemSink:
+    """Writes a job's stems to hidden temporary files; publishing one flushes it to
+    disk and renames it into place, so readers never see half a stem."""
+
+    def __init__(self, storage: JobStorage, job_id: str):
+        self.storage, self.job_id = storage, job_id
+
+    def open_stem(self, name: str, samplerate: int, channels: int, subtype: str,
+                  frames: int) -> AudioWriter:
+        return AudioWriter(self.storage.temporary_stem_path(self.job_id, name), samplerate,
+                           channels, subtype, frames)
+
+    def publish(self, name: str) -> None:
+        fsync_file(self.storage.temporary_stem_path(self.job_id, name))
+        self.storage.publish_stem(self.job_id, name)
 
 
 class ProgressReporter:
