@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import base64
 import typing as tp
+import zipfile
 
 from flask import Blueprint, Response, current_app, request, send_file, stream_with_context, url_for
 
 from shared.errors import BadRequest, JobNotFinished, JobNotFound
 from shared.intake import inspect_upload
 from shared.jobs import Job, JobStatus
-from shared.stems import ALL, STEM_CHOICES, output_names
+from shared.output import OutputOptions, resolve_output
+from shared.stems import ALL, STEM_CHOICES
 
 from .submission import submit_job
 from .uploads import upload_path
@@ -19,6 +21,9 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 BASE64_CHUNK_BYTES = 3 * 256 * 1024
 """Bytes of a stem encoded per piece of the /result stream (a multiple of 3, so pieces
 concatenate into one valid base64 string)."""
+
+ZIP_CHUNK_BYTES = 1 << 20
+"""Bytes of a stem copied per piece of the stems.zip stream."""
 
 
 def _services():
@@ -30,9 +35,12 @@ def job_json(job: Job) -> dict:
     body = job.to_public()
     body["url"] = url_for("jobs.get_job", job_id=job.id, _external=True)
     if job.status is JobStatus.SUCCEEDED:
-        body["outputs"] = {name: url_for("jobs.get_stem", job_id=job.id, name=name, _external=True)
+        extension = _output(job).extension
+        body["outputs"] = {name: url_for("jobs.get_stem", job_id=job.id, name=name, extension=extension,
+                                         _external=True)
                            for name in job.outputs}
         body["result_url"] = url_for("jobs.get_result", job_id=job.id, _external=True)
+        body["zip_url"] = url_for("jobs.get_stems_zip", job_id=job.id, _external=True)
     else:
         body["outputs"] = None
     return body
@@ -52,8 +60,10 @@ def create_job():
                          code="invalid_stems")
     # A part over the upload limit was already refused while it streamed (`CappedUploadFile`).
     path = upload_path(upload)
-    info = inspect_upload(path, services.settings)
-    job = submit_job(path, info, stems, services)
+    downmix = request.form.get("channels", "").strip().lower() == "stereo"
+    info = inspect_upload(path, services.settings, downmix=downmix)
+    output = resolve_output(request.form, info)
+    job = submit_job(path, info, stems, output, services)
     response = current_app.json.response(job_json(job))
     response.status_code = 202
     response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
@@ -67,14 +77,65 @@ def get_job(job_id: str):
 
 @bp.get("/<job_id>/result")
 def get_result(job_id: str):
-    """All stems as one JSON object: stem name -> base64 of the complete WAV file.
+    """All stems as one JSON object: stem name -> base64 of the complete encoded file.
 
     Streamed piece by piece, so a long track's stems never sit in memory whole.
     """
-    services = _services()
     job = _succeeded_job(job_id)
-    paths = [(name, services.storage.stem_path(job.id, name)) for name in job.outputs]
-    return Response(stream_with_context(_result_json(paths)), mimetype="application/json")
+    return Response(stream_with_context(_result_json(_stem_paths(job))), mimetype="application/json")
+
+
+@bp.get("/<job_id>/stems.zip")
+def get_stems_zip(job_id: str):
+    """All stems of a job in one zip, streamed as it is built."""
+    job = _succeeded_job(job_id)
+    response = Response(stream_with_context(_zip_stream(_stem_paths(job))), mimetype="application/zip")
+    response.headers["Content-Disposition"] = f'attachment; filename="{job.id}_stems.zip"'
+    return response
+
+
+def _stem_paths(job: Job) -> list[tuple[str, tp.Any]]:
+    extension = _output(job).extension
+    return [(name, _services().storage.stem_path(job.id, name, extension)) for name in job.outputs]
+
+
+def _output(job: Job) -> OutputOptions:
+    return OutputOptions.from_dict(job.output)
+
+
+class _Pipe:
+    """A write-only file for zipfile that hands what it wrote to a generator."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.offset = 0
+
+    def write(self, data: bytes) -> int:
+        self.pending.append(bytes(data))
+        self.offset += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.offset
+
+    def flush(self) -> None:
+        pass
+
+    def drain(self) -> bytes:
+        data, self.pending = b"".join(self.pending), []
+        return data
+
+
+def _zip_stream(paths: tp.Sequence[tuple[str, tp.Any]]) -> tp.Iterator[bytes]:
+    pipe = _Pipe()
+    # Stored, not deflated: audio barely compresses, and the stream starts at once.
+    with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_STORED) as archive:  # type: ignore[arg-type]
+        for name, path in paths:
+            with open(path, "rb") as source, archive.open(path.name, "w", force_zip64=True) as target:
+                while piece := source.read(ZIP_CHUNK_BYTES):
+                    target.write(piece)
+                    yield pipe.drain()
+    yield pipe.drain()
 
 
 def _result_json(paths: tp.Sequence[tuple[str, tp.Any]]) -> tp.Iterator[bytes]:
@@ -88,14 +149,16 @@ def _result_json(paths: tp.Sequence[tuple[str, tp.Any]]) -> tp.Iterator[bytes]:
     yield b"}"
 
 
-@bp.get("/<job_id>/stems/<name>.wav")
-def get_stem(job_id: str, name: str):
+@bp.get("/<job_id>/stems/<name>.<extension>")
+def get_stem(job_id: str, name: str, extension: str):
     job = _succeeded_job(job_id)
-    if name not in job.outputs:
-        raise JobNotFound(f"job {job_id} has no stem {name!r}; it has {', '.join(job.outputs)}")
-    path = _services().storage.stem_path(job.id, name)
-    return send_file(path, mimetype="audio/wav", as_attachment=True,
-                     download_name=f"{job.id}_{name}.wav", conditional=True)
+    output = _output(job)
+    if name not in job.outputs or extension != output.extension:
+        raise JobNotFound(f"job {job_id} has no stem {name}.{extension}; it has "
+                          + ", ".join(f"{stem}.{output.extension}" for stem in job.outputs))
+    path = _services().storage.stem_path(job.id, name, extension)
+    return send_file(path, mimetype=output.mime_type, as_attachment=True,
+                     download_name=f"{job.id}_{name}.{extension}", conditional=True)
 
 
 def _succeeded_job(job_id: str) -> Job:

@@ -9,11 +9,12 @@ from shared.audio import AudioInfo
 from shared.celery_app import SEPARATE_TASK
 from shared.errors import ServiceUnavailable
 from shared.jobs import Job, JobStatus, new_job_id
+from shared.output import OutputOptions
 
 log = logging.getLogger(__name__)
 
 
-def submit_job(upload: Path, info: AudioInfo, stems: str, services) -> Job:
+def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions, services) -> Job:
     """Store the upload as a new job's input, record the job and enqueue it.
 
     Either all three happen or none: if the record or the message cannot be written,
@@ -24,7 +25,8 @@ def submit_job(upload: Path, info: AudioInfo, stems: str, services) -> Job:
     """
     job = Job(id=new_job_id(), status=JobStatus.QUEUED, stems=stems, model=services.settings.model,
               samplerate=info.samplerate, channels=info.channels, frames=info.frames,
-              created_at=time.time(), input_format=f"{info.container}/{info.subtype}")
+              created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
+              output=output.to_dict())
     services.storage.accept_upload(upload, job.id)
     try:
         services.jobs.create(job)

@@ -128,8 +128,11 @@ class WavLayout:
         return available > 0 and (self.data_size == 0 or self.data_size > available)
 
 
-def inspect_upload(path: Path, settings: Settings) -> AudioInfo:
+def inspect_upload(path: Path, settings: Settings, downmix: bool = False) -> AudioInfo:
     """Check that an uploaded file is a WAV the service can separate, and describe it.
+
+    With `downmix` (the job asked for stereo stems of the input's downmix), inputs of up
+    to `MAX_CHANNELS` are accepted even while multichannel separation is off.
 
     The file must be the service's own copy: a header left unfinished by a streaming
     writer is repaired in place (see `repair_header`), so the worker reads it normally.
@@ -146,7 +149,7 @@ def inspect_upload(path: Path, settings: Settings) -> AudioInfo:
         raise UnsupportedMediaType(f"file is not a WAV: {not_wav}")
     layout = read_layout(path)
     check_format(layout.fmt)
-    _check_channels(layout.fmt.channels)
+    _check_channels(layout.fmt.channels, downmix)
     repair_header(path, layout)
     info = _decoder_info(path, layout.fmt)
     if info.frames <= 0:
@@ -255,10 +258,11 @@ def _frame_bytes(fmt: WavFormat) -> tp.Optional[int]:
     return None
 
 
-def _check_channels(channels: int) -> None:
-    limit = MAX_CHANNELS if MULTICHANNEL_SEPARATION else STEREO_CHANNELS
+def _check_channels(channels: int, downmix: bool = False) -> None:
+    multichannel = MULTICHANNEL_SEPARATION or downmix
+    limit = MAX_CHANNELS if multichannel else STEREO_CHANNELS
     if channels > limit:
-        which = "" if MULTICHANNEL_SEPARATION else " (mono or stereo)"
+        which = "" if multichannel else " (mono or stereo; channels=stereo separates a downmix)"
         raise InvalidAudio(f"the WAV has {channels} channels; at most {limit}{which} are supported",
                            code="too_many_channels")
 

@@ -49,6 +49,7 @@ class Job:
     outputs: tp.List[str] = dataclasses.field(default_factory=list)
     error: tp.Optional[dict] = None
     input_format: str = ""
+    output: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)  # resolved OutputOptions
 
     @property
     def duration(self) -> float:
@@ -71,6 +72,7 @@ class Job:
             "frames": self.frames,
             "duration": round(self.duration, 6),
             "input_format": self.input_format,
+            "output": self.output,
             "error": self.error,
         }
 

@@ -3,7 +3,7 @@
     <data_dir>/incoming/          uploads still being received (same filesystem, so
                                   accepting one is a rename, never a copy)
     <data_dir>/jobs/<id>/input.wav
-    <data_dir>/jobs/<id>/stems/<name>.wav
+    <data_dir>/jobs/<id>/stems/<name>.<wav|flac|mp3>
 
 Files become visible under their final name only when complete (write to a hidden
 temporary name, then rename), so no reader ever sees half a file.
@@ -16,7 +16,7 @@ import tempfile
 import typing as tp
 from pathlib import Path
 
-STEM_SUFFIX = ".wav"
+DEFAULT_EXTENSION = "wav"
 
 
 class JobStorage:
@@ -38,8 +38,8 @@ class JobStorage:
     def stems_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "stems"
 
-    def stem_path(self, job_id: str, name: str) -> Path:
-        return self.stems_dir(job_id) / f"{name}{STEM_SUFFIX}"
+    def stem_path(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION) -> Path:
+        return self.stems_dir(job_id) / f"{name}.{extension}"
 
     def open_upload(self) -> tp.BinaryIO:
         """A new temporary file in `incoming/` to stream an upload into.
@@ -61,15 +61,15 @@ class JobStorage:
     def discard_upload(upload_path: Path) -> None:
         Path(upload_path).unlink(missing_ok=True)
 
-    def temporary_stem_path(self, job_id: str, name: str) -> Path:
+    def temporary_stem_path(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION) -> Path:
         """Where a stem is written before `publish_stem` makes it visible."""
         directory = self.stems_dir(job_id)
         directory.mkdir(parents=True, exist_ok=True)
-        return directory / f".{name}{STEM_SUFFIX}.part"
+        return directory / f".{name}.{extension}.part"
 
-    def publish_stem(self, job_id: str, name: str) -> Path:
-        final = self.stem_path(job_id, name)
-        os.replace(self.temporary_stem_path(job_id, name), final)
+    def publish_stem(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION) -> Path:
+        final = self.stem_path(job_id, name, extension)
+        os.replace(self.temporary_stem_path(job_id, name, extension), final)
         return final
 
     def clear_stems(self, job_id: str) -> None:

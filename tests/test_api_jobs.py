@@ -144,4 +144,4 @@ def test_unknown_job_and_unknown_stem_are_404(live_server, tmp_path):
     path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=0.5)
     job = wait_for_job(live_server.url, submit(live_server.url, path, "bass").json()["id"])
     response = requests.get(f"{live_server.url}/v1/jobs/{job['id']}/stems/drums.wav", timeout=10)
-    assert response.status_code == 404 and "bass, no_bass" in response.json()["error"]["message"]
+    assert response.status_code == 404 and "bass.wav, no_bass.wav" in response.json()["error"]["message"]

@@ -24,10 +24,12 @@ import numpy as np
 import soxr
 import torch
 
-from shared.audio import AudioReader, dequantize, output_subtype, quantize, read_info
+from shared.audio import AudioReader, dequantize, quantize, read_info
 from shared.errors import SeparationFailed
+from shared.output import OutputOptions, resolve_output
 from shared.stems import output_names
 
+from .channels import downmix_matrix
 from .streaming import StreamingSeparator
 
 ProgressFn = tp.Callable[[float], None]
@@ -88,14 +90,16 @@ class StemSink(tp.Protocol):
 
 def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: StemSink,
                   options: SeparationOptions = SeparationOptions(),
-                  progress: tp.Optional[ProgressFn] = None) -> list[str]:
+                  progress: tp.Optional[ProgressFn] = None,
+                  output: tp.Optional[OutputOptions] = None) -> list[str]:
     """Separate the WAV at `input_path` and write each requested stem through `sink`.
 
     For `stems="all"` these are the model's sources. For one source `X` they are `X`
-    and `no_X = input - X`, computed on the output format's sample grid so that
-    `X + no_X` reproduces the input (exactly, for PCM inputs without clipping).
-    Stems are published only once all of them are complete. Returns the names written,
-    in order.
+    and `no_X = input - X`, computed on the output's sample grid so that `X + no_X`
+    reproduces the input (exactly, for PCM inputs without clipping). `output` sets the
+    stems' rate, channels (the input's, or its stereo downmix) and sample grid; by
+    default they are the input's own. Stems are published only once all of them are
+    complete. Returns the names written, in order.
 
     Raises:
         SeparationFailed: the model has no such source.
@@ -108,8 +112,14 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
         raise SeparationFailed(f"model has no source {missing[0]!r}; it separates "
                                f"{', '.join(model.sources)}", code="unknown_source")
     info = read_info(input_path)
-    subtype = output_subtype(info.subtype)
-    stats = measure_mix(input_path, model.samplerate,
+    output = output or resolve_output({}, info)
+    subtype = output.grid_subtype
+    # channels=stereo: the model, and `no_X`, see the stereo downmix instead of the input.
+    matrix = downmix_matrix(info.channels) if output.channel_mode == "stereo" and info.channels != 2 else None
+    channels = MODEL_CHANNELS if matrix is not None else info.channels
+    frames = info.frames if output.samplerate == info.samplerate \
+        else round(info.frames * output.samplerate / info.samplerate)
+    stats = measure_mix(input_path, model.samplerate, matrix,
                         progress=lambda value: report(STATS_SHARE * value))
     model.to(options.device)  # a no-op for a model already resident there
     windows_done = 0
@@ -123,15 +133,15 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
         model, stats.length, sources, shifts=options.shifts, overlap=options.overlap,
         seed=options.seed, batch_segments=batch_segments(options), device=options.device,
         forward=ModelForward(options.device, options.precision), on_windows=count_windows)
-    outputs = {name: _StemOutput(model.samplerate, info.samplerate, info.channels, info.frames,
-                                 subtype) for name in sources}
+    outputs = {name: _StemOutput(model.samplerate, output.samplerate, channels, frames, subtype)
+               for name in sources}
     writers: dict[str, StemWriter] = {}
     try:
         for name in names:
-            writers[name] = sink.open_stem(name, info.samplerate, info.channels, subtype, info.frames)
-        blocks = _model_rate_blocks(input_path, model.samplerate)
+            writers[name] = sink.open_stem(name, output.samplerate, channels, subtype, frames)
+        blocks = _model_rate_blocks(input_path, model.samplerate, matrix)
         estimates = separator.run(stats.normalise(block) for block in blocks)
-        with AudioReader(input_path) as original:
+        with _MixReader(input_path, output.samplerate, matrix) as original:
             for estimate in estimates:
                 _write_block(stats.denormalise(estimate), outputs, writers, original)
             _write_block(torch.zeros(len(sources), MODEL_CHANNELS, 0), outputs, writers, original,
@@ -146,7 +156,7 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
 
 
 def _write_block(estimate: torch.Tensor, outputs: dict[str, "_StemOutput"],
-                 writers: dict[str, StemWriter], original: AudioReader, last: bool = False) -> None:
+                 writers: dict[str, StemWriter], original: "_MixReader", last: bool = False) -> None:
     """Write one model-rate `[sources, channels, frames]` block of every source; for a
     source `X` with a `no_X` stem, also `no_X` from the input at the same positions."""
     for (name, output), stem in zip(outputs.items(), estimate):
@@ -186,7 +196,7 @@ class MixStats:
         return torch.tensor(self.std, dtype=torch.float32) + 1e-8
 
 
-def measure_mix(path: Path, model_samplerate: int,
+def measure_mix(path: Path, model_samplerate: int, matrix: tp.Optional[np.ndarray] = None,
                 progress: tp.Optional[ProgressFn] = None) -> MixStats:
     """Stream the input once at the model's rate for its length, mean and deviation.
 
@@ -196,7 +206,7 @@ def measure_mix(path: Path, model_samplerate: int,
     info = read_info(path)
     expected = max(1, math.ceil(info.frames * model_samplerate / info.samplerate))
     count, mean, squares = 0, 0.0, 0.0  # squares: sum of squared deviations from `mean`
-    for block in _model_rate_blocks(path, model_samplerate):
+    for block in _model_rate_blocks(path, model_samplerate, matrix):
         reference = block.astype(np.float64).mean(axis=1)
         block_mean = float(reference.mean())
         block_squares = float(((reference - block_mean) ** 2).sum())
@@ -211,9 +221,11 @@ def measure_mix(path: Path, model_samplerate: int,
     return MixStats(length=count, mean=mean, std=std)
 
 
-def _model_rate_blocks(path: Path, model_samplerate: int) -> tp.Iterator[np.ndarray]:
-    """The input as float32 `[frames, 2]` blocks at the model's rate (mono duplicated),
-    the same blocks on every call (so both passes agree on the length)."""
+def _model_rate_blocks(path: Path, model_samplerate: int,
+                       matrix: tp.Optional[np.ndarray] = None) -> tp.Iterator[np.ndarray]:
+    """The input as float32 `[frames, 2]` blocks at the model's rate (mono duplicated,
+    or folded by `matrix` `[channels, 2]`), the same blocks on every call (so both
+    passes agree on the length)."""
     with AudioReader(path) as reader:
         resampler = None
         if reader.samplerate != model_samplerate:
@@ -222,7 +234,9 @@ def _model_rate_blocks(path: Path, model_samplerate: int) -> tp.Iterator[np.ndar
         while True:
             block = reader.read(BLOCK_FRAMES)
             last = len(block) < BLOCK_FRAMES
-            if reader.channels == 1:
+            if matrix is not None:
+                block = block @ matrix
+            elif reader.channels == 1:
                 block = np.repeat(block, MODEL_CHANNELS, axis=1)
             if resampler is not None:
                 block = resampler.resample_chunk(block, last=last)
@@ -230,6 +244,46 @@ def _model_rate_blocks(path: Path, model_samplerate: int) -> tp.Iterator[np.ndar
                 yield block
             if last:
                 return
+
+
+class _MixReader:
+    """The input read in step with the output, for `no_X`: exact-size float32 blocks at
+    the output's rate and channels (folded by `matrix` when downmixing)."""
+
+    def __init__(self, path: Path, samplerate: int, matrix: tp.Optional[np.ndarray] = None):
+        self._reader = AudioReader(path)
+        self._matrix = matrix
+        self._resampler = None
+        channels = MODEL_CHANNELS if matrix is not None else self._reader.channels
+        if samplerate != self._reader.samplerate:
+            self._resampler = soxr.ResampleStream(self._reader.samplerate, samplerate, channels,
+                                                  dtype="float32", quality=RESAMPLE_QUALITY)
+        self._pending = np.zeros((0, channels), dtype=np.float32)
+        self._done = False
+
+    def read(self, frames: int) -> np.ndarray:
+        """The next `frames` frames; zeros past the end (the stems are padded likewise)."""
+        while len(self._pending) < frames and not self._done:
+            block = self._reader.read(BLOCK_FRAMES)
+            self._done = len(block) < BLOCK_FRAMES
+            if self._matrix is not None:
+                block = block @ self._matrix
+            if self._resampler is not None:
+                block = self._resampler.resample_chunk(block, last=self._done)
+            self._pending = np.concatenate([self._pending, block.astype(np.float32, copy=False)])
+        taken, self._pending = self._pending[:frames], self._pending[frames:]
+        if len(taken) < frames:
+            taken = np.pad(taken, ((0, frames - len(taken)), (0, 0)))
+        return taken
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> "_MixReader":
+        return self
+
+    def __exit__(self, *exc_info: tp.Any) -> None:
+        self.close()
 
 
 class _StemOutput:

@@ -14,14 +14,16 @@ import typing as tp
 
 import redis
 
-from shared.audio import AudioWriter, fsync_file
+from shared.audio import read_info
 from shared.config import Settings, get_settings
 from shared.errors import DemixError, JobNotFound, SeparationFailed
 from shared.jobs import JobStore
+from shared.output import OutputOptions, resolve_output
 from shared.storage import JobStorage
 
 from .engine import SeparationOptions, separate_file
 from .models import ModelCache, ModelSpec, resolve_device
+from .stem_files import JobStemSink
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,16 @@ def run_job(job_id: str, context: WorkerContext) -> None:
         device = resolve_device(settings.device)
         model = context.models.get(ModelSpec(settings.model, settings.model_repo, device,
                                                  cache=str(settings.models_dir)))
-        options = SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device)
-        outputs = separate_file(model, storage.input_path(job_id), job.stems,
-                                sink=JobStemSink(storage, job_id), options=options,
-                                progress=ProgressReporter(jobs, job_id))
+        options = SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device,
+                                    precision=settings.precision,
+                                    batch_segments=settings.batch_segments)
+        input_path = storage.input_path(job_id)
+        # Records written before output options existed mean the input's own format.
+        output = (OutputOptions.from_dict(job.output) if job.output
+                  else resolve_output({}, read_info(input_path)))
+        outputs = separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job_id, output),
+                                options=options, progress=ProgressReporter(jobs, job_id),
+                                output=output)
     except DemixError as exc:
         log.warning("job %s failed: %s", job_id, exc.message)
         jobs.mark_failed(job_id, exc)
@@ -93,23 +101,6 @@ def run_job(job_id: str, context: WorkerContext) -> None:
     jobs.mark_succeeded(job_id, outputs)
     log.info("job %s succeeded in %.1fs (%.1fs of audio)", job_id, time.monotonic() - started,
              job.duration)
-
-
-class JobStemSink:
-    """Writes a job's stems to hidden temporary files; publishing one flushes it to
-    disk and renames it into place, so readers never see half a stem."""
-
-    def __init__(self, storage: JobStorage, job_id: str):
-        self.storage, self.job_id = storage, job_id
-
-    def open_stem(self, name: str, samplerate: int, channels: int, subtype: str,
-                  frames: int) -> AudioWriter:
-        return AudioWriter(self.storage.temporary_stem_path(self.job_id, name), samplerate,
-                           channels, subtype, frames)
-
-    def publish(self, name: str) -> None:
-        fsync_file(self.storage.temporary_stem_path(self.job_id, name))
-        self.storage.publish_stem(self.job_id, name)
 
 
 class ProgressReporter:

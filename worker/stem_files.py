@@ -1,0 +1,128 @@
+"""Writing a job's stems in the format the job asked for.
+
+The engine hands over blocks on a sample grid (PCM integers from `quantize`, or float);
+this module encodes them as WAV (RF64 past 4 GiB), FLAC or MP3, into hidden temporary
+files that are flushed and renamed into place only when complete. With `clip=rescale`
+stems are first kept as float, then all scaled by one gain that brings the loudest
+sample of the job to full scale, so they still sum to the (scaled) mix.
+"""
+from __future__ import annotations
+
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from shared.audio import PCM_SCALES, AudioReader, AudioWriter, fsync_file, quantize
+from shared.output import OutputOptions
+from shared.storage import JobStorage
+
+MP3_MAX_BITRATE = 320
+MP3_MIN_BITRATE = 32
+RESCALE_BLOCK_FRAMES = 1 << 16
+
+
+def mp3_compression_level(bitrate: int) -> float:
+    """libsndfile's compression level for a constant MP3 bitrate: it maps level 0..1
+    linearly onto 320..32 kbit/s, so a standard bitrate needs its exact point."""
+    return min(0.999, (MP3_MAX_BITRATE - bitrate) / (MP3_MAX_BITRATE - MP3_MIN_BITRATE))
+
+
+class EncodedWriter:
+    """One stem file in the job's format, written block by block."""
+
+    def __init__(self, path: Path, output: OutputOptions, samplerate: int, channels: int, frames: int):
+        self.output = output
+        if output.format == "wav":
+            self._file: tp.Any = AudioWriter(path, samplerate, channels, output.subtype, frames)
+        elif output.format == "flac":
+            self._file = sf.SoundFile(str(path), "w", samplerate=samplerate, channels=channels,
+                                      subtype=output.subtype, format="FLAC")
+        else:
+            self._file = sf.SoundFile(str(path), "w", samplerate=samplerate, channels=channels,
+                                      format="MP3", subtype="MPEG_LAYER_III", bitrate_mode="CONSTANT",
+                                      compression_level=mp3_compression_level(output.bitrate))
+
+    def write(self, samples: np.ndarray) -> None:
+        """`samples` on the output's grid (`grid_subtype`)."""
+        if self.output.format == "flac":
+            # As for WAV: left-aligned int32 is stored bit-exactly (floats would be rescaled).
+            shift = 31 - int(np.log2(PCM_SCALES[self.output.subtype]))
+            samples = samples.astype(np.int32) << shift
+        elif self.output.format == "mp3":
+            samples = np.clip(samples, -1.0, 1.0)  # the encoder would wrap, not clip
+        self._file.write(samples)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _PeakTrackingWriter:
+    """A float stem kept for rescaling, remembering its largest magnitude."""
+
+    def __init__(self, path: Path, samplerate: int, channels: int, frames: int):
+        self._file = AudioWriter(path, samplerate, channels, "FLOAT", frames)
+        self.peak = 0.0
+
+    def write(self, samples: np.ndarray) -> None:
+        if len(samples):
+            self.peak = max(self.peak, float(np.abs(samples).max()))
+        self._file.write(samples)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class JobStemSink:
+    """The engine's sink for one job: temporary files in the job's stem folder,
+    published (flushed and renamed) only when complete."""
+
+    def __init__(self, storage: JobStorage, job_id: str, output: OutputOptions):
+        self.storage, self.job_id, self.output = storage, job_id, output
+        self.rescaling = output.clip == "rescale" and output.is_integer
+        self._kept: dict[str, tuple[_PeakTrackingWriter, int, int, int]] = {}
+        self.gain: tp.Optional[float] = None
+
+    def _temporary(self, name: str, extension: str) -> Path:
+        return self.storage.temporary_stem_path(self.job_id, name, extension)
+
+    def open_stem(self, name: str, samplerate: int, channels: int, subtype: str, frames: int):
+        if self.rescaling:
+            writer = _PeakTrackingWriter(self._temporary(name, "float.wav"), samplerate, channels, frames)
+            self._kept[name] = (writer, samplerate, channels, frames)
+            return writer
+        return EncodedWriter(self._temporary(name, self.output.extension), self.output, samplerate,
+                             channels, frames)
+
+    def publish(self, name: str) -> None:
+        if self.rescaling:
+            self._encode_rescaled(name)
+        temporary = self._temporary(name, self.output.extension)
+        fsync_file(temporary)
+        self.storage.publish_stem(self.job_id, name, self.output.extension)
+
+    def _encode_rescaled(self, name: str) -> None:
+        if self.gain is None:
+            # One gain for the whole job, from the loudest sample of any stem: all writers
+            # are closed before the first publish, so every peak is known here.
+            peak = max(writer.peak for writer, *_ in self._kept.values())
+            full_scale = (PCM_SCALES[self.output.subtype] - 1) / PCM_SCALES[self.output.subtype] \
+                if self.output.subtype in PCM_SCALES else 1.0
+            self.gain = min(1.0, full_scale / peak) if peak > 0 else 1.0
+        _, samplerate, channels, frames = self._kept[name]
+        source = self._temporary(name, "float.wav")
+        writer = EncodedWriter(self._temporary(name, self.output.extension), self.output, samplerate,
+                               channels, frames)
+        try:
+            with AudioReader(source) as reader:
+                while len(block := reader.read(RESCALE_BLOCK_FRAMES)):
+                    scaled = block * np.float32(self.gain)
+                    if self.output.subtype in PCM_SCALES:
+                        scaled = quantize(scaled, self.output.subtype)
+                    writer.write(scaled)
+        finally:
+            writer.close()
+        source.unlink()
+
+
