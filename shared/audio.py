@@ -14,10 +14,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .errors import InvalidAudio
-
-MAX_CHANNELS = 2
-"""Until channel-pair separation lands, more than stereo is refused rather than downmixed."""
 
 WAV_MAX_BYTES = 0xFFFFFFFF - 1024
 """RIFF sizes are 32-bit; bigger outputs are written as RF64 (header space kept in reserve)."""
@@ -85,56 +81,11 @@ def _is_mpeg_audio_frame(head: bytes) -> bool:
     return version != 0b01 and layer != 0b00 and bitrate != 0b1111 and rate != 0b11
 
 
-def probe_wav(path: Path) -> AudioInfo:
-    """Check that `path` is a decodable, non-empty WAV we can separate, and describe it.
-
-    Raises:
-        InvalidAudio: with a message saying what is wrong with the file.
-    """
-    with open(path, "rb") as file:
-        head = file.read(16)
-    not_wav = describe_non_wav(head)
-    if not_wav is not None:
-        raise InvalidAudio(f"file is not a WAV: {not_wav}", code="not_wav")
-    try:
-        info = read_info(path)
-    except (sf.LibsndfileError, RuntimeError) as exc:
-        raise InvalidAudio(f"the WAV could not be decoded: {_libsndfile_reason(exc)}",
-                           code="undecodable_wav") from None
-    if info.frames <= 0:
-        raise InvalidAudio("the WAV holds no audio: it has zero frames", code="empty_audio")
-    if info.channels > MAX_CHANNELS:
-        raise InvalidAudio(f"the WAV has {info.channels} channels; at most {MAX_CHANNELS} "
-                           "(mono or stereo) are supported", code="too_many_channels")
-    return info
-
-
 def read_info(path: Path) -> AudioInfo:
-    """The header facts of a sound file, unchecked (see `probe_wav` for uploads)."""
+    """The header facts of a sound file, unchecked (uploads go through `shared.intake`)."""
     info = sf.info(str(path))
     return AudioInfo(samplerate=info.samplerate, channels=info.channels, frames=info.frames,
                      subtype=info.subtype, container=info.format)
-
-
-def _libsndfile_reason(exc: Exception) -> str:
-    message = str(exc)
-    # soundfile prefixes the path ("Error opening '/x/y': ..."); the user's file has no such path.
-    if ": " in message:
-        message = message.split(": ", 1)[1]
-    return message.strip().rstrip(".") or "unknown decoder error"
-
-
-def output_subtype(input_subtype: str) -> str:
-    """The sample format stems are written in, derived from the input's.
-
-    16- and 24-bit PCM are kept; narrower or companded inputs (8-bit, μ-law, A-law,
-    ADPCM) come back as 16-bit; 32-bit PCM and float come back as 32-bit float.
-    """
-    if input_subtype in PCM_SCALES:
-        return input_subtype
-    if input_subtype in ("PCM_32", "FLOAT", "DOUBLE"):
-        return "FLOAT"
-    return "PCM_16"
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:

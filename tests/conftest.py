@@ -80,8 +80,8 @@ def celery_worker(redis_server, tiny_model_repo):
     from worker.runner import worker_context
 
     with start_worker(celery_app, pool="solo", concurrency=1, perform_ping_check=False,
-                      loglevel="WARNING", shutdown_timeout=60) as worker:
-        yield worker
+                      loglevel="WARNING", shutdown_timeout=60) as running_worker:
+        yield running_worker
     if worker_context.cache_info().currsize:
         worker_context().jobs.redis.close()
     celery_app.pool.force_close_all()

@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from shared.audio import (describe_non_wav, dequantize, output_subtype, probe_wav, quantize,
-                          write_audio)
-from shared.errors import InvalidAudio
+from shared.audio import describe_non_wav, dequantize, quantize, read_info, write_audio
 from tests.audio_factory import music_like, write_wav
 
 
@@ -28,26 +26,10 @@ def test_describe_non_wav_names_what_the_file_is(head, expected):
         assert expected in description
 
 
-def test_probe_reports_the_header(tmp_path):
+def test_read_info_reports_the_header(tmp_path):
     path = write_wav(tmp_path / "a.wav", 22050, 1, seconds=0.5, subtype="PCM_24")
-    info = probe_wav(path)
+    info = read_info(path)
     assert (info.samplerate, info.channels, info.frames, info.subtype) == (22050, 1, 11025, "PCM_24")
-
-
-def test_probe_refuses_a_wav_with_a_missing_fmt_chunk(tmp_path):
-    path = tmp_path / "nofmt.wav"
-    path.write_bytes(b"RIFF\x24\x00\x00\x00WAVEdata\x10\x00\x00\x00" + bytes(16))
-    with pytest.raises(InvalidAudio) as caught:
-        probe_wav(path)
-    assert caught.value.code == "undecodable_wav" and str(tmp_path) not in caught.value.message
-
-
-@pytest.mark.parametrize("input_subtype,expected", [
-    ("PCM_16", "PCM_16"), ("PCM_24", "PCM_24"), ("PCM_U8", "PCM_16"), ("ULAW", "PCM_16"),
-    ("PCM_32", "FLOAT"), ("FLOAT", "FLOAT"), ("DOUBLE", "FLOAT"),
-])
-def test_output_keeps_the_input_sample_format_where_it_can(input_subtype, expected):
-    assert output_subtype(input_subtype) == expected
 
 
 @pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])

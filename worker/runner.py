@@ -10,7 +10,6 @@ import functools
 import logging
 import os
 import time
-import typing as tp
 
 import redis
 
