@@ -60,8 +60,7 @@ def create_job():
                          code="invalid_stems")
     # A part over the upload limit was already refused while it streamed (`CappedUploadFile`).
     path = upload_path(upload)
-    downmix = request.form.get("channels", "").strip().lower() == "stereo"
-    info = inspect_upload(path, services.settings, downmix=downmix)
+    info = inspect_upload(path, services.settings)
     output = resolve_output(request.form, info)
     job = submit_job(path, info, stems, output, services)
     response = current_app.json.response(job_json(job))

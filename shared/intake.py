@@ -24,15 +24,8 @@ from .audio import AudioInfo, describe_non_wav
 from .config import Settings
 from .errors import InvalidAudio, UnsupportedMediaType
 
-MULTICHANNEL_SEPARATION = False
-"""Whether the worker separates more than two channels (by channel pair). Until it does,
-uploads with more than two channels are refused at intake; set True when it lands."""
-
 MAX_CHANNELS = 8
-"""Most channels accepted (7.1) once `MULTICHANNEL_SEPARATION` is on."""
-
-STEREO_CHANNELS = 2
-"""Most channels accepted while `MULTICHANNEL_SEPARATION` is off."""
+"""Most channels accepted (7.1); the worker separates them by channel pair."""
 
 SCAN_BLOCK_FRAMES = 65536
 """Frames read per step of the sample scan (at most 4 MiB for 8 channels of doubles)."""
@@ -128,11 +121,8 @@ class WavLayout:
         return available > 0 and (self.data_size == 0 or self.data_size > available)
 
 
-def inspect_upload(path: Path, settings: Settings, downmix: bool = False) -> AudioInfo:
+def inspect_upload(path: Path, settings: Settings) -> AudioInfo:
     """Check that an uploaded file is a WAV the service can separate, and describe it.
-
-    With `downmix` (the job asked for stereo stems of the input's downmix), inputs of up
-    to `MAX_CHANNELS` are accepted even while multichannel separation is off.
 
     The file must be the service's own copy: a header left unfinished by a streaming
     writer is repaired in place (see `repair_header`), so the worker reads it normally.
@@ -149,7 +139,7 @@ def inspect_upload(path: Path, settings: Settings, downmix: bool = False) -> Aud
         raise UnsupportedMediaType(f"file is not a WAV: {not_wav}")
     layout = read_layout(path)
     check_format(layout.fmt)
-    _check_channels(layout.fmt.channels, downmix)
+    _check_channels(layout.fmt.channels)
     repair_header(path, layout)
     info = _decoder_info(path, layout.fmt)
     if info.frames <= 0:
@@ -258,12 +248,9 @@ def _frame_bytes(fmt: WavFormat) -> tp.Optional[int]:
     return None
 
 
-def _check_channels(channels: int, downmix: bool = False) -> None:
-    multichannel = MULTICHANNEL_SEPARATION or downmix
-    limit = MAX_CHANNELS if multichannel else STEREO_CHANNELS
-    if channels > limit:
-        which = "" if multichannel else " (mono or stereo; channels=stereo separates a downmix)"
-        raise InvalidAudio(f"the WAV has {channels} channels; at most {limit}{which} are supported",
+def _check_channels(channels: int) -> None:
+    if channels > MAX_CHANNELS:
+        raise InvalidAudio(f"the WAV has {channels} channels; at most {MAX_CHANNELS} (7.1) are supported",
                            code="too_many_channels")
 
 

@@ -102,7 +102,8 @@ BAD_FILES = {
     "infinite sample": (float_with(-np.inf, 7), 422, "non_finite_samples", ["infinite sample at frame 7"]),
     "over the duration limit": (lambda tmp: OVER_FIVE_HOURS_AT_1_HZ, 422, "too_long",
                                 ["lasts 20000.0 s", "at most 10800 s", "DEMIX_MAX_DURATION_S"]),
-    "six channels": (lambda tmp: wav_bytes(tmp, channels=6), 422, "too_many_channels", ["6 channels"]),
+    "nine channels": (lambda tmp: riff(fmt_chunk(channels=9), chunk(b"data", bytes(18 * 10))),
+                      422, "too_many_channels", ["9 channels", "at most 8"]),
 }
 
 

@@ -136,3 +136,25 @@ def test_bad_output_options_are_400_and_nothing_is_queued(idle_server, tmp_path)
                                  data={"format": "flac", "sample_format": "float32"}, timeout=30)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_output"
+
+
+@pytest.mark.parametrize("channels", [3, 6])
+def test_multichannel_is_separated_by_channel_pair_keeping_layout(live_server, tmp_path, channels):
+    """Each pair (and a last odd channel) is separated as its own track: a stem's
+    channels equal separating those channels alone, and X + no_X is the input."""
+    mix = music_like(44100, channels, 1.0, seed=4) * 0.5
+    path = tmp_path / "multi.wav"
+    sf.write(str(path), mix, 44100, subtype="PCM_16")
+    original = sf.read(str(path), dtype="float64", always_2d=True)[0]
+    job = run_job(live_server, path, stems="drums")
+    assert job["channels"] == channels and job["output"]["channels"] == channels
+    stems = fetch(job)
+    drums, rest = stems["drums"][0], stems["no_drums"][0]
+    assert drums.shape == original.shape
+    assert np.abs(drums + rest - original).max() <= 1 / 2 ** 15
+
+    last_group = [channels - 1] if channels % 2 else [channels - 2, channels - 1]
+    alone = tmp_path / "alone.wav"
+    sf.write(str(alone), original[:, last_group], 44100, subtype="PCM_16")
+    alone_drums = fetch(run_job(live_server, alone, stems="drums"))["drums"][0]
+    assert np.abs(drums[:, last_group] - alone_drums).max() <= 1 / 2 ** 15

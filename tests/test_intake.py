@@ -215,28 +215,18 @@ def test_sample_rates_from_8_to_192_khz(tmp_path, samplerate):
 
 
 @pytest.mark.parametrize("channels", range(1, 9))
-def test_one_to_eight_channels_once_multichannel_separation_is_on(tmp_path, monkeypatch, channels):
-    monkeypatch.setattr(intake, "MULTICHANNEL_SEPARATION", True)
+def test_one_to_eight_channels_are_accepted(tmp_path, channels):
     path = tmp_path / "in.wav"
     sf.write(str(path), music_like(48000, channels, 0.05), 48000, subtype="PCM_24")
     info = inspect_upload(path, SETTINGS)
     assert (info.channels, info.frames) == (channels, 2400)
 
 
-def test_more_than_eight_channels_are_refused_even_with_multichannel_separation(tmp_path, monkeypatch):
-    monkeypatch.setattr(intake, "MULTICHANNEL_SEPARATION", True)
+def test_more_than_eight_channels_are_refused(tmp_path):
     path = write(tmp_path, riff(fmt_chunk(channels=9), chunk(b"data", bytes(18 * 10))))
     error = refusal(path)
     assert error.code == "too_many_channels"
     assert "9 channels" in error.message and "at most 8" in error.message
-
-
-@pytest.mark.parametrize("channels", range(3, 9))
-def test_more_than_stereo_is_refused_until_multichannel_separation_lands(tmp_path, channels):
-    path = tmp_path / "in.wav"
-    sf.write(str(path), music_like(48000, channels, 0.05), 48000, subtype="PCM_16")
-    error = refusal(path)
-    assert error.code == "too_many_channels" and f"{channels} channels" in error.message
 
 
 @pytest.mark.parametrize("frames", [1, 4410])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 import typing as tp
 import warnings
 from pathlib import Path
@@ -24,12 +25,12 @@ import numpy as np
 import soxr
 import torch
 
-from shared.audio import AudioReader, dequantize, quantize, read_info
+from shared.audio import AudioReader, AudioWriter, dequantize, quantize, read_info
 from shared.errors import SeparationFailed
 from shared.output import OutputOptions, resolve_output
 from shared.stems import output_names
 
-from .channels import downmix_matrix
+from .channels import channel_groups, downmix_matrix
 from .streaming import StreamingSeparator
 
 ProgressFn = tp.Callable[[float], None]
@@ -48,6 +49,10 @@ STATS_SHARE = 0.05
 
 MODEL_SHARE = 0.94
 """Share spent running the model; what is left is closing and publishing the stems."""
+
+GROUPS_SHARE = 0.97
+"""With more than two channels: share spent separating the channel groups; the rest is
+interleaving their stems."""
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 """fp32 reproduces apply_model; bf16 (CPU or CUDA) and fp16 (CUDA) run under autocast."""
@@ -113,15 +118,33 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
                                f"{', '.join(model.sources)}", code="unknown_source")
     info = read_info(input_path)
     output = output or resolve_output({}, info)
-    subtype = output.grid_subtype
-    # channels=stereo: the model, and `no_X`, see the stereo downmix instead of the input.
-    matrix = downmix_matrix(info.channels) if output.channel_mode == "stereo" and info.channels != 2 else None
-    channels = MODEL_CHANNELS if matrix is not None else info.channels
     frames = info.frames if output.samplerate == info.samplerate \
         else round(info.frames * output.samplerate / info.samplerate)
+    model.to(options.device)  # a no-op for a model already resident there
+    if output.channel_mode == "stereo" and info.channels != 2:
+        # The model, and `no_X`, see the stereo downmix instead of the input.
+        _separate_channels(model, input_path, names, sources, sink, options, report, output, frames,
+                           downmix_matrix(info.channels))
+    elif info.channels <= MODEL_CHANNELS:
+        _separate_channels(model, input_path, names, sources, sink, options, report, output, frames)
+    else:
+        _separate_by_pairs(model, input_path, names, sources, sink, options, report, output, frames,
+                           info.channels)
+    for name in names:
+        sink.publish(name)
+    report(1.0)
+    return names
+
+
+def _separate_channels(model: torch.nn.Module, input_path: Path, names: list[str], sources: list[str],
+                       sink: StemSink, options: SeparationOptions, report: ProgressFn,
+                       output: OutputOptions, frames: int, matrix: tp.Optional[np.ndarray] = None) -> None:
+    """Separate the input (or `input @ matrix`, at most two channels) into closed,
+    unpublished stems in `sink`."""
+    subtype = output.grid_subtype
+    channels = matrix.shape[1] if matrix is not None else read_info(input_path).channels
     stats = measure_mix(input_path, model.samplerate, matrix,
                         progress=lambda value: report(STATS_SHARE * value))
-    model.to(options.device)  # a no-op for a model already resident there
     windows_done = 0
 
     def count_windows(count: int) -> None:
@@ -149,10 +172,57 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
     finally:
         for writer in writers.values():
             writer.close()
-    for name in names:
-        sink.publish(name)
-    report(1.0)
-    return names
+
+
+def _separate_by_pairs(model: torch.nn.Module, input_path: Path, names: list[str], sources: list[str],
+                       sink: StemSink, options: SeparationOptions, report: ProgressFn,
+                       output: OutputOptions, frames: int, channels: int) -> None:
+    """More than two channels: separate each channel pair (and a last odd channel) as its
+    own track, then interleave the groups' stems back into the input's channel order."""
+    groups = channel_groups(channels)
+    subtype = output.grid_subtype
+    # Group stems wait beside the input (the job's folder: room for long tracks), not in /tmp.
+    with tempfile.TemporaryDirectory(dir=input_path.parent, prefix=".groups-") as scratch:
+        folders = []
+        for index, group in enumerate(groups):
+            selection = np.zeros((channels, len(group)), dtype=np.float32)
+            selection[group, range(len(group))] = 1.0
+            folder = Path(scratch) / str(index)
+            folder.mkdir()
+            folders.append(folder)
+            _separate_channels(model, input_path, names, sources, _FolderSink(folder), options,
+                               lambda value, i=index: report(GROUPS_SHARE * (i + value) / len(groups)),
+                               output, frames, selection)
+        writers: dict[str, StemWriter] = {}
+        try:
+            for name in names:
+                writers[name] = sink.open_stem(name, output.samplerate, channels, subtype, frames)
+                readers = [AudioReader(folder / f"{name}.wav") for folder in folders]
+                try:
+                    while True:
+                        blocks = [reader.read(BLOCK_FRAMES) for reader in readers]
+                        if not len(blocks[0]):
+                            break
+                        writers[name].write(quantize(np.concatenate(blocks, axis=1), subtype))
+                finally:
+                    for reader in readers:
+                        reader.close()
+        finally:
+            for writer in writers.values():
+                writer.close()
+
+
+class _FolderSink:
+    """Stems of one channel group, kept on their sample grid until interleaved."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def open_stem(self, name: str, samplerate: int, channels: int, subtype: str, frames: int) -> AudioWriter:
+        return AudioWriter(self.folder / f"{name}.wav", samplerate, channels, subtype, frames)
+
+    def publish(self, name: str) -> None:  # pragma: no cover - groups are never published
+        raise AssertionError("group stems are interleaved, not published")
 
 
 def _write_block(estimate: torch.Tensor, outputs: dict[str, "_StemOutput"],
@@ -236,7 +306,7 @@ def _model_rate_blocks(path: Path, model_samplerate: int,
             last = len(block) < BLOCK_FRAMES
             if matrix is not None:
                 block = block @ matrix
-            elif reader.channels == 1:
+            if block.shape[1] == 1:
                 block = np.repeat(block, MODEL_CHANNELS, axis=1)
             if resampler is not None:
                 block = resampler.resample_chunk(block, last=last)
@@ -254,7 +324,7 @@ class _MixReader:
         self._reader = AudioReader(path)
         self._matrix = matrix
         self._resampler = None
-        channels = MODEL_CHANNELS if matrix is not None else self._reader.channels
+        channels = matrix.shape[1] if matrix is not None else self._reader.channels
         if samplerate != self._reader.samplerate:
             self._resampler = soxr.ResampleStream(self._reader.samplerate, samplerate, channels,
                                                   dtype="float32", quality=RESAMPLE_QUALITY)
