@@ -52,7 +52,7 @@ class OutputOptions:
         """The sample grid stems are computed on: the PCM format itself when samples can
         be clamped as they are written, float otherwise (MP3 is encoded from float;
         rescaling needs every stem's peak first)."""
-        if self.format == "mp3" or (self.clip == "rescale" and self.is_integer):
+        if self.format == "mp3" or (self.clip == "rescale" and self.clips):
             return "FLOAT"
         return SUBTYPES[self.sample_format]
 
@@ -65,7 +65,7 @@ class OutputOptions:
         return MIME_TYPES[self.format]
 
     @property
-    def is_integer(self) -> bool:
+    def clips(self) -> bool:
         """Whether samples beyond full scale would clip (everything but float WAV)."""
         return not (self.format == "wav" and self.sample_format == "float32")
 

@@ -80,7 +80,7 @@ class JobStemSink:
 
     def __init__(self, storage: JobStorage, job_id: str, output: OutputOptions):
         self.storage, self.job_id, self.output = storage, job_id, output
-        self.rescaling = output.clip == "rescale" and output.is_integer
+        self.rescaling = output.clip == "rescale" and output.clips
         self._kept: dict[str, tuple[_PeakTrackingWriter, int, int, int]] = {}
         self.gain: tp.Optional[float] = None
 
