@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--bag-vocals", action="store_true")
+    parser.add_argument("--bag-only", action="store_true", help="skip the full separation")
     args = parser.parse_args()
     if args.child:
         args.precision = args.precision[0] if args.precision else "fp32"
@@ -174,8 +175,9 @@ def main() -> None:
         repo = Path(args.model_repo) if args.model_repo else write_tiny_repo(work / "tiny-repo")
         name = args.model if args.model_repo else "tiny"
         wav = write_wav(work / "mix.wav", 44100, 2, args.seconds, subtype="FLOAT", seed=1)
-        compare(wav, repo, name, work, args.rounds, args.stems, args.precision, "full separation")
-        if args.bag_vocals:
+        if not args.bag_only:
+            compare(wav, repo, name, work, args.rounds, args.stems, args.precision, "full separation")
+        if args.bag_vocals or args.bag_only:
             bag_repo = work / "bag-repo"
             bag_name = make_bag(repo, name, bag_repo)
             compare(wav, bag_repo, bag_name, work, args.rounds, "vocals", [], "vocals from a 4-model bag")
