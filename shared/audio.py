@@ -123,7 +123,8 @@ def write_audio(path: Path, samples: np.ndarray, samplerate: int, subtype: str) 
 
 
 class AudioWriter:
-    """A WAV written block by block; RF64 when `frames` samples would pass 4 GiB.
+    """A WAV (RF64 when `frames` samples would pass 4 GiB) or, with `flac=True`, a FLAC
+    file, written block by block.
 
     Blocks are `[frames, channels]`; integer blocks must come from `quantize` for the
     same subtype. They are handed to libsndfile as left-aligned int32, which it stores
@@ -132,9 +133,13 @@ class AudioWriter:
     holds however many frames were written when the writer is closed.
     """
 
-    def __init__(self, path: Path, samplerate: int, channels: int, subtype: str, frames: int):
+    def __init__(self, path: Path, samplerate: int, channels: int, subtype: str, frames: int,
+                 flac: bool = False):
         self.subtype = subtype
-        container = "WAV" if _wav_bytes(frames, channels, subtype) <= WAV_MAX_BYTES else "RF64"
+        if flac:
+            container = "FLAC"
+        else:
+            container = "WAV" if _wav_bytes(frames, channels, subtype) <= WAV_MAX_BYTES else "RF64"
         self._file = sf.SoundFile(str(path), "w", samplerate=samplerate, channels=channels,
                                   subtype=subtype, format=container)
 

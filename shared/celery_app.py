@@ -43,9 +43,4 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def configure(app: Celery, settings: Settings) -> None:
-    """Re-point an existing app at new settings (tests, `demix up`)."""
-    app.conf.update(celery_config(settings))
-
-
 celery_app = make_celery(get_settings())

@@ -44,7 +44,7 @@ class JobStorage:
     def open_upload(self) -> tp.BinaryIO:
         """A new temporary file in `incoming/` to stream an upload into.
 
-        The caller either `accept_upload`s it or `discard_upload`s it.
+        The caller `accept_upload`s it; the API deletes unclaimed ones after each request.
         """
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         return tempfile.NamedTemporaryFile(dir=self.incoming_dir, prefix="upload-", suffix=".part",
@@ -56,10 +56,6 @@ class JobStorage:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(upload_path, target)
         return target
-
-    @staticmethod
-    def discard_upload(upload_path: Path) -> None:
-        Path(upload_path).unlink(missing_ok=True)
 
     def temporary_stem_path(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION) -> Path:
         """Where a stem is written before `publish_stem` makes it visible."""

@@ -124,9 +124,10 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
     if output.channel_mode == "stereo" and info.channels != 2:
         # The model, and `no_X`, see the stereo downmix instead of the input.
         _separate_channels(model, input_path, names, sources, sink, options, report, output, frames,
-                           downmix_matrix(info.channels))
+                           MODEL_CHANNELS, downmix_matrix(info.channels))
     elif info.channels <= MODEL_CHANNELS:
-        _separate_channels(model, input_path, names, sources, sink, options, report, output, frames)
+        _separate_channels(model, input_path, names, sources, sink, options, report, output, frames,
+                           info.channels)
     else:
         _separate_by_pairs(model, input_path, names, sources, sink, options, report, output, frames,
                            info.channels)
@@ -138,11 +139,11 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
 
 def _separate_channels(model: torch.nn.Module, input_path: Path, names: list[str], sources: list[str],
                        sink: StemSink, options: SeparationOptions, report: ProgressFn,
-                       output: OutputOptions, frames: int, matrix: tp.Optional[np.ndarray] = None) -> None:
-    """Separate the input (or `input @ matrix`, at most two channels) into closed,
-    unpublished stems in `sink`."""
+                       output: OutputOptions, frames: int, channels: int,
+                       matrix: tp.Optional[np.ndarray] = None) -> None:
+    """Separate the input's `channels` (or `input @ matrix`, with `channels` columns; at
+    most two) into closed, unpublished stems in `sink`."""
     subtype = output.grid_subtype
-    channels = matrix.shape[1] if matrix is not None else read_info(input_path).channels
     stats = measure_mix(input_path, model.samplerate, matrix,
                         progress=lambda value: report(STATS_SHARE * value))
     windows_done = 0
@@ -192,7 +193,7 @@ def _separate_by_pairs(model: torch.nn.Module, input_path: Path, names: list[str
             folders.append(folder)
             _separate_channels(model, input_path, names, sources, _FolderSink(folder), options,
                                lambda value, i=index: report(GROUPS_SHARE * (i + value) / len(groups)),
-                               output, frames, selection)
+                               output, frames, len(group), selection)
         writers: dict[str, StemWriter] = {}
         try:
             for name in names:
@@ -297,10 +298,7 @@ def _model_rate_blocks(path: Path, model_samplerate: int,
     or folded by `matrix` `[channels, 2]`), the same blocks on every call (so both
     passes agree on the length)."""
     with AudioReader(path) as reader:
-        resampler = None
-        if reader.samplerate != model_samplerate:
-            resampler = soxr.ResampleStream(reader.samplerate, model_samplerate, MODEL_CHANNELS,
-                                            dtype="float32", quality=RESAMPLE_QUALITY)
+        resampler = _resampler(reader.samplerate, model_samplerate, MODEL_CHANNELS)
         while True:
             block = reader.read(BLOCK_FRAMES)
             last = len(block) < BLOCK_FRAMES
@@ -316,6 +314,14 @@ def _model_rate_blocks(path: Path, model_samplerate: int,
                 return
 
 
+def _resampler(source_rate: int, target_rate: int, channels: int) -> tp.Optional[soxr.ResampleStream]:
+    """A streaming float32 resampler between two rates, or None when they are equal."""
+    if source_rate == target_rate:
+        return None
+    return soxr.ResampleStream(source_rate, target_rate, channels, dtype="float32",
+                               quality=RESAMPLE_QUALITY)
+
+
 class _MixReader:
     """The input read in step with the output, for `no_X`: exact-size float32 blocks at
     the output's rate and channels (folded by `matrix` when downmixing)."""
@@ -323,11 +329,8 @@ class _MixReader:
     def __init__(self, path: Path, samplerate: int, matrix: tp.Optional[np.ndarray] = None):
         self._reader = AudioReader(path)
         self._matrix = matrix
-        self._resampler = None
         channels = matrix.shape[1] if matrix is not None else self._reader.channels
-        if samplerate != self._reader.samplerate:
-            self._resampler = soxr.ResampleStream(self._reader.samplerate, samplerate, channels,
-                                                  dtype="float32", quality=RESAMPLE_QUALITY)
+        self._resampler = _resampler(self._reader.samplerate, samplerate, channels)
         self._pending = np.zeros((0, channels), dtype=np.float32)
         self._done = False
 
@@ -364,10 +367,7 @@ class _StemOutput:
                  subtype: str):
         self.channels, self.frames, self.subtype = channels, frames, subtype
         self.written = 0
-        self._resampler = None
-        if samplerate != model_samplerate:
-            self._resampler = soxr.ResampleStream(model_samplerate, samplerate, MODEL_CHANNELS,
-                                                  dtype="float32", quality=RESAMPLE_QUALITY)
+        self._resampler = _resampler(model_samplerate, samplerate, MODEL_CHANNELS)
 
     def convert(self, block: np.ndarray, last: bool) -> np.ndarray:
         """The next output samples; with `last`, also the resampler's tail and any

@@ -34,11 +34,9 @@ class EncodedWriter:
 
     def __init__(self, path: Path, output: OutputOptions, samplerate: int, channels: int, frames: int):
         self.output = output
-        if output.format == "wav":
-            self._file: tp.Any = AudioWriter(path, samplerate, channels, output.subtype, frames)
-        elif output.format == "flac":
-            self._file = sf.SoundFile(str(path), "w", samplerate=samplerate, channels=channels,
-                                      subtype=output.subtype, format="FLAC")
+        if output.format in ("wav", "flac"):
+            self._file: tp.Any = AudioWriter(path, samplerate, channels, output.subtype, frames,
+                                             flac=output.format == "flac")
         else:
             self._file = sf.SoundFile(str(path), "w", samplerate=samplerate, channels=channels,
                                       format="MP3", subtype="MPEG_LAYER_III", bitrate_mode="CONSTANT",
@@ -46,11 +44,7 @@ class EncodedWriter:
 
     def write(self, samples: np.ndarray) -> None:
         """`samples` on the output's grid (`grid_subtype`)."""
-        if self.output.format == "flac":
-            # As for WAV: left-aligned int32 is stored bit-exactly (floats would be rescaled).
-            shift = 31 - int(np.log2(PCM_SCALES[self.output.subtype]))
-            samples = samples.astype(np.int32) << shift
-        elif self.output.format == "mp3":
+        if self.output.format == "mp3":
             samples = np.clip(samples, -1.0, 1.0)  # the encoder would wrap, not clip
         self._file.write(samples)
 
