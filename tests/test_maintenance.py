@@ -51,6 +51,7 @@ def test_a_job_without_lease_is_requeued_on_the_second_sweep_and_sent_again(cont
     lost, alive = queued(context), queued(context)
     lose_worker(context, lost)
     context.jobs.mark_running(alive, lease_s=60)
+    counted = int(context.jobs.redis.hget(keys.metrics_counters_key(), "requeued:lost") or 0)
     sweep = LostJobSweep()
     assert lost not in sweep(context)  # first sighting: its worker gets one more heartbeat
     assert context.jobs.get(lost).status is JobStatus.RUNNING and messages(context) == 0
@@ -58,6 +59,7 @@ def test_a_job_without_lease_is_requeued_on_the_second_sweep_and_sent_again(cont
     job = context.jobs.get(lost)
     assert job.status is JobStatus.QUEUED and job.attempts == 1 and job.counted_attempts == 1
     assert messages(context) == 1
+    assert int(context.jobs.redis.hget(keys.metrics_counters_key(), "requeued:lost")) == counted + 1
     assert context.jobs.get(alive).status is JobStatus.RUNNING  # its lease is live
     assert context.jobs.mark_running(lost, lease_s=60).attempts == 2
 
