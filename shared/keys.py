@@ -14,6 +14,12 @@ def jobs_index_key() -> str:
     return f"{PREFIX}:jobs"
 
 
+def idempotency_key(owner: str, key_digest: str) -> str:
+    """String holding the job id a submit's `Idempotency-Key` (as a sha256 digest) created,
+    per owner (the API key's owner; one shared owner without API keys)."""
+    return f"{PREFIX}:idempotency:{owner}:{key_digest}"
+
+
 def queue_keys(queue: str) -> list[str]:
     """The lists kombu's Redis transport keeps a Celery queue in, one per priority step.
 

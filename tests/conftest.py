@@ -106,6 +106,7 @@ class LiveServer:
         self.thread.join(10)
         self.server.server_close()
         self.server.app.extensions["demix"].jobs.redis.close()
+        self.server.app.extensions["celery"].pool.force_close_all()
 
 
 @pytest.fixture(scope="session")

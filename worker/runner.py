@@ -18,7 +18,7 @@ from shared.config import Settings, get_settings
 from shared.errors import DemixError, JobNotFound, SeparationFailed
 from shared.jobs import JobStore
 from shared.output import OutputOptions, resolve_output
-from shared.storage import JobStorage
+from shared.storage import JobStorage, disk_full_error
 
 from .engine import SeparationOptions, separate_file
 from .models import ModelCache, ModelSpec, resolve_device
@@ -94,6 +94,11 @@ def run_job(job_id: str, context: WorkerContext) -> None:
         jobs.mark_failed(job_id, exc)
         return
     except Exception as exc:
+        if (disk_full := disk_full_error(exc)) is not None:
+            log.error("job %s failed: %s", job_id, disk_full.message)
+            storage.clear_stems(job_id)  # no partial stems: every file of this run goes
+            jobs.mark_failed(job_id, disk_full)
+            return
         log.exception("job %s failed unexpectedly", job_id)
         jobs.mark_failed(job_id, SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"))
         raise
