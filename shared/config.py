@@ -58,6 +58,12 @@ class Settings:
         60, "Seconds between two maintenance sweeps (expired jobs, orphaned files) in each worker.")
     min_free_mb: int = _setting(
         1024, "Free space (MiB) the data dir must keep; uploads get 507 below it (0: no check).")
+    lease_s: int = _setting(
+        30, "A running job's lease, in seconds: renewed every third of it while the job runs; "
+            "a job whose lease expires (its worker died) is requeued.")
+    max_attempts: int = _setting(
+        3, "Runs of a job whose worker was lost before it fails with worker_lost (a worker "
+           "stopped gracefully gives the job back without using up an attempt).")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from . import keys
 from .errors import JobNotFound
 from .jobs import Job, JobStore, is_valid_job_id
+from .lifecycle import delete_job
 from .storage import JobStorage
 
 log = logging.getLogger(__name__)
@@ -39,19 +40,14 @@ def expires_at(job: Job, retention_s: int) -> tp.Optional[str]:
     return datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
-def delete_job_everywhere(store: JobStore, storage: JobStorage, job_id: str) -> None:
-    """Delete a job's record, then its files (a crash in between leaves a folder without a
-    record, which `sweep_orphaned_job_folders` removes; never a record without files)."""
-    store.delete(job_id)
-    storage.delete_job(job_id)
-
-
 def sweep_expired_jobs(store: JobStore, storage: JobStorage, retention_s: int,
                        now: tp.Optional[float] = None) -> list[str]:
     """Delete every job that finished more than `retention_s` ago; returns their ids.
 
     Only jobs created before the cutoff can have finished before it, so the scan reads the
-    creation index up to there, not every job.
+    creation index up to there, not every job. `delete_job` removes the record before the
+    files: a crash in between leaves a folder without a record, which
+    `sweep_orphaned_job_folders` removes, never a record without its files.
     """
     if retention_s <= 0:
         return []
@@ -67,7 +63,10 @@ def sweep_expired_jobs(store: JobStore, storage: JobStorage, retention_s: int,
             continue
         expiry = expiry_time(job, retention_s)
         if expiry is not None and expiry <= now:
-            delete_job_everywhere(store, storage, job_id)
+            try:
+                delete_job(store, storage, job_id)
+            except JobNotFound:  # another worker's sweep deleted it first
+                continue
             deleted.append(job_id)
     if deleted:
         log.info("retention: deleted %d job(s) finished more than %ds ago", len(deleted), retention_s)
@@ -144,13 +143,3 @@ def _last_modified(folder) -> float:
         except FileNotFoundError:
             continue
     return latest
-
-
-def retention_sweeps(store: JobStore, storage: JobStorage,
-                     retention_s: int) -> list[tp.Callable[[], tp.Any]]:
-    """The sweeps a worker runs every `DEMIX_SWEEP_INTERVAL_S`, as argument-less callables."""
-    return [
-        lambda: sweep_expired_jobs(store, storage, retention_s),
-        lambda: sweep_orphaned_uploads(storage),
-        lambda: sweep_orphaned_job_folders(store, storage),
-    ]

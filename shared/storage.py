@@ -3,7 +3,11 @@
     <data_dir>/incoming/          uploads still being received (same filesystem, so
                                   accepting one is a rename, never a copy)
     <data_dir>/jobs/<id>/input.wav
-    <data_dir>/jobs/<id>/stems/<name>.<wav|flac|mp3>
+    <data_dir>/jobs/<id>/stems-<attempt>/<name>.<wav|flac|mp3>
+
+Each run (attempt) of a job writes its own stem folder, and the job record names the
+attempt whose stems are the job's: a late run of a worker presumed dead can never
+replace or corrupt the stems of the run that replaced it.
 
 Files become visible under their final name only when complete (`shared.atomic`:
 written under a hidden temporary name, flushed, renamed), so no reader ever sees half a
@@ -42,11 +46,13 @@ class JobStorage:
     def input_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "input.wav"
 
-    def stems_dir(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "stems"
+    def stems_dir(self, job_id: str, attempt: int) -> Path:
+        """The stem folder of one attempt (0: jobs recorded before attempts existed)."""
+        return self.job_dir(job_id) / (f"stems-{attempt}" if attempt else "stems")
 
-    def stem_path(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION) -> Path:
-        return self.stems_dir(job_id) / f"{name}.{extension}"
+    def stem_path(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,
+                  attempt: int = 0) -> Path:
+        return self.stems_dir(job_id, attempt) / f"{name}.{extension}"
 
     def open_upload(self) -> tp.BinaryIO:
         """A new temporary file in `incoming/` to stream an upload into.
@@ -63,15 +69,34 @@ class JobStorage:
         target.parent.mkdir(parents=True, exist_ok=True)
         return publish_file(Path(upload_path), target)
 
-    def pending_stem(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION) -> PendingFile:
-        """A stem file to write under a temporary name; `commit()` publishes it."""
-        return PendingFile(self.stem_path(job_id, name, extension))
+    def pending_stem(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,
+                     attempt: int = 0) -> PendingFile:
+        """A stem file of attempt `attempt` to write under a temporary name; `commit()` publishes it."""
+        return PendingFile(self.stem_path(job_id, name, extension, attempt))
 
-    def clear_stems(self, job_id: str) -> None:
-        """Remove a job's stems (and leftovers of an interrupted attempt) before a new run."""
-        shutil.rmtree(self.stems_dir(job_id), ignore_errors=True)
+    def attempts_on_disk(self, job_id: str) -> list[int]:
+        """Attempts that have a stem folder (0: a folder from before attempts existed)."""
+        found = []
+        for path in self.job_dir(job_id).glob("stems*"):
+            suffix = path.name[len("stems-"):] if path.name.startswith("stems-") else ""
+            if path.name == "stems":
+                found.append(0)
+            elif suffix.isdigit():
+                found.append(int(suffix))
+        return sorted(found)
+
+    def clear_stems(self, job_id: str, attempt: int) -> None:
+        """Remove one attempt's stems (finished or partial)."""
+        shutil.rmtree(self.stems_dir(job_id, attempt), ignore_errors=True)
+
+    def clear_other_attempts(self, job_id: str, keep: int) -> None:
+        """Remove the stem folders of every attempt but `keep` (leftovers of lost runs)."""
+        for attempt in self.attempts_on_disk(job_id):
+            if attempt != keep:
+                self.clear_stems(job_id, attempt)
 
     def delete_job(self, job_id: str) -> None:
+        """Remove every file of the job: its input and all its attempts' stems."""
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def free_bytes(self) -> int:

@@ -12,7 +12,7 @@ import requests
 import shared.idempotency
 from shared.idempotency import IdempotencyKeys
 from shared.jobs import JobStore
-from shared.retention import delete_job_everywhere
+from shared.lifecycle import delete_job
 from shared.storage import JobStorage
 from tests.audio_factory import wav_bytes
 from tests.test_api_errors import assert_error, job_count, queue_length, snapshot  # noqa: F401
@@ -67,7 +67,7 @@ def test_concurrent_submits_with_one_key_create_exactly_one_job(idle_server, red
 def test_the_key_of_a_deleted_job_can_be_used_again(idle_server, redis_client, tmp_path):
     body, key = wav_bytes(tmp_path), unique_key("reuse")
     first = submit(idle_server, body, key).json()["id"]
-    delete_job_everywhere(JobStore(redis_client), JobStorage(idle_server.settings.data_dir), first)
+    delete_job(JobStore(redis_client), JobStorage(idle_server.settings.data_dir), first)
     second = submit(idle_server, body, key)
     assert second.status_code == 202 and second.json()["id"] != first
     assert submit(idle_server, body, key).json()["id"] == second.json()["id"]

@@ -3,6 +3,7 @@ files), uploads and job folders left by crashes are swept, and the job JSON says
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import time
 from datetime import datetime
@@ -133,3 +134,24 @@ def test_job_folders_without_a_record_are_swept_only_when_idle_for_an_hour(tmp_p
         assert storage.job_dir(young).is_dir() and storage.job_dir(recorded).is_dir()
     finally:
         store.redis.delete(keys.job_key(recorded))
+
+
+def test_the_worker_maintenance_loop_deletes_jobs_once_their_retention_time_is_over(
+        live_server, settings, tmp_path):
+    from shared.celery_app import celery_app
+    from worker.maintenance import SWEEPS, MaintenanceLoop, maintenance_context
+
+    job = wait_for_job(live_server.url, submit(live_server, tmp_path)["id"])
+    assert job["status"] == "succeeded"
+    short = dataclasses.replace(settings, retention_s=1, sweep_interval_s=0.2)
+    assert {"expired jobs", "orphaned uploads", "orphaned job folders"} <= {sweep.name for sweep in SWEEPS}
+    loop = MaintenanceLoop(maintenance_context(celery_app, short), SWEEPS)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while requests.get(job["url"], timeout=10).status_code != 404:
+            assert time.monotonic() < deadline, "the maintenance loop did not delete the expired job"
+            time.sleep(0.1)
+    finally:
+        loop.stop()
+    assert not JobStorage(settings.data_dir).job_dir(job["id"]).exists()

@@ -74,24 +74,25 @@ class _PeakTrackingWriter:
 
 
 class JobStemSink:
-    """The engine's sink for one job: temporary files in the job's stem folder,
-    published (flushed and renamed, `shared.atomic`) only when complete."""
+    """The engine's sink for one attempt of a job: temporary files in that attempt's stem
+    folder, published (flushed and renamed, `shared.atomic`) only when complete."""
 
-    def __init__(self, storage: JobStorage, job_id: str, output: OutputOptions):
-        self.storage, self.job_id, self.output = storage, job_id, output
+    def __init__(self, storage: JobStorage, job_id: str, output: OutputOptions, attempt: int = 0):
+        self.storage, self.job_id, self.output, self.attempt = storage, job_id, output, attempt
         self.rescaling = output.clip == "rescale" and output.clips
         self._kept: dict[str, tuple[_PeakTrackingWriter, PendingFile, int, int, int]] = {}
         self._pending: dict[str, PendingFile] = {}
         self.gain: tp.Optional[float] = None
 
     def _pending_stem(self, name: str) -> PendingFile:
-        self._pending[name] = self.storage.pending_stem(self.job_id, name, self.output.extension)
+        self._pending[name] = self.storage.pending_stem(self.job_id, name, self.output.extension,
+                                                        self.attempt)
         return self._pending[name]
 
     def open_stem(self, name: str, samplerate: int, channels: int, subtype: str, frames: int):
         if self.rescaling:
             # Float samples wait in a scratch file until every stem's peak is known.
-            scratch = PendingFile(self.storage.stem_path(self.job_id, name, "float.wav"))
+            scratch = PendingFile(self.storage.stem_path(self.job_id, name, "float.wav", self.attempt))
             writer = _PeakTrackingWriter(scratch.temporary, samplerate, channels, frames)
             self._kept[name] = (writer, scratch, samplerate, channels, frames)
             return writer
