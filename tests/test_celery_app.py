@@ -24,8 +24,12 @@ def test_create_app_sends_tasks_to_the_redis_its_settings_name(redis_server, red
 
         app = create_app({"SETTINGS": settings_x})
         assert app.extensions["celery"].conf.broker_url == redis_x.url
-        with LiveServer(app) as server, open(write_wav(tmp_path / "in.wav", 8000, 1, 0.1), "rb") as wav:
-            response = requests.post(f"{server.url}/v1/jobs", files={"file": ("in.wav", wav)}, timeout=60)
+        try:
+            with LiveServer(app) as server, open(write_wav(tmp_path / "in.wav", 8000, 1, 0.1), "rb") as wav:
+                response = requests.post(f"{server.url}/v1/jobs", files={"file": ("in.wav", wav)},
+                                         timeout=60)
+        finally:
+            app.extensions["celery"].pool.force_close_all()  # X's connections: X is stopped next
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
 

@@ -12,7 +12,7 @@ import requests
 import shared.idempotency
 from shared.idempotency import IdempotencyKeys
 from shared.jobs import JobStore
-from shared.lifecycle import delete_job
+from shared.retention import sweep_expired_jobs
 from shared.storage import JobStorage
 from tests.audio_factory import wav_bytes
 from tests.test_api_errors import assert_error, job_count, queue_length, snapshot  # noqa: F401
@@ -64,13 +64,24 @@ def test_concurrent_submits_with_one_key_create_exactly_one_job(idle_server, red
     assert not list(idle_server.settings.data_dir.joinpath("incoming").iterdir())
 
 
-def test_the_key_of_a_deleted_job_can_be_used_again(idle_server, redis_client, tmp_path):
+def test_the_key_of_a_deleted_job_can_be_used_again(idle_server, tmp_path):
     body, key = wav_bytes(tmp_path), unique_key("reuse")
     first = submit(idle_server, body, key).json()["id"]
-    delete_job(JobStore(redis_client), JobStorage(idle_server.settings.data_dir), first)
+    assert requests.delete(f"{idle_server.url}/v1/jobs/{first}", timeout=30).status_code == 204
     second = submit(idle_server, body, key)
     assert second.status_code == 202 and second.json()["id"] != first
     assert submit(idle_server, body, key).json()["id"] == second.json()["id"]
+
+
+def test_the_key_of_a_job_expired_by_retention_can_be_used_again(idle_server, redis_client, tmp_path):
+    body, key = wav_bytes(tmp_path), unique_key("expired")
+    first = submit(idle_server, body, key).json()["id"]
+    store = JobStore(redis_client)
+    store.mark_cancelled(first)  # finished (it would otherwise wait in the unconsumed queue)
+    assert first in sweep_expired_jobs(store, JobStorage(idle_server.settings.data_dir), retention_s=1,
+                                       now=time.time() + 2)
+    second = submit(idle_server, body, key)
+    assert second.status_code == 202 and second.json()["id"] != first
 
 
 def test_a_repeat_is_answered_before_its_body_is_read(idle_server, tmp_path):
