@@ -6,7 +6,7 @@ import typing as tp
 import redis
 from flask import Flask
 
-from shared.celery_app import celery_app
+from shared.celery_app import make_celery
 from shared.config import Settings, get_settings
 from shared.jobs import JobStore
 from shared.storage import JobStorage
@@ -33,11 +33,14 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     if test_config is not None:
         app.config.from_mapping({k: v for k, v in test_config.items() if k != "SETTINGS"})
 
+    # The broker comes from the same settings as the job store, so the two can never be
+    # different Redis servers (the pattern of Flask's own Celery example).
+    app.extensions["celery"] = make_celery(settings)
     app.extensions["demix"] = Services(
         jobs=JobStore(redis.Redis.from_url(settings.effective_redis_url,
                                            socket_connect_timeout=5, socket_timeout=30)),
         storage=JobStorage(settings.data_dir),
-        celery=celery_app,
+        celery=app.extensions["celery"],
         settings=settings,
     )
     app.teardown_request(discard_unclaimed_uploads)

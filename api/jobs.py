@@ -14,8 +14,11 @@ from shared.lifecycle import cancel_job, delete_job
 from shared.output import OutputOptions, resolve_output
 from shared.stems import ALL, STEM_CHOICES
 
-from .submission import submit_job
-from .uploads import upload_path
+from shared.idempotency import ANONYMOUS_OWNER, HEADER as IDEMPOTENCY_HEADER, parse_key
+from shared.retention import expires_at
+
+from .submission import IdempotentSubmit, find_existing_job, submit_job, submit_job_once
+from .uploads import ensure_room_for_upload, upload_path
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -34,6 +37,7 @@ def _services():
 def job_json(job: Job) -> dict:
     """The public view of a job, with absolute URLs for what it produced."""
     body = job.to_public()
+    body["expires_at"] = expires_at(job, _services().settings.retention_s)
     body["url"] = url_for("jobs.get_job", job_id=job.id, _external=True)
     if job.status is JobStatus.SUCCEEDED:
         extension = _output(job).extension
@@ -47,10 +51,29 @@ def job_json(job: Job) -> dict:
     return body
 
 
+def request_owner() -> str:
+    """Whose request this is, scoping idempotency keys (one owner until there are API keys)."""
+    return ANONYMOUS_OWNER
+
+
+def _job_response(job: Job, status: int):
+    response = current_app.json.response(job_json(job))
+    response.status_code = status
+    response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
+    return response
+
+
 @bp.post("")
 def create_job():
-    """Accept a WAV upload (`file`) and the `stems` choice; answer 202 with the queued job."""
+    """Accept a WAV upload (`file`) and the `stems` choice; answer 202 with the queued job,
+    or 200 with the job an earlier submit with the same `Idempotency-Key` created."""
     services = _services()
+    key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
+    idempotent = IdempotentSubmit(request_owner(), key) if key is not None else None
+    # Both checks before the body is read: a repeat or a full disk costs no upload.
+    if idempotent is not None and (existing := find_existing_job(idempotent, services)) is not None:
+        return _job_response(existing, 200)
+    ensure_room_for_upload(services, request.content_length or 0)
     upload = request.files.get("file")
     if upload is None:
         raise BadRequest("missing the multipart file field 'file' (the WAV to separate)",
@@ -61,13 +84,14 @@ def create_job():
                          code="invalid_stems")
     # A part over the upload limit was already refused while it streamed (`CappedUploadFile`).
     path = upload_path(upload)
+    ensure_room_for_upload(services)  # the upload itself may have used up the room
     info = inspect_upload(path, services.settings)
     output = resolve_output(request.form, info)
-    job = submit_job(path, info, stems, output, services)
-    response = current_app.json.response(job_json(job))
-    response.status_code = 202
-    response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
-    return response
+    if idempotent is None:
+        return _job_response(submit_job(path, info, stems, output, services), 202)
+    # An upload not moved into a job is deleted after the request (`discard_unclaimed_uploads`).
+    job, created = submit_job_once(path, info, stems, output, services, idempotent)
+    return _job_response(job, 202 if created else 200)
 
 
 @bp.get("/<job_id>")

@@ -3,18 +3,77 @@ from __future__ import annotations
 
 import logging
 import time
+import typing as tp
 from pathlib import Path
 
 from shared.audio import AudioInfo
 from shared.celery_app import SEPARATE_TASK
-from shared.errors import ServiceUnavailable
+from shared.errors import JobNotFound, ServiceUnavailable
+from shared.idempotency import IdempotencyKeys
 from shared.jobs import Job, JobStatus, new_job_id
 from shared.output import OutputOptions
 
 log = logging.getLogger(__name__)
 
 
-def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions, services) -> Job:
+class IdempotentSubmit(tp.NamedTuple):
+    """A submit's `Idempotency-Key` and whose key it is."""
+    owner: str
+    key: str
+
+
+def idempotency_keys(services) -> IdempotencyKeys:
+    """The key -> job map, in the job store's Redis, keys kept as long as finished jobs are."""
+    def job_exists(job_id: str) -> bool:
+        try:
+            services.jobs.get(job_id)
+        except JobNotFound:
+            return False
+        return True
+
+    settings = services.settings
+    ttl_s = settings.retention_s + settings.job_timeout_s if settings.retention_s else 0
+    return IdempotencyKeys(services.jobs.redis, ttl_s, job_exists)
+
+
+def find_existing_job(idempotent: IdempotentSubmit, services) -> tp.Optional[Job]:
+    """The job an earlier submit with the same key created, if it still exists."""
+    job_id = idempotency_keys(services).find(idempotent.owner, idempotent.key)
+    if job_id is None:
+        return None
+    try:
+        return services.jobs.get(job_id)
+    except JobNotFound:  # deleted just now
+        return None
+
+
+def submit_job_once(upload: Path, info: AudioInfo, stems: str, output: OutputOptions, services,
+                    idempotent: IdempotentSubmit) -> tuple[Job, bool]:
+    """`submit_job` unless a submit with the same key already created a job: returns the
+    job and whether it was created now. Of concurrent submits with one key, exactly one
+    creates the job; the others get it (and their upload is left for the caller to discard).
+
+    Raises:
+        ServiceUnavailable: Redis or the broker is unreachable.
+    """
+    keys, job_id = idempotency_keys(services), new_job_id()
+    existing = keys.claim(idempotent.owner, idempotent.key, job_id)
+    if existing is not None:
+        return services.jobs.get(existing), False
+    try:
+        job = submit_job(upload, info, stems, output, services, job_id=job_id)
+    except BaseException:
+        try:
+            keys.release(idempotent.owner, idempotent.key, job_id)
+        except Exception:  # Redis is what failed; the stale claim expires on its own
+            log.warning("could not release idempotency key of job %s", job_id)
+        raise
+    keys.confirm(idempotent.owner, idempotent.key, job_id)
+    return job, True
+
+
+def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions, services,
+               job_id: tp.Optional[str] = None) -> Job:
     """Store the upload as a new job's input, record the job and enqueue it.
 
     Either all three happen or none: if the record or the message cannot be written,
@@ -23,7 +82,7 @@ def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions,
     Raises:
         ServiceUnavailable: Redis or the broker is unreachable.
     """
-    job = Job(id=new_job_id(), status=JobStatus.QUEUED, stems=stems, model=services.settings.model,
+    job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=stems, model=services.settings.model,
               samplerate=info.samplerate, channels=info.channels, frames=info.frames,
               created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
               output=output.to_dict())

@@ -17,6 +17,8 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
+from shared.atomic import atomic_open
+
 POLL_INTERVAL_S = 1.0
 RETRIES = 5
 """Attempts for a request that fails on a connection error or a 503 (backing off)."""
@@ -149,13 +151,11 @@ def wait_and_download(server: str, submitted: list[Submitted], out_dir: Path) ->
 
 def _download(url: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.part")
     with _request("GET", url, stream=True, timeout=600) as response:
         _raise_for_error(response, f"downloading {url}")
-        with open(partial, "wb") as file:
+        with atomic_open(target) as file:
             for chunk in response.iter_content(1 << 20):
                 file.write(chunk)
-    os.replace(partial, target)
 
 
 def run_separate(server: str, files: tp.Sequence[Path], stems: str, out_dir: Path) -> int:

@@ -6,7 +6,9 @@ named by its magic bytes, so the user learns what they actually sent.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import typing as tp
 from pathlib import Path
@@ -140,6 +142,7 @@ class AudioWriter:
             container = "FLAC"
         else:
             container = "WAV" if _wav_bytes(frames, channels, subtype) <= WAV_MAX_BYTES else "RF64"
+        self.path, self.flac = Path(path), flac
         self._file = sf.SoundFile(str(path), "w", samplerate=samplerate, channels=channels,
                                   subtype=subtype, format=container)
 
@@ -147,16 +150,48 @@ class AudioWriter:
         if self.subtype in PCM_SCALES:
             shift = 32 - int(np.log2(PCM_SCALES[self.subtype])) - 1
             samples = samples.astype(np.int32) << shift
-        self._file.write(samples)
+        with disk_full_as_os_error(self.path):
+            self._file.write(samples)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file.closed:
+            return
+        with disk_full_as_os_error(self.path):
+            self._file.close()
+        # libsndfile's FLAC encoder drops a failed write without an error: a disk with no
+        # room left after the file was written means the file is most likely cut short.
+        if self.flac and filesystem_full(self.path):
+            raise _disk_full(self.path)
 
     def __enter__(self) -> "AudioWriter":
         return self
 
     def __exit__(self, *exc_info: tp.Any) -> None:
         self.close()
+
+
+def filesystem_full(path: Path) -> bool:
+    """Whether the filesystem holding `path` has no block left for unprivileged writers."""
+    return os.statvfs(Path(path).parent).f_bavail == 0
+
+
+@contextlib.contextmanager
+def disk_full_as_os_error(path: Path) -> tp.Iterator[None]:
+    """Turn libsndfile's failed write into the `OSError(ENOSPC)` behind it.
+
+    libsndfile reports any failed write only as "System error" (its errno is not exposed);
+    when the filesystem then has no room left, a full disk is what failed it.
+    """
+    try:
+        yield
+    except sf.LibsndfileError as exc:
+        if filesystem_full(path):
+            raise _disk_full(path) from exc
+        raise
+
+
+def _disk_full(path: Path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def _wav_bytes(frames: int, channels: int, subtype: str) -> int:
@@ -186,11 +221,3 @@ class AudioReader:
     def __exit__(self, *exc_info: tp.Any) -> None:
         self.close()
 
-
-def fsync_file(path: Path) -> None:
-    """Flush a finished file to disk before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

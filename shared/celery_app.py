@@ -1,7 +1,15 @@
-"""The one Celery app. The API sends tasks to it by name (so it never imports the
-worker's torch code); `demix worker` runs it with the tasks of `worker.tasks`;
-Flower watches it: `celery --app shared.celery_app flower`."""
+"""The Celery app, always built from a `Settings` object by `make_celery`.
+
+The API builds its own inside `create_app`, from the same settings as its job store, so
+the broker and the job records can never be on different Redis servers. Worker processes
+and Flower use this module's `celery_app` (`celery --app shared.celery_app worker|flower`),
+built on first use from the process-wide settings (`get_settings()`) that the worker's job
+store reads too. The API sends tasks by name, so it never imports the worker's torch code.
+"""
 from __future__ import annotations
+
+import functools
+import typing as tp
 
 from celery import Celery
 
@@ -45,10 +53,29 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("demix", include=["worker.tasks"])
-    app.conf.update(celery_config(settings))
-    return app
+class DemixCelery(Celery):
+    """A Celery app that keeps the `Settings` it was configured from."""
+
+    def __init__(self, settings: Settings):
+        super().__init__("demix", include=["worker.tasks"])
+        self.settings = settings
+        self.conf.update(celery_config(settings))
 
 
-celery_app = make_celery(get_settings())
+def make_celery(settings: Settings) -> DemixCelery:
+    """The Celery app for `settings`: broker, queue and delivery rules all from them."""
+    return DemixCelery(settings)
+
+
+@functools.lru_cache(maxsize=1)
+def worker_celery_app() -> DemixCelery:
+    """The Celery app of worker and Flower processes, from the process-wide settings."""
+    return make_celery(get_settings())
+
+
+def __getattr__(name: str) -> tp.Any:
+    # Built lazily, so importing this module (for `SEPARATE_TASK`) builds no app from the
+    # environment; `celery --app shared.celery_app` finds it as `app`.
+    if name in ("celery_app", "app"):
+        return worker_celery_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

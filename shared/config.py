@@ -52,6 +52,12 @@ class Settings:
     queue: str = _setting("demix", "Celery queue the separation tasks go to.")
     job_timeout_s: int = _setting(
         6 * 3600, "Longest a job may run before the broker hands it to another worker, in seconds.")
+    retention_s: int = _setting(
+        24 * 3600, "Seconds a finished job (record and files) is kept after it finished; 0: forever.")
+    sweep_interval_s: int = _setting(
+        60, "Seconds between two maintenance sweeps (expired jobs, orphaned files) in each worker.")
+    min_free_mb: int = _setting(
+        1024, "Free space (MiB) the data dir must keep; uploads get 507 below it (0: no check).")
     lease_s: int = _setting(
         30, "A running job's lease, in seconds: renewed every third of it while the job runs; "
             "a job whose lease expires (its worker died) is requeued.")
@@ -62,6 +68,10 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def min_free_bytes(self) -> int:
+        return self.min_free_mb * 1024 * 1024
 
     @property
     def models_dir(self) -> Path:

@@ -88,6 +88,23 @@ class ServiceUnavailable(DemixError):
     http_status = 503
 
 
+class InsufficientStorage(DemixError):
+    """Too little free space under `DEMIX_DATA_DIR` to accept an upload (`DEMIX_MIN_FREE_MB`)."""
+    code = "insufficient_storage"
+    http_status = 507
+
+
+class DiskFull(DemixError):
+    """A job's stems could not be written: the disk filled up mid-write."""
+    code = "disk_full"
+    http_status = 507
+
+
+class InvalidIdempotencyKey(BadRequest):
+    """An `Idempotency-Key` header that is empty, too long or has characters outside the allowed set."""
+    code = "invalid_idempotency_key"
+
+
 class ModelUnavailable(DemixError):
     """The worker could not obtain the model's weights."""
     code = "model_unavailable"

@@ -14,6 +14,12 @@ def jobs_index_key() -> str:
     return f"{PREFIX}:jobs"
 
 
+def idempotency_key(owner: str, key_digest: str) -> str:
+    """String holding the job id a submit's `Idempotency-Key` (as a sha256 digest) created,
+    per owner (the API key's owner; one shared owner without API keys)."""
+    return f"{PREFIX}:idempotency:{owner}:{key_digest}"
+
+
 def running_jobs_key() -> str:
     """Set of the ids of jobs in state `running` (the lease sweep walks it)."""
     return f"{PREFIX}:running"

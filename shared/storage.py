@@ -9,18 +9,25 @@ Each run (attempt) of a job writes its own stem folder, and the job record names
 attempt whose stems are the job's: a late run of a worker presumed dead can never
 replace or corrupt the stems of the run that replaced it.
 
-Files become visible under their final name only when complete (write to a hidden
-temporary name, then rename), so no reader ever sees half a file.
+Files become visible under their final name only when complete (`shared.atomic`:
+written under a hidden temporary name, flushed, renamed), so no reader ever sees half a
+file.
 """
 from __future__ import annotations
 
-import os
+import errno
 import shutil
 import tempfile
 import typing as tp
 from pathlib import Path
 
+from .atomic import PendingFile, publish_file
+from .errors import DiskFull
+
 DEFAULT_EXTENSION = "wav"
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""`OSError` numbers meaning "no room left": the disk is full, or the user's quota is."""
 
 
 class JobStorage:
@@ -60,21 +67,12 @@ class JobStorage:
         """Move a complete upload into its job's folder; returns the input's final path."""
         target = self.input_path(job_id)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(upload_path, target)
-        return target
+        return publish_file(Path(upload_path), target)
 
-    def temporary_stem_path(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,
-                            attempt: int = 0) -> Path:
-        """Where a stem is written before `publish_stem` makes it visible."""
-        directory = self.stems_dir(job_id, attempt)
-        directory.mkdir(parents=True, exist_ok=True)
-        return directory / f".{name}.{extension}.part"
-
-    def publish_stem(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,
-                     attempt: int = 0) -> Path:
-        final = self.stem_path(job_id, name, extension, attempt)
-        os.replace(self.temporary_stem_path(job_id, name, extension, attempt), final)
-        return final
+    def pending_stem(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,
+                     attempt: int = 0) -> PendingFile:
+        """A stem file of attempt `attempt` to write under a temporary name; `commit()` publishes it."""
+        return PendingFile(self.stem_path(job_id, name, extension, attempt))
 
     def attempts_on_disk(self, job_id: str) -> list[int]:
         """Attempts that have a stem folder (0: a folder from before attempts existed)."""
@@ -100,3 +98,33 @@ class JobStorage:
     def delete_job(self, job_id: str) -> None:
         """Remove every file of the job: its input and all its attempts' stems."""
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def free_bytes(self) -> int:
+        """Free space on the filesystem holding the data dir, in bytes (for unprivileged users)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return disk_free_bytes(self.root)
+
+
+def disk_free_bytes(path: Path) -> int:
+    """Bytes an unprivileged process can still write on `path`'s filesystem."""
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(exc: tp.Optional[BaseException]) -> bool:
+    """Whether `exc` (or an exception it was raised from) is `OSError(ENOSPC/EDQUOT)`
+    (audio writers raise it too: `shared.audio.disk_full_as_os_error`)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(exc: BaseException) -> tp.Optional[DiskFull]:
+    """The `disk_full` job error for an exception caused by a full disk, else None."""
+    if not is_disk_full(exc):
+        return None
+    return DiskFull("the disk holding DEMIX_DATA_DIR filled up while the stems were written; "
+                    "no partial stems were kept. Free some space and submit the job again.")

@@ -109,6 +109,8 @@ class LiveServer:
         self.thread.join(10)
         self.server.server_close()
         self.server.app.extensions["demix"].jobs.redis.close()
+        # Not the Celery app's connection pool: kombu shares it between every app with the
+        # same broker URL (the worker's included); the celery_worker fixture closes it.
 
 
 @pytest.fixture(scope="session")

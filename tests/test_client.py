@@ -5,6 +5,7 @@ import numpy as np
 import soundfile as sf
 
 from cli.main import main
+from shared.atomic import is_temporary
 from tests.audio_factory import write_wav
 
 
@@ -22,7 +23,7 @@ def test_separate_uploads_a_batch_and_downloads_every_stem(live_server, tmp_path
         rest, _ = sf.read(str(out / path.stem / "no_drums.wav"), dtype="float64", always_2d=True)
         assert drums_rate == rate and drums.shape == original.shape
         assert np.abs(drums + rest - original).max() <= 1 / 2 ** 15
-    assert not list(out.rglob(".*.part"))
+    assert not [path for path in out.rglob("*") if is_temporary(path)]
 
 
 def test_a_refused_file_is_reported_with_the_services_message(live_server, tmp_path, capsys):

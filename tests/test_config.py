@@ -34,3 +34,19 @@ def test_a_value_outside_the_choices_names_them():
     assert Settings.from_env({"DEMIX_PRECISION": "bf16"}).precision == "bf16"
     with pytest.raises(ValueError, match="DEMIX_PRECISION='int8' is not one of fp32, bf16, fp16"):
         Settings.from_env({"DEMIX_PRECISION": "int8"})
+
+
+def test_lifecycle_settings_defaults_and_overrides():
+    defaults = Settings.from_env({})
+    assert (defaults.retention_s, defaults.sweep_interval_s, defaults.min_free_mb) == (86400, 60, 1024)
+    assert defaults.min_free_bytes == 1024 * 1024 * 1024
+    tuned = Settings.from_env({"DEMIX_RETENTION_S": "0", "DEMIX_SWEEP_INTERVAL_S": "5",
+                               "DEMIX_MIN_FREE_MB": "10"})
+    assert (tuned.retention_s, tuned.sweep_interval_s, tuned.min_free_bytes) == (0, 5, 10 * 1024 * 1024)
+
+
+def test_every_setting_is_in_the_readme_settings_table():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Settings"):]
+    for name, _default, _doc in Settings.describe():
+        assert f"`{name}`" in table, f"{name} is missing from README's settings table"

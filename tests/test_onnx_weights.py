@@ -25,6 +25,7 @@ import pytest
 import torch
 from torch import nn
 
+from shared.atomic import is_temporary
 from worker import onnx_weights as ow
 
 
@@ -72,7 +73,7 @@ def send_bytes(payload: bytes, claimed_length: int | None = None) -> tp.Callable
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".part" in p.name)
+    return sorted(p.name for p in folder.iterdir() if is_temporary(p))
 
 
 def make_tarball(path: Path, members: dict[str, bytes]) -> Path:

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import shutil
+import subprocess
 import time
 
 import pytest
 
+from shared.atomic import is_temporary
+from shared.audio import AudioWriter, read_info
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
+from shared.output import resolve_output
 from shared.storage import JobStorage
 from tests.audio_factory import write_wav
 from tests.conftest import UNCONSUMED_QUEUE
@@ -14,13 +20,16 @@ from worker.models import ModelCache
 from worker.runner import AttemptLease, WorkerContext, run_job
 
 
-def queued_job(context: WorkerContext, tmp_path, stems: str = "all", seconds: float = 0.5) -> str:
+def queued_job(context: WorkerContext, tmp_path, stems: str = "all", seconds: float = 0.5,
+               output_form: dict | None = None) -> str:
     job_id = new_job_id()
-    upload = write_wav(tmp_path / "upload.wav", 44100, 2, seconds)
+    context.storage.incoming_dir.mkdir(parents=True, exist_ok=True)  # where uploads arrive
+    upload = write_wav(context.storage.incoming_dir / "upload.wav", 44100, 2, seconds)
+    output = resolve_output(output_form or {}, read_info(upload)).to_dict()
     context.storage.accept_upload(upload, job_id)
     context.jobs.create(Job(id=job_id, status=JobStatus.QUEUED, stems=stems, model=context.settings.model,
                             samplerate=44100, channels=2, frames=int(44100 * seconds),
-                            created_at=time.time()))
+                            created_at=time.time(), output=output))
     return job_id
 
 
@@ -77,7 +86,7 @@ def test_a_job_interrupted_mid_run_is_redone_from_its_input(context, tmp_path):
     job_id = queued_job(context, tmp_path, stems="vocals")
     context.jobs.mark_running(job_id, lease_s=0.001)  # a worker took it, then died
     time.sleep(0.05)  # and its lease expired
-    leftover = context.storage.temporary_stem_path(job_id, "vocals", attempt=1)
+    leftover = context.storage.pending_stem(job_id, "vocals", attempt=1).temporary
     leftover.write_bytes(b"half a file")
     run_job(job_id, context)  # the redelivered message: recovers the job, sends it again
     requeued = context.jobs.get(job_id)
@@ -141,3 +150,57 @@ def test_a_run_outlives_a_redis_outage_longer_than_its_lease_and_records_its_out
     finally:
         client.close()
         server.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 768 KiB filesystem (tmpfs): room for a 2 s input, not for its four stems."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=768k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); "
+                    "test_a_disk_full_error_from_the_writer_fails_the_job_without_partial_stems "
+                    "covers the same path with an injected ENOSPC")
+    yield mount_point
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=False)
+
+
+def assert_failed_with_disk_full_and_no_stems(context: WorkerContext, job_id: str) -> None:
+    job = context.jobs.get(job_id)
+    assert job.status is JobStatus.FAILED and job.outputs == []
+    assert job.error["code"] == "disk_full" and "DEMIX_DATA_DIR" in job.error["message"]
+    left = sorted(p.relative_to(context.storage.job_dir(job_id)).as_posix()
+                  for p in context.storage.job_dir(job_id).rglob("*"))
+    assert left == ["input.wav"]  # no stem, no temporary file, no scratch folder
+
+
+@pytest.mark.parametrize("output_format", ["wav", "flac"])
+def test_a_job_that_fills_the_disk_fails_with_disk_full_and_leaves_no_partial_stems(
+        context, tmp_path, small_disk, output_format):
+    context.storage = JobStorage(small_disk)
+    job_id = queued_job(context, tmp_path, seconds=2.0, output_form={"format": output_format})
+    input_bytes = context.storage.input_path(job_id).stat().st_size
+    run_job(job_id, context)
+    assert_failed_with_disk_full_and_no_stems(context, job_id)
+    # The room the stems took is given back.
+    assert shutil.disk_usage(small_disk).used <= input_bytes + 64 * 1024
+
+
+def test_a_disk_full_error_from_the_writer_fails_the_job_without_partial_stems(
+        context, tmp_path, monkeypatch):
+    real_write = AudioWriter.write
+    writes = []
+
+    def write_until_the_disk_is_full(self, samples):
+        writes.append(self.path)
+        if len(writes) > 2:  # two stems got their samples on disk first
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        real_write(self, samples)
+
+    monkeypatch.setattr(AudioWriter, "write", write_until_the_disk_is_full)
+    job_id = queued_job(context, tmp_path, seconds=2.0)
+    run_job(job_id, context)
+    assert len(writes) == 3 and all(is_temporary(path) for path in writes)
+    assert_failed_with_disk_full_and_no_stems(context, job_id)

@@ -21,6 +21,7 @@ from celery import bootsteps
 from shared.config import Settings, get_settings
 from shared.jobs import JobStore
 from shared.lifecycle import recover_lost_job
+from shared.retention import sweep_expired_jobs, sweep_orphaned_job_folders, sweep_orphaned_uploads
 from shared.storage import JobStorage
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,11 @@ class LostJobSweep:
         return recovered
 
 
+def retention_sweep_interval(settings: Settings) -> float:
+    """The retention sweeps run every `DEMIX_SWEEP_INTERVAL_S`."""
+    return settings.sweep_interval_s
+
+
 def lease_sweep_interval(settings: Settings) -> float:
     """The lost-job sweep runs once per heartbeat period (a third of a lease)."""
     return settings.lease_s / 3
@@ -84,6 +90,17 @@ def lease_sweep_interval(settings: Settings) -> float:
 
 SWEEPS: list[Sweep] = [Sweep("lost jobs", LostJobSweep(), lease_sweep_interval)]
 """The sweeps every worker runs; other modules append theirs."""
+
+SWEEPS += [
+    # Retention (`shared.retention`): expired jobs, then what crashes left behind.
+    Sweep("expired jobs", lambda context: sweep_expired_jobs(context.jobs, context.storage,
+                                                             context.settings.retention_s),
+          retention_sweep_interval),
+    Sweep("orphaned uploads", lambda context: sweep_orphaned_uploads(context.storage),
+          retention_sweep_interval),
+    Sweep("orphaned job folders", lambda context: sweep_orphaned_job_folders(context.jobs, context.storage),
+          retention_sweep_interval),
+]
 
 
 class MaintenanceLoop:

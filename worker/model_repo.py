@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import typing as tp
 from pathlib import Path
 
 import torch
 import yaml
+
+from shared.atomic import atomic_open
 
 
 def model_package(model: torch.nn.Module) -> dict:
@@ -63,9 +64,8 @@ def write_bag(repo_dir: Path, name: str, sigs: tp.Sequence[str],
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    with atomic_open(path) as file:
+        file.write(payload)
 
 
 def save_bag(bag: torch.nn.Module, repo_dir: Path, name: str) -> Path:

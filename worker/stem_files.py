@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from shared.audio import PCM_SCALES, AudioReader, AudioWriter, fsync_file, quantize
+from shared.atomic import PendingFile
+from shared.audio import PCM_SCALES, AudioReader, AudioWriter, disk_full_as_os_error, quantize
 from shared.output import OutputOptions
 from shared.storage import JobStorage
 
@@ -33,7 +34,7 @@ class EncodedWriter:
     """One stem file in the job's format, written block by block."""
 
     def __init__(self, path: Path, output: OutputOptions, samplerate: int, channels: int, frames: int):
-        self.output = output
+        self.output, self.path = output, path
         if output.format in ("wav", "flac"):
             self._file: tp.Any = AudioWriter(path, samplerate, channels, output.subtype, frames,
                                              flac=output.format == "flac")
@@ -46,10 +47,14 @@ class EncodedWriter:
         """`samples` on the output's grid (`grid_subtype`)."""
         if self.output.format == "mp3":
             samples = np.clip(samples, -1.0, 1.0)  # the encoder would wrap, not clip
-        self._file.write(samples)
+            with disk_full_as_os_error(self.path):
+                self._file.write(samples)
+        else:
+            self._file.write(samples)
 
     def close(self) -> None:
-        self._file.close()
+        with disk_full_as_os_error(self.path):
+            self._file.close()
 
 
 class _PeakTrackingWriter:
@@ -70,31 +75,34 @@ class _PeakTrackingWriter:
 
 class JobStemSink:
     """The engine's sink for one attempt of a job: temporary files in that attempt's stem
-    folder, published (flushed and renamed) only when complete."""
+    folder, published (flushed and renamed, `shared.atomic`) only when complete."""
 
     def __init__(self, storage: JobStorage, job_id: str, output: OutputOptions, attempt: int = 0):
         self.storage, self.job_id, self.output, self.attempt = storage, job_id, output, attempt
         self.rescaling = output.clip == "rescale" and output.clips
-        self._kept: dict[str, tuple[_PeakTrackingWriter, int, int, int]] = {}
+        self._kept: dict[str, tuple[_PeakTrackingWriter, PendingFile, int, int, int]] = {}
+        self._pending: dict[str, PendingFile] = {}
         self.gain: tp.Optional[float] = None
 
-    def _temporary(self, name: str, extension: str) -> Path:
-        return self.storage.temporary_stem_path(self.job_id, name, extension, self.attempt)
+    def _pending_stem(self, name: str) -> PendingFile:
+        self._pending[name] = self.storage.pending_stem(self.job_id, name, self.output.extension,
+                                                        self.attempt)
+        return self._pending[name]
 
     def open_stem(self, name: str, samplerate: int, channels: int, subtype: str, frames: int):
         if self.rescaling:
-            writer = _PeakTrackingWriter(self._temporary(name, "float.wav"), samplerate, channels, frames)
-            self._kept[name] = (writer, samplerate, channels, frames)
+            # Float samples wait in a scratch file until every stem's peak is known.
+            scratch = PendingFile(self.storage.stem_path(self.job_id, name, "float.wav", self.attempt))
+            writer = _PeakTrackingWriter(scratch.temporary, samplerate, channels, frames)
+            self._kept[name] = (writer, scratch, samplerate, channels, frames)
             return writer
-        return EncodedWriter(self._temporary(name, self.output.extension), self.output, samplerate,
-                             channels, frames)
+        return EncodedWriter(self._pending_stem(name).temporary, self.output, samplerate, channels,
+                             frames)
 
     def publish(self, name: str) -> None:
         if self.rescaling:
             self._encode_rescaled(name)
-        temporary = self._temporary(name, self.output.extension)
-        fsync_file(temporary)
-        self.storage.publish_stem(self.job_id, name, self.output.extension, self.attempt)
+        self._pending.pop(name).commit()
 
     def _encode_rescaled(self, name: str) -> None:
         if self.gain is None:
@@ -104,12 +112,11 @@ class JobStemSink:
             full_scale = (PCM_SCALES[self.output.subtype] - 1) / PCM_SCALES[self.output.subtype] \
                 if self.output.subtype in PCM_SCALES else 1.0
             self.gain = min(1.0, full_scale / peak) if peak > 0 else 1.0
-        _, samplerate, channels, frames = self._kept[name]
-        source = self._temporary(name, "float.wav")
-        writer = EncodedWriter(self._temporary(name, self.output.extension), self.output, samplerate,
-                               channels, frames)
+        _, scratch, samplerate, channels, frames = self._kept[name]
+        writer = EncodedWriter(self._pending_stem(name).temporary, self.output, samplerate, channels,
+                               frames)
         try:
-            with AudioReader(source) as reader:
+            with AudioReader(scratch.temporary) as reader:
                 while len(block := reader.read(RESCALE_BLOCK_FRAMES)):
                     scaled = block * np.float32(self.gain)
                     if self.output.subtype in PCM_SCALES:
@@ -117,6 +124,4 @@ class JobStemSink:
                     writer.write(scaled)
         finally:
             writer.close()
-        source.unlink()
-
-
+        scratch.discard()
