@@ -254,7 +254,8 @@ def test_redis_killed_mid_job_under_demix_up_loses_no_queued_or_running_job(tiny
 
 
 def test_the_api_and_flower_are_restarted_by_demix_up_after_kill_9(tiny_model_repo, tmp_path):
-    with demix_up(tmp_path) as (url, output, marker):
+    # Stopped with SIGTERM (as docker and systemd do): everything still goes, restarted parts too.
+    with demix_up(tmp_path, stop_signal=signal.SIGTERM) as (url, output, marker):
         flower_url = output[-1].split("Flower: ")[1].split(";")[0]
         api = part_of_up(marker, "gunicorn")
         flower = part_of_up(marker, "celery", "flower")

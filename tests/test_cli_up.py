@@ -44,9 +44,11 @@ def processes_with_marker(marker: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def demix_up(tmp_path: Path, ready_timeout: float = 120, **settings: str) -> tp.Iterator[tuple[str, list, str]]:
-    """Run `demix up` with a fresh data dir until the block ends, then Ctrl-C it and
-    check it exits 0 leaving no process behind. Yields (url, output lines, marker)."""
+def demix_up(tmp_path: Path, ready_timeout: float = 120, stop_signal: int = signal.SIGINT,
+             **settings: str) -> tp.Iterator[tuple[str, list, str]]:
+    """Run `demix up` with a fresh data dir until the block ends, then Ctrl-C it (or send
+    `stop_signal`) and check it exits 0 leaving no process behind. Yields (url, output
+    lines, marker)."""
     marker_value = uuid.uuid4().hex
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DEMIX_REDIS_URL"}
@@ -64,7 +66,7 @@ def demix_up(tmp_path: Path, ready_timeout: float = 120, **settings: str) -> tp.
             output.append(lines.get(timeout=ready_timeout))
         yield f"http://127.0.0.1:{port}", output, marker_value
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         try:
             returncode = process.wait(timeout=90)
         except subprocess.TimeoutExpired:
