@@ -106,18 +106,27 @@ def client(url: str, upload: bytes, stems: str, job_numbers: tp.Iterator[int], l
         if number is None:
             break
         started = time.perf_counter()
-        response = session.post(f"{url}/v1/jobs", files={"file": (f"load-{number}.wav", upload)},
-                                data={"stems": stems}, timeout=120)
+        try:
+            response = session.post(f"{url}/v1/jobs", files={"file": (f"load-{number}.wav", upload)},
+                                    data={"stems": stems}, timeout=120)
+            status = response.status_code
+            job_id = response.json()["id"] if status == 202 else None
+        except requests.RequestException:
+            status, job_id = 0, None  # no answer at all
         answered_at = time.perf_counter()
-        job_id = response.json()["id"] if response.status_code == 202 else None
-        mine.append(Submission(job_id, answered_at - started, response.status_code, answered_at))
-    with lock:
-        results.extend(mine)
+        submission = Submission(job_id, answered_at - started, status, answered_at)
+        mine.append(submission)
+        with lock:
+            results.append(submission)
     pending = [submission for submission in mine if submission.job_id]
     while pending and time.monotonic() < deadline:
         still = []
         for index, submission in enumerate(pending):
-            response = session.get(f"{url}/v1/jobs/{submission.job_id}", timeout=60)
+            try:
+                response = session.get(f"{url}/v1/jobs/{submission.job_id}", timeout=60)
+            except requests.RequestException:
+                still = pending[index:]
+                break
             job = response.json() if response.status_code in (200, 404) else None
             if response.status_code == 404 or (job and job["status"] in FINISHED):
                 submission.final = job if response.status_code == 200 else {"status": "gone"}
@@ -164,8 +173,12 @@ def run(url: str, redis_url: tp.Optional[str], concurrency: int, args: argparse.
                for _ in range(args.clients)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    while any(thread.is_alive() for thread in threads):
+        threads[0].join(30)
+        with lock:
+            finished = sum(1 for s in results if s.final is not None)
+            print(f"  {time.perf_counter() - started:.0f}s: {len(results)} submitted, {finished} finished",
+                  flush=True)
     elapsed = time.perf_counter() - started
 
     accepted = [s for s in results if s.job_id]

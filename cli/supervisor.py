@@ -187,8 +187,13 @@ class Supervisor:
                 on_ready()
                 announced = True
             elif not announced and time.monotonic() > deadline:
-                raise ServiceFailed(f"{' and '.join(self.waiting_for())} did not answer "
-                                    f"within {ready_timeout_s:.0f}s")
+                missing = self.waiting_for()
+                if any(self.states[name].part.essential for name in missing):
+                    raise ServiceFailed(f"{' and '.join(missing)} did not answer within {ready_timeout_s:.0f}s")
+                self.say(f"warning: {' and '.join(missing)} did not answer within {ready_timeout_s:.0f}s; "
+                         "the service is ready without it (it is still being started)")
+                on_ready()
+                announced = True
             stop.wait(TICK_S)
 
     def tick(self) -> None:

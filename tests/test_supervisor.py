@@ -6,6 +6,7 @@ The service's own parts are exercised under `demix up` in `test_cli_up.py` and
 restart policy can be shown in seconds."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -143,6 +144,31 @@ def test_an_optional_part_that_keeps_dying_at_start_is_left_out_and_the_rest_car
         assert supervisor.is_answering("server")
         assert "warning: extra (pid" in out.getvalue()
         assert "The rest of the service carries on without extra." in out.getvalue()
+    finally:
+        stop.set()
+        runner.join(30)
+        supervisor.stop()
+
+
+def test_the_service_fails_when_an_essential_part_never_answers_but_not_for_an_optional_one(out):
+    silent = Part("silent", spawn=child(SERVE_FOREVER), is_ready=lambda _p: False)
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers), silent], FAST, out=out)
+    try:
+        with pytest.raises(ServiceFailed, match="silent did not answer within 2s"):
+            supervisor.run(threading.Event(), on_ready=lambda: None, ready_timeout_s=2)
+    finally:
+        supervisor.stop()
+
+    ready, stop = threading.Event(), threading.Event()
+    optional = dataclasses.replace(silent, essential=False)
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers), optional], FAST, out=out)
+    runner = threading.Thread(target=supervisor.run, args=(stop,),
+                              kwargs={"on_ready": ready.set, "ready_timeout_s": 2})
+    runner.start()
+    try:
+        assert ready.wait(60)
+        assert "warning: silent did not answer within 2s; the service is ready without it" in out.getvalue()
+        assert supervisor.states["silent"].process.poll() is None  # still supervised
     finally:
         stop.set()
         runner.join(30)
