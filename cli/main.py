@@ -15,7 +15,8 @@ from . import models
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="demix", description="Music demixing service (Demucs).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("up", help="start Redis (unless DEMIX_REDIS_URL is set), a worker and the API")
+    commands.add_parser("up", help="run Redis (unless DEMIX_REDIS_URL is set), a worker, the API and Flower, "
+                                   "restarting any that dies")
     api = commands.add_parser("api", help="serve the HTTP API under gunicorn")
     api.add_argument("--workers", type=int, help="gunicorn worker processes (DEMIX_API_WORKERS)")
     worker = commands.add_parser("worker", help="run a Celery worker that separates jobs")
@@ -85,8 +86,23 @@ def worker_argv(settings: Settings, concurrency: tp.Optional[int] = None, loglev
             "--concurrency", str(concurrency or settings.worker_concurrency),
             "--prefetch-multiplier", "1",
             "--task-events",
-            "--hostname", "demix@%h",
+            "--hostname", worker_node_name(os.getpid()),
             "--loglevel", loglevel]
+
+
+def worker_node_name(pid: int, host: str = "%h") -> str:
+    """The Celery node name of the worker whose process is `pid` (exec keeps the pid).
+
+    Unique per process, as Celery requires of workers sharing a broker: two workers on
+    one machine, or a worker and its restarted successor, are told apart (in Flower too).
+    """
+    return f"demix-{pid}@{host}"
+
+
+def flower_argv(settings: Settings) -> list[str]:
+    """The command serving Flower for the service's Celery app on DEMIX_HOST:DEMIX_FLOWER_PORT."""
+    return [sys.executable, "-m", "celery", "--app", "shared.celery_app", "flower",
+            f"--address={settings.host}", f"--port={settings.flower_port}"]
 
 
 if __name__ == "__main__":

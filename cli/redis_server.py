@@ -68,31 +68,62 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
+        """Spawn the server and wait until it answers.
+
+        Raises:
+            RedisUnavailable: it exited or did not answer within `READY_TIMEOUT_S`.
+        """
+        self.spawn()
+        self._wait_ready()
+        return self
+
+    def spawn(self) -> subprocess.Popen:
+        """Start the server process without waiting for it (`is_ready` tells when it answers).
+
+        Always on the same port and data dir, so a restarted server reloads its
+        append-only file and clients reconnect to the same address.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.data_dir), "--save", "",
                 "--appendonly", "yes" if self.persist else "no",
                 "--protected-mode", "yes", "--loglevel", "warning",
-                "--logfile", str(self.data_dir / "redis.log")]
+                "--logfile", str(self.log_path)]
         self.process = popen_child(args, stdout=subprocess.DEVNULL)
-        self._wait_ready()
-        return self
+        return self.process
 
-    def _wait_ready(self) -> None:
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def log_tail(self, chars: int = 500) -> str:
+        """The end of the server's log file (why it refused to start, typically)."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def is_ready(self) -> bool:
+        """Whether the server answers PING now."""
         import redis
 
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.exceptions.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                log = self.data_dir / "redis.log"
-                tail = log.read_text()[-500:] if log.exists() else ""
-                raise RedisUnavailable(f"{self.binary} exited with code {self.process.returncode}: {tail}")
-            try:
-                if client.ping():
-                    return
-            except redis.exceptions.RedisError:
-                time.sleep(0.05)
+                raise RedisUnavailable(
+                    f"{self.binary} exited with code {self.process.returncode}: {self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.05)
         self.stop()
         raise RedisUnavailable(f"{self.binary} did not answer on port {self.port} within {READY_TIMEOUT_S}s")
 

@@ -39,7 +39,15 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "broker_transport_options": {"visibility_timeout": settings.job_timeout_s},
+        # Redis may restart (`demix up` restarts it; its append-only file keeps the queue):
+        # workers retry connecting forever, at startup and after losing the connection,
+        # instead of giving up after Celery's default 100 attempts.
         "broker_connection_retry_on_startup": True,
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        # A running separation carries on through a broker outage and records its result
+        # when Redis is back (Celery 6 will default to cancelling it and starting over).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # A cold shutdown (SIGQUIT, a second Ctrl-C) first waits this long: runs already
         # told to stop by the warm shutdown hand their job back at their next segment;
         # whatever still runs is then cancelled and given back (worker.tasks).

@@ -49,6 +49,8 @@ class Settings:
     torch_threads: int = _setting(0, "Torch intra-op threads per worker process (0: all cores / concurrency).")
     worker_concurrency: int = _setting(1, "Jobs one worker runs at once (each process loads the model once).")
     api_workers: int = _setting(2, "Gunicorn worker processes serving the API.")
+    flower_port: int = _setting(
+        5555, "Port `demix up` serves Flower (Celery monitoring) on, at DEMIX_HOST; 0: no Flower.")
     queue: str = _setting("demix", "Celery queue the separation tasks go to.")
     job_timeout_s: int = _setting(
         6 * 3600, "Longest a job may run before the broker hands it to another worker, in seconds.")

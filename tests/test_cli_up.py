@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -42,13 +44,16 @@ def processes_with_marker(marker: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def demix_up(tmp_path: Path, ready_timeout: float = 120, **settings: str) -> tp.Iterator[tuple[str, list, str]]:
-    """Run `demix up` with a fresh data dir until the block ends, then Ctrl-C it and
-    check it exits 0 leaving no process behind. Yields (url, output lines, marker)."""
+def demix_up(tmp_path: Path, ready_timeout: float = 120, stop_signal: int = signal.SIGINT,
+             **settings: str) -> tp.Iterator[tuple[str, list, str]]:
+    """Run `demix up` with a fresh data dir until the block ends, then Ctrl-C it (or send
+    `stop_signal`) and check it exits 0 leaving no process behind. Yields (url, output
+    lines, marker)."""
     marker_value = uuid.uuid4().hex
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DEMIX_REDIS_URL"}
-    env.update({"DEMIX_PORT": str(port), "DEMIX_DATA_DIR": str(tmp_path / "data"),
+    env.update({"DEMIX_PORT": str(port), "DEMIX_FLOWER_PORT": str(free_port()),
+                "DEMIX_DATA_DIR": str(tmp_path / "data"),
                 "DEMIX_API_WORKERS": "1", "DEMIX_TEST_MARKER": marker_value, **settings})
     process = subprocess.Popen([DEMIX, "up"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -61,7 +66,7 @@ def demix_up(tmp_path: Path, ready_timeout: float = 120, **settings: str) -> tp.
             output.append(lines.get(timeout=ready_timeout))
         yield f"http://127.0.0.1:{port}", output, marker_value
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         try:
             returncode = process.wait(timeout=90)
         except subprocess.TimeoutExpired:
@@ -86,7 +91,22 @@ def test_demix_up_serves_a_job_and_ctrl_c_stops_everything(tiny_model_repo, tmp_
         job = wait_for_job(url, response.json()["id"])
         assert job["status"] == "succeeded", job["error"]
         assert set(job["outputs"]) == {"vocals", "no_vocals"}
-        assert len(processes_with_marker(marker)) >= 4  # up, redis, worker (+pool), gunicorn (+worker)
+        assert len(processes_with_marker(marker)) >= 5  # up, redis, worker (+pool), Flower, gunicorn (+worker)
+        flower_url = re.search(r"Flower: (http://\S+?);", output[-1]).group(1)
+        assert requests.get(f"{flower_url}/healthcheck", timeout=10).text == "OK"
+        assert "Flower" in requests.get(flower_url, timeout=10).text
+
+
+def test_demix_up_runs_without_flower_when_its_port_is_taken(tiny_model_repo, tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        flower_port = holder.getsockname()[1]
+        with demix_up(tmp_path, DEMIX_FLOWER_PORT=str(flower_port)) as (url, output, _):
+            assert "Flower" not in output[-1]
+            assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+    warning = next(line for line in output if "DEMIX_FLOWER_PORT" in line)
+    assert f"127.0.0.1:{flower_port} is already in use" in warning and "running without Flower" in warning
 
 
 @pytest.mark.slow

@@ -1,0 +1,240 @@
+"""The supervisor of `demix up` on real child processes: restarts with backoff, says
+what died and why, gives up on a part that cannot start, stops in order.
+
+The service's own parts are exercised under `demix up` in `test_cli_up.py` and
+`test_chaos.py`; here small Python children stand in for them so every rule of the
+restart policy can be shown in seconds."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import typing as tp
+
+import pytest
+
+from cli.processes import popen_child
+from cli.redis_server import RedisServer
+from cli.supervisor import Part, RestartPolicy, Service, ServiceFailed, Supervisor, describe_exit
+from shared.config import Settings
+
+FAST = RestartPolicy(initial_delay_s=0.05, max_delay_s=0.4, healthy_after_s=1.0, max_failed_starts=3)
+
+SERVE_FOREVER = """
+import signal, sys, time
+def stop(*_):
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "a") as log:
+            log.write(sys.argv[2] + "\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("serving", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def child(script: str, *args: str) -> tp.Callable[[], subprocess.Popen]:
+    return lambda: popen_child([sys.executable, "-c", script, *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def answers(process: subprocess.Popen) -> bool:
+    return process.poll() is None
+
+
+def tick_until(supervisor: Supervisor, condition: tp.Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        supervisor.tick()
+        time.sleep(0.02)
+
+
+def pid_of(supervisor: Supervisor, name: str) -> tp.Optional[int]:
+    process = supervisor.states[name].process
+    return process.pid if process is not None else None
+
+
+@pytest.fixture
+def out() -> io.StringIO:
+    return io.StringIO()
+
+
+def test_restart_delays_double_up_to_the_cap():
+    policy = RestartPolicy(initial_delay_s=1, max_delay_s=30)
+    assert [policy.delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_exits_are_described_by_code_or_signal_name():
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV"
+    assert describe_exit(3) == "exited with code 3"
+
+
+def test_a_killed_part_is_restarted_and_the_log_says_what_died_and_why(out):
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers)], FAST, out=out)
+    try:
+        tick_until(supervisor, lambda: "server | serving" in out.getvalue())
+        first = pid_of(supervisor, "server")
+        os.kill(first, signal.SIGKILL)
+        tick_until(supervisor, lambda: supervisor.is_answering("server") and pid_of(supervisor, "server") != first)
+    finally:
+        supervisor.stop()
+    log = out.getvalue()
+    assert re.search(rf"server \(pid {first}\) died: killed by SIGKILL, after [\d.]+s up; restarting it in 0.05s", log), log
+    assert "restarted server" in log and "server is back" in log
+    assert "server | serving" in log  # the part's own output, prefixed with its name
+
+
+def test_backoff_doubles_while_a_part_keeps_dying_and_resets_after_it_stays_up(out):
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers)], FAST, out=out)
+
+    def kill_and_wait_for_restart() -> str:
+        pid = pid_of(supervisor, "server")
+        os.kill(pid, signal.SIGKILL)
+        tick_until(supervisor, lambda: supervisor.is_answering("server") and pid_of(supervisor, "server") != pid)
+        return re.findall(r"restarting it in ([\d.]+)s", out.getvalue())[-1]
+
+    try:
+        tick_until(supervisor, lambda: supervisor.is_answering("server"))
+        delays = [kill_and_wait_for_restart() for _ in range(5)]
+        assert delays == ["0.05", "0.1", "0.2", "0.4", "0.4"]
+        up_since = time.monotonic()
+        tick_until(supervisor, lambda: time.monotonic() - up_since > FAST.healthy_after_s + 0.5)
+        assert kill_and_wait_for_restart() == "0.05"
+    finally:
+        supervisor.stop()
+
+
+def test_an_essential_part_that_keeps_dying_at_start_stops_the_service_saying_why(out):
+    crashing = "import sys; print('DEMIX_SOMETHING=oops is not valid', flush=True); sys.exit(3)"
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers),
+                             Part("broken", spawn=child(crashing), is_ready=lambda _p: False,
+                                  hint="Check DEMIX_SOMETHING.")], FAST, out=out)
+    try:
+        with pytest.raises(ServiceFailed) as failure:
+            supervisor.run(threading.Event(), on_ready=lambda: None, ready_timeout_s=120)
+    finally:
+        supervisor.stop()
+    message = str(failure.value)
+    assert "broken (pid" in message and "died: exited with code 3" in message
+    assert "before it answered (3 times in a row); it is not restarted again" in message
+    assert "Check DEMIX_SOMETHING." in message
+    assert "DEMIX_SOMETHING=oops is not valid" in message  # its last output
+    assert out.getvalue().count("restarting it in") == 2
+
+
+def test_an_optional_part_that_keeps_dying_at_start_is_left_out_and_the_rest_carries_on(out):
+    ready = threading.Event()
+    stop = threading.Event()
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers),
+                             Part("extra", spawn=child("import sys; sys.exit(1)"), is_ready=lambda _p: False,
+                                  essential=False)], FAST, out=out)
+    runner = threading.Thread(target=supervisor.run, args=(stop,), kwargs={"on_ready": ready.set})
+    runner.start()
+    try:
+        assert ready.wait(60), out.getvalue()
+        assert supervisor.is_answering("server")
+        assert "warning: extra (pid" in out.getvalue()
+        assert "The rest of the service carries on without extra." in out.getvalue()
+    finally:
+        stop.set()
+        runner.join(30)
+        supervisor.stop()
+
+
+def test_the_service_fails_when_an_essential_part_never_answers_but_not_for_an_optional_one(out):
+    silent = Part("silent", spawn=child(SERVE_FOREVER), is_ready=lambda _p: False)
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers), silent], FAST, out=out)
+    try:
+        with pytest.raises(ServiceFailed, match="silent did not answer within 2s"):
+            supervisor.run(threading.Event(), on_ready=lambda: None, ready_timeout_s=2)
+    finally:
+        supervisor.stop()
+
+    ready, stop = threading.Event(), threading.Event()
+    optional = dataclasses.replace(silent, essential=False)
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers), optional], FAST, out=out)
+    runner = threading.Thread(target=supervisor.run, args=(stop,),
+                              kwargs={"on_ready": ready.set, "ready_timeout_s": 2})
+    runner.start()
+    try:
+        assert ready.wait(60)
+        assert "warning: silent did not answer within 2s; the service is ready without it" in out.getvalue()
+        assert supervisor.states["silent"].process.poll() is None  # still supervised
+    finally:
+        stop.set()
+        runner.join(30)
+        supervisor.stop()
+
+
+def test_a_part_starts_only_once_the_parts_it_requires_answer(out, tmp_path):
+    flag = tmp_path / "base-answers"
+    supervisor = Supervisor([
+        Part("base", spawn=child(SERVE_FOREVER), is_ready=lambda _p: flag.exists()),
+        Part("dependent", spawn=child(SERVE_FOREVER), is_ready=answers, requires=("base",)),
+    ], FAST, out=out)
+    try:
+        tick_until(supervisor, lambda: pid_of(supervisor, "base") is not None)
+        for _ in range(10):
+            supervisor.tick()
+        assert pid_of(supervisor, "dependent") is None
+        flag.touch()
+        tick_until(supervisor, lambda: supervisor.is_answering("dependent"))
+    finally:
+        supervisor.stop()
+
+
+def test_stop_ends_the_parts_in_reverse_order_and_none_is_restarted(out, tmp_path):
+    log = tmp_path / "stopped.txt"
+    names = ["redis", "worker", "flower", "api"]
+    supervisor = Supervisor([Part(name, spawn=child(SERVE_FOREVER, str(log), name), is_ready=answers)
+                             for name in names], FAST, out=out)
+    tick_until(supervisor, lambda: all(f"{name} | serving" in out.getvalue() for name in names))
+    processes = [supervisor.states[name].process for name in names]
+    supervisor.stop()
+    assert log.read_text().split() == names[::-1]
+    assert all(process.poll() is not None for process in processes)
+    supervisor.tick()
+    assert all(state.process is None for state in supervisor.states.values())
+
+
+def test_the_service_runs_flower_unless_its_port_is_0():
+    settings = Settings.from_env({}, redis_url="redis://127.0.0.1:1/0", model_repo="/models")
+    assert [part.name for part in Service(settings).parts()] == ["worker", "Flower", "API"]
+    without = Settings.from_env({"DEMIX_FLOWER_PORT": "0"}, redis_url="redis://127.0.0.1:1/0")
+    assert [part.name for part in Service(without).parts()] == ["worker", "API"]
+    assert "Flower" not in Service(without).ready_message()
+
+
+def test_with_a_private_redis_the_other_parts_wait_for_it_and_only_flower_is_optional(tmp_path):
+    service = Service(Settings.from_env({}, data_dir=tmp_path))
+    service.redis = RedisServer(tmp_path / "redis")  # what `prepare` builds; not started here
+    parts = {part.name: part for part in service.parts()}
+    assert list(parts) == ["Redis", "worker", "Flower", "API"]
+    assert [name for name, part in parts.items() if not part.essential] == ["Flower"]
+    assert all(parts[name].requires == ("Redis",) for name in ("worker", "Flower", "API"))
+
+
+def test_demix_up_refuses_at_once_when_the_api_port_is_taken(tmp_path):
+    import socket
+
+    from tests.test_cli_up import DEMIX
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "DEMIX_REDIS_URL"}
+        env.update({"DEMIX_PORT": str(port), "DEMIX_DATA_DIR": str(tmp_path)})
+        result = subprocess.run([DEMIX, "up"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is already in use (DEMIX_PORT)" in result.stderr
+    assert not (tmp_path / "redis").exists()  # nothing was started
