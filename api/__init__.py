@@ -11,6 +11,8 @@ from shared.config import Settings, get_settings
 from shared.jobs import JobStore
 from shared.storage import JobStorage
 
+from .auth import ApiKeys, load_api_keys
+from .limits import ActiveJobLimit
 from .uploads import UploadRequest, discard_unclaimed_uploads
 
 FORM_OVERHEAD_BYTES = 1024 * 1024
@@ -33,19 +35,23 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     if test_config is not None:
         app.config.from_mapping({k: v for k, v in test_config.items() if k != "SETTINGS"})
 
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5, socket_timeout=30)
     app.extensions["demix"] = Services(
-        jobs=JobStore(redis.Redis.from_url(settings.effective_redis_url,
-                                           socket_connect_timeout=5, socket_timeout=30)),
+        jobs=JobStore(client),
         storage=JobStorage(settings.data_dir),
         celery=celery_app,
         settings=settings,
+        api_keys=load_api_keys(settings.api_keys),
+        limits=ActiveJobLimit(client, settings.max_active_jobs_per_key),
     )
     app.teardown_request(discard_unclaimed_uploads)
 
-    from . import errors, health, jobs
+    from . import auth, docs, errors, health, jobs
     errors.register(app)
+    auth.register(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(docs.bp)
     return app
 
 
@@ -55,3 +61,5 @@ class Services(tp.NamedTuple):
     storage: JobStorage
     celery: tp.Any
     settings: Settings
+    api_keys: ApiKeys
+    limits: ActiveJobLimit

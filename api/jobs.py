@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import base64
+import time
 import typing as tp
 import zipfile
 
 from flask import Blueprint, Response, current_app, request, send_file, stream_with_context, url_for
 
 from shared.errors import BadRequest, JobNotFinished, JobNotFound
+from shared.estimates import eta_seconds, queue_position
 from shared.intake import inspect_upload
 from shared.jobs import Job, JobStatus
 from shared.job_request import FILE_FIELD, parse_job_request
 from shared.output import OutputOptions
 
+from .auth import request_owner
 from .submission import submit_job
 from .uploads import upload_path
 
@@ -31,8 +34,11 @@ def _services():
 
 
 def job_json(job: Job) -> dict:
-    """The public view of a job, with absolute URLs for what it produced."""
+    """The public view of a job, with absolute URLs for what it produced, its place in the
+    queue and the time it still needs."""
     body = job.to_public()
+    body["queue_position"] = queue_position(_services().jobs.redis, job)
+    body["eta_s"] = eta_seconds(job, time.time())
     body["url"] = url_for("jobs.get_job", job_id=job.id, _external=True)
     if job.status is JobStatus.SUCCEEDED:
         extension = _output(job).extension
@@ -50,6 +56,8 @@ def job_json(job: Job) -> dict:
 def create_job():
     """Accept a WAV upload (`file`) and the `stems` choice; answer 202 with the queued job."""
     services = _services()
+    # Before the body is read: an owner at its limit costs no upload.
+    services.limits.check(request_owner())
     upload = request.files.get(FILE_FIELD)
     if upload is None:
         raise BadRequest("missing the multipart file field 'file' (the WAV to separate)",
@@ -58,7 +66,7 @@ def create_job():
     path = upload_path(upload)
     info = inspect_upload(path, services.settings)
     job_request = parse_job_request(request.form, info)
-    job = submit_job(path, info, job_request, services)
+    job = submit_job(path, info, job_request, services, owner=request_owner())
     response = current_app.json.response(job_json(job))
     response.status_code = 202
     response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
@@ -67,7 +75,20 @@ def create_job():
 
 @bp.get("/<job_id>")
 def get_job(job_id: str):
-    return job_json(_services().jobs.get(job_id))
+    return job_json(_visible_job(job_id))
+
+
+def _visible_job(job_id: str) -> Job:
+    """The job, if the request's API key may see it.
+
+    Raises:
+        JobNotFound: no such job, or another key's: the same answer either way, so ids
+            of other keys' jobs cannot be probed.
+    """
+    job = _services().jobs.get(job_id)
+    if _services().api_keys and job.owner != request_owner():
+        raise JobNotFound(f"no job with id {job_id!r}")
+    return job
 
 
 @bp.get("/<job_id>/result")
@@ -157,7 +178,7 @@ def get_stem(job_id: str, name: str, extension: str):
 
 
 def _succeeded_job(job_id: str) -> Job:
-    job = _services().jobs.get(job_id)
+    job = _visible_job(job_id)
     if job.status is JobStatus.FAILED:
         error = job.error or {"code": "unknown", "message": "unknown error"}
         raise JobNotFinished(f"job {job_id} failed: {error['message']}", code="job_failed",

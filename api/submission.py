@@ -7,32 +7,39 @@ from pathlib import Path
 
 from shared.audio import AudioInfo
 from shared.celery_app import SEPARATE_TASK
-from shared.errors import ServiceUnavailable
+from shared.errors import ServiceUnavailable, TooManyActiveJobs
 from shared.jobs import Job, JobStatus, new_job_id
 from shared.job_request import JobRequest
 
 log = logging.getLogger(__name__)
 
 
-def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services) -> Job:
-    """Store the upload as a new job's input, record the job and enqueue it.
+def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services, owner: str = "") -> Job:
+    """Store the upload as a new job's input, record the job (as `owner`'s) and enqueue it.
 
-    Either all three happen or none: if the record or the message cannot be written,
-    the job's files and record are removed again and the caller gets a 503.
+    Either all three happen or none: if the record or the message cannot be written, or
+    the owner is at its active-job limit, the job's files and record are removed again.
 
     Raises:
+        TooManyActiveJobs: `owner` already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` active jobs.
         ServiceUnavailable: Redis or the broker is unreachable.
     """
     job = Job(id=new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems, model=services.settings.model,
               samplerate=info.samplerate, channels=info.channels, frames=info.frames,
               created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
-              output=job_request.output.to_dict())
+              output=job_request.output.to_dict(), queue=services.settings.queue, owner=owner)
     services.storage.accept_upload(upload, job.id)
     try:
         services.jobs.create(job)
+        if owner:
+            # After the record exists, so pruning finished jobs can never drop this one.
+            services.limits.reserve(owner, job.id)
         # Only the id travels through the broker; the audio stays in storage.
         services.celery.send_task(SEPARATE_TASK, args=[job.id], task_id=job.id,
                                   queue=services.settings.queue)
+    except TooManyActiveJobs:
+        _roll_back(job.id, services)
+        raise
     except Exception as exc:
         log.error("could not enqueue job %s: %s", job.id, exc)
         _roll_back(job.id, services)

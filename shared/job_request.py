@@ -24,9 +24,9 @@ class FormField:
     """One text field of the submission form, as the parser reads it and the spec shows it."""
     name: str
     description: str
-    choices: tp.Tuple[str, ...] = ()  # empty: free text, checked by the parser
+    choices: tp.Tuple[str, ...] = ()  # empty: not a fixed set; `schema` says what is valid
     default: tp.Optional[str] = None  # None: derived from the input (see description)
-    pattern: tp.Optional[str] = None  # for free-text fields: what a valid value looks like
+    schema: tp.Optional[tp.Mapping[str, tp.Any]] = None  # JSON Schema of the value, when not `choices`
 
 
 FORM_FIELDS: tp.Tuple[FormField, ...] = (
@@ -38,9 +38,10 @@ FORM_FIELDS: tp.Tuple[FormField, ...] = (
               "32-bit PCM and float → float32 (FLAC: pcm24).", SAMPLE_FORMATS),
     FormField("samplerate", f"`input`, or a rate in Hz ({MIN_SAMPLERATE}–{MAX_SAMPLERATE}; MP3: its "
               "standard rates up to 48000). Default for MP3: the highest MP3 rate not above the input's.",
-              default="input", pattern=r"^(input|[0-9]+)$"),
+              default="input", schema={"anyOf": [{"const": "input"}, {
+                  "type": "integer", "minimum": MIN_SAMPLERATE, "maximum": MAX_SAMPLERATE}]}),
     FormField("bitrate", "MP3 constant bitrate in kbit/s (ignored for WAV and FLAC).",
-              tuple(str(rate) for rate in MP3_BITRATES), str(MP3_BITRATES[-1])),
+              default=str(MP3_BITRATES[-1]), schema={"type": "integer", "enum": list(MP3_BITRATES)}),
     FormField("clip", "`clamp`: each sample clipped to full scale; `rescale`: one gain for all "
               "stems of the job, so they still sum to the scaled mix. Integer outputs never wrap.",
               CLIP_MODES, "clamp"),

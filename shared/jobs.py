@@ -50,6 +50,10 @@ class Job:
     error: tp.Optional[dict] = None
     input_format: str = ""
     output: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)  # resolved OutputOptions
+    queue: str = ""
+    """The Celery queue the job was sent to ("": a record from before queues were recorded)."""
+    owner: str = ""
+    """Id of the API key that submitted it (a digest, never the key); "" without API keys."""
 
     @property
     def duration(self) -> float:
@@ -102,6 +106,8 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.hset(keys.job_key(job.id), mapping={k: json.dumps(_plain(v)) for k, v in fields.items()})
         pipe.zadd(keys.jobs_index_key(), {job.id: job.created_at})
+        if job.status is JobStatus.QUEUED and job.queue:
+            pipe.zadd(keys.queued_jobs_key(job.queue), {job.id: job.created_at})
         pipe.execute()
 
     def get(self, job_id: str) -> Job:
@@ -118,9 +124,12 @@ class JobStore:
         return Job(**values)
 
     def delete(self, job_id: str) -> None:
+        queue = self.redis.hget(keys.job_key(job_id), "queue")
         pipe = self.redis.pipeline()
         pipe.delete(keys.job_key(job_id))
         pipe.zrem(keys.jobs_index_key(), job_id)
+        if queue and json.loads(queue):
+            pipe.zrem(keys.queued_jobs_key(json.loads(queue)), job_id)
         pipe.execute()
 
     def mark_running(self, job_id: str) -> None:
@@ -140,9 +149,20 @@ class JobStore:
     def _update(self, job_id: str, **fields: tp.Any) -> None:
         key = keys.job_key(job_id)
         # Only update jobs that exist: a late progress report must not resurrect a deleted job.
-        if not self.redis.exists(key):
+        queue = self.redis.hget(key, "queue")
+        if queue is None and not self.redis.exists(key):
             raise JobNotFound(f"no job with id {job_id!r}")
-        self.redis.hset(key, mapping={k: json.dumps(_plain(v)) for k, v in fields.items()})
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping={k: json.dumps(_plain(v)) for k, v in fields.items()})
+        # The queued index follows the status in the same transaction, so a job's rank in
+        # it is its queue position.
+        if "status" in fields and queue and json.loads(queue):
+            queued = keys.queued_jobs_key(json.loads(queue))
+            if fields["status"] is JobStatus.QUEUED:
+                pipe.zadd(queued, {job_id: json.loads(self.redis.hget(key, "created_at"))})
+            else:
+                pipe.zrem(queued, job_id)
+        pipe.execute()
 
 
 def _plain(value: tp.Any) -> tp.Any:
