@@ -7,6 +7,7 @@ be a non-5xx and match the spec: status code, content type, headers, body schema
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import hypothesis
@@ -19,8 +20,9 @@ from schemathesis import GenerationMode
 
 from api.openapi import OPERATIONS
 from tests.audio_factory import music_like, wav_bytes
+from tests.conftest import SESSION_DIR, LiveServer
 
-EXAMPLES_PER_OPERATION = 30
+EXAMPLES_PER_OPERATION = 20
 """Bounded, so the whole file runs in well under a minute on a loaded 2-core machine."""
 
 
@@ -63,6 +65,44 @@ def test_every_response_matches_the_spec(api_schema, operation_id, mode):
     if operation_id == "create_job":
         # Valid uploads with random options are queued; broken requests are refused.
         assert (202 in statuses) if mode is GenerationMode.POSITIVE else statuses <= {400, 413, 415, 422}, statuses
+
+
+CONTRACT_KEY = "contract-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_schema(api_schema, redis_server, settings):
+    """The spec of an app with API keys and a per-key limit, and that app's URL."""
+    from api import create_app
+
+    keyed = dataclasses.replace(settings, queue="demix-tests-contract-keyed", max_upload_mb=1,
+                                data_dir=SESSION_DIR / "contract-keyed-data", api_keys=CONTRACT_KEY,
+                                max_active_jobs_per_key=1000)
+    with LiveServer(create_app({"SETTINGS": keyed})) as server:
+        yield schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+
+
+@pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda mode: mode.value)
+@pytest.mark.parametrize("operation_id", ["create_job", "get_job", "get_result"])
+def test_with_api_keys_every_response_matches_the_spec(keyed_schema, operation_id, mode):
+    """With keys the spec adds the bearer scheme, 401 and 429; schemathesis also checks
+    that a request without the key is refused."""
+    operation = keyed_schema.find_operation_by_id(operation_id)
+    statuses = set()
+
+    @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+    @hypothesis.settings(max_examples=EXAMPLES_PER_OPERATION // 2, deadline=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck), database=None,
+                         phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+    def check(case):
+        response = case.call_and_validate(headers={"Authorization": f"Bearer {CONTRACT_KEY}"}, timeout=30)
+        statuses.add(response.status_code)
+
+    check()
+    if mode is GenerationMode.POSITIVE:  # negative cases also break the Authorization header
+        assert 401 not in statuses, statuses
+        if operation_id == "create_job":
+            assert 202 in statuses
 
 
 def test_a_real_wav_submitted_and_polled_matches_the_spec(api_schema, idle_server, tmp_path):
