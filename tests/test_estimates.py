@@ -11,7 +11,7 @@ from shared import keys
 from shared.estimates import MIN_PROGRESS_FOR_ETA, eta_seconds, queue_position, remaining_seconds
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from tests.audio_factory import wav_bytes
-from tests.conftest import UNCONSUMED_QUEUE
+from tests.conftest import UNCONSUMED_QUEUE, wait_for_job
 
 
 def make_job(queue: str = "estimates-test", status: JobStatus = JobStatus.QUEUED, **fields) -> Job:
@@ -89,3 +89,24 @@ def test_the_job_json_shows_position_while_queued_and_eta_while_running(idle_ser
 
     store.mark_failed(submitted[1]["id"], _error())
     assert poll(submitted[1])["eta_s"] is None and poll(submitted[1])["queue_position"] is None
+
+
+def test_a_job_run_by_a_real_worker_reports_both_consistently(live_server, redis_client, settings, tmp_path):
+    seen = []
+    response = requests.post(f"{live_server.url}/v1/jobs",
+                             files={"file": ("a.wav", wav_bytes(tmp_path, seconds=4.0))}, timeout=30)
+    job = response.json()
+    assert job["status"] != "queued" or job["queue_position"] >= 1
+    final = wait_for_job(live_server.url, job["id"], on_poll=seen.append)
+    assert final["status"] == "succeeded"
+    for poll in seen + [job]:
+        if poll["status"] == "queued":
+            assert poll["queue_position"] >= 1 and poll["eta_s"] is None
+        elif poll["status"] == "running":
+            assert poll["queue_position"] is None
+            assert (poll["eta_s"] is None) == (poll["progress"] < MIN_PROGRESS_FOR_ETA), poll
+            assert poll["eta_s"] is None or poll["eta_s"] >= 0
+        else:
+            assert poll["queue_position"] is None and poll["eta_s"] is None
+    # The worker's transitions took the job out of its queue's index.
+    assert redis_client.zscore(keys.queued_jobs_key(settings.queue), job["id"]) is None
