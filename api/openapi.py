@@ -4,7 +4,16 @@ The form fields come from the job-request parser (`shared.job_request.FORM_FIELD
 the error statuses from the error classes, the job's fields from `JOB_FIELDS` (which a
 test holds equal to what `job_json` returns), and the API-key parts from the app's own
 settings. `OPERATIONS` lists every route of the app; a test fails when a route has no
-entry here or an entry has no route, so **a new endpoint is one more `Operation` below**.
+entry here or an entry has no route, so **a new endpoint is one more `Operation` below**,
+for example::
+
+    Operation("jobs.cancel_job", "post", "Cancel a queued or running job",
+              parameters=(_JOB_ID,),
+              responses={"200": _json(_JOB_REF, "The cancelled job."),
+                         "404": _error_codes(404), "409": _error_codes(409)}),
+
+(a new error code also goes into `ERRORS_BY_STATUS`, a new job field into `JOB_FIELDS`;
+the tests say so when one is missing).
 """
 from __future__ import annotations
 
