@@ -37,7 +37,8 @@ def queue_position(client: redis.Redis, job: Job) -> tp.Optional[int]:
     """The job's place in its queue (1: the next to start), or None when it is not queued.
 
     The rank in a sorted set: one O(log n) Redis call, whatever the queue's length. The
-    order is creation time, the order in which the API sends the tasks to the (FIFO) queue.
+    order is the time each job entered the queue, the order in which its task was sent to
+    the (FIFO) Celery queue.
     """
     if job.status is not JobStatus.QUEUED or not job.queue:
         return None

@@ -158,8 +158,8 @@ class JobStore:
         # it is its queue position.
         if "status" in fields and queue and json.loads(queue):
             queued = keys.queued_jobs_key(json.loads(queue))
-            if fields["status"] is JobStatus.QUEUED:
-                pipe.zadd(queued, {job_id: json.loads(self.redis.hget(key, "created_at"))})
+            if fields["status"] is JobStatus.QUEUED:  # back in the queue: at its end, as its task is resent
+                pipe.zadd(queued, {job_id: time.time()})
             else:
                 pipe.zrem(queued, job_id)
         pipe.execute()

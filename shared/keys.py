@@ -16,7 +16,7 @@ def jobs_index_key() -> str:
 
 def queued_jobs_key(queue: str) -> str:
     """Sorted set of the ids of jobs in state `queued` for Celery queue `queue`, scored by
-    creation time: a job's rank is its place in the queue."""
+    the time each entered the queue: a job's rank is its place in the queue."""
     return f"{PREFIX}:queued:{queue}"
 
 
