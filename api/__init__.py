@@ -11,6 +11,8 @@ from shared.config import Settings, get_settings
 from shared.jobs import JobStore
 from shared.storage import JobStorage
 
+from .auth import ApiKeys, load_api_keys
+from .limits import ActiveJobLimit
 from .uploads import UploadRequest, discard_unclaimed_uploads
 
 FORM_OVERHEAD_BYTES = 1024 * 1024
@@ -36,21 +38,25 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     # The broker comes from the same settings as the job store, so the two can never be
     # different Redis servers (the pattern of Flask's own Celery example).
     app.extensions["celery"] = make_celery(settings)
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5, socket_timeout=30)
     app.extensions["demix"] = Services(
-        jobs=JobStore(redis.Redis.from_url(settings.effective_redis_url,
-                                           socket_connect_timeout=5, socket_timeout=30)),
+        jobs=JobStore(client),
         storage=JobStorage(settings.data_dir),
         celery=app.extensions["celery"],
         settings=settings,
+        api_keys=load_api_keys(settings.api_keys),
+        limits=ActiveJobLimit(client, settings.max_active_jobs_per_key),
     )
     app.teardown_request(discard_unclaimed_uploads)
 
-    from . import errors, health, jobs, metrics
+    from . import auth, docs, errors, health, jobs, metrics
     errors.register(app)
+    auth.register(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
     app.extensions["demix_metrics"] = metrics.make_registry(app.extensions["demix"])
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(docs.bp)
     return app
 
 
@@ -60,3 +66,5 @@ class Services(tp.NamedTuple):
     storage: JobStorage
     celery: tp.Any
     settings: Settings
+    api_keys: ApiKeys
+    limits: ActiveJobLimit

@@ -19,7 +19,9 @@ def error_response(http_status: int, code: str, message: str, **extra):
 def register(app: Flask) -> None:
     @app.errorhandler(DemixError)
     def demix_error(exc: DemixError):
-        return error_response(exc.http_status, exc.code, exc.message, **exc.details)
+        body, status = error_response(exc.http_status, exc.code, exc.message, **exc.details)
+        body.headers.update(exc.headers)
+        return body, status
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_exc: RequestEntityTooLarge):
@@ -30,7 +32,10 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name)
+        body, status = error_response(exc.code or 500, code, exc.description or exc.name)
+        # Keep what the exception says besides its body (`Allow` of a 405, for one).
+        body.headers.extend((name, value) for name, value in exc.get_headers() if name.lower() != "content-type")
+        return body, status
 
     _register_backend_errors(app)
 

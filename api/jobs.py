@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import base64
+import time
 import typing as tp
 import zipfile
 
 from flask import Blueprint, Response, current_app, request, send_file, stream_with_context, url_for
 
 from shared.errors import BadRequest, IllegalTransition, JobFinished, JobNotFinished, JobNotFound
+from shared.estimates import eta_seconds, queue_position
+from shared.idempotency import ANONYMOUS_OWNER, HEADER as IDEMPOTENCY_HEADER, parse_key
 from shared.intake import inspect_upload
 from shared.jobs import Job, JobStatus
+from shared.job_request import FILE_FIELD, parse_job_request
 from shared.lifecycle import cancel_job, delete_job
-from shared.output import OutputOptions, resolve_output
-from shared.stems import ALL, STEM_CHOICES
-
-from shared.idempotency import ANONYMOUS_OWNER, HEADER as IDEMPOTENCY_HEADER, parse_key
+from shared.output import OutputOptions
 from shared.retention import expires_at
 
+from .auth import request_owner
 from .submission import IdempotentSubmit, find_existing_job, submit_job, submit_job_once
 from .uploads import ensure_room_for_upload, upload_path
 
@@ -35,9 +37,12 @@ def _services():
 
 
 def job_json(job: Job) -> dict:
-    """The public view of a job, with absolute URLs for what it produced."""
+    """The public view of a job, with absolute URLs for what it produced, its place in the
+    queue and the time it still needs."""
     body = job.to_public()
     body["expires_at"] = expires_at(job, _services().settings.retention_s)
+    body["queue_position"] = queue_position(_services().jobs.redis, job)
+    body["eta_s"] = eta_seconds(job, time.time())
     body["url"] = url_for("jobs.get_job", job_id=job.id, _external=True)
     if job.status is JobStatus.SUCCEEDED:
         extension = _output(job).extension
@@ -51,9 +56,10 @@ def job_json(job: Job) -> dict:
     return body
 
 
-def request_owner() -> str:
-    """Whose request this is, scoping idempotency keys (one owner until there are API keys)."""
-    return ANONYMOUS_OWNER
+def idempotency_owner() -> str:
+    """Whose `Idempotency-Key` this is: the request's API key owner (one shared owner when
+    the API is open)."""
+    return request_owner() or ANONYMOUS_OWNER
 
 
 def _job_response(job: Job, status: int):
@@ -69,41 +75,52 @@ def create_job():
     or 200 with the job an earlier submit with the same `Idempotency-Key` created."""
     services = _services()
     key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
-    idempotent = IdempotentSubmit(request_owner(), key) if key is not None else None
-    # Both checks before the body is read: a repeat or a full disk costs no upload.
+    idempotent = IdempotentSubmit(idempotency_owner(), key) if key is not None else None
+    # These checks come before the body is read: a repeat, an owner at its limit or a full
+    # disk costs no upload. A repeat is answered even at the limit: it adds no job.
     if idempotent is not None and (existing := find_existing_job(idempotent, services)) is not None:
         return _job_response(existing, 200)
+    services.limits.check(request_owner())
     ensure_room_for_upload(services, request.content_length or 0)
-    upload = request.files.get("file")
+    upload = request.files.get(FILE_FIELD)
     if upload is None:
         raise BadRequest("missing the multipart file field 'file' (the WAV to separate)",
                          code="missing_file")
-    stems = request.form.get("stems", ALL).strip().lower() or ALL
-    if stems not in STEM_CHOICES:
-        raise BadRequest(f"unknown stems value {stems!r}; expected one of {', '.join(STEM_CHOICES)}",
-                         code="invalid_stems")
     # A part over the upload limit was already refused while it streamed (`CappedUploadFile`).
     path = upload_path(upload)
     ensure_room_for_upload(services)  # the upload itself may have used up the room
     info = inspect_upload(path, services.settings)
-    output = resolve_output(request.form, info)
+    job_request = parse_job_request(request.form, info)
     if idempotent is None:
-        return _job_response(submit_job(path, info, stems, output, services), 202)
+        return _job_response(submit_job(path, info, job_request, services, owner=request_owner()), 202)
     # An upload not moved into a job is deleted after the request (`discard_unclaimed_uploads`).
-    job, created = submit_job_once(path, info, stems, output, services, idempotent)
+    job, created = submit_job_once(path, info, job_request, services, idempotent, owner=request_owner())
     return _job_response(job, 202 if created else 200)
 
 
 @bp.get("/<job_id>")
 def get_job(job_id: str):
-    return job_json(_services().jobs.get(job_id))
+    return job_json(_visible_job(job_id))
+
+
+def _visible_job(job_id: str) -> Job:
+    """The job, if the request's API key may see it.
+
+    Raises:
+        JobNotFound: no such job, or another key's: the same answer either way, so ids
+            of other keys' jobs cannot be probed.
+    """
+    job = _services().jobs.get(job_id)
+    if _services().api_keys and job.owner != request_owner():
+        raise JobNotFound(f"no job with id {job_id!r}")
+    return job
 
 
 @bp.post("/<job_id>/cancel")
 def cancel(job_id: str):
     """Cancel a queued or running job: 200 with the cancelled job; 409 if it already finished."""
     services = _services()
-    services.jobs.get(job_id)  # 404 for unknown ids, before anything else
+    _visible_job(job_id)  # 404 for unknown ids (and other keys' jobs), before anything else
     try:
         job = cancel_job(services.jobs, services.storage, job_id)
     except IllegalTransition as exc:
@@ -117,7 +134,7 @@ def cancel(job_id: str):
 def delete(job_id: str):
     """Delete a job (cancelling it first if it is not finished): its record and every file."""
     services = _services()
-    services.jobs.get(job_id)  # 404 for unknown ids
+    _visible_job(job_id)  # 404 for unknown ids and other keys' jobs
     delete_job(services.jobs, services.storage, job_id)
     return "", 204
 
@@ -210,7 +227,7 @@ def get_stem(job_id: str, name: str, extension: str):
 
 
 def _succeeded_job(job_id: str) -> Job:
-    job = _services().jobs.get(job_id)
+    job = _visible_job(job_id)
     if job.status is JobStatus.FAILED:
         error = job.error or {"code": "unknown", "message": "unknown error"}
         raise JobNotFinished(f"job {job_id} failed: {error['message']}", code="job_failed",

@@ -7,11 +7,11 @@ import typing as tp
 from pathlib import Path
 
 from shared.audio import AudioInfo
-from shared.celery_app import SEPARATE_TASK
-from shared.errors import JobNotFound, ServiceUnavailable
+from shared.errors import JobNotFound, ServiceUnavailable, TooManyActiveJobs
 from shared.idempotency import IdempotencyKeys
 from shared.jobs import Job, JobStatus, new_job_id
-from shared.output import OutputOptions
+from shared.job_request import JobRequest
+from shared.lifecycle import enqueue_job
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,14 @@ def find_existing_job(idempotent: IdempotentSubmit, services) -> tp.Optional[Job
         return None
 
 
-def submit_job_once(upload: Path, info: AudioInfo, stems: str, output: OutputOptions, services,
-                    idempotent: IdempotentSubmit) -> tuple[Job, bool]:
+def submit_job_once(upload: Path, info: AudioInfo, job_request: JobRequest, services,
+                    idempotent: IdempotentSubmit, owner: str = "") -> tuple[Job, bool]:
     """`submit_job` unless a submit with the same key already created a job: returns the
     job and whether it was created now. Of concurrent submits with one key, exactly one
     creates the job; the others get it (and their upload is left for the caller to discard).
 
     Raises:
+        TooManyActiveJobs: `owner` already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` active jobs.
         ServiceUnavailable: Redis or the broker is unreachable.
     """
     keys, job_id = idempotency_keys(services), new_job_id()
@@ -61,7 +62,7 @@ def submit_job_once(upload: Path, info: AudioInfo, stems: str, output: OutputOpt
     if existing is not None:
         return services.jobs.get(existing), False
     try:
-        job = submit_job(upload, info, stems, output, services, job_id=job_id)
+        job = submit_job(upload, info, job_request, services, owner=owner, job_id=job_id)
     except BaseException:
         try:
             keys.release(idempotent.owner, idempotent.key, job_id)
@@ -72,33 +73,38 @@ def submit_job_once(upload: Path, info: AudioInfo, stems: str, output: OutputOpt
     return job, True
 
 
-def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions, services,
+def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services, owner: str = "",
                job_id: tp.Optional[str] = None) -> Job:
-    """Store the upload as a new job's input, record the job and enqueue it.
+    """Store the upload as a new job's input, record the job (as `owner`'s) and enqueue it.
 
-    Either all three happen or none: if the record or the message cannot be written,
-    the job's files and record are removed again and the caller gets a 503.
+    Either all three happen or none: if the record or the message cannot be written, or
+    the owner is at its active-job limit, the job's files and record are removed again.
 
     Raises:
+        TooManyActiveJobs: `owner` already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` active jobs.
         ServiceUnavailable: Redis or the broker is unreachable.
     """
-    job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=stems, model=services.settings.model,
-              samplerate=info.samplerate, channels=info.channels, frames=info.frames,
-              created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
-              output=output.to_dict())
+    job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems,
+              model=services.settings.model, samplerate=info.samplerate, channels=info.channels,
+              frames=info.frames, created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
+              output=job_request.output.to_dict(), queue=services.settings.queue, owner=owner)
     upload_bytes = upload.stat().st_size
     services.storage.accept_upload(upload, job.id)
     try:
         services.jobs.create(job, upload_bytes=upload_bytes)
-        # Only the id travels through the broker; the audio stays in storage.
-        services.celery.send_task(SEPARATE_TASK, args=[job.id], task_id=job.id,
-                                  queue=services.settings.queue)
+        if owner:
+            # After the record exists, so pruning finished jobs can never drop this one.
+            services.limits.reserve(owner, job.id)
+        enqueue_job(services.celery, job.id, services.settings.queue)
+    except TooManyActiveJobs:
+        _roll_back(job.id, services)
+        raise
     except Exception as exc:
         log.error("could not enqueue job %s: %s", job.id, exc)
         _roll_back(job.id, services)
         raise ServiceUnavailable("the job queue (Redis) is unreachable; the upload was not kept, "
                                  "try again shortly") from exc
-    log.info("queued job %s (%s, %.1fs, %d Hz, %d ch)", job.id, stems, job.duration,
+    log.info("queued job %s (%s, %.1fs, %d Hz, %d ch)", job.id, job.stems, job.duration,
              job.samplerate, job.channels)
     return job
 

@@ -55,7 +55,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         return models.run(args, settings)
     if args.command == "config":
         for name, default, doc in Settings.describe():
-            value = getattr(settings, name[len("DEMIX_"):].lower())
+            value = settings.shown_value(name[len("DEMIX_"):].lower())
             print(f"{name}={value}\n    {doc} (default: {default})")
         return 0
     raise AssertionError(args.command)

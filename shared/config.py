@@ -15,8 +15,10 @@ import platformdirs
 ENV_PREFIX = "DEMIX_"
 
 
-def _setting(default: tp.Any, doc: str, choices: tp.Sequence[str] = ()) -> tp.Any:
-    return dataclasses.field(default=default, metadata={"doc": doc, "choices": tuple(choices)})
+def _setting(default: tp.Any, doc: str, choices: tp.Sequence[str] = (), secret: bool = False) -> tp.Any:
+    # A secret setting is left out of the settings' repr and masked by `shown_value`.
+    return dataclasses.field(default=default, repr=not secret,
+                             metadata={"doc": doc, "choices": tuple(choices), "secret": secret})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,12 @@ class Settings:
     max_attempts: int = _setting(
         3, "Runs of a job whose worker was lost before it fails with worker_lost (a worker "
            "stopped gracefully gives the job back without using up an attempt).")
+    api_keys: str = _setting(
+        "", "API keys, comma-separated, or the path (starting with /, ./ or ~) of a file with one "
+            "key per line; when set, every /v1 request needs `Authorization: Bearer <key>` and a key "
+            "sees only its own jobs. Empty: the API is open (for a private machine).", secret=True)
+    max_active_jobs_per_key: int = _setting(
+        0, "Queued plus running jobs one API key may have at once; more get 429 (0: unlimited).")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -100,6 +108,15 @@ class Settings:
                 values[field.name] = _coerce(field, environ[name], name)
         return cls(**values)
 
+    def shown_value(self, name: str) -> tp.Any:
+        """The value of setting `name` as it may be printed: a secret one only as a file path
+        or as how many values it holds."""
+        field = next(f for f in dataclasses.fields(self) if f.name == name)
+        value = getattr(self, name)
+        if not field.metadata["secret"] or not value or str(value).startswith(SECRET_FILE_PREFIXES):
+            return value
+        return f"<{len([part for part in str(value).split(',') if part.strip()])} hidden>"
+
     @classmethod
     def describe(cls) -> list[tuple[str, tp.Any, str]]:
         """(environment variable, default, doc) for every setting, for help texts and docs."""
@@ -108,6 +125,9 @@ class Settings:
 
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+SECRET_FILE_PREFIXES = ("/", "./", "../", "~")
+"""A secret setting starting with one of these names a file holding the secrets."""
 
 
 def _coerce(field: dataclasses.Field, raw: tp.Any, name: str) -> tp.Any:

@@ -10,10 +10,12 @@ class DemixError(Exception):
     code = "error"
     http_status = 500
 
-    def __init__(self, message: str, *, code: str | None = None, details: dict | None = None):
+    def __init__(self, message: str, *, code: str | None = None, details: dict | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.message = message
         self.details = details or {}
+        self.headers = headers or {}  # HTTP headers the API adds to the error response
         if code is not None:
             self.code = code
 
@@ -44,6 +46,18 @@ class UploadTooLarge(DemixError):
     """The upload exceeds `DEMIX_MAX_UPLOAD_MB`."""
     code = "upload_too_large"
     http_status = 413
+
+
+class Unauthorized(DemixError):
+    """API keys are configured and the request has no valid `Authorization: Bearer <key>`."""
+    code = "unauthorized"
+    http_status = 401
+
+
+class TooManyActiveJobs(DemixError):
+    """The API key already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` jobs queued or running."""
+    code = "too_many_active_jobs"
+    http_status = 429
 
 
 class JobNotFound(DemixError):

@@ -70,6 +70,10 @@ class Job:
     error: tp.Optional[dict] = None
     input_format: str = ""
     output: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)  # resolved OutputOptions
+    queue: str = ""
+    """The Celery queue the job was sent to ("": a record from before queues were recorded)."""
+    owner: str = ""
+    """Id of the API key that submitted it (a digest, never the key); "" without API keys."""
     attempts: int = 0
     """Runs started so far; the current (or last) run's number, which fences its writes."""
     handed_back: int = 0
@@ -127,7 +131,8 @@ FinishedHook = tp.Callable[[Job], None]
 # One script for every state change. Values in the hash are JSON, so statuses compare
 # as '"queued"'. Returns {outcome, previous status, attempts, record...} where outcome is
 # ok | missing | illegal | stale | leased.
-#   KEYS: job hash, running-jobs set, lease, counters hash, duration histogram, audio histogram
+#   KEYS: job hash, running-jobs set, lease, counters hash, duration histogram, audio histogram,
+#         the job's queue's queued index ('' = a record without a queue)
 #   ARGV: job id, target status, allowed previous statuses (space separated), the attempt
 #         the caller runs ('' = any), '1' if the lease must be gone, lease TTL in ms, lease
 #         holder, now, duration buckets (JSON), audio buckets (JSON), requeue reason, then
@@ -154,6 +159,10 @@ if target == 'running' then
 else
   redis.call('DEL', lease)
   redis.call('SREM', running, ARGV[1])
+end
+if KEYS[7] ~= '' then
+  if target == 'queued' then redis.call('ZADD', KEYS[7], ARGV[8], ARGV[1])
+  else redis.call('ZREM', KEYS[7], ARGV[1]) end
 end
 local counters = KEYS[4]
 if target == 'queued' then
@@ -245,16 +254,21 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.hset(keys.job_key(job.id), mapping={k: json.dumps(_plain(v)) for k, v in fields.items()})
         pipe.zadd(keys.jobs_index_key(), {job.id: job.created_at})
+        if job.status is JobStatus.QUEUED and job.queue:
+            pipe.zadd(keys.queued_jobs_key(job.queue), {job.id: job.created_at})
         pipe.hincrby(keys.metrics_counters_key(), "submitted", 1)
         pipe.hincrby(keys.metrics_counters_key(), "upload_bytes", upload_bytes)
         pipe.execute()
 
     def delete(self, job_id: str) -> None:
         """Remove the job's record, lease and index entries (not its files)."""
+        queued_key = self._queued_key(job_id)
         pipe = self.redis.pipeline()
         pipe.delete(keys.job_key(job_id), keys.lease_key(job_id))
         pipe.zrem(keys.jobs_index_key(), job_id)
         pipe.srem(keys.running_jobs_key(), job_id)
+        if queued_key:
+            pipe.zrem(queued_key, job_id)
         pipe.execute()
 
     def mark_running(self, job_id: str, lease_s: float, holder: str = "") -> Job:
@@ -342,7 +356,7 @@ class JobStore:
         reply = self._transition(
             keys=[keys.job_key(job_id), keys.running_jobs_key(), keys.lease_key(job_id),
                   keys.metrics_counters_key(), keys.metrics_histogram_key("job_duration_seconds"),
-                  keys.metrics_histogram_key("job_audio_seconds")],
+                  keys.metrics_histogram_key("job_audio_seconds"), self._queued_key(job_id)],
             args=[job_id, target.value, " ".join(s.value for s in allowed),
                   "" if attempt is None else attempt, "1" if lease_must_be_gone else "0",
                   int(lease_s * 1000), holder, time.time(), json.dumps(JOB_DURATION_BUCKETS),
@@ -354,6 +368,12 @@ class JobStore:
         if target in FINISHED:
             self._call_finished_hooks(job)
         return job
+
+    def _queued_key(self, job_id: str) -> str:
+        """The queued index of the job's queue ('' for a record without one); a job's queue
+        never changes, so reading it before the transition is safe."""
+        queue = self.redis.hget(keys.job_key(job_id), "queue")
+        return keys.queued_jobs_key(json.loads(queue)) if queue and json.loads(queue) else ""
 
     def _call_finished_hooks(self, job: Job) -> None:
         for hook in self.on_finished:

@@ -45,6 +45,18 @@ def metrics_histogram_key(name: str) -> str:
     return f"{PREFIX}:metrics:histogram:{name}"
 
 
+def queued_jobs_key(queue: str) -> str:
+    """Sorted set of the ids of jobs in state `queued` for Celery queue `queue`, scored by
+    the time each entered the queue: a job's rank is its place in the queue."""
+    return f"{PREFIX}:queued:{queue}"
+
+
+def owner_active_jobs_key(owner: str) -> str:
+    """Set of the ids of an API key owner's jobs that may still be queued or running
+    (finished ones are pruned when the owner submits)."""
+    return f"{PREFIX}:owner:{owner}:active"
+
+
 def queue_keys(queue: str) -> list[str]:
     """The lists kombu's Redis transport keeps a Celery queue in, one per priority step.
 

@@ -28,9 +28,10 @@ from shared.audio import read_info
 from shared.celery_app import celery_app
 from shared.config import Settings, get_settings
 from shared.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed, StaleAttempt
+from shared.job_request import default_output
 from shared.jobs import Job, JobStatus, JobStore
 from shared.lifecycle import hand_back_job, recover_lost_job
-from shared.output import OutputOptions, resolve_output
+from shared.output import OutputOptions
 from shared.storage import JobStorage, disk_full_error
 
 from .engine import SeparationOptions, separate_file
@@ -182,7 +183,7 @@ def _separate(job: Job, attempt: int, context: WorkerContext, lease: "AttemptLea
     if not input_path.exists():
         lease.check()  # a job deleted or cancelled meanwhile has no input any more
     # Records written before output options existed mean the input's own format.
-    output = OutputOptions.from_dict(job.output) if job.output else resolve_output({}, read_info(input_path))
+    output = OutputOptions.from_dict(job.output) if job.output else default_output(read_info(input_path))
     return separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
                          options=options, progress=lease.report_progress, output=output)
 
