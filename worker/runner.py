@@ -118,6 +118,9 @@ def run_job(job_id: str, context: WorkerContext, worker: str = "") -> None:
         log.warning("job %s attempt %d failed: %s", job_id, attempt, exc.message)
         error = exc
     except Exception as exc:
+        if not context.storage.job_dir(job_id).exists():  # deleted or cancelled mid-write
+            _abandon(job_id, attempt, JobInterrupted("deleted", "the job's folder was removed"), context)
+            return
         if (disk_full := disk_full_error(exc)) is not None:  # an expected failure, not a bug
             log.error("job %s attempt %d failed: %s", job_id, attempt, disk_full.message)
             error = disk_full
