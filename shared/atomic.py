@@ -61,11 +61,14 @@ def _fsync(path: Path, flags: int) -> None:
 
 
 class PendingFile:
-    """A file being written under a temporary name beside `final`, until `commit` or `discard`."""
+    """A file being written under a temporary name beside `final`, until `commit` or `discard`.
+
+    `final`'s folder must exist: it is not created here, so a writer whose folder was
+    deleted meanwhile (a deleted job) fails instead of bringing the folder back.
+    """
 
     def __init__(self, final: Path):
         self.final = Path(final)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temporary = temporary_name(self.final)
 
     def commit(self) -> Path:

@@ -71,7 +71,13 @@ class JobStorage:
 
     def pending_stem(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,
                      attempt: int = 0) -> PendingFile:
-        """A stem file of attempt `attempt` to write under a temporary name; `commit()` publishes it."""
+        """A stem file of attempt `attempt` to write under a temporary name; `commit()` publishes it.
+
+        Raises:
+            FileNotFoundError: the job's folder is gone (the job was deleted or cancelled).
+        """
+        # Not `parents=True`: a run that outlived its job's deletion must not recreate its folder.
+        self.stems_dir(job_id, attempt).mkdir(exist_ok=True)
         return PendingFile(self.stem_path(job_id, name, extension, attempt))
 
     def attempts_on_disk(self, job_id: str) -> list[int]:

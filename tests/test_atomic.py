@@ -10,6 +10,7 @@ from shared.atomic import PendingFile, atomic_open, atomic_path, is_temporary, p
 
 def test_atomic_open_publishes_only_when_the_block_ends(tmp_path):
     final = tmp_path / "sub" / "stem.wav"
+    final.parent.mkdir()
     with atomic_open(final) as file:
         file.write(b"first half ")
         assert not final.exists()  # nothing under the final name while writing
@@ -79,3 +80,11 @@ def test_publish_file_moves_a_complete_file_into_place(tmp_path):
     target.parent.mkdir()
     assert publish_file(source, target) == target
     assert target.read_bytes() == b"RIFF" and not source.exists()
+
+
+def test_a_writer_whose_folder_was_deleted_fails_instead_of_recreating_it(tmp_path):
+    folder = tmp_path / "jobs" / "deleted-job"
+    with pytest.raises(FileNotFoundError):
+        with atomic_open(folder / "stem.wav") as file:
+            file.write(b"late")
+    assert not folder.exists()

@@ -204,3 +204,16 @@ def test_a_disk_full_error_from_the_writer_fails_the_job_without_partial_stems(
     run_job(job_id, context)
     assert len(writes) == 3 and all(is_temporary(path) for path in writes)
     assert_failed_with_disk_full_and_no_stems(context, job_id)
+
+
+def test_a_run_whose_job_folder_disappears_mid_write_stops_without_recreating_it(context, tmp_path, monkeypatch):
+    job_id = queued_job(context, tmp_path, seconds=2.0)
+    real_write = AudioWriter.write
+
+    def delete_the_job_then_write(self, samples):
+        context.storage.delete_job(job_id)  # as DELETE does, before the worker notices
+        real_write(self, samples)
+
+    monkeypatch.setattr(AudioWriter, "write", delete_the_job_then_write)
+    run_job(job_id, context)
+    assert not context.storage.job_dir(job_id).exists()

@@ -64,6 +64,7 @@ def write_bag(repo_dir: Path, name: str, sigs: tp.Sequence[str],
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as file:
         file.write(payload)
 

@@ -92,7 +92,7 @@ class JobStemSink:
     def open_stem(self, name: str, samplerate: int, channels: int, subtype: str, frames: int):
         if self.rescaling:
             # Float samples wait in a scratch file until every stem's peak is known.
-            scratch = PendingFile(self.storage.stem_path(self.job_id, name, "float.wav", self.attempt))
+            scratch = self.storage.pending_stem(self.job_id, name, "float.wav", self.attempt)
             writer = _PeakTrackingWriter(scratch.temporary, samplerate, channels, frames)
             self._kept[name] = (writer, scratch, samplerate, channels, frames)
             return writer
