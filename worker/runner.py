@@ -118,8 +118,11 @@ def _run_attempt(job: Job, context: WorkerContext, lease: "AttemptLease") -> Non
             outputs = _separate(job, attempt, context, lease)
         except Exception:
             # A job cancelled or deleted mid-run loses its files under the run: that is
-            # the reason to stop, not an error of the job.
+            # the reason to stop, not an error of the job. (Its folder tells even while
+            # Redis cannot be asked.)
             lease.confirm()
+            if not context.storage.job_dir(job_id).exists():
+                raise JobInterrupted("deleted", "the job's folder was removed") from None
             raise
     except JobInterrupted as stop:
         _abandon(job_id, attempt, stop, context)
@@ -128,9 +131,6 @@ def _run_attempt(job: Job, context: WorkerContext, lease: "AttemptLease") -> Non
         log.warning("job %s attempt %d failed: %s", job_id, attempt, exc.message)
         error: DemixError = exc
     except Exception as exc:
-        if not context.storage.job_dir(job_id).exists():  # deleted or cancelled mid-write
-            _abandon(job_id, attempt, JobInterrupted("deleted", "the job's folder was removed"), context)
-            return
         if (disk_full := disk_full_error(exc)) is not None:  # an expected failure, not a bug
             log.error("job %s attempt %d failed: %s", job_id, attempt, disk_full.message)
             error = disk_full
