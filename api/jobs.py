@@ -12,6 +12,7 @@ from shared.intake import inspect_upload
 from shared.jobs import Job, JobStatus
 from shared.output import OutputOptions, resolve_output
 from shared.stems import ALL, STEM_CHOICES
+from shared.webhooks import validate_callback_url
 
 from .submission import submit_job
 from .uploads import upload_path
@@ -48,7 +49,8 @@ def job_json(job: Job) -> dict:
 
 @bp.post("")
 def create_job():
-    """Accept a WAV upload (`file`) and the `stems` choice; answer 202 with the queued job."""
+    """Accept a WAV upload (`file`), the `stems` choice, output options and an optional
+    `callback_url`; answer 202 with the queued job."""
     services = _services()
     upload = request.files.get("file")
     if upload is None:
@@ -58,11 +60,12 @@ def create_job():
     if stems not in STEM_CHOICES:
         raise BadRequest(f"unknown stems value {stems!r}; expected one of {', '.join(STEM_CHOICES)}",
                          code="invalid_stems")
+    callback_url = validate_callback_url(request.form.get("callback_url"))
     # A part over the upload limit was already refused while it streamed (`CappedUploadFile`).
     path = upload_path(upload)
     info = inspect_upload(path, services.settings)
     output = resolve_output(request.form, info)
-    job = submit_job(path, info, stems, output, services)
+    job = submit_job(path, info, stems, output, services, callback_url=callback_url)
     response = current_app.json.response(job_json(job))
     response.status_code = 202
     response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import typing as tp
 from pathlib import Path
 
 from shared.audio import AudioInfo
@@ -14,7 +15,8 @@ from shared.output import OutputOptions
 log = logging.getLogger(__name__)
 
 
-def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions, services) -> Job:
+def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions, services, *,
+               callback_url: tp.Optional[str] = None) -> Job:
     """Store the upload as a new job's input, record the job and enqueue it.
 
     Either all three happen or none: if the record or the message cannot be written,
@@ -26,7 +28,7 @@ def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions,
     job = Job(id=new_job_id(), status=JobStatus.QUEUED, stems=stems, model=services.settings.model,
               samplerate=info.samplerate, channels=info.channels, frames=info.frames,
               created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
-              output=output.to_dict())
+              output=output.to_dict(), callback_url=callback_url)
     services.storage.accept_upload(upload, job.id)
     try:
         services.jobs.create(job)

@@ -50,6 +50,7 @@ class Job:
     error: tp.Optional[dict] = None
     input_format: str = ""
     output: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)  # resolved OutputOptions
+    callback_url: tp.Optional[str] = None  # webhook target, POSTed the job JSON when it finishes
 
     @property
     def duration(self) -> float:
@@ -74,6 +75,7 @@ class Job:
             "input_format": self.input_format,
             "output": self.output,
             "error": self.error,
+            "callback_url": self.callback_url,
         }
 
 

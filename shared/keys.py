@@ -14,6 +14,16 @@ def jobs_index_key() -> str:
     return f"{PREFIX}:jobs"
 
 
+def webhooks_due_key() -> str:
+    """Sorted set of pending webhook delivery ids scored by when each is next due (epoch s)."""
+    return f"{PREFIX}:webhooks:due"
+
+
+def webhook_key(delivery_id: str) -> str:
+    """Hash holding one pending webhook delivery: its URL, body and attempts so far."""
+    return f"{PREFIX}:webhook:{delivery_id}"
+
+
 def queue_keys(queue: str) -> list[str]:
     """The lists kombu's Redis transport keeps a Celery queue in, one per priority step.
 

@@ -34,3 +34,9 @@ def test_a_value_outside_the_choices_names_them():
     assert Settings.from_env({"DEMIX_PRECISION": "bf16"}).precision == "bf16"
     with pytest.raises(ValueError, match="DEMIX_PRECISION='int8' is not one of fp32, bf16, fp16"):
         Settings.from_env({"DEMIX_PRECISION": "int8"})
+
+
+def test_the_public_url_defaults_to_the_api_address():
+    assert Settings.from_env({"DEMIX_PORT": "9001"}).effective_public_url == "http://127.0.0.1:9001"
+    assert Settings.from_env({"DEMIX_PUBLIC_URL": "https://demix.example/"}).effective_public_url \
+        == "https://demix.example"
