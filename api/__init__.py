@@ -10,6 +10,7 @@ from shared.celery_app import celery_app
 from shared.config import Settings, get_settings
 from shared.jobs import JobStore
 from shared.storage import JobStorage
+from shared.webhooks import WebhookQueue
 
 from .uploads import UploadRequest, discard_unclaimed_uploads
 
@@ -33,9 +34,10 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     if test_config is not None:
         app.config.from_mapping({k: v for k, v in test_config.items() if k != "SETTINGS"})
 
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5, socket_timeout=30)
     app.extensions["demix"] = Services(
-        jobs=JobStore(redis.Redis.from_url(settings.effective_redis_url,
-                                           socket_connect_timeout=5, socket_timeout=30)),
+        # A job cancelled here gets its webhook queued like one a worker finishes.
+        jobs=JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished]),
         storage=JobStorage(settings.data_dir),
         celery=celery_app,
         settings=settings,

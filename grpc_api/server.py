@@ -25,12 +25,13 @@ from api import Services
 from api.submission import submit_job
 from shared.celery_app import celery_app
 from shared.config import Settings
-from shared.errors import BadRequest, DemixError, JobNotFound, ServiceUnavailable
+from shared.errors import BadRequest, DemixError, IllegalTransition, JobNotFound, ServiceUnavailable
 from shared.intake import inspect_upload
 from shared.jobs import Job, JobStatus, JobStore
 from shared.output import resolve_output
 from shared.stems import ALL, STEM_CHOICES
 from shared.storage import JobStorage
+from shared.webhooks import WebhookQueue
 
 from .protos import demixing_pb2, demixing_pb2_grpc
 
@@ -120,7 +121,8 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
             path.unlink(missing_ok=True)  # already moved into the job's folder when accepted
 
     def wait(self, job_id: str, context: grpc.ServicerContext) -> tp.Optional[Job]:
-        """The finished job, or None once the call is no longer active."""
+        """The finished job, or None (the job cancelled) once the call is no longer active:
+        the client cancelled it or its deadline passed."""
         while context.is_active():
             try:
                 job = self.services.jobs.get(job_id)
@@ -129,8 +131,12 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
             if job.status.is_finished:
                 return job
             time.sleep(POLL_INTERVAL_S)
-        log.info("gRPC call for job %s ended before the job finished; the job goes on "
-                 "(GET /v1/jobs/%s)", job_id, job_id)
+        # No one is left to answer: the job would only use a worker for nothing.
+        try:
+            self.services.jobs.mark_cancelled(job_id)
+            log.info("gRPC call for job %s ended (cancelled or past its deadline); job cancelled", job_id)
+        except (IllegalTransition, JobNotFound):
+            pass  # it finished (or was deleted) meanwhile
         return None
 
     def answer(self, job: Job) -> str:
@@ -180,7 +186,8 @@ def parse_sounds(sounds: str) -> str:
 
 def make_services(settings: Settings) -> Services:
     client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5, socket_timeout=30)
-    return Services(jobs=JobStore(client), storage=JobStorage(settings.data_dir), celery=celery_app,
+    jobs = JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished])
+    return Services(jobs=jobs, storage=JobStorage(settings.data_dir), celery=celery_app,
                     settings=settings)
 
 

@@ -145,7 +145,7 @@ def wait_for_job(base_url: str, job_id: str, timeout: float = 120.0,
         job = requests.get(f"{base_url}/v1/jobs/{job_id}", timeout=10).json()
         if on_poll is not None:
             on_poll(job)
-        if job["status"] in ("succeeded", "failed"):
+        if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish within {timeout}s: {job}")

@@ -10,11 +10,13 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import soundfile as sf
 
 from cli.redis_server import free_port
@@ -23,6 +25,7 @@ from grpc_api.server import DemixingServicer, grpc_status_for, make_server, make
 from shared.errors import DemixError
 from shared.jobs import JobStatus
 from tests.audio_factory import write_wav
+from tests.conftest import UNCONSUMED_QUEUE
 
 ORIGINAL_PROTO = """\
 syntax = "proto3";
@@ -36,17 +39,19 @@ CLIENT = textwrap.dedent("""
     import grpc
     import demixing_pb2, demixing_pb2_grpc
 
-    address, wav, sounds = sys.argv[1:4]
+    address, wav, sounds, timeout = sys.argv[1:5]
     limit = 1 << 30
     with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", limit),
                                                  ("grpc.max_send_message_length", limit)]) as channel:
         stub = demixing_pb2_grpc.demixingStub(channel)
         try:
-            answer = stub.demixing(demixing_pb2.Query(audio_file=open(wav, "rb").read(), sounds=sounds),
-                                   timeout=300)
-            print(json.dumps({"demixed_audio": answer.demixed_audio}))
+            answer, call = stub.demixing.with_call(
+                demixing_pb2.Query(audio_file=open(wav, "rb").read(), sounds=sounds), timeout=float(timeout))
+            print(json.dumps({"demixed_audio": answer.demixed_audio,
+                              "metadata": dict(call.initial_metadata())}))
         except grpc.RpcError as error:
-            print(json.dumps({"code": error.code().name, "details": error.details()}))
+            print(json.dumps({"code": error.code().name, "details": error.details(),
+                              "metadata": dict(error.initial_metadata() or ())}))
 """)
 
 
@@ -61,9 +66,10 @@ def grpc_client_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def call(client_dir: Path, address: str, audio: Path, sounds: str) -> dict:
+def call(client_dir: Path, address: str, audio: Path, sounds: str, timeout: float = 300) -> dict:
     """Run the generated client in its own process; returns its answer or its error."""
-    done = subprocess.run([sys.executable, str(client_dir / "client.py"), address, str(audio), sounds],
+    done = subprocess.run([sys.executable, str(client_dir / "client.py"), address, str(audio), sounds,
+                           str(timeout)],
                           cwd=client_dir, capture_output=True, text=True, timeout=600, check=True)
     return json.loads(done.stdout)
 
@@ -86,10 +92,13 @@ def test_the_committed_proto_is_the_original_services_unchanged():
     assert PROTO_FILE.read_text() == ORIGINAL_PROTO
 
 
-def test_all_answers_four_complete_wavs_of_the_inputs_length(grpc_client_dir, grpc_address, tmp_path):
+def test_all_answers_four_complete_wavs_of_the_inputs_length(grpc_client_dir, grpc_address, live_server,
+                                                             tmp_path):
     song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=1.5)
     answer = call(grpc_client_dir, grpc_address, song, "all")
     assert "code" not in answer, answer
+    job = requests.get(f"{live_server.url}/v1/jobs/{answer['metadata']['demix-job-id']}", timeout=30).json()
+    assert job["status"] == "succeeded" and job["stems"] == "all"  # an ordinary job, seen over HTTP too
     stems = decode_stems(answer)
     assert list(stems) == ["drums", "bass", "other", "vocals"]
     original, rate = sf.read(str(song), dtype="float64", always_2d=True)
@@ -168,3 +177,22 @@ def test_a_failed_job_is_internal_with_its_message(redis_server, settings):
         services.jobs.redis.close()
     assert grpc_status_for(error.value) is grpc.StatusCode.INTERNAL
     assert "no weights for m" in error.value.message and error.value.code == "model_unavailable"
+
+
+def test_a_call_past_its_deadline_cancels_its_job(grpc_client_dir, redis_server, settings, tmp_path):
+    idle = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE)  # no worker: the job stays queued
+    services = make_services(idle)
+    server, port = make_server(idle, services=services, address="127.0.0.1:0")
+    server.start()
+    try:
+        song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.2)
+        answer = call(grpc_client_dir, f"127.0.0.1:{port}", song, "all", timeout=3)
+        assert answer["code"] == "DEADLINE_EXCEEDED"
+        job_id = answer["metadata"]["demix-job-id"]
+        deadline = time.monotonic() + 60
+        while services.jobs.get(job_id).status is not JobStatus.CANCELLED:
+            assert time.monotonic() < deadline, services.jobs.get(job_id)
+            time.sleep(0.1)
+    finally:
+        server.stop(grace=None).wait()
+        services.jobs.redis.close()

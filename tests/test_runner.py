@@ -62,7 +62,8 @@ def test_a_finished_job_delivered_again_is_not_run_again(context, tmp_path):
 
 def test_a_job_interrupted_mid_run_is_redone_from_its_input(context, tmp_path):
     job_id = queued_job(context, tmp_path, stems="vocals")
-    context.jobs.mark_running(job_id)  # a worker took it, then died
+    context.jobs.mark_running(job_id, lease_s=0.001)  # a worker took it, then died
+    time.sleep(0.05)  # and its lease expired
     leftover = context.storage.temporary_stem_path(job_id, "vocals")
     leftover.write_bytes(b"half a file")
     run_job(job_id, context)
@@ -73,7 +74,8 @@ def test_a_job_interrupted_mid_run_is_redone_from_its_input(context, tmp_path):
 
 def test_progress_reports_are_rate_limited_and_recorded(context, tmp_path):
     job_id = queued_job(context, tmp_path)
-    reporter = ProgressReporter(context.jobs, job_id, interval=3600)
+    context.jobs.mark_running(job_id, lease_s=30)
+    reporter = ProgressReporter(context.jobs, job_id, attempt=1, lease_s=30, interval=3600)
     reporter(0.25)
     reporter(0.5)  # within the interval: not written
     assert context.jobs.get(job_id).progress == 0.25

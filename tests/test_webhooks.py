@@ -255,3 +255,46 @@ def test_every_worker_runs_a_sender_from_start_to_shutdown(redis_server):
     assert tasks._webhook_sender is None
     sender._thread.join(10)
     assert not sender._thread.is_alive()
+
+
+@pytest.fixture
+def service_sender(redis_server, settings):
+    """The sender a `demix worker` runs, on the service's own Redis database.
+
+    (The test worker is celery's `TestWorkController`, which does not send `worker_ready`.)"""
+    sender = WebhookSender(WebhookQueue(redis.Redis.from_url(redis_server.url), settings),
+                           poll_interval_s=0.05).start()
+    yield sender
+    sender.stop()
+
+
+def test_a_job_through_the_api_and_worker_posts_its_final_json(live_server, service_sender, settings,
+                                                               tmp_path):
+    with WebhookReceiver([200]) as receiver:
+        response = requests.post(f"{live_server.url}/v1/jobs", timeout=60,
+                                 files={"file": ("a.wav", wav_bytes(tmp_path, seconds=0.5))},
+                                 data={"stems": "drums", "callback_url": receiver.url})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        [received] = receiver.wait_for(1, timeout=300)
+    shown = requests.get(f"{live_server.url}/v1/jobs/{job_id}", timeout=30).json()
+    body = json.loads(received.body)
+    assert body["status"] == "succeeded" and body["id"] == job_id
+    # The same JSON as the API shows, its links under DEMIX_PUBLIC_URL instead of the request's host.
+    expected = json.loads(json.dumps(shown).replace(live_server.url, settings.effective_public_url))
+    assert {k: v for k, v in body.items() if k in expected} == expected
+    assert set(body["outputs"]) == {"drums", "no_drums"}
+    assert "X-Demix-Signature" not in received.headers  # no DEMIX_WEBHOOK_SECRET in the tests
+
+
+def test_a_cancelled_job_posts_its_final_json(idle_server, service_sender, tmp_path):
+    with WebhookReceiver([200]) as receiver:
+        response = requests.post(f"{idle_server.url}/v1/jobs", timeout=60,
+                                 files={"file": ("a.wav", wav_bytes(tmp_path))},
+                                 data={"callback_url": receiver.url})
+        job_id = response.json()["id"]
+        assert receiver.requests == []
+        idle_server.server.app.extensions["demix"].jobs.mark_cancelled(job_id)  # the API's own store
+        [received] = receiver.wait_for(1)
+    body = json.loads(received.body)
+    assert body["id"] == job_id and body["status"] == "cancelled" and body["outputs"] is None

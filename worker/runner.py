@@ -15,10 +15,11 @@ import redis
 
 from shared.audio import read_info
 from shared.config import Settings, get_settings
-from shared.errors import DemixError, JobNotFound, SeparationFailed
-from shared.jobs import JobStore
+from shared.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed
+from shared.jobs import JobStatus, JobStore
 from shared.output import OutputOptions, resolve_output
 from shared.storage import JobStorage
+from shared.webhooks import WebhookQueue
 
 from .engine import SeparationOptions, separate_file
 from .models import ModelCache, ModelSpec, resolve_device
@@ -46,7 +47,9 @@ def worker_context() -> WorkerContext:
     _configure_torch_threads(settings)
     client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5,
                                   socket_timeout=30, health_check_interval=30)
-    return WorkerContext(settings=settings, jobs=JobStore(client),
+    # A finished job with a callback_url gets its webhook queued (sent by the worker's sender).
+    jobs = JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished])
+    return WorkerContext(settings=settings, jobs=jobs,
                          storage=JobStorage(settings.data_dir), models=ModelCache())
 
 
@@ -72,7 +75,20 @@ def run_job(job_id: str, context: WorkerContext) -> None:
     if job.status.is_finished:
         log.info("job %s is already %s; skipping duplicate delivery", job_id, job.status.value)
         return
-    jobs.mark_running(job_id)
+    if job.status is JobStatus.RUNNING:
+        # A redelivered message of a run whose worker died: take over only if its lease
+        # expired; a live lease means another worker is on it.
+        try:
+            jobs.requeue(job_id, job.attempts, handed_back=False)
+        except IllegalTransition as exc:
+            log.info("job %s: not taking it over: %s", job_id, exc.message)
+            return
+    try:
+        job = jobs.mark_running(job_id, settings.lease_s)
+    except IllegalTransition as exc:
+        log.info("job %s: not starting it: %s", job_id, exc.message)
+        return
+    attempt = job.attempts
     storage.clear_stems(job_id)
     started = time.monotonic()
     try:
@@ -87,17 +103,18 @@ def run_job(job_id: str, context: WorkerContext) -> None:
         output = (OutputOptions.from_dict(job.output) if job.output
                   else resolve_output({}, read_info(input_path)))
         outputs = separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job_id, output),
-                                options=options, progress=ProgressReporter(jobs, job_id),
+                                options=options, progress=ProgressReporter(jobs, job_id, attempt, settings.lease_s),
                                 output=output)
     except DemixError as exc:
         log.warning("job %s failed: %s", job_id, exc.message)
-        jobs.mark_failed(job_id, exc)
+        jobs.mark_failed(job_id, exc, attempt)
         return
     except Exception as exc:
         log.exception("job %s failed unexpectedly", job_id)
-        jobs.mark_failed(job_id, SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"))
+        jobs.mark_failed(job_id, SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"),
+                         attempt)
         raise
-    jobs.mark_succeeded(job_id, outputs)
+    jobs.mark_succeeded(job_id, outputs, attempt)
     log.info("job %s succeeded in %.1fs (%.1fs of audio)", job_id, time.monotonic() - started,
              job.duration)
 
@@ -105,12 +122,14 @@ def run_job(job_id: str, context: WorkerContext) -> None:
 class ProgressReporter:
     """Writes a job's progress to its record, at most every `PROGRESS_INTERVAL_S`."""
 
-    def __init__(self, jobs: JobStore, job_id: str, interval: float = PROGRESS_INTERVAL_S):
+    def __init__(self, jobs: JobStore, job_id: str, attempt: int, lease_s: float,
+                 interval: float = PROGRESS_INTERVAL_S):
         self.jobs, self.job_id, self.interval = jobs, job_id, interval
+        self.attempt, self.lease_s = attempt, lease_s
         self._last_write = -float("inf")
 
     def __call__(self, progress: float) -> None:
         now = time.monotonic()
         if now - self._last_write >= self.interval:
             self._last_write = now
-            self.jobs.set_progress(self.job_id, progress)
+            self.jobs.heartbeat(self.job_id, self.attempt, self.lease_s, progress=progress)
