@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a Celery worker that separates jobs")
     worker.add_argument("--concurrency", type=int, help="jobs at once (DEMIX_WORKER_CONCURRENCY)")
     worker.add_argument("--loglevel", default="INFO")
+    commands.add_parser("grpc", help="serve the original gRPC interface (demixing.proto) on DEMIX_GRPC_PORT")
     commands.add_parser("config", help="print every DEMIX_* setting, its value and its meaning")
     models.add_parser(commands)
     separate = commands.add_parser("separate", help="upload WAVs to a running service and download their stems")
@@ -46,6 +47,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         _replace_process(api_argv(settings, args.workers))
     if args.command == "worker":
         _replace_process(worker_argv(settings, args.concurrency, args.loglevel))
+    if args.command == "grpc":
+        from grpc_api.server import serve
+        return serve(settings)
     if args.command == "separate":
         from .client import run_separate
         server = args.server or f"http://{settings.host}:{settings.port}"

@@ -36,6 +36,7 @@ class Service:
     redis: tp.Optional[RedisServer] = None
     worker: tp.Optional[subprocess.Popen] = None
     api: tp.Optional[subprocess.Popen] = None
+    grpc: tp.Optional[subprocess.Popen] = None
     redis_url: str = ""
 
     @property
@@ -55,6 +56,7 @@ class Service:
             self._ensure_model(env, echo)
         self.worker = popen_child([sys.executable, "-m", "cli.main", "worker"], env=env)
         self.api = popen_child([sys.executable, "-m", "cli.main", "api"], env=env)
+        self.grpc = popen_child([sys.executable, "-m", "cli.main", "grpc"], env=env)
         self._wait_ready()
 
     def _ensure_model(self, env: dict, echo: tp.Callable[[str], None]) -> None:
@@ -86,12 +88,14 @@ class Service:
             raise ServiceFailed(f"the {missing} did not become ready within {READY_TIMEOUT_S:.0f}s")
 
     def check_alive(self) -> None:
-        for name, process in (("worker", self.worker), ("API", self.api),
+        for name, process in (("worker", self.worker), ("API", self.api), ("gRPC server", self.grpc),
                               ("Redis", self.redis.process if self.redis else None)):
             if process is not None and process.poll() is not None:
                 raise ServiceFailed(f"the {name} exited with code {process.returncode}")
 
     def stop(self) -> None:
+        if self.grpc is not None:
+            stop_process(self.grpc, API_STOP_TIMEOUT_S)
         if self.api is not None:
             stop_process(self.api, API_STOP_TIMEOUT_S)
         if self.worker is not None:
@@ -121,6 +125,7 @@ def run_up(settings: Settings) -> int:
     try:
         service.start()
         print(f"demix is ready: {service.url}  (POST {service.url}/v1/jobs; Ctrl-C stops)", flush=True)
+        print(f"gRPC (demixing.proto) on {settings.host}:{settings.grpc_port}", flush=True)
         while True:
             service.check_alive()
             time.sleep(0.5)
