@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     separate.add_argument("files", nargs="+", type=Path, metavar="WAV")
     separate.add_argument("--stems", default="all", help="all (default), drums, bass, vocals or other")
     separate.add_argument("--server", help="service URL (default: http://DEMIX_HOST:DEMIX_PORT)")
+    separate.add_argument("--api-key", help="API key sent as `Authorization: Bearer` (default: DEMIX_API_KEY)")
     separate.add_argument("-o", "--out", type=Path, default=Path("separated"),
                           help="folder for the stems, one sub-folder per file (default: ./separated)")
     return parser
@@ -53,7 +54,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if args.command == "separate":
         from .client import run_separate
         server = args.server or f"http://{settings.host}:{settings.port}"
-        return run_separate(server, args.files, args.stems, args.out)
+        return run_separate(server, args.files, args.stems, args.out,
+                            api_key=args.api_key or settings.api_key or None)
     if args.command == "models":
         return models.run(args, settings)
     if args.command == "config":

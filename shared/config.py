@@ -70,6 +70,8 @@ class Settings:
     webhook_timeout_s: float = _setting(
         10.0, "Longest a webhook receiver may take to answer, in seconds, before the attempt fails.")
     grpc_port: int = _setting(50051, "Port the gRPC interface (`demix grpc`) listens on, on DEMIX_HOST.")
+    api_key: str = _setting(
+        "", "For `demix separate`: the API key it sends as `Authorization: Bearer` (--api-key).")
 
     @property
     def max_upload_bytes(self) -> int:
