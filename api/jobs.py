@@ -10,9 +10,8 @@ from flask import Blueprint, Response, current_app, request, send_file, stream_w
 from shared.errors import BadRequest, JobNotFinished, JobNotFound
 from shared.intake import inspect_upload
 from shared.jobs import Job, JobStatus
-from shared.output import OutputOptions, resolve_output
-from shared.stems import ALL, STEM_CHOICES
-from shared.webhooks import validate_callback_url
+from shared.job_request import FILE_FIELD, parse_job_request
+from shared.output import OutputOptions
 
 from .submission import submit_job
 from .uploads import upload_path
@@ -52,20 +51,15 @@ def create_job():
     """Accept a WAV upload (`file`), the `stems` choice, output options and an optional
     `callback_url`; answer 202 with the queued job."""
     services = _services()
-    upload = request.files.get("file")
+    upload = request.files.get(FILE_FIELD)
     if upload is None:
         raise BadRequest("missing the multipart file field 'file' (the WAV to separate)",
                          code="missing_file")
-    stems = request.form.get("stems", ALL).strip().lower() or ALL
-    if stems not in STEM_CHOICES:
-        raise BadRequest(f"unknown stems value {stems!r}; expected one of {', '.join(STEM_CHOICES)}",
-                         code="invalid_stems")
-    callback_url = validate_callback_url(request.form.get("callback_url"))
     # A part over the upload limit was already refused while it streamed (`CappedUploadFile`).
     path = upload_path(upload)
     info = inspect_upload(path, services.settings)
-    output = resolve_output(request.form, info)
-    job = submit_job(path, info, stems, output, services, callback_url=callback_url)
+    job_request = parse_job_request(request.form, info)
+    job = submit_job(path, info, job_request, services)
     response = current_app.json.response(job_json(job))
     response.status_code = 202
     response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)

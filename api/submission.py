@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import logging
 import time
-import typing as tp
 from pathlib import Path
 
 from shared.audio import AudioInfo
 from shared.celery_app import SEPARATE_TASK
 from shared.errors import ServiceUnavailable
 from shared.jobs import Job, JobStatus, new_job_id
-from shared.output import OutputOptions
+from shared.job_request import JobRequest
 
 log = logging.getLogger(__name__)
 
 
-def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions, services, *,
-               callback_url: tp.Optional[str] = None) -> Job:
+def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services) -> Job:
     """Store the upload as a new job's input, record the job and enqueue it.
 
     Either all three happen or none: if the record or the message cannot be written,
@@ -25,10 +23,10 @@ def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions,
     Raises:
         ServiceUnavailable: Redis or the broker is unreachable.
     """
-    job = Job(id=new_job_id(), status=JobStatus.QUEUED, stems=stems, model=services.settings.model,
+    job = Job(id=new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems, model=services.settings.model,
               samplerate=info.samplerate, channels=info.channels, frames=info.frames,
               created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
-              output=output.to_dict(), callback_url=callback_url)
+              output=job_request.output.to_dict(), callback_url=job_request.callback_url)
     services.storage.accept_upload(upload, job.id)
     try:
         services.jobs.create(job)
@@ -40,7 +38,7 @@ def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions,
         _roll_back(job.id, services)
         raise ServiceUnavailable("the job queue (Redis) is unreachable; the upload was not kept, "
                                  "try again shortly") from exc
-    log.info("queued job %s (%s, %.1fs, %d Hz, %d ch)", job.id, stems, job.duration,
+    log.info("queued job %s (%s, %.1fs, %d Hz, %d ch)", job.id, job.stems, job.duration,
              job.samplerate, job.channels)
     return job
 

@@ -25,11 +25,12 @@ from api import Services
 from api.submission import submit_job
 from shared.celery_app import celery_app
 from shared.config import Settings
-from shared.errors import BadRequest, DemixError, IllegalTransition, JobNotFound, ServiceUnavailable
+from shared.errors import (BadRequest, DemixError, IllegalTransition, JobNotFound, ServiceUnavailable,
+                           UploadTooLarge)
 from shared.intake import inspect_upload
+from shared.job_request import parse_job_request
 from shared.jobs import Job, JobStatus, JobStore
-from shared.output import resolve_output
-from shared.stems import ALL, STEM_CHOICES
+from shared.stems import ALL, STEM_CHOICES, check_stems
 from shared.storage import JobStorage
 from shared.webhooks import WebhookQueue
 
@@ -115,8 +116,8 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
         try:
             info = inspect_upload(path, services.settings)
             # The original interface answers with WAV files whatever the input's sample format.
-            output = resolve_output({"format": "wav"}, info)
-            return submit_job(path, info, stems, output, services)
+            job_request = parse_job_request({"stems": stems, "format": "wav"}, info)
+            return submit_job(path, info, job_request, services)
         finally:
             path.unlink(missing_ok=True)  # already moved into the job's folder when accepted
 
@@ -166,7 +167,6 @@ def _job_failure_status(error: DemixError) -> tp.Optional[grpc.StatusCode]:
 
 
 def _too_large(settings: Settings) -> DemixError:
-    from shared.errors import UploadTooLarge
     return UploadTooLarge(f"audio_file is larger than the {settings.max_upload_mb} MiB limit "
                           "(DEMIX_MAX_UPLOAD_MB)")
 
@@ -177,11 +177,11 @@ def parse_sounds(sounds: str) -> str:
     Raises:
         BadRequest: (`invalid_stems`) not one of all, drums, bass, vocals, other.
     """
-    stems = sounds.strip().lower() or ALL
-    if stems not in STEM_CHOICES:
+    try:
+        return check_stems(sounds.strip().lower() or ALL)
+    except BadRequest as exc:  # said in the proto's own words
         raise BadRequest(f"unknown sounds value {sounds!r}; expected one of {', '.join(STEM_CHOICES)}",
-                         code="invalid_stems")
-    return stems
+                         code=exc.code) from None
 
 
 def make_services(settings: Settings) -> Services:

@@ -12,7 +12,9 @@ import requests
 
 from cli.redis_server import free_port
 from shared import keys, webhooks
+from shared.audio import AudioInfo
 from shared.errors import BadRequest
+from shared.job_request import parse_job_request
 from shared.jobs import Job, JobStatus, new_job_id
 from shared.webhooks import WebhookQueue, WebhookSender, validate_callback_url, verify_signature
 from tests.audio_factory import wav_bytes
@@ -72,6 +74,14 @@ def test_other_callback_urls_are_refused(url):
     with pytest.raises(BadRequest) as error:
         validate_callback_url(url)
     assert error.value.code == "invalid_callback_url"
+
+
+def test_the_job_request_parser_checks_the_callback_url():
+    info = AudioInfo(samplerate=44100, channels=2, frames=100, subtype="PCM_16", container="WAV")
+    assert parse_job_request({"callback_url": "https://h.example/x"}, info).callback_url == "https://h.example/x"
+    assert parse_job_request({}, info).callback_url is None
+    with pytest.raises(BadRequest, match="only http and https"):
+        parse_job_request({"callback_url": "gopher://h.example/"}, info)
 
 
 def test_no_callback_url_means_no_webhook():

@@ -27,7 +27,8 @@ import torch
 
 from shared.audio import AudioReader, AudioWriter, dequantize, quantize, read_info
 from shared.errors import SeparationFailed
-from shared.output import OutputOptions, resolve_output
+from shared.job_request import default_output
+from shared.output import OutputOptions
 from shared.stems import output_names
 
 from .channels import channel_groups, downmix_matrix
@@ -117,7 +118,7 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
         raise SeparationFailed(f"model has no source {missing[0]!r}; it separates "
                                f"{', '.join(model.sources)}", code="unknown_source")
     info = read_info(input_path)
-    output = output or resolve_output({}, info)
+    output = output or default_output(info)
     frames = info.frames if output.samplerate == info.samplerate \
         else round(info.frames * output.samplerate / info.samplerate)
     model.to(options.device)  # a no-op for a model already resident there

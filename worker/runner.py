@@ -16,8 +16,9 @@ import redis
 from shared.audio import read_info
 from shared.config import Settings, get_settings
 from shared.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed
+from shared.job_request import default_output
 from shared.jobs import JobStatus, JobStore
-from shared.output import OutputOptions, resolve_output
+from shared.output import OutputOptions
 from shared.storage import JobStorage
 from shared.webhooks import WebhookQueue
 
@@ -101,7 +102,7 @@ def run_job(job_id: str, context: WorkerContext) -> None:
         input_path = storage.input_path(job_id)
         # Records written before output options existed mean the input's own format.
         output = (OutputOptions.from_dict(job.output) if job.output
-                  else resolve_output({}, read_info(input_path)))
+                  else default_output(read_info(input_path)))
         outputs = separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job_id, output),
                                 options=options, progress=ProgressReporter(jobs, job_id, attempt, settings.lease_s),
                                 output=output)

@@ -1,0 +1,83 @@
+"""The one parser of a job request: the form fields of `POST /v1/jobs` in, the stems
+choice and the resolved output options out.
+
+The API parses every submission here; the OpenAPI description lists `FORM_FIELDS`;
+the worker asks `default_output` for records written before output options existed.
+A new form field is one more `FormField` and one more `JobRequest` attribute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+from .audio import AudioInfo
+from .output import (CHANNEL_MODES, CLIP_MODES, FORMATS, MAX_SAMPLERATE, MIN_SAMPLERATE, MP3_BITRATES,
+                     SAMPLE_FORMATS, OutputOptions, resolve_output)
+from .stems import ALL, STEM_CHOICES, check_stems
+from .webhooks import validate_callback_url
+
+FILE_FIELD = "file"
+"""The multipart file part holding the WAV."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FormField:
+    """One text field of the submission form, as the parser reads it and the spec shows it."""
+    name: str
+    description: str
+    choices: tp.Tuple[str, ...] = ()  # empty: free text, checked by the parser
+    default: tp.Optional[str] = None  # None: derived from the input (see description)
+    pattern: tp.Optional[str] = None  # for free-text fields: what a valid value looks like
+
+
+FORM_FIELDS: tp.Tuple[FormField, ...] = (
+    FormField("stems", "`all` for the four sources, or one source `X` for `X` and `no_X` "
+              "(the input minus `X`).", STEM_CHOICES, ALL),
+    FormField("format", "Container and codec of the stems.", FORMATS, "wav"),
+    FormField("sample_format", "Sample format of WAV/FLAC stems (FLAC: integers only; not for MP3). "
+              "Default: the input's own — 16/24-bit PCM kept; 8-bit, μ-law, A-law, ADPCM → pcm16; "
+              "32-bit PCM and float → float32 (FLAC: pcm24).", SAMPLE_FORMATS),
+    FormField("samplerate", f"`input`, or a rate in Hz ({MIN_SAMPLERATE}–{MAX_SAMPLERATE}; MP3: its "
+              "standard rates up to 48000). Default for MP3: the highest MP3 rate not above the input's.",
+              default="input", pattern=r"^(input|[0-9]+)$"),
+    FormField("bitrate", "MP3 constant bitrate in kbit/s (ignored for WAV and FLAC).",
+              tuple(str(rate) for rate in MP3_BITRATES), str(MP3_BITRATES[-1])),
+    FormField("clip", "`clamp`: each sample clipped to full scale; `rescale`: one gain for all "
+              "stems of the job, so they still sum to the scaled mix. Integer outputs never wrap.",
+              CLIP_MODES, "clamp"),
+    FormField("channels", "`input`: the input's channel count and layout; `stereo`: stems of the "
+              "ITU-R BS.775 stereo downmix.", CHANNEL_MODES, "input"),
+    FormField("callback_url", "An http or https URL the service POSTs the job's JSON to when it "
+              "finishes (succeeded, failed or cancelled), signed in `X-Demix-Signature`. Default: none.",
+              pattern=r"^[hH][tT][tT][pP][sS]?://"),
+)
+"""Every text field of `POST /v1/jobs`, in the order the README documents them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """A validated submission: what to separate into and how to write it."""
+    stems: str
+    output: OutputOptions
+    callback_url: tp.Optional[str] = None
+    """Where to POST the job when it finishes (webhook), if anywhere."""
+
+
+def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo) -> JobRequest:
+    """Validate the form fields against the input's `info` and resolve every default.
+
+    Values are matched case-insensitively and a blank field means its default.
+
+    Raises:
+        BadRequest: `invalid_stems` for an unknown stems choice, `invalid_output` for an
+            output option that cannot be written (the message says what would work),
+            `invalid_callback_url` for a callback_url that is not an http(s) URL.
+    """
+    stems = check_stems((form.get("stems") or ALL).strip().lower() or ALL)
+    return JobRequest(stems=stems, output=resolve_output(form, info),
+                      callback_url=validate_callback_url(form.get("callback_url")))
+
+
+def default_output(info: AudioInfo) -> OutputOptions:
+    """The output options of a request that set none: the input's own format, rate and channels."""
+    return parse_job_request({}, info).output
