@@ -196,3 +196,16 @@ def test_a_call_past_its_deadline_cancels_its_job(grpc_client_dir, redis_server,
     finally:
         server.stop(grace=None).wait()
         services.jobs.redis.close()
+
+
+def test_the_readme_python_example_works(grpc_client_dir, grpc_address, tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = next(b for b in readme.split("```python")[1:] if "demixingStub" in b).split("```")[0]
+    write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.5)
+    (tmp_path / "example.py").write_text(example.replace("127.0.0.1:50051", grpc_address))
+    subprocess.run([sys.executable, str(tmp_path / "example.py")], cwd=tmp_path, check=True, timeout=600,
+                   env={"PYTHONPATH": str(grpc_client_dir), "PATH": ""})
+    original, rate = sf.read(str(tmp_path / "song.wav"), always_2d=True)
+    for name in ("vocals", "no_vocals"):
+        samples, stem_rate = sf.read(str(tmp_path / f"{name}.wav"), always_2d=True)
+        assert stem_rate == rate and samples.shape == original.shape

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -308,3 +309,22 @@ def test_a_cancelled_job_posts_its_final_json(idle_server, service_sender, tmp_p
         [received] = receiver.wait_for(1)
     body = json.loads(received.body)
     assert body["id"] == job_id and body["status"] == "cancelled" and body["outputs"] is None
+
+
+def test_the_readme_verification_sample_accepts_real_deliveries_only(webhook_redis, webhook_settings):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    sample = next(block for block in readme.split("```python")[1:] if "def verify(" in block).split("```")[0]
+    namespace: dict = {}
+    exec(sample, namespace)
+    verify = namespace["verify"]
+    with WebhookReceiver([200]) as receiver:
+        WebhookQueue(webhook_redis, webhook_settings).enqueue(finished_job(receiver.url))
+        sender = make_sender(webhook_redis, webhook_settings).start()
+        try:
+            [received] = receiver.wait_for(1)
+        finally:
+            sender.stop()
+    header = received.headers["X-Demix-Signature"]
+    assert verify(received.body, header, SECRET)
+    assert not verify(received.body.replace(b"succeeded", b"failed"), header, SECRET)
+    assert not verify(received.body, header, "wrong secret")
