@@ -27,9 +27,10 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services)
               samplerate=info.samplerate, channels=info.channels, frames=info.frames,
               created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
               output=job_request.output.to_dict(), callback_url=job_request.callback_url)
+    upload_bytes = upload.stat().st_size
     services.storage.accept_upload(upload, job.id)
     try:
-        services.jobs.create(job)
+        services.jobs.create(job, upload_bytes=upload_bytes)
         # Only the id travels through the broker; the audio stays in storage.
         services.celery.send_task(SEPARATE_TASK, args=[job.id], task_id=job.id,
                                   queue=services.settings.queue)

@@ -166,6 +166,19 @@ class Client:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout_s}s")
             time.sleep(poll_interval_s)
 
+    def cancel(self, job_id: str) -> dict:
+        """Cancel a queued or running job; returns it (a `ClientError`, HTTP 409, if it already ended)."""
+        response = self._retrying(lambda: self.session.post(f"{self.url}/v1/jobs/{job_id}/cancel",
+                                                            timeout=self.timeout_s))
+        _raise_for_error(response)
+        return response.json()
+
+    def delete(self, job_id: str) -> None:
+        """Delete a job (cancelled first if it has not finished): its record and every file."""
+        response = self._retrying(lambda: self.session.delete(f"{self.url}/v1/jobs/{job_id}",
+                                                              timeout=self.timeout_s))
+        _raise_for_error(response)
+
     def result(self, job_id: str) -> dict[str, bytes]:
         """Every stem of a succeeded job: name -> the complete file's bytes."""
         response = self._get(f"/v1/jobs/{job_id}/result", timeout=UPLOAD_TIMEOUT_S)

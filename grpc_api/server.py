@@ -30,6 +30,7 @@ from shared.errors import (BadRequest, DemixError, IllegalTransition, JobNotFoun
 from shared.intake import inspect_upload
 from shared.job_request import parse_job_request
 from shared.jobs import Job, JobStatus, JobStore
+from shared.lifecycle import cancel_job
 from shared.stems import ALL, STEM_CHOICES, check_stems
 from shared.storage import JobStorage
 from shared.webhooks import WebhookQueue
@@ -134,7 +135,7 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
             time.sleep(POLL_INTERVAL_S)
         # No one is left to answer: the job would only use a worker for nothing.
         try:
-            self.services.jobs.mark_cancelled(job_id)
+            cancel_job(self.services.jobs, self.services.storage, job_id)
             log.info("gRPC call for job %s ended (cancelled or past its deadline); job cancelled", job_id)
         except (IllegalTransition, JobNotFound):
             pass  # it finished (or was deleted) meanwhile
@@ -147,7 +148,7 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
         if job.status is not JobStatus.SUCCEEDED:
             raise JobAborted(f"job {job.id} was {job.status.value} before it finished")
         storage = self.services.storage
-        paths = {name: storage.stem_path(job.id, name, "wav") for name in job.outputs}
+        paths = {name: storage.stem_path(job.id, name, "wav", job.attempts) for name in job.outputs}
         encoded_bytes = sum(4 * -(-p.stat().st_size // 3) + len(name) + 8 for name, p in paths.items())
         if encoded_bytes > MAX_ANSWER_BYTES:
             raise DemixError(

@@ -58,6 +58,12 @@ class JobNotFinished(DemixError):
     http_status = 409
 
 
+class JobFinished(DemixError):
+    """A change asked of a job that already finished (cancelling a succeeded job)."""
+    code = "job_finished"
+    http_status = 409
+
+
 class IllegalTransition(DemixError):
     """A job state change that its current state does not allow (cancelling a finished
     job, starting one that is not queued); `details` carry the job's `status`."""

@@ -241,13 +241,14 @@ class JobStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def create(self, job: Job) -> None:
-        """Write a new job's record (and count it as submitted)."""
+    def create(self, job: Job, upload_bytes: int = 0) -> None:
+        """Write a new job's record (and count it as submitted, with its upload's size)."""
         fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
         pipe = self.redis.pipeline()
         pipe.hset(keys.job_key(job.id), mapping={k: json.dumps(_plain(v)) for k, v in fields.items()})
         pipe.zadd(keys.jobs_index_key(), {job.id: job.created_at})
         pipe.hincrby(keys.metrics_counters_key(), "submitted", 1)
+        pipe.hincrby(keys.metrics_counters_key(), "upload_bytes", upload_bytes)
         pipe.execute()
 
     def delete(self, job_id: str) -> None:

@@ -24,6 +24,11 @@ def lease_key(job_id: str) -> str:
     return f"{PREFIX}:lease:{job_id}"
 
 
+def worker_stopping_key(node: str) -> str:
+    """Set while the Celery worker `node` shuts down: its running jobs hand themselves back."""
+    return f"{PREFIX}:stopping:{node}"
+
+
 def metrics_counters_key() -> str:
     """Hash of service-wide counters (`submitted`, `succeeded`, `failed:<code>`, ...)."""
     return f"{PREFIX}:metrics:counters"

@@ -87,10 +87,14 @@ def test_wait_raises_job_failed_for_a_cancelled_job(idle_server, tmp_path):
         job = demix.submit(write_wav(tmp_path / "a.wav", 8000, 1, seconds=0.1),
                            callback_url="http://127.0.0.1:9/unused")
         assert job["callback_url"] == "http://127.0.0.1:9/unused"
-        idle_server.server.app.extensions["demix"].jobs.mark_cancelled(job["id"])
+        assert demix.cancel(job["id"])["status"] == "cancelled"
         with pytest.raises(JobFailed) as failed:
             demix.wait(job["id"], poll_interval_s=0.05)
+        demix.delete(job["id"])
+        with pytest.raises(ClientError) as gone:
+            demix.job(job["id"])
     assert failed.value.job["status"] == "cancelled" and failed.value.code == "cancelled"
+    assert gone.value.code == "not_found"
 
 
 def test_connection_errors_are_retried_until_the_service_answers(idle_server, tmp_path):
