@@ -46,7 +46,7 @@ POLL_INTERVAL_S = 0.2
 MESSAGE_OVERHEAD_BYTES = 1024 * 1024
 """Slack over DEMIX_MAX_UPLOAD_MB for the rest of a Query message."""
 MAX_ANSWER_BYTES = 2 ** 31 - 1
-"""Protobuf cannot serialise a message of 2 GiB or more: the largest Answer possible."""
+"""Protobuf cannot serialise a message of 2 GiB or more: the largest message either way."""
 JOB_ID_METADATA = "demix-job-id"
 ERROR_CODE_METADATA = "demix-error-code"
 
@@ -75,6 +75,12 @@ class JobAborted(DemixError):
     """The job was cancelled or deleted while the call waited for it."""
     code = "job_aborted"
     http_status = 409
+
+
+class AnswerTooLarge(DemixError):
+    """The stems are too large for one gRPC message."""
+    code = "answer_too_large"
+    http_status = 413
 
 
 class DemixingServicer(demixing_pb2_grpc.demixingServicer):
@@ -151,20 +157,15 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
         paths = {name: storage.stem_path(job.id, name, "wav", job.attempts) for name in job.outputs}
         encoded_bytes = sum(4 * -(-p.stat().st_size // 3) + len(name) + 8 for name, p in paths.items())
         if encoded_bytes > MAX_ANSWER_BYTES:
-            raise DemixError(
+            raise AnswerTooLarge(
                 f"the answer would be {encoded_bytes / 2**20:.0f} MiB, over the 2 GiB a gRPC "
-                f"message can hold; fetch the stems over HTTP: GET /v1/jobs/{job.id}/stems.zip",
-                code="answer_too_large")
+                f"message can hold; fetch the stems over HTTP: GET /v1/jobs/{job.id}/stems.zip")
         return json.dumps({name: base64.b64encode(p.read_bytes()).decode("ascii")
                            for name, p in paths.items()})
 
 
 def _job_failure_status(error: DemixError) -> tp.Optional[grpc.StatusCode]:
-    if isinstance(error, JobAborted):
-        return grpc.StatusCode.ABORTED
-    if error.code == "answer_too_large":
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return None
+    return grpc.StatusCode.ABORTED if isinstance(error, JobAborted) else None
 
 
 def _too_large(settings: Settings) -> DemixError:
@@ -197,7 +198,8 @@ def make_server(settings: Settings, services: tp.Optional[Services] = None,
     """A gRPC server for the `demixing` service, bound but not started; returns it and its port."""
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(GRPC_THREADS, thread_name_prefix="grpc"),
-        options=[("grpc.max_receive_message_length", settings.max_upload_bytes + MESSAGE_OVERHEAD_BYTES),
+        options=[("grpc.max_receive_message_length",
+                  min(settings.max_upload_bytes + MESSAGE_OVERHEAD_BYTES, MAX_ANSWER_BYTES)),
                  ("grpc.max_send_message_length", MAX_ANSWER_BYTES)])
     demixing_pb2_grpc.add_demixingServicer_to_server(
         DemixingServicer(services or make_services(settings)), server)
