@@ -122,7 +122,7 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
         path = Path(upload.name)
         try:
             info = inspect_upload(path, services.settings)
-            # The original interface answers with WAV files whatever the input's sample format.
+            # The original interface answers with WAV files (in the input's own sample format).
             job_request = parse_job_request({"stems": stems, "format": "wav"}, info)
             return submit_job(path, info, job_request, services)
         finally:
@@ -200,19 +200,29 @@ def make_server(settings: Settings, services: tp.Optional[Services] = None,
         concurrent.futures.ThreadPoolExecutor(GRPC_THREADS, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length",
                   min(settings.max_upload_bytes + MESSAGE_OVERHEAD_BYTES, MAX_ANSWER_BYTES)),
-                 ("grpc.max_send_message_length", MAX_ANSWER_BYTES)])
+                 ("grpc.max_send_message_length", MAX_ANSWER_BYTES),
+                 # Without this, a second server on the same port would silently share it.
+                 ("grpc.so_reuseport", 0)])
     demixing_pb2_grpc.add_demixingServicer_to_server(
         DemixingServicer(services or make_services(settings)), server)
-    port = server.add_insecure_port(address or f"{settings.host}:{settings.grpc_port}")
+    address = address or f"{settings.host}:{settings.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises this when the port cannot be bound
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address or f'{settings.host}:{settings.grpc_port}'}")
+        raise OSError(f"cannot listen on {address} (DEMIX_HOST, DEMIX_GRPC_PORT): is the port in use?")
     return server, port
 
 
 def serve(settings: Settings) -> int:
     """`demix grpc`: serve until SIGINT/SIGTERM, then let calls in flight finish (up to 10 s)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server, port = make_server(settings)
+    try:
+        server, port = make_server(settings)
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
     server.start()
     log.info("gRPC demixing service listening on %s:%d", settings.host, port)
     stopped = threading.Event()

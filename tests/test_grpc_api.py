@@ -209,3 +209,15 @@ def test_the_readme_python_example_works(grpc_client_dir, grpc_address, tmp_path
     for name in ("vocals", "no_vocals"):
         samples, stem_rate = sf.read(str(tmp_path / f"{name}.wav"), always_2d=True)
         assert stem_rate == rate and samples.shape == original.shape
+
+
+def test_demix_grpc_says_when_its_port_is_taken(grpc_address, settings):
+    """Even by another gRPC server (which would otherwise share it through SO_REUSEPORT)."""
+    host, port = grpc_address.rsplit(":", 1)
+    busy = dataclasses.replace(settings, host=host, grpc_port=int(port))
+    services = make_services(busy)
+    try:
+        with pytest.raises(OSError, match=f"{grpc_address}.*DEMIX_GRPC_PORT"):
+            make_server(busy, services=services)
+    finally:
+        services.jobs.redis.close()
