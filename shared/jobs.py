@@ -83,8 +83,8 @@ class Job:
         return self.frames / self.samplerate
 
     @property
-    def lost_attempts(self) -> int:
-        """Runs that ended without an outcome and without being handed back."""
+    def counted_attempts(self) -> int:
+        """Runs that count towards `DEMIX_MAX_ATTEMPTS`: all but the handed-back ones."""
         return self.attempts - self.handed_back
 
     def to_public(self) -> dict:

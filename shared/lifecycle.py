@@ -64,12 +64,12 @@ def recover_lost_job(jobs: JobStore, celery: tp.Any, queue: str, job_id: str, at
         job = jobs.get(job_id)
         if job.status is not JobStatus.RUNNING or job.attempts != attempt:
             return None
-        if job.lost_attempts >= max_attempts:
+        if job.counted_attempts >= max_attempts:
             jobs.mark_failed(job_id, WorkerLost(
-                f"the worker running this job was lost {job.lost_attempts} times (killed, out of "
+                f"the worker running this job was lost {job.counted_attempts} times (killed, out of "
                 f"memory or disconnected for over its lease); giving up after DEMIX_MAX_ATTEMPTS="
                 f"{max_attempts} attempts"), attempt=attempt, lease_must_be_gone=True)
-            log.error("job %s failed: worker lost on all %d attempts", job_id, job.lost_attempts)
+            log.error("job %s failed: worker lost on all %d attempts", job_id, job.counted_attempts)
             return JobStatus.FAILED
         jobs.requeue(job_id, attempt, handed_back=False)
     except (JobNotFound, IllegalTransition):

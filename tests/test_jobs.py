@@ -186,7 +186,7 @@ def test_a_handed_back_run_does_not_count_as_lost(store):
     store.mark_running(job.id, lease_s=30)
     requeued = store.requeue(job.id, 1, handed_back=True)
     assert requeued.status is JobStatus.QUEUED and requeued.handed_back == 1
-    assert requeued.attempts == 1 and requeued.lost_attempts == 0
+    assert requeued.attempts == 1 and requeued.counted_attempts == 0
     assert store.mark_running(job.id, lease_s=30).attempts == 2
 
 

@@ -278,8 +278,10 @@ class AttemptLease:
             self.check()
 
     def _beat(self) -> None:
+        # Beats on after learning that the run must stop: until the run reaches its next
+        # segment and hands the job back, the job is still its own.
         period = self.lease_s / HEARTBEATS_PER_LEASE
-        while not self._done.wait(period if self._interrupted is None else 3600):
+        while not self._done.wait(period):
             self._renew(None)
 
     def _renew(self, progress: tp.Optional[float]) -> None:
