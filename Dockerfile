@@ -14,7 +14,8 @@ COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
 COPY cli ./cli
+COPY grpc_api ./grpc_api
 RUN pip install .
 
-EXPOSE 8000 5555
+EXPOSE 8000 5555 50051
 CMD ["demix", "up"]

@@ -10,6 +10,7 @@ from shared.celery_app import make_celery
 from shared.config import Settings, get_settings
 from shared.jobs import JobStore
 from shared.storage import JobStorage
+from shared.webhooks import WebhookQueue
 
 from .auth import ApiKeys, load_api_keys
 from .limits import ActiveJobLimit
@@ -40,7 +41,8 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     app.extensions["celery"] = make_celery(settings)
     client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5, socket_timeout=30)
     app.extensions["demix"] = Services(
-        jobs=JobStore(client),
+        # A job cancelled here gets its webhook queued like one a worker finishes.
+        jobs=JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished]),
         storage=JobStorage(settings.data_dir),
         celery=app.extensions["celery"],
         settings=settings,

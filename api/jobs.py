@@ -9,14 +9,14 @@ import zipfile
 from flask import Blueprint, Response, current_app, request, send_file, stream_with_context, url_for
 
 from shared.errors import BadRequest, IllegalTransition, JobFinished, JobNotFinished, JobNotFound
-from shared.estimates import eta_seconds, queue_position
+from shared.estimates import queue_position
 from shared.idempotency import ANONYMOUS_OWNER, HEADER as IDEMPOTENCY_HEADER, parse_key
 from shared.intake import inspect_upload
+from shared.job_json import job_json as public_job_json
 from shared.jobs import Job, JobStatus
 from shared.job_request import FILE_FIELD, parse_job_request
 from shared.lifecycle import cancel_job, delete_job
 from shared.output import OutputOptions
-from shared.retention import expires_at
 
 from .auth import request_owner
 from .submission import IdempotentSubmit, find_existing_job, submit_job, submit_job_once
@@ -37,23 +37,11 @@ def _services():
 
 
 def job_json(job: Job) -> dict:
-    """The public view of a job, with absolute URLs for what it produced, its place in the
-    queue and the time it still needs."""
-    body = job.to_public()
-    body["expires_at"] = expires_at(job, _services().settings.retention_s)
-    body["queue_position"] = queue_position(_services().jobs.redis, job)
-    body["eta_s"] = eta_seconds(job, time.time())
-    body["url"] = url_for("jobs.get_job", job_id=job.id, _external=True)
-    if job.status is JobStatus.SUCCEEDED:
-        extension = _output(job).extension
-        body["outputs"] = {name: url_for("jobs.get_stem", job_id=job.id, name=name, extension=extension,
-                                         _external=True)
-                           for name in job.outputs}
-        body["result_url"] = url_for("jobs.get_result", job_id=job.id, _external=True)
-        body["zip_url"] = url_for("jobs.get_stems_zip", job_id=job.id, _external=True)
-    else:
-        body["outputs"] = None
-    return body
+    """The public view of a job (`shared.job_json`), with absolute URLs under this request's host."""
+    services = _services()
+    return public_job_json(job, url_for("jobs.get_job", job_id=job.id, _external=True),
+                           retention_s=services.settings.retention_s,
+                           queue_position=queue_position(services.jobs.redis, job), now=time.time())
 
 
 def idempotency_owner() -> str:
@@ -71,8 +59,9 @@ def _job_response(job: Job, status: int):
 
 @bp.post("")
 def create_job():
-    """Accept a WAV upload (`file`) and the `stems` choice; answer 202 with the queued job,
-    or 200 with the job an earlier submit with the same `Idempotency-Key` created."""
+    """Accept a WAV upload (`file`), the `stems` choice, output options and an optional
+    `callback_url`; answer 202 with the queued job, or 200 with the job an earlier submit
+    with the same `Idempotency-Key` created."""
     services = _services()
     key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
     idempotent = IdempotentSubmit(idempotency_owner(), key) if key is not None else None

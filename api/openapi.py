@@ -73,8 +73,10 @@ ERROR_SCHEMA = {
 
 ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
     400: ("The request is malformed: no `file` part, an unknown `stems` value, an output option "
-          "that cannot be written, an invalid `Idempotency-Key` header.",
-          ("missing_file", "invalid_stems", "invalid_output", errors.InvalidIdempotencyKey.code, "bad_request")),
+          "that cannot be written, a `callback_url` that is not an http(s) URL, an invalid "
+          "`Idempotency-Key` header.",
+          ("missing_file", "invalid_stems", "invalid_output", "invalid_callback_url",
+           errors.InvalidIdempotencyKey.code, "bad_request")),
     401: ("API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
           (errors.Unauthorized.code,)),
     404: ("No such job (or it belongs to another API key), no such stem, or no such path.",
@@ -142,6 +144,8 @@ JOB_FIELDS: dict[str, dict] = {
         "properties": {"code": {"type": "string", "description": "One of: " + ", ".join(JOB_ERROR_CODES)},
                        "message": {"type": "string"}}}],
         "description": "Why the job failed (null unless `status` is `failed`)."},
+    "callback_url": {"type": ["string", "null"], "format": "uri",
+                     "description": "Where the job's JSON is POSTed when it finishes (webhook); null: nowhere."},
     "expires_at": {**_TIMESTAMP, "description": "When the finished job and its files are deleted "
                    "(`DEMIX_RETENTION_S` after it finished). Null while it is not finished, or when "
                    "jobs are kept forever."},

@@ -87,7 +87,8 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services,
     job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems,
               model=services.settings.model, samplerate=info.samplerate, channels=info.channels,
               frames=info.frames, created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
-              output=job_request.output.to_dict(), queue=services.settings.queue, owner=owner)
+              output=job_request.output.to_dict(), queue=services.settings.queue, owner=owner,
+              callback_url=job_request.callback_url)
     upload_bytes = upload.stat().st_size
     services.storage.accept_upload(upload, job.id)
     try:

@@ -1,16 +1,29 @@
-"""`demix separate`: the command-line client. Uploads WAVs to a running service, shows
-each job's progress, downloads the stems.
+"""A Python client for the demix HTTP API, and `demix separate` built on it.
 
-Uploads are streamed from disk (an hour-long WAV never sits in memory) with a
-progress bar; every file is submitted before any is waited on, so a batch queues at once.
+    from cli.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key=None) as demix:
+        job = demix.submit("song.wav", stems="vocals", format="flac")
+        job = demix.wait(job["id"], progress=lambda job: print(f"{job['progress']:.0%}"))
+        paths = demix.download(job["id"], "separated/song")   # {"vocals": Path(...), ...}
+        stems = demix.result(job["id"])                        # {"vocals": b"<flac bytes>", ...}
+
+Uploads stream from disk (an hour-long WAV never sits in memory). Every request is
+retried with exponential backoff (bounded) on a connection error or a 503; an upload is
+sent again from the file, with the same `Idempotency-Key`, so a service that honours
+the key creates one job however often the upload is retried. Refusals raise
+`ClientError` carrying the service's error `code` and `message`; `wait` raises
+`JobFailed` for a job that failed or was cancelled.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import sys
 import time
 import typing as tp
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -19,19 +32,214 @@ from tqdm import tqdm
 
 from shared.atomic import atomic_open
 
-POLL_INTERVAL_S = 1.0
 RETRIES = 5
-"""Attempts for a request that fails on a connection error or a 503 (backing off)."""
+"""Attempts for a request that fails on a connection error or a 503."""
+BACKOFF_S = 0.5
+"""Wait before the first retry; doubled for each later one."""
+MAX_BACKOFF_S = 8.0
+"""Longest wait between two attempts."""
+POLL_INTERVAL_S = 1.0
+"""Wait between two polls of a job in `wait`."""
+TIMEOUT_S = 60.0
+"""Longest wait for the service to answer one ordinary request."""
+UPLOAD_TIMEOUT_S = 600.0
+"""Longest wait for the service between two pieces of an upload or a download."""
+CHUNK_BYTES = 1 << 20
+
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 class ClientError(RuntimeError):
-    """The service refused a request; the message is the service's own."""
+    """The service refused a request (or could not be reached).
+
+    Attributes:
+        code: the service's error code (`invalid_stems`, `not_wav`, ...), or `unreachable`.
+        message: the service's explanation.
+        http_status: the HTTP status, or None when the service could not be reached.
+        details: any other fields of the service's error object.
+    """
+
+    def __init__(self, code: str, message: str, http_status: tp.Optional[int] = None,
+                 details: tp.Optional[dict] = None):
+        super().__init__(f"{message} ({code}" + (f", HTTP {http_status})" if http_status else ")"))
+        self.code, self.message, self.http_status = code, message, http_status
+        self.details = details or {}
 
 
-@dataclasses.dataclass
-class Submitted:
-    path: Path
-    job: dict
+class JobFailed(ClientError):
+    """A job ended without stems: it failed (`code`/`message` are its error) or was cancelled."""
+
+    def __init__(self, job: dict):
+        error = job.get("error") or {"code": job["status"], "message": f"job {job['id']} was {job['status']}"}
+        super().__init__(error["code"], error["message"])
+        self.job = job
+
+
+class Client:
+    """The demix HTTP API at `url`, optionally with an API key (`Authorization: Bearer`)."""
+
+    def __init__(self, url: str, api_key: tp.Optional[str] = None, *, retries: int = RETRIES,
+                 backoff_s: float = BACKOFF_S, timeout_s: float = TIMEOUT_S):
+        self.url = url.rstrip("/")
+        self.retries, self.backoff_s, self.timeout_s = max(1, retries), backoff_s, timeout_s
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "demix-client"
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_: tp.Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def submit(self, path: tp.Union[str, os.PathLike], stems: str = "all", *,
+               callback_url: tp.Optional[str] = None, idempotency_key: tp.Optional[str] = None,
+               on_upload: tp.Optional[tp.Callable[[int, int], None]] = None, **output_options: tp.Any) -> dict:
+        """Upload a WAV as a new job; returns the queued job's JSON.
+
+        Args:
+            path: the WAV file, streamed from disk.
+            stems: `all`, `drums`, `bass`, `vocals` or `other`.
+            callback_url: an http(s) URL the service POSTs the finished job to.
+            idempotency_key: sent as `Idempotency-Key`; a fresh one per call when not given.
+            on_upload: called as the upload goes with (bytes of the file sent, file size);
+                a retried upload starts again from 0.
+            output_options: `format`, `sample_format`, `samplerate`, `bitrate`, `clip`, `channels`.
+        Raises:
+            ClientError: the service refused the upload, or stayed unreachable.
+        """
+        path = Path(path)
+        fields = {"stems": stems, **{k: str(v) for k, v in output_options.items() if v is not None}}
+        if callback_url:
+            fields["callback_url"] = callback_url
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+
+        def send() -> requests.Response:
+            size, sent = path.stat().st_size, 0
+
+            def on_read(count: int) -> None:
+                nonlocal sent
+                sent += count
+                if on_upload is not None:
+                    on_upload(sent, size)
+
+            body = MultipartFile(path, fields, on_read)
+            try:
+                return self.session.post(f"{self.url}/v1/jobs", data=body, timeout=UPLOAD_TIMEOUT_S,
+                                         headers={**headers, "Content-Type": body.content_type})
+            finally:
+                body.close()
+
+        response = self._retrying(send)
+        _raise_for_error(response)
+        return response.json()
+
+    def job(self, job_id: str) -> dict:
+        """The job's JSON (`status`, `progress`, `outputs`, ...)."""
+        response = self._get(f"/v1/jobs/{job_id}")
+        _raise_for_error(response)
+        return response.json()
+
+    def wait(self, job_id: str, progress: tp.Optional[tp.Callable[[dict], None]] = None, *,
+             poll_interval_s: float = POLL_INTERVAL_S, timeout_s: tp.Optional[float] = None) -> dict:
+        """Poll the job until it finishes; returns it once it succeeded.
+
+        Args:
+            progress: called with the job's JSON after every poll (its `progress` goes 0 to 1).
+            timeout_s: give up after this long (None: wait as long as it takes).
+        Raises:
+            JobFailed: the job failed or was cancelled.
+            TimeoutError: still not finished after `timeout_s`.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if progress is not None:
+                progress(job)
+            if job["status"] == "succeeded":
+                return job
+            if job["status"] in FINAL_STATUSES:
+                raise JobFailed(job)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout_s}s")
+            time.sleep(poll_interval_s)
+
+    def cancel(self, job_id: str) -> dict:
+        """Cancel a queued or running job; returns it (a `ClientError`, HTTP 409, if it already ended)."""
+        response = self._retrying(lambda: self.session.post(f"{self.url}/v1/jobs/{job_id}/cancel",
+                                                            timeout=self.timeout_s))
+        _raise_for_error(response)
+        return response.json()
+
+    def delete(self, job_id: str) -> None:
+        """Delete a job (cancelled first if it has not finished): its record and every file."""
+        response = self._retrying(lambda: self.session.delete(f"{self.url}/v1/jobs/{job_id}",
+                                                              timeout=self.timeout_s))
+        _raise_for_error(response)
+
+    def result(self, job_id: str) -> dict[str, bytes]:
+        """Every stem of a succeeded job: name -> the complete file's bytes."""
+        response = self._get(f"/v1/jobs/{job_id}/result", timeout=UPLOAD_TIMEOUT_S)
+        _raise_for_error(response)
+        return {name: base64.b64decode(data) for name, data in response.json().items()}
+
+    def download(self, job_id: str, folder: tp.Union[str, os.PathLike], *,
+                 job: tp.Optional[dict] = None) -> dict[str, Path]:
+        """Save every stem of a succeeded job into `folder` (`<stem>.<format>`); returns their paths.
+
+        Files appear under their final names only when complete.
+        """
+        job = job or self.job(job_id)
+        if job["status"] != "succeeded":
+            raise ClientError("job_not_finished", f"job {job_id} is {job['status']}, not succeeded")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = {}
+        for name, url in job["outputs"].items():
+            extension = urllib.parse.urlsplit(url).path.rsplit(".", 1)[-1]
+            saved[name] = self._download_file(url, folder / f"{name}.{extension}")
+        return saved
+
+    def _download_file(self, url: str, target: Path) -> Path:
+        with self._retrying(lambda: self.session.get(url, stream=True, timeout=UPLOAD_TIMEOUT_S)) as response:
+            _raise_for_error(response)
+            with atomic_open(target) as file:
+                for chunk in response.iter_content(CHUNK_BYTES):
+                    file.write(chunk)
+        return target
+
+    def _get(self, path: str, timeout: tp.Optional[float] = None) -> requests.Response:
+        return self._retrying(lambda: self.session.get(self.url + path, timeout=timeout or self.timeout_s))
+
+    def _retrying(self, send: tp.Callable[[], requests.Response]) -> requests.Response:
+        """`send()` again after a connection error or a 503, backing off, at most `retries` times."""
+        for attempt in range(1, self.retries + 1):
+            try:
+                response = send()
+            except requests.ConnectionError as exc:
+                if attempt == self.retries:
+                    raise ClientError("unreachable", f"cannot reach {self.url}: {exc}") from exc
+            else:
+                if response.status_code != 503 or attempt == self.retries:
+                    return response
+                response.close()
+            time.sleep(min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
+        raise AssertionError("not reached")
+
+
+def _raise_for_error(response: requests.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = dict(response.json()["error"])
+        code, message = str(error.pop("code")), str(error.pop("message"))
+    except (ValueError, KeyError, TypeError):
+        code, message, error = "http_error", response.text[:200] or response.reason, {}
+    raise ClientError(code, message, response.status_code, error)
 
 
 class MultipartFile:
@@ -60,7 +268,7 @@ class MultipartFile:
         while self._index < 3:
             part = self._parts[self._index]
             if part is None:
-                chunk = self._file.read(size if size > 0 else 1 << 20)
+                chunk = self._file.read(size if size > 0 else CHUNK_BYTES)
                 if chunk:
                     self._on_read(len(chunk))
                     return chunk
@@ -75,48 +283,27 @@ class MultipartFile:
         self._file.close()
 
 
-def _request(method: str, url: str, **kwargs: tp.Any) -> requests.Response:
-    """A request retried with backoff while the service is unreachable or answers 503."""
-    for attempt in range(RETRIES):
-        try:
-            response = requests.request(method, url, timeout=kwargs.pop("timeout", 60), **kwargs)
-            if response.status_code != 503 or attempt == RETRIES - 1:
-                return response
-        except requests.ConnectionError:
-            if attempt == RETRIES - 1:
-                raise
-        time.sleep(2 ** attempt)
-    raise AssertionError("not reached")
+# -- `demix separate` ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Submitted:
+    path: Path
+    job: dict
 
 
-def _raise_for_error(response: requests.Response, action: str) -> None:
-    if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            message = f"{error['message']} ({error['code']}, HTTP {response.status_code})"
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {response.status_code}"
-        raise ClientError(f"{action}: {message}")
-
-
-def submit(server: str, path: Path, stems: str) -> dict:
-    """Upload one WAV; returns the queued job."""
+def submit_with_progress(client: Client, path: Path, stems: str) -> dict:
+    """Upload one WAV with a progress bar; returns the queued job."""
     with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"upload {path.name}", leave=False) as bar:
-        body = MultipartFile(path, {"stems": stems}, bar.update)
-        try:
-            # No retry here: a half-sent body cannot be replayed from a stream.
-            response = requests.post(f"{server}/v1/jobs", data=body, timeout=600,
-                                     headers={"Content-Type": body.content_type})
-        finally:
-            body.close()
-    _raise_for_error(response, f"upload of {path}")
-    return response.json()
+        def on_upload(sent: int, _size: int) -> None:
+            bar.update(sent - bar.n)  # negative when a retried upload starts again
+
+        return client.submit(path, stems, on_upload=on_upload)
 
 
-def wait_and_download(server: str, submitted: list[Submitted], out_dir: Path) -> int:
+def wait_and_download(client: Client, submitted: list[Submitted], out_dir: Path) -> int:
     """Poll every job with a progress bar each, download stems as jobs succeed;
-    returns the number of failed jobs."""
+    returns the number of jobs that failed or were cancelled."""
     bars = {s.job["id"]: tqdm(total=100, desc=s.path.name, position=i, unit="%",
                               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
             for i, s in enumerate(submitted)}
@@ -125,20 +312,17 @@ def wait_and_download(server: str, submitted: list[Submitted], out_dir: Path) ->
     try:
         while pending:
             for job_id, item in list(pending.items()):
-                response = _request("GET", f"{server}/v1/jobs/{job_id}")
-                _raise_for_error(response, f"polling job {job_id}")
-                job = response.json()
+                job = client.job(job_id)
                 bar = bars[job_id]
                 bar.set_postfix_str(job["status"], refresh=False)
                 bar.update(round(job["progress"] * 100) - bar.n)
                 if job["status"] == "succeeded":
                     folder = out_dir / item.path.stem
-                    for name, url in job["outputs"].items():
-                        _download(url, folder / f"{name}.wav")
+                    client.download(job_id, folder, job=job)
                     bar.set_postfix_str(f"saved to {folder}")
                     del pending[job_id]
-                elif job["status"] == "failed":
-                    bar.set_postfix_str(f"failed: {job['error']['message']}")
+                elif job["status"] in FINAL_STATUSES:
+                    bar.set_postfix_str(f"{job['status']}: {JobFailed(job).message}")
                     failures += 1
                     del pending[job_id]
             if pending:
@@ -149,31 +333,23 @@ def wait_and_download(server: str, submitted: list[Submitted], out_dir: Path) ->
     return failures
 
 
-def _download(url: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _request("GET", url, stream=True, timeout=600) as response:
-        _raise_for_error(response, f"downloading {url}")
-        with atomic_open(target) as file:
-            for chunk in response.iter_content(1 << 20):
-                file.write(chunk)
-
-
-def run_separate(server: str, files: tp.Sequence[Path], stems: str, out_dir: Path) -> int:
+def run_separate(server: str, files: tp.Sequence[Path], stems: str, out_dir: Path,
+                 api_key: tp.Optional[str] = None) -> int:
     """Submit all files, then wait for all; returns a process exit code."""
-    server = server.rstrip("/")
-    submitted = []
-    for path in files:
+    with Client(server, api_key=api_key) as client:
+        submitted = []
+        for path in files:
+            try:
+                submitted.append(Submitted(path, submit_with_progress(client, path, stems)))
+            except (ClientError, requests.RequestException, OSError) as exc:
+                print(f"demix: upload of {path}: {exc}", file=sys.stderr)
+        if not submitted:
+            return 1
         try:
-            submitted.append(Submitted(path, submit(server, path, stems)))
+            failures = wait_and_download(client, submitted, out_dir)
         except (ClientError, requests.RequestException, OSError) as exc:
             print(f"demix: {exc}", file=sys.stderr)
-    if not submitted:
-        return 1
-    try:
-        failures = wait_and_download(server, submitted, out_dir)
-    except (ClientError, requests.RequestException) as exc:
-        print(f"demix: {exc}", file=sys.stderr)
-        return 1
+            return 1
     failed = failures + len(files) - len(submitted)
     print(f"{len(files) - failed} of {len(files)} separated into {out_dir}")
     return 1 if failed else 0

@@ -22,12 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a Celery worker that separates jobs")
     worker.add_argument("--concurrency", type=int, help="jobs at once (DEMIX_WORKER_CONCURRENCY)")
     worker.add_argument("--loglevel", default="INFO")
+    commands.add_parser("grpc", help="serve the original gRPC interface (demixing.proto) on DEMIX_GRPC_PORT")
     commands.add_parser("config", help="print every DEMIX_* setting, its value and its meaning")
     models.add_parser(commands)
     separate = commands.add_parser("separate", help="upload WAVs to a running service and download their stems")
     separate.add_argument("files", nargs="+", type=Path, metavar="WAV")
     separate.add_argument("--stems", default="all", help="all (default), drums, bass, vocals or other")
     separate.add_argument("--server", help="service URL (default: http://DEMIX_HOST:DEMIX_PORT)")
+    separate.add_argument("--api-key", help="API key sent as `Authorization: Bearer` (default: DEMIX_API_KEY)")
     separate.add_argument("-o", "--out", type=Path, default=Path("separated"),
                           help="folder for the stems, one sub-folder per file (default: ./separated)")
     return parser
@@ -47,10 +49,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         _replace_process(api_argv(settings, args.workers))
     if args.command == "worker":
         _replace_process(worker_argv(settings, args.concurrency, args.loglevel))
+    if args.command == "grpc":
+        from grpc_api.server import serve
+        return serve(settings)
     if args.command == "separate":
         from .client import run_separate
         server = args.server or f"http://{settings.host}:{settings.port}"
-        return run_separate(server, args.files, args.stems, args.out)
+        return run_separate(server, args.files, args.stems, args.out,
+                            api_key=args.api_key or settings.api_key or None)
     if args.command == "models":
         return models.run(args, settings)
     if args.command == "config":

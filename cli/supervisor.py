@@ -1,15 +1,15 @@
 """`demix up`: the whole service in one command, kept up.
 
-Starts a private Redis (unless `DEMIX_REDIS_URL` names one), one worker, the API and
-Flower, prints the URLs once they answer, then watches them. A part that dies is
+Starts a private Redis (unless `DEMIX_REDIS_URL` names one), one worker, Flower, the
+gRPC interface and the API, prints the URLs once they answer, then watches them. A part that dies is
 restarted on its own, after a backoff, with a line saying what died, why and when it
 comes back; the others carry on and reconnect to a restarted Redis by themselves (same
 port, same append-only file, so queued jobs survive). A part that keeps dying before it
 ever answers is broken (a bad setting, a port taken): `demix up` says so with the part's
-last output and stops, or, for Flower, carries on without it.
+last output and stops, or, for Flower and the gRPC interface, carries on without it.
 
-Ctrl-C or SIGTERM stops everything in order (the API first, so no new job arrives;
-Flower; the worker, which hands its running job back; Redis last, which flushes its
+Ctrl-C or SIGTERM stops everything in order (the API and the gRPC interface first, so no
+new job arrives; Flower; the worker, which hands its running job back; Redis last, which flushes its
 append-only file), leaving no process behind.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ OUTPUT_TAIL_LINES = 15
 WORKER_STOP_TIMEOUT_S = 30.0
 API_STOP_TIMEOUT_S = 10.0
 FLOWER_STOP_TIMEOUT_S = 5.0
+GRPC_STOP_TIMEOUT_S = 10.0
 REDIS_STOP_TIMEOUT_S = 10.0
 
 
@@ -304,6 +305,7 @@ class Service:
         self.redis: tp.Optional[RedisServer] = None
         self.redis_url = settings.redis_url
         self.flower_enabled = settings.flower_port != 0
+        self.grpc_enabled = True
         self._pinger: tp.Any = None
 
     @property
@@ -329,6 +331,10 @@ class Service:
             say(f"warning: {settings.host}:{settings.flower_port} is already in use (DEMIX_FLOWER_PORT); "
                 "running without Flower (set DEMIX_FLOWER_PORT to a free port, or 0 to silence this)")
             self.flower_enabled = False
+        if settings.grpc_port in (settings.port, settings.flower_port) or _port_taken(settings.host, settings.grpc_port):
+            say(f"warning: {settings.host}:{settings.grpc_port} is already in use (DEMIX_GRPC_PORT); "
+                "running without the gRPC interface (set DEMIX_GRPC_PORT to a free port)")
+            self.grpc_enabled = False
         if not self.redis_url:
             try:
                 self.redis = RedisServer(settings.data_dir / "redis", persist=True)
@@ -360,7 +366,8 @@ class Service:
         return env
 
     def parts(self) -> list[Part]:
-        """Redis (when private), the worker, Flower (unless disabled) and the API, in start order."""
+        """Redis (when private), the worker, Flower (unless disabled), the gRPC interface and
+        the API, in start order (stopped in reverse)."""
         parts = []
         after_redis: tuple[str, ...] = ()
         if self.redis is not None:
@@ -381,6 +388,12 @@ class Service:
                 is_ready=lambda _process: _http_ok(_local(self.flower_url) + "/healthcheck"),
                 stop_timeout_s=FLOWER_STOP_TIMEOUT_S, essential=False, requires=after_redis,
                 hint="Is DEMIX_FLOWER_PORT free? (0 disables Flower.)"))
+        if self.grpc_enabled:
+            parts.append(Part(
+                "gRPC", spawn=lambda: self._spawn(["grpc"]),
+                is_ready=lambda _process: _tcp_ok(self.settings.host, self.settings.grpc_port),
+                stop_timeout_s=GRPC_STOP_TIMEOUT_S, essential=False, requires=after_redis,
+                hint="Is DEMIX_GRPC_PORT free?"))
         parts.append(Part(
             "API", spawn=lambda: self._spawn(["api"]),
             is_ready=lambda _process: _http_ok(_local(self.url) + "/healthz"),
@@ -419,7 +432,8 @@ class Service:
 
     def ready_message(self) -> str:
         flower = f"; Flower: {self.flower_url}" if self.flower_enabled else ""
-        return f"demix is ready: {self.url}  (POST {self.url}/v1/jobs{flower}; Ctrl-C stops)"
+        grpc = f"; gRPC (demixing.proto): {self.settings.host}:{self.settings.grpc_port}" if self.grpc_enabled else ""
+        return f"demix is ready: {self.url}  (POST {self.url}/v1/jobs{flower}{grpc}; Ctrl-C stops)"
 
 
 def _local(url: str) -> str:
@@ -432,6 +446,16 @@ def _http_ok(url: str) -> bool:
         with urllib.request.urlopen(url, timeout=1) as response:
             return response.status == 200
     except Exception:
+        return False
+
+
+def _tcp_ok(host: str, port: int) -> bool:
+    """Whether something accepts connections on `host:port` (a wildcard host: on this machine)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host)
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
         return False
 
 

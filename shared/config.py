@@ -74,6 +74,21 @@ class Settings:
             "sees only its own jobs. Empty: the API is open (for a private machine).", secret=True)
     max_active_jobs_per_key: int = _setting(
         0, "Queued plus running jobs one API key may have at once; more get 429 (0: unlimited).")
+    # Webhooks (`callback_url`) and the gRPC interface.
+    public_url: str = _setting(
+        "", "Base URL clients reach the API at, for the links in webhook bodies; empty: "
+            "http://DEMIX_HOST:DEMIX_PORT.")
+    webhook_secret: str = _setting(
+        "", "Key signing webhook bodies (HMAC-SHA256 in X-Demix-Signature); empty: unsigned.")
+    webhook_attempts: int = _setting(5, "Most attempts to deliver one webhook before giving up.")
+    webhook_backoff_s: float = _setting(
+        5.0, "Wait before a webhook's first retry, in seconds; doubled for each later one (at most 1 h).")
+    webhook_timeout_s: float = _setting(
+        10.0, "Longest a webhook receiver may take to answer, in seconds, before the attempt fails.")
+    grpc_port: int = _setting(50051, "Port the gRPC interface (`demix grpc`) listens on, on DEMIX_HOST.")
+    api_key: str = _setting(
+        "", "For `demix separate`: the API key it sends as `Authorization: Bearer` (--api-key).",
+        secret=True)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -87,6 +102,11 @@ class Settings:
     def models_dir(self) -> Path:
         """The local model cache (demucs repository format) that `demix models pull` fills."""
         return self.data_dir / "models"
+
+    @property
+    def effective_public_url(self) -> str:
+        """The API's base URL as clients see it, without a trailing slash."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def effective_redis_url(self) -> str:

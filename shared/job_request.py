@@ -1,5 +1,5 @@
 """The one parser of a job request: the form fields of `POST /v1/jobs` in, the stems
-choice and the resolved output options out.
+choice, the resolved output options and the webhook's `callback_url` out.
 
 The API parses every submission here; the OpenAPI description lists `FORM_FIELDS`;
 the worker asks `default_output` for records written before output options existed.
@@ -14,6 +14,7 @@ from .audio import AudioInfo
 from .output import (CHANNEL_MODES, CLIP_MODES, FORMATS, MAX_SAMPLERATE, MIN_SAMPLERATE, MP3_BITRATES,
                      SAMPLE_FORMATS, OutputOptions, resolve_output)
 from .stems import ALL, STEM_CHOICES, check_stems
+from .webhooks import MAX_CALLBACK_URL_LENGTH, validate_callback_url
 
 FILE_FIELD = "file"
 """The multipart file part holding the WAV."""
@@ -47,6 +48,10 @@ FORM_FIELDS: tp.Tuple[FormField, ...] = (
               CLIP_MODES, "clamp"),
     FormField("channels", "`input`: the input's channel count and layout; `stereo`: stems of the "
               "ITU-R BS.775 stereo downmix.", CHANNEL_MODES, "input"),
+    FormField("callback_url", "An http or https URL the service POSTs the job's JSON to when it "
+              "finishes (succeeded, failed or cancelled), signed in `X-Demix-Signature`. Default: none.",
+              schema={"type": "string", "format": "uri", "maxLength": MAX_CALLBACK_URL_LENGTH,
+                      "pattern": r"^[hH][tT][tT][pP][sS]?://"}),
 )
 """Every text field of `POST /v1/jobs`, in the order the README documents them."""
 
@@ -56,6 +61,8 @@ class JobRequest:
     """A validated submission: what to separate into and how to write it."""
     stems: str
     output: OutputOptions
+    callback_url: tp.Optional[str] = None
+    """Where to POST the job when it finishes (webhook), if anywhere."""
 
 
 def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo) -> JobRequest:
@@ -65,10 +72,12 @@ def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo) -> JobRequest
 
     Raises:
         BadRequest: `invalid_stems` for an unknown stems choice, `invalid_output` for an
-            output option that cannot be written (the message says what would work).
+            output option that cannot be written (the message says what would work),
+            `invalid_callback_url` for a callback_url that is not an http(s) URL.
     """
     stems = check_stems((form.get("stems") or ALL).strip().lower() or ALL)
-    return JobRequest(stems=stems, output=resolve_output(form, info))
+    return JobRequest(stems=stems, output=resolve_output(form, info),
+                      callback_url=validate_callback_url(form.get("callback_url")))
 
 
 def default_output(info: AudioInfo) -> OutputOptions:

@@ -79,6 +79,7 @@ class Job:
     handed_back: int = 0
     """Runs that ended with the worker giving the job back (a graceful stop); they do not
     count towards `DEMIX_MAX_ATTEMPTS`."""
+    callback_url: tp.Optional[str] = None  # webhook target, POSTed the job JSON when it finishes
 
     @property
     def duration(self) -> float:
@@ -109,6 +110,7 @@ class Job:
             "input_format": self.input_format,
             "output": self.output,
             "error": self.error,
+            "callback_url": self.callback_url,
         }
 
 

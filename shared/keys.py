@@ -57,6 +57,16 @@ def owner_active_jobs_key(owner: str) -> str:
     return f"{PREFIX}:owner:{owner}:active"
 
 
+def webhooks_due_key() -> str:
+    """Sorted set of pending webhook delivery ids scored by when each is next due (epoch s)."""
+    return f"{PREFIX}:webhooks:due"
+
+
+def webhook_key(delivery_id: str) -> str:
+    """Hash holding one pending webhook delivery: its URL, body and attempts so far."""
+    return f"{PREFIX}:webhook:{delivery_id}"
+
+
 def queue_keys(queue: str) -> list[str]:
     """The lists kombu's Redis transport keeps a Celery queue in, one per priority step.
 

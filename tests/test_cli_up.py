@@ -3,6 +3,7 @@ gunicorn; jobs go through; Ctrl-C leaves no process behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -15,15 +16,18 @@ import typing as tp
 import uuid
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import requests
 
 from cli.redis_server import free_port
+from grpc_api.protos import demixing_pb2, demixing_pb2_grpc
 from tests.audio_factory import write_wav
 from tests.conftest import wait_for_job
 from tests.reference import demucs_separate
 from tests.test_api_jobs import decode_result
+from tests.webhook_receiver import WebhookReceiver
 
 DEMIX = str(Path(sys.executable).parent / "demix")
 
@@ -53,7 +57,7 @@ def demix_up(tmp_path: Path, ready_timeout: float = 120, stop_signal: int = sign
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DEMIX_REDIS_URL"}
     env.update({"DEMIX_PORT": str(port), "DEMIX_FLOWER_PORT": str(free_port()),
-                "DEMIX_DATA_DIR": str(tmp_path / "data"),
+                "DEMIX_GRPC_PORT": str(free_port()), "DEMIX_DATA_DIR": str(tmp_path / "data"),
                 "DEMIX_API_WORKERS": "1", "DEMIX_TEST_MARKER": marker_value, **settings})
     process = subprocess.Popen([DEMIX, "up"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -81,20 +85,33 @@ def demix_up(tmp_path: Path, ready_timeout: float = 120, stop_signal: int = sign
 
 
 def test_demix_up_serves_a_job_and_ctrl_c_stops_everything(tiny_model_repo, tmp_path):
-    with demix_up(tmp_path) as (url, output, marker):
+    grpc_port = free_port()
+    with demix_up(tmp_path, DEMIX_GRPC_PORT=str(grpc_port)) as (url, output, marker), \
+            WebhookReceiver([200]) as receiver:
         assert url in output[-1]
         assert any("started private Redis" in line for line in output)
         path = write_wav(tmp_path / "song.wav", 32000, 1, seconds=1.0)
         with open(path, "rb") as file:
-            response = requests.post(f"{url}/v1/jobs", files={"file": file}, data={"stems": "vocals"}, timeout=30)
+            response = requests.post(f"{url}/v1/jobs", files={"file": file},
+                                     data={"stems": "vocals", "callback_url": receiver.url}, timeout=30)
         assert response.status_code == 202, response.text
         job = wait_for_job(url, response.json()["id"])
         assert job["status"] == "succeeded", job["error"]
         assert set(job["outputs"]) == {"vocals", "no_vocals"}
-        assert len(processes_with_marker(marker)) >= 5  # up, redis, worker (+pool), Flower, gunicorn (+worker)
+        # The worker's webhook sender posted the finished job.
+        [webhook] = receiver.wait_for(1)
+        assert json.loads(webhook.body)["id"] == job["id"]
+        # The gRPC interface answers too.
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            answer = demixing_pb2_grpc.demixingStub(channel).demixing(
+                demixing_pb2.Query(audio_file=path.read_bytes(), sounds="drums"), timeout=120)
+        assert sorted(json.loads(answer.demixed_audio)) == ["drums", "no_drums"]
+        assert len(processes_with_marker(marker)) >= 6  # up, redis, worker (+pool), Flower, gRPC, gunicorn (+worker)
         flower_url = re.search(r"Flower: (http://\S+?);", output[-1]).group(1)
         assert requests.get(f"{flower_url}/healthcheck", timeout=10).text == "OK"
         assert "Flower" in requests.get(flower_url, timeout=10).text
+        assert f"gRPC (demixing.proto): 127.0.0.1:{grpc_port}" in output[-1]
 
 
 def test_demix_up_runs_without_flower_when_its_port_is_taken(tiny_model_repo, tmp_path):

@@ -1,12 +1,22 @@
-"""`demix separate` against the live service."""
+"""The Python client (`cli.client.Client`) and `demix separate` against the real API."""
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
+
+import flask
 import numpy as np
+import pytest
 import soundfile as sf
 
+from api import create_app
+from cli.client import Client, ClientError, JobFailed
 from cli.main import main
 from shared.atomic import is_temporary
+from cli.redis_server import RedisServer, free_port
 from tests.audio_factory import write_wav
+from tests.conftest import UNCONSUMED_QUEUE, LiveServer
 
 
 def test_separate_uploads_a_batch_and_downloads_every_stem(live_server, tmp_path, capsys):
@@ -31,3 +41,128 @@ def test_a_refused_file_is_reported_with_the_services_message(live_server, tmp_p
     bogus.write_bytes(b"ID3\x04\x00" + bytes(200))
     assert main(["separate", str(bogus), "--server", live_server.url, "-o", str(tmp_path / "o")]) == 1
     assert "MP3" in capsys.readouterr().err
+
+
+# -- the library -------------------------------------------------------------------------
+
+def test_submit_wait_download_and_result(live_server, tmp_path):
+    song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=1.0)
+    seen: list[dict] = []
+    uploaded: list[tuple[int, int]] = []
+    with Client(live_server.url) as demix:
+        job = demix.submit(song, stems="vocals", format="flac", on_upload=lambda *sent: uploaded.append(sent))
+        assert job["status"] == "queued" and job["output"]["format"] == "flac"
+        done = demix.wait(job["id"], progress=seen.append, poll_interval_s=0.05)
+        paths = demix.download(job["id"], tmp_path / "out")
+        stems = demix.result(job["id"])
+    assert uploaded[-1] == (song.stat().st_size, song.stat().st_size)
+    assert done["status"] == "succeeded" and seen[-1]["status"] == "succeeded"
+    assert [j["progress"] for j in seen] == sorted(j["progress"] for j in seen)
+    assert paths == {"vocals": tmp_path / "out" / "vocals.flac", "no_vocals": tmp_path / "out" / "no_vocals.flac"}
+    original, rate = sf.read(str(song), always_2d=True)
+    for name, path in paths.items():
+        samples, stem_rate = sf.read(str(path), always_2d=True)
+        assert stem_rate == rate and samples.shape == original.shape
+        assert stems[name] == path.read_bytes()
+
+
+def test_refusals_carry_the_services_code_and_message(idle_server, tmp_path):
+    bogus = tmp_path / "song.wav"
+    bogus.write_bytes(b"ID3\x04\x00" + bytes(200))
+    with Client(idle_server.url) as demix:
+        with pytest.raises(ClientError) as not_wav:
+            demix.submit(bogus)
+        with pytest.raises(ClientError) as bad_stems:
+            demix.submit(write_wav(tmp_path / "a.wav", 8000, 1, seconds=0.1), stems="guitar")
+        with pytest.raises(ClientError) as unknown:
+            demix.job("0" * 32)
+    assert (not_wav.value.code, not_wav.value.http_status) == ("not_wav", 415)
+    assert "MP3" in not_wav.value.message
+    assert (bad_stems.value.code, bad_stems.value.http_status) == ("invalid_stems", 400)
+    assert "guitar" in bad_stems.value.message and "guitar" in str(bad_stems.value)
+    assert (unknown.value.code, unknown.value.http_status) == ("not_found", 404)
+
+
+def test_wait_raises_job_failed_for_a_cancelled_job(idle_server, tmp_path):
+    with Client(idle_server.url) as demix:
+        job = demix.submit(write_wav(tmp_path / "a.wav", 8000, 1, seconds=0.1),
+                           callback_url="http://127.0.0.1:9/unused")
+        assert job["callback_url"] == "http://127.0.0.1:9/unused"
+        assert demix.cancel(job["id"])["status"] == "cancelled"
+        with pytest.raises(JobFailed) as failed:
+            demix.wait(job["id"], poll_interval_s=0.05)
+        demix.delete(job["id"])
+        with pytest.raises(ClientError) as gone:
+            demix.job(job["id"])
+    assert failed.value.job["status"] == "cancelled" and failed.value.code == "cancelled"
+    assert gone.value.code == "not_found"
+
+
+def test_connection_errors_are_retried_until_the_service_answers(idle_server, tmp_path):
+    from werkzeug.serving import make_server
+
+    port = free_port()
+    server = make_server("127.0.0.1", port, idle_server.server.app, threaded=True)
+    starter = threading.Timer(1.0, server.serve_forever)  # not listening yet when the client starts
+    starter.start()
+    try:
+        with Client(f"http://127.0.0.1:{port}", retries=6, backoff_s=0.3) as demix:
+            job = demix.submit(write_wav(tmp_path / "a.wav", 8000, 1, seconds=0.1))
+        assert job["status"] == "queued"
+    finally:
+        starter.join(5)
+        server.shutdown()
+        server.server_close()
+
+
+def test_retries_are_bounded_and_then_say_why(tmp_path):
+    with Client(f"http://127.0.0.1:{free_port()}", retries=3, backoff_s=0.01) as demix:
+        with pytest.raises(ClientError) as error:
+            demix.job("0" * 32)
+    assert error.value.code == "unreachable" and error.value.http_status is None
+
+
+def test_503_is_retried_until_redis_is_back(settings, tmp_path):
+    """The API answers 503 while its Redis is down; the client backs off and tries again."""
+    port = free_port()
+    down_at_first = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{port}/0",
+                                        queue=UNCONSUMED_QUEUE, data_dir=tmp_path / "data")
+    statuses: list[int] = []
+    with LiveServer(create_app({"SETTINGS": down_at_first})) as server:
+        server.server.app.after_request(lambda response: statuses.append(response.status_code) or response)
+        outcome: dict = {}
+
+        def submit() -> None:
+            with Client(server.url, retries=8, backoff_s=0.3) as demix:
+                outcome["job"] = demix.submit(write_wav(tmp_path / "a.wav", 8000, 1, seconds=0.1))
+
+        client_thread = threading.Thread(target=submit)
+        client_thread.start()
+        time.sleep(1.5)
+        # Started from this thread: a child started by a thread dies with that thread (PDEATHSIG).
+        with RedisServer(tmp_path / "redis", port=port, persist=False):
+            client_thread.join(120)
+    job = outcome["job"]
+    assert job["status"] == "queued"
+    assert statuses[0] == 503 and statuses[-1] == 202
+
+
+def test_separate_sends_the_api_key_from_the_option_or_the_environment(live_server, tmp_path, monkeypatch):
+    seen: list[str] = []
+
+    def record() -> None:
+        seen.append(flask.request.headers.get("Authorization", ""))
+
+    hooks = live_server.server.app.before_request_funcs.setdefault(None, [])
+    hooks.append(record)
+    song = str(write_wav(tmp_path / "a.wav", 8000, 1, seconds=0.2))
+    try:
+        assert main(["separate", song, "--server", live_server.url, "--api-key", "k-option",
+                     "-o", str(tmp_path / "o1")]) == 0
+        from_option, seen[:] = list(seen), []
+        monkeypatch.setenv("DEMIX_API_KEY", "k-env")
+        assert main(["separate", song, "--server", live_server.url, "-o", str(tmp_path / "o2")]) == 0
+    finally:
+        hooks.remove(record)
+    assert from_option and set(from_option) == {"Bearer k-option"}
+    assert seen and set(seen) == {"Bearer k-env"}

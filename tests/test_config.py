@@ -50,3 +50,9 @@ def test_every_setting_is_in_the_readme_settings_table():
     table = readme[readme.index("## Settings"):]
     for name, _default, _doc in Settings.describe():
         assert f"`{name}`" in table, f"{name} is missing from README's settings table"
+
+
+def test_the_public_url_defaults_to_the_api_address():
+    assert Settings.from_env({"DEMIX_PORT": "9001"}).effective_public_url == "http://127.0.0.1:9001"
+    assert Settings.from_env({"DEMIX_PUBLIC_URL": "https://demix.example/"}).effective_public_url \
+        == "https://demix.example"

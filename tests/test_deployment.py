@@ -27,10 +27,10 @@ def demix_commands() -> set[str]:
 
 def test_every_service_runs_a_command_the_project_provides():
     services = compose()["services"]
-    assert set(services) == {"redis", "api", "worker", "flower"}
+    assert set(services) == {"redis", "api", "worker", "grpc", "flower"}
     assert services["redis"]["image"].startswith("redis:")
     assert services["redis"]["command"][0] == "redis-server"
-    for name in ("api", "worker", "flower"):
+    for name in ("api", "worker", "grpc", "flower"):
         service = services[name]
         assert service["build"] == "."
         command = service["command"]
@@ -44,25 +44,27 @@ def test_every_service_runs_a_command_the_project_provides():
             assert importlib.util.find_spec("flower") is not None
     assert services["api"]["command"] == ["demix", "api"]
     assert services["worker"]["command"] == ["demix", "worker"]
+    assert services["grpc"]["command"] == ["demix", "grpc"]
 
 
 def test_all_services_share_one_broker_and_api_and_worker_share_storage():
     services = compose()["services"]
-    urls = {services[name]["environment"]["DEMIX_REDIS_URL"] for name in ("api", "worker", "flower")}
+    urls = {services[name]["environment"]["DEMIX_REDIS_URL"] for name in ("api", "worker", "grpc", "flower")}
     assert urls == {"redis://redis:6379/0"}
     def data_volume(name):
         return [v for v in services[name]["volumes"] if v.endswith(":/data")]
-    assert data_volume("api") == data_volume("worker") != []
+    assert data_volume("api") == data_volume("worker") == data_volume("grpc") != []
     assert services["api"]["environment"]["DEMIX_HOST"] == "0.0.0.0"
 
 
 def test_the_image_installs_the_project_and_its_entry_points():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for package in ("api", "worker", "shared", "cli"):
+    for package in ("api", "worker", "shared", "cli", "grpc_api"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert "pip install ." in dockerfile
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'demix = "cli.main:main"' in pyproject
+    assert 'grpc_api = ["*.proto"]' in pyproject  # the proto ships with the package
 
 
 def test_the_worker_sends_task_events_and_the_api_runs_under_gunicorn():

@@ -33,6 +33,7 @@ from shared.jobs import Job, JobStatus, JobStore
 from shared.lifecycle import hand_back_job, recover_lost_job
 from shared.output import OutputOptions
 from shared.storage import JobStorage, disk_full_error
+from shared.webhooks import WebhookQueue
 
 from .engine import SeparationOptions, separate_file
 from .models import ModelCache, ModelSpec, resolve_device
@@ -73,7 +74,9 @@ def worker_context() -> WorkerContext:
     _configure_torch_threads(settings)
     client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5,
                                   socket_timeout=30, health_check_interval=30)
-    return WorkerContext(settings=settings, jobs=JobStore(client),
+    # A finished job with a callback_url gets its webhook queued (sent by the worker's sender).
+    jobs = JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished])
+    return WorkerContext(settings=settings, jobs=jobs,
                          storage=JobStorage(settings.data_dir), models=ModelCache())
 
 

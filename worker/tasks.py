@@ -1,9 +1,11 @@
 """The Celery edge of the worker: a task that takes a job id and runs the job, the
-maintenance loop as a worker bootstep, and giving running jobs back on shutdown."""
+maintenance loop as a worker bootstep, giving running jobs back on shutdown, and the
+webhook sender every worker runs beside its jobs."""
 from __future__ import annotations
 
 import logging
 import os
+import typing as tp
 
 import redis
 from celery import signals
@@ -23,6 +25,8 @@ STOPPING_FLAG_TTL_S = 3600
 
 MAIN_PID = os.getpid()
 """The worker's main process (imported there before the pool forks its children)."""
+
+_webhook_sender: tp.Any = None
 
 
 def worker_identity(node: str) -> str:
@@ -65,3 +69,21 @@ def hand_back_running_jobs(sender: str, how: str = "", **_kwargs) -> None:
         log.warning("could not give back the jobs of worker %s: %s", worker_identity(sender), exc)
     finally:
         client.close()
+
+
+@signals.worker_ready.connect
+def start_webhook_sender(**_: tp.Any) -> None:
+    """Deliver webhooks from the worker's main process, in threads beside the jobs."""
+    global _webhook_sender
+    from shared.webhooks import start_sender
+
+    if _webhook_sender is None:
+        _webhook_sender = start_sender(get_settings())
+
+
+@signals.worker_shutdown.connect
+def stop_webhook_sender(**_: tp.Any) -> None:
+    global _webhook_sender
+    if _webhook_sender is not None:
+        _webhook_sender.stop()
+        _webhook_sender = None

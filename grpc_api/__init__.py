@@ -1,0 +1,1 @@
+"""The original service's gRPC interface (`demixing.proto`), served by `demix grpc`."""
