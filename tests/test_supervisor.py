@@ -20,7 +20,7 @@ import typing as tp
 import pytest
 
 from cli.processes import popen_child
-from cli.redis_server import RedisServer
+from cli.redis_server import RedisServer, free_port
 from cli.supervisor import Part, RestartPolicy, Service, ServiceFailed, Supervisor, describe_exit
 from shared.config import Settings
 
@@ -208,19 +208,36 @@ def test_stop_ends_the_parts_in_reverse_order_and_none_is_restarted(out, tmp_pat
 
 def test_the_service_runs_flower_unless_its_port_is_0():
     settings = Settings.from_env({}, redis_url="redis://127.0.0.1:1/0", model_repo="/models")
-    assert [part.name for part in Service(settings).parts()] == ["worker", "Flower", "API"]
+    assert [part.name for part in Service(settings).parts()] == ["worker", "Flower", "gRPC", "API"]
     without = Settings.from_env({"DEMIX_FLOWER_PORT": "0"}, redis_url="redis://127.0.0.1:1/0")
-    assert [part.name for part in Service(without).parts()] == ["worker", "API"]
+    assert [part.name for part in Service(without).parts()] == ["worker", "gRPC", "API"]
     assert "Flower" not in Service(without).ready_message()
 
 
-def test_with_a_private_redis_the_other_parts_wait_for_it_and_only_flower_is_optional(tmp_path):
+def test_the_service_runs_without_grpc_when_its_port_is_taken(tmp_path):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        settings = Settings.from_env({"DEMIX_GRPC_PORT": str(taken), "DEMIX_PORT": str(free_port()),
+                                      "DEMIX_FLOWER_PORT": "0"},
+                                     redis_url="redis://127.0.0.1:1/0", model_repo="/models")
+        service, said = Service(settings), []
+        service.prepare(said.append)
+    assert [part.name for part in service.parts()] == ["worker", "API"]
+    assert any(f"127.0.0.1:{taken} is already in use (DEMIX_GRPC_PORT)" in line for line in said), said
+    assert "gRPC" not in service.ready_message()
+
+
+def test_with_a_private_redis_the_other_parts_wait_for_it_and_only_flower_and_grpc_are_optional(tmp_path):
     service = Service(Settings.from_env({}, data_dir=tmp_path))
     service.redis = RedisServer(tmp_path / "redis")  # what `prepare` builds; not started here
     parts = {part.name: part for part in service.parts()}
-    assert list(parts) == ["Redis", "worker", "Flower", "API"]
-    assert [name for name, part in parts.items() if not part.essential] == ["Flower"]
-    assert all(parts[name].requires == ("Redis",) for name in ("worker", "Flower", "API"))
+    assert list(parts) == ["Redis", "worker", "Flower", "gRPC", "API"]
+    assert [name for name, part in parts.items() if not part.essential] == ["Flower", "gRPC"]
+    assert all(parts[name].requires == ("Redis",) for name in ("worker", "Flower", "gRPC", "API"))
 
 
 def test_demix_up_refuses_at_once_when_the_api_port_is_taken(tmp_path):
