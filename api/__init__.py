@@ -42,10 +42,11 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     )
     app.teardown_request(discard_unclaimed_uploads)
 
-    from . import errors, health, jobs
+    from . import errors, health, jobs, web
     errors.register(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(web.bp)
     return app
 
 

@@ -1,0 +1,205 @@
+"""The web page in a real browser (headless Debian Chromium driven by Playwright) against
+a real `demix up` with the tiny model: upload, progress, stems that play in sync, mute and
+solo, downloads, recent jobs, readable errors."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from tests.audio_factory import write_wav
+from tests.test_cli_up import demix_up
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+NO_CHROMIUM = ("no Chromium found: the browser tests need Debian's chromium package "
+               "(apt-get install -y chromium, which .ci/run does)")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+JOB_TIMEOUT_MS = 240_000  # a loaded 2-core machine: generous
+
+INPUT_SECONDS = 4.0
+INPUT_RATE = 44100
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(NO_CHROMIUM)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def service_url(tiny_model_repo, tmp_path_factory):
+    with demix_up(tmp_path_factory.mktemp("web")) as (url, _output, _marker):
+        yield url
+
+
+@pytest.fixture
+def page(browser, service_url):
+    context = browser.new_context(base_url=service_url, accept_downloads=True)
+    page = context.new_page()
+    uncaught: list = []
+    page.on("pageerror", lambda error: uncaught.append(error))
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+    assert not uncaught, f"the page threw: {uncaught}"
+
+
+@pytest.fixture(scope="module")
+def song(tmp_path_factory) -> Path:
+    return write_wav(tmp_path_factory.mktemp("songs") / "song.wav", INPUT_RATE, 2, seconds=INPUT_SECONDS)
+
+
+def open_page(page) -> None:
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+
+
+def stem_state(page) -> list[dict]:
+    return page.eval_on_selector_all("audio[data-stem]", """els => els.map(a => ({
+        stem: a.dataset.stem, duration: a.duration, muted: a.muted, paused: a.paused,
+        time: a.currentTime, ready: a.readyState}))""")
+
+
+def separate_through_page(page, path: Path, stems: str, expected: set[str]) -> None:
+    """Submit `path` with the form and wait until every stem's <audio> knows its duration
+    and every waveform is drawn."""
+    page.set_input_files("input[type=file][name=file]", str(path))
+    page.select_option("select[name=stems]", stems)
+    page.click("button[type=submit]")
+    page.wait_for_function(
+        """count => { const audios = [...document.querySelectorAll('audio[data-stem]')];
+                      return audios.length === count && audios.every(a => a.readyState >= 1 && isFinite(a.duration)); }""",
+        arg=len(expected), timeout=JOB_TIMEOUT_MS)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.stem')].every(s => s.dataset.waveform)", timeout=60_000)
+    assert {state["stem"] for state in stem_state(page)} == expected
+
+
+def test_upload_progress_playback_and_zip(page, song, tmp_path):
+    open_page(page)
+    # Record every state of the progress bar as the page shows it.
+    page.evaluate("""() => {
+        window.progressSeen = [];
+        const bar = document.querySelector('[data-role=progressbar]');
+        const status = document.querySelector('[data-role=status]');
+        new MutationObserver(() => window.progressSeen.push([Number(bar.getAttribute('aria-valuenow')), status.textContent]))
+            .observe(status, {childList: true, characterData: true, subtree: true});
+    }""")
+    separate_through_page(page, song, "all", {"drums", "bass", "other", "vocals"})
+
+    for state in stem_state(page):
+        assert state["duration"] == pytest.approx(INPUT_SECONDS, abs=0.005), state
+    assert page.text_content("[data-role=status]") == "Done — 100%"
+    assert page.get_attribute("[data-role=progressbar]", "aria-valuenow") == "100"
+    seen = page.evaluate("window.progressSeen")
+    assert any(text.startswith("Uploading song.wav") for _, text in seen), seen
+    job_phase = [value for value, text in seen if text.startswith(("Queued", "Separating", "Done"))]
+    assert job_phase and job_phase == sorted(job_phase) and job_phase[-1] == 100, seen
+    assert page.is_hidden("[data-role=error]")
+    assert all(page.eval_on_selector_all(".stem", "els => els.map(e => e.dataset.waveform === 'drawn')"))
+
+    # One transport: every stem plays, together.
+    page.click("[data-action=play]")
+    page.wait_for_function("""() => [...document.querySelectorAll('audio[data-stem]')]
+                              .every(a => !a.paused && a.currentTime > 0.3)""")
+    times = [state["time"] for state in stem_state(page)]
+    assert max(times) - min(times) < 0.1, times
+    page.click("[data-action=play]")  # pause
+    assert all(state["paused"] for state in stem_state(page))
+
+    # Seeking moves every stem.
+    page.eval_on_selector("[data-role=seek]",
+                          "el => { el.value = '2.5'; el.dispatchEvent(new Event('input')); }")
+    for state in stem_state(page):
+        assert state["time"] == pytest.approx(2.5, abs=0.01), state
+
+    # Each stem's own download link, and the zip with every stem.
+    with page.expect_download() as download:
+        page.click(".stem:has(audio[data-stem=vocals]) [data-role=download]")
+    assert download.value.suggested_filename.endswith("_vocals.wav")
+    assert sf.info(download.value.path()).frames == INPUT_SECONDS * INPUT_RATE
+    with page.expect_download() as download:
+        page.click("[data-role=zip]")
+    archive = zipfile.ZipFile(download.value.path())
+    assert sorted(archive.namelist()) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    for name in archive.namelist():
+        assert sf.info(io.BytesIO(archive.read(name))).frames == INPUT_SECONDS * INPUT_RATE
+
+    screenshot = os.environ.get("DEMIX_WEB_SCREENSHOT")
+    if screenshot:  # how docs/screenshot.png is made (README)
+        page.set_viewport_size({"width": 1100, "height": 900})
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=screenshot, full_page=True)
+
+
+def test_mute_solo_and_recent_jobs(page, song):
+    open_page(page)
+    separate_through_page(page, song, "vocals", {"vocals", "no_vocals"})
+
+    def muted() -> dict:
+        return {state["stem"]: state["muted"] for state in stem_state(page)}
+
+    page.click("[aria-label='Mute vocals']")
+    assert muted() == {"vocals": True, "no_vocals": False}
+    page.click("[aria-label='Solo no_vocals']")
+    assert muted() == {"vocals": True, "no_vocals": False}
+    page.click("[aria-label='Solo vocals']")  # solo wins over mute
+    assert muted() == {"vocals": False, "no_vocals": False}
+    page.click("[aria-label='Solo no_vocals']")
+    assert muted() == {"vocals": False, "no_vocals": True}
+    page.click("[aria-label='Solo vocals']")
+    page.click("[aria-label='Mute vocals']")
+    assert muted() == {"vocals": False, "no_vocals": False}
+
+    # The job is remembered by the browser; a job the service no longer has is dropped.
+    job_id = page.eval_on_selector("[data-role=recent] li", "li => li.dataset.jobId")
+    page.evaluate("""() => {
+        const list = JSON.parse(localStorage.getItem('demix.recentJobs'));
+        list.push({id: 'f'.repeat(32), name: 'gone.wav', stems: 'all', submittedAt: 0, status: 'succeeded'});
+        localStorage.setItem('demix.recentJobs', JSON.stringify(list));
+    }""")
+    page.goto("/")  # no #job: a fresh page
+    page.wait_for_selector("body[data-ready=true]")
+    page.wait_for_function("() => document.querySelectorAll('[data-role=recent] li').length === 1")
+    assert page.eval_on_selector("[data-role=recent] li", "li => li.dataset.jobId") == job_id
+    assert "song.wav" in page.text_content("[data-role=recent] li")
+    page.click("[data-role=recent] li [data-action=open]")
+    page.wait_for_function("""() => [...document.querySelectorAll('audio[data-stem]')]
+                              .every(a => a.readyState >= 1) && document.querySelectorAll('audio[data-stem]').length === 2""",
+                           timeout=60_000)
+    for state in stem_state(page):
+        assert state["duration"] == pytest.approx(INPUT_SECONDS, abs=0.005), state
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("notes.txt", b"these are my lyrics, not audio\n", "its first bytes"),
+    ("song.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(2000), "an MP3 file (it starts with an ID3 tag)"),
+    ("broken.wav", b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00" + bytes(8), "422"),
+])
+def test_bad_upload_shows_the_services_message(page, tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    open_page(page)
+    responses = []
+    page.on("response", lambda response: response.url.endswith("/v1/jobs") and responses.append(response))
+    page.set_input_files("input[type=file][name=file]", str(path))
+    page.click("button[type=submit]")
+    error = page.wait_for_selector("[data-role=error]:not([hidden])")
+    (response,) = responses
+    assert response.status in (415, 422)
+    body = response.json()["error"]
+    assert error.text_content() == body["message"]  # the message itself, not JSON
+    assert expected in body["message"] or expected == str(response.status)
+    assert page.locator("audio[data-stem]").count() == 0
