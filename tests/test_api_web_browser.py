@@ -137,16 +137,18 @@ def test_upload_progress_playback_and_zip(page, song, tmp_path):
     for name in archive.namelist():
         assert sf.info(io.BytesIO(archive.read(name))).frames == INPUT_SECONDS * INPUT_RATE
 
-    screenshot = os.environ.get("DEMIX_WEB_SCREENSHOT")
+    screenshot = os.environ.get("WEB_PAGE_SCREENSHOT")  # not DEMIX_*: conftest clears those
     if screenshot:  # how docs/screenshot.png is made (README)
         page.set_viewport_size({"width": 1100, "height": 900})
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=screenshot, full_page=True)
 
 
-def test_mute_solo_and_recent_jobs(page, song):
+def test_mute_solo_and_recent_jobs_on_a_phone(page, song):
+    page.set_viewport_size({"width": 360, "height": 740})
     open_page(page)
     separate_through_page(page, song, "vocals", {"vocals", "no_vocals"})
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 360  # nothing sticks out sideways
 
     def muted() -> dict:
         return {state["stem"]: state["muted"] for state in stem_state(page)}

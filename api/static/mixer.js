@@ -6,6 +6,7 @@ import { formatClock } from "./progress.js";
 const PEAK_BUCKETS = 2000;           // waveform resolution, independent of the canvas size
 const DRIFT_TOLERANCE_S = 0.04;      // re-align a stem that drifts further than this from the first
 const DECODE_SAMPLERATE = 22050;     // waveforms only need the envelope; halves decoding memory
+const MIN_WAVEFORM_PEAK = 1 / 64;    // quieter than -36 dBFS at its loudest: drawn no larger
 
 /** Peak and RMS of |sample| over all channels, in `buckets` equal slices of the buffer. */
 export function computePeaks(audioBuffer, buckets = PEAK_BUCKETS) {
@@ -95,12 +96,13 @@ class Track {
     try {
       if (!this.blob) throw new Error("not in memory");
       this.peaks = await decodePeaks(await this.blob.arrayBuffer());
+      this.peakMax = Math.max(0, ...this.peaks.peak);
       this.element.dataset.waveform = "drawn";
     } catch {
       this.element.classList.add("no-waveform");  // playable, but no picture of it
       this.element.dataset.waveform = "none";
     }
-    this.draw();
+    this.mixer.drawAll();  // the shared waveform gain may have changed
   }
 
   get audible() {
@@ -120,15 +122,16 @@ class Track {
     const rest = style.getPropertyValue("--wave-rest").trim() || "#8a8fa3";
     const head = this.mixer.duration ? this.mixer.position / this.mixer.duration : 0;
     const middle = height / 2;
+    const scale = middle * this.mixer.waveformGain;
     if (this.peaks) {
       const { peak, rms } = this.peaks;
       for (let x = 0; x < width; x++) {
         const b = Math.min(peak.length - 1, Math.floor((x / width) * peak.length));
         context.fillStyle = x / width <= head ? played : rest;
-        const p = Math.min(1, peak[b]) * middle;
+        const p = Math.min(middle, peak[b] * scale);
         context.globalAlpha = 0.45;
         context.fillRect(x, middle - p, 1, Math.max(1, 2 * p));
-        const r = Math.min(1, rms[b]) * middle;
+        const r = Math.min(middle, rms[b] * scale);
         context.globalAlpha = 1;
         context.fillRect(x, middle - r, 1, Math.max(1, 2 * r));
       }
@@ -173,6 +176,15 @@ export class Mixer {
         this.playing ? this.pause() : this.play();
       }
     });
+  }
+
+  /**
+   * One vertical gain for every waveform of the job: the loudest stem's peak fills its
+   * height, so quiet mixes stay visible and stems keep their loudness relative to each other.
+   */
+  get waveformGain() {
+    const loudest = Math.max(0, ...this.tracks.filter((t) => t.peaks).map((t) => t.peakMax));
+    return 1 / Math.max(loudest, MIN_WAVEFORM_PEAK);
   }
 
   get anySolo() { return this.tracks.some((track) => track.soloed); }
