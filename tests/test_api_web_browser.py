@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -205,3 +206,163 @@ def test_bad_upload_shows_the_services_message(page, tmp_path, name, content, ex
     assert error.text_content() == body["message"]  # the message itself, not JSON
     assert expected in body["message"] or expected == str(response.status)
     assert page.locator("audio[data-stem]").count() == 0
+
+
+# ---- against the API alone (`idle_server`: a 1 MiB upload limit, a queue no worker takes) ----
+
+@pytest.fixture
+def idle_page(browser, idle_server):
+    context = browser.new_context(base_url=idle_server.url)
+    page = context.new_page()
+    uncaught: list = []
+    page.on("pageerror", lambda error: uncaught.append(error))
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+    assert not uncaught, f"the page threw: {uncaught}"
+
+
+def job_requests(page) -> list:
+    """Requests the page makes to submit a job, recorded from now on."""
+    seen: list = []
+    page.on("request", lambda request: request.method == "POST" and request.url.endswith("/v1/jobs")
+            and seen.append(request))
+    return seen
+
+
+def test_a_queued_job_says_so(idle_page, tmp_path):
+    path = write_wav(tmp_path / "waiting.wav", 22050, 1, seconds=0.5)
+    open_page(idle_page)
+    idle_page.set_input_files("input[type=file][name=file]", str(path))
+    idle_page.click("button[type=submit]")
+    idle_page.wait_for_function(
+        "() => document.querySelector('[data-role=status]').textContent.startsWith('Queued — ')")
+    assert idle_page.get_attribute("[data-role=progressbar]", "aria-valuenow") == "0"
+    assert idle_page.is_hidden("[data-role=error]")
+    assert idle_page.locator("[data-action=cancel]").is_hidden()  # this service has no cancel endpoint
+
+
+def test_a_file_over_the_limit_is_refused_before_it_is_sent(idle_page, tmp_path):
+    path = tmp_path / "big.wav"
+    path.write_bytes(bytes(int(1.5 * 1024 * 1024)))
+    open_page(idle_page)
+    submitted = job_requests(idle_page)
+    idle_page.set_input_files("input[type=file][name=file]", str(path))
+    assert idle_page.text_content("[data-role=error]") == \
+        "big.wav is 1.5 MiB; this service accepts files up to 1 MiB."
+    idle_page.click("button[type=submit]")
+    assert idle_page.is_visible("[data-role=error]")
+    assert submitted == []
+
+
+def test_the_services_413_is_shown_when_the_page_does_not_know_the_limit(idle_page, tmp_path):
+    """A limit the page does not know of (a proxy's, say): the service's 413 message shows."""
+    path = write_wav(tmp_path / "long.wav", 44100, 2, seconds=6.0)  # ~1 MiB of audio over the limit
+    idle_page.route("**/", lambda route: route.fulfill(
+        response=route.fetch(), body=route.fetch().text().replace('data-max-upload-bytes="1048576"',
+                                                                  'data-max-upload-bytes=""')))
+    open_page(idle_page)
+    idle_page.set_input_files("input[type=file][name=file]", str(path))
+    idle_page.click("button[type=submit]")
+    error = idle_page.wait_for_selector("[data-role=error]:not([hidden])")
+    assert "1 MiB limit" in error.text_content(), error.text_content()
+
+
+def test_asks_for_an_api_key_on_401_and_sends_it(idle_page, tmp_path):
+    """The service's side is simulated here (keys belong to the API's own tests): a request
+    without `Authorization: Bearer sesame` gets the API's 401 JSON error."""
+    path = write_wav(tmp_path / "keyed.wav", 22050, 1, seconds=0.5)
+    authorizations: list = []
+
+    def require_key(route):
+        authorization = route.request.headers.get("authorization")
+        authorizations.append(authorization)
+        if authorization != "Bearer sesame":
+            route.fulfill(status=401, content_type="application/json",
+                          body='{"error": {"code": "unauthorized", "message": "a valid API key is required"}}')
+        else:
+            route.continue_()
+
+    idle_page.route("**/v1/**", require_key)
+    open_page(idle_page)
+    idle_page.set_input_files("input[type=file][name=file]", str(path))
+    idle_page.click("button[type=submit]")
+    idle_page.wait_for_selector("[data-role=api-key]:not([hidden])")
+    assert "a valid API key is required" in idle_page.text_content("[data-role=api-key]")
+    idle_page.fill("#api_key", "sesame")
+    idle_page.click("[data-action=save-key]")
+    idle_page.wait_for_function(
+        "() => document.querySelector('[data-role=status]').textContent.startsWith('Queued — ')")
+    assert authorizations[0] is None and authorizations[-1] == "Bearer sesame"
+    assert idle_page.evaluate("localStorage.getItem('demix.apiKey')") == "sesame"
+    assert idle_page.is_hidden("[data-role=error]")
+
+
+def test_cancel_and_delete_are_offered_where_the_service_has_them(idle_page, tmp_path):
+    """The endpoints are simulated (they belong to the job lifecycle's own tests): the page
+    offers Cancel when `OPTIONS .../cancel` allows POST and Delete when the job allows DELETE."""
+    path = write_wav(tmp_path / "cancel.wav", 22050, 1, seconds=0.5)
+    calls: list = []
+
+    def lifecycle(route):
+        request = route.request
+        calls.append((request.method, request.url.split("/v1/jobs/")[1]))
+        if request.method == "OPTIONS":
+            route.fulfill(status=200, headers={"Allow": "POST, DELETE, GET, HEAD, OPTIONS"})
+        elif request.method == "POST":  # cancel: answer the job as cancelled
+            job = route.fetch(url=request.url.rsplit("/", 1)[0], method="GET").json()
+            route.fulfill(json={**job, "status": "cancelled"})
+        elif request.method == "DELETE":
+            route.fulfill(status=204)
+        else:
+            route.continue_()
+
+    idle_page.route(re.compile(r"/v1/jobs/[0-9a-f]{32}(/cancel)?$"),
+                    lambda route: route.continue_() if route.request.method == "GET" else lifecycle(route))
+    open_page(idle_page)
+    idle_page.set_input_files("input[type=file][name=file]", str(path))
+    idle_page.click("button[type=submit]")
+    idle_page.click("[data-action=cancel]")
+    idle_page.wait_for_function("() => document.querySelector('[data-role=status]').textContent === 'Cancelled'")
+    assert idle_page.locator("[data-action=cancel]").is_hidden()
+    job_id = idle_page.eval_on_selector("[data-role=recent] li", "li => li.dataset.jobId")
+    idle_page.click("[data-action=delete]")
+    assert idle_page.text_content("[data-action=delete]") == "Really delete?"
+    idle_page.click("[data-action=delete]")
+    idle_page.wait_for_selector("[data-role=job]", state="hidden")
+    assert ("DELETE", job_id) in calls and ("POST", f"{job_id}/cancel") in calls
+    assert idle_page.locator("[data-role=recent] li").count() == 0
+
+
+def test_progress_line_and_time_left(idle_page):
+    """The progress line's wording and the time-left estimate, run in the page's own module."""
+    open_page(idle_page)
+    result = idle_page.evaluate("""async () => {
+        const { EtaEstimator, describeJob } = await import('/static/progress.js');
+        const estimator = new EtaEstimator();
+        const t0 = Date.parse('2026-01-01T00:00:10Z');
+        const running = (progress, extra = {}) => ({status: 'running', progress,
+                                                   started_at: '2026-01-01T00:00:00Z', ...extra});
+        return {
+            fromStart: estimator.observe(running(0.25), t0),            // 10 s for 25%: 30 s left
+            fromSeen: estimator.observe(running(0.5), t0 + 2000),       // 25% more in 2 s: 4 s left
+            fromService: estimator.observe(running(0.5, {eta_s: 7}), t0 + 3000),
+            unknown: new EtaEstimator().observe(running(0), t0),
+            running: describeJob(running(0.5), 125).text,
+            estimating: describeJob(running(0.05), null).text,
+            queued: describeJob({status: 'queued', progress: 0}, null).text,
+            third: describeJob({status: 'queued', progress: 0, queue_position: 3}, null).text,
+            next: describeJob({status: 'queued', progress: 0, queue_position: 1}, null).text,
+            done: describeJob({status: 'succeeded', progress: 1}, null),
+        };
+    }""")
+    assert result["fromStart"] == pytest.approx(30)
+    assert result["fromSeen"] == pytest.approx(4)
+    assert result["fromService"] == 7
+    assert result["unknown"] is None
+    assert result["running"] == "Separating — 50% · about 2 min 5 s left"
+    assert result["estimating"] == "Separating — 5% · estimating time left…"
+    assert result["queued"] == "Queued — waiting for a worker"
+    assert result["third"] == "Queued — position 3 in the queue"
+    assert result["next"] == "Queued — next in line"
+    assert result["done"] == {"percent": 100, "text": "Done — 100%"}
