@@ -145,11 +145,19 @@ def test_upload_progress_playback_and_zip(page, song, tmp_path):
         page.screenshot(path=screenshot, full_page=True)
 
 
-def test_mute_solo_and_recent_jobs_on_a_phone(page, song):
+def test_output_options_mute_solo_and_recent_jobs_on_a_phone(page, song):
     page.set_viewport_size({"width": 360, "height": 740})
     open_page(page)
+    page.click("summary")  # "Output options"
+    page.select_option("select[name=format]", "flac")
+    page.select_option("select[name=samplerate]", "22050")
     separate_through_page(page, song, "vocals", {"vocals", "no_vocals"})
     assert page.evaluate("document.scrollingElement.scrollWidth") <= 360  # nothing sticks out sideways
+    assert "out: FLAC pcm16, 22050 Hz" in page.text_content("[data-role=job-meta]")
+    for state in stem_state(page):
+        assert state["duration"] == pytest.approx(INPUT_SECONDS, abs=0.005), state
+    assert page.get_attribute(".stem:has(audio[data-stem=vocals]) [data-role=download]", "download").endswith(
+        "_vocals.flac")
 
     def muted() -> dict:
         return {state["stem"]: state["muted"] for state in stem_state(page)}
@@ -240,6 +248,46 @@ def test_a_queued_job_says_so(idle_page, tmp_path):
     assert idle_page.get_attribute("[data-role=progressbar]", "aria-valuenow") == "0"
     assert idle_page.is_hidden("[data-role=error]")
     assert idle_page.locator("[data-action=cancel]").is_hidden()  # this service has no cancel endpoint
+
+
+def test_output_options_offer_only_what_can_be_written(idle_page):
+    open_page(idle_page)
+    idle_page.click("summary")
+
+    def disabled(select: str) -> list[str]:
+        return idle_page.eval_on_selector(select, """s => s.disabled ? ['*'] :
+            [...s.options].filter(o => o.disabled).map(o => o.value)""")
+
+    assert disabled("select[name=bitrate]") == ["*"]  # WAV: no bitrate
+    idle_page.select_option("select[name=samplerate]", "96000")
+    idle_page.select_option("select[name=format]", "mp3")
+    assert disabled("select[name=sample_format]") == ["*"]
+    assert disabled("select[name=bitrate]") == []
+    assert set(disabled("select[name=samplerate]")) == {"88200", "96000", "176400", "192000"}
+    assert idle_page.input_value("select[name=samplerate]") == "input"
+    idle_page.select_option("select[name=format]", "flac")
+    assert disabled("select[name=sample_format]") == ["float32"]
+    assert disabled("select[name=samplerate]") == []
+
+
+def test_a_failed_job_shows_why(idle_page, tmp_path):
+    """A job the worker failed (simulated here: no worker takes this queue) shows its error's message."""
+    path = write_wav(tmp_path / "fails.wav", 22050, 1, seconds=0.5)
+    failure = {"code": "model_unavailable", "message": "no weights for htdemucs: run demix models pull"}
+
+    def fail(route):
+        if route.request.method != "GET":
+            return route.continue_()
+        route.fulfill(json={**route.fetch().json(), "status": "failed", "error": failure})
+
+    idle_page.route(re.compile(r"/v1/jobs/[0-9a-f]{32}$"), fail)
+    open_page(idle_page)
+    idle_page.set_input_files("input[type=file][name=file]", str(path))
+    idle_page.click("button[type=submit]")
+    error = idle_page.wait_for_selector("[data-role=error]:not([hidden])")
+    assert error.text_content() == f"The separation failed: {failure['message']}"
+    assert idle_page.text_content("[data-role=status]") == "Failed"
+    assert idle_page.text_content("[data-role=recent] .badge") == "failed"
 
 
 def test_a_file_over_the_limit_is_refused_before_it_is_sent(idle_page, tmp_path):

@@ -173,7 +173,8 @@ ui.form.addEventListener("submit", async (event) => {
   try {
     const job = await upload("/v1/jobs", jobForm(file), (fraction) => {
       const percent = Math.round(fraction * 100);
-      renderProgress(percent, `Uploading ${file.name} — ${percent}%`);
+      renderProgress(percent, percent < 100 ? `Uploading ${file.name} — ${percent}%`
+                                            : `Uploaded ${file.name}; the service is checking it…`);
     });
     rememberJob({ id: job.id, name: file.name, stems: job.stems, submittedAt: Date.now(), status: job.status });
     renderRecent();
@@ -270,6 +271,7 @@ function renderJob(state, job) {
     `${Number(job.duration).toFixed(2)} s`, `${job.samplerate} Hz`,
     `${job.channels} channel${job.channels === 1 ? "" : "s"}`, `stems: ${job.stems}`,
     output.format ? `out: ${output.format.toUpperCase()} ${output.format === "mp3" ? output.bitrate + " kbit/s" : output.sample_format}, ${output.samplerate} Hz` : "",
+    job.expires_at ? `kept until ${new Date(job.expires_at).toLocaleString()}` : "",
   ].filter(Boolean).join(" · ");
   ui.cancel.hidden = !(capabilities && capabilities.cancel) || FINISHED.has(job.status);
   ui.delete.hidden = !(capabilities && capabilities.delete);
