@@ -240,6 +240,10 @@ def job_requests(page) -> list:
 
 def test_a_queued_job_says_so(idle_page, tmp_path):
     path = write_wav(tmp_path / "waiting.wav", 22050, 1, seconds=0.5)
+    # A service without the cancel and delete endpoints (the probe is all that changes).
+    idle_page.route(re.compile(r"/v1/jobs/[0-9a-f]{32}(/cancel)?$"), lambda route: route.fulfill(
+        status=404, json={"error": {"code": "not_found", "message": "not found"}})
+        if route.request.method == "OPTIONS" else route.continue_())
     open_page(idle_page)
     idle_page.set_input_files("input[type=file][name=file]", str(path))
     idle_page.click("button[type=submit]")
@@ -247,7 +251,10 @@ def test_a_queued_job_says_so(idle_page, tmp_path):
         "() => document.querySelector('[data-role=status]').textContent.startsWith('Queued — ')")
     assert idle_page.get_attribute("[data-role=progressbar]", "aria-valuenow") == "0"
     assert idle_page.is_hidden("[data-role=error]")
-    assert idle_page.locator("[data-action=cancel]").is_hidden()  # this service has no cancel endpoint
+    idle_page.wait_for_selector("body[data-lifecycle]", state="attached")  # the probe is done
+    assert idle_page.get_attribute("body", "data-lifecycle") == "none"
+    assert idle_page.locator("[data-action=cancel]").is_hidden()
+    assert idle_page.locator("[data-action=delete]").is_hidden()
 
 
 def test_output_options_offer_only_what_can_be_written(idle_page):

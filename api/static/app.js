@@ -219,6 +219,7 @@ async function probeCapabilities(jobId) {
   const [cancel, job] = await Promise.all([
     allowedMethods(`/v1/jobs/${jobId}/cancel`), allowedMethods(`/v1/jobs/${jobId}`)]);
   capabilities = { cancel: cancel.has("POST"), delete: job.has("DELETE") };
+  document.body.dataset.lifecycle = Object.keys(capabilities).filter((name) => capabilities[name]).join(" ") || "none";
   return capabilities;
 }
 
