@@ -3,6 +3,7 @@ a real `demix up` with the tiny model: upload, progress, stems that play in sync
 solo, downloads, recent jobs, readable errors."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -45,16 +46,27 @@ def service_url(tiny_model_repo, tmp_path_factory):
         yield url
 
 
-@pytest.fixture
-def page(browser, service_url):
-    context = browser.new_context(base_url=service_url, accept_downloads=True)
+@contextlib.contextmanager
+def watched_page(browser, base_url: str):
+    """A fresh browser context's page; fails the test if the page throws or logs an error
+    (a Content-Security-Policy violation, say) other than an HTTP error status it handles."""
+    context = browser.new_context(base_url=base_url, accept_downloads=True)
     page = context.new_page()
-    uncaught: list = []
-    page.on("pageerror", lambda error: uncaught.append(error))
+    problems: list = []
+    page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+    page.on("console", lambda message: message.type == "error"
+            and not message.text.startswith("Failed to load resource: the server responded with a status of")
+            and problems.append(f"console: {message.text}"))
     page.set_default_timeout(30_000)
     yield page
     context.close()
-    assert not uncaught, f"the page threw: {uncaught}"
+    assert not problems, problems
+
+
+@pytest.fixture
+def page(browser, service_url):
+    with watched_page(browser, service_url) as page:
+        yield page
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +232,8 @@ def test_bad_upload_shows_the_services_message(page, tmp_path, name, content, ex
 
 @pytest.fixture
 def idle_page(browser, idle_server):
-    context = browser.new_context(base_url=idle_server.url)
-    page = context.new_page()
-    uncaught: list = []
-    page.on("pageerror", lambda error: uncaught.append(error))
-    page.set_default_timeout(30_000)
-    yield page
-    context.close()
-    assert not uncaught, f"the page threw: {uncaught}"
+    with watched_page(browser, idle_server.url) as page:
+        yield page
 
 
 def job_requests(page) -> list:
@@ -275,6 +281,17 @@ def test_output_options_offer_only_what_can_be_written(idle_page):
     idle_page.select_option("select[name=format]", "flac")
     assert disabled("select[name=sample_format]") == ["float32"]
     assert disabled("select[name=samplerate]") == []
+
+
+def test_a_dropped_file_is_chosen(idle_page):
+    open_page(idle_page)
+    idle_page.eval_on_selector("[data-role=dropzone]", """zone => {
+        const files = new DataTransfer();
+        files.items.add(new File([new Uint8Array(2048)], 'dropped.wav', {type: 'audio/wav'}));
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true, cancelable: true}));
+    }""")
+    assert idle_page.eval_on_selector("input[type=file][name=file]", "input => input.files[0].name") == "dropped.wav"
+    assert idle_page.text_content("[data-role=file-name]") == "dropped.wav (2 KiB)"
 
 
 def test_a_failed_job_shows_why(idle_page, tmp_path):

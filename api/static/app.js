@@ -209,6 +209,7 @@ function showJobSection(title) {
 
 function renderProgress(percent, text) {
   ui.bar.setAttribute("aria-valuenow", String(percent));
+  ui.bar.setAttribute("aria-valuetext", text);
   ui.bar.style.setProperty("--percent", `${percent}%`);
   ui.status.textContent = text;
 }
