@@ -189,7 +189,7 @@ ui.form.addEventListener("submit", async (event) => {
 
 // ---- one job ------------------------------------------------------------------------
 
-let following = null;  // {id, estimator, stemsLoaded} of the job on screen
+let following = null;  // {id, estimator, stemsLoaded, lastJob} of the job on screen
 let capabilities = null;
 
 function stopFollowing() {
@@ -214,14 +214,27 @@ function renderProgress(percent, text) {
   ui.status.textContent = text;
 }
 
-/** Whether this service has the cancel and delete endpoints (probed once, never prompting). */
+/** Whether this service has the cancel and delete endpoints (probed once it can tell, never prompting). */
+let probing = null;
+
 async function probeCapabilities(jobId) {
   if (capabilities) return capabilities;
-  const [cancel, job] = await Promise.all([
-    allowedMethods(`/v1/jobs/${jobId}/cancel`), allowedMethods(`/v1/jobs/${jobId}`)]);
-  capabilities = { cancel: cancel.has("POST"), delete: job.has("DELETE") };
-  document.body.dataset.lifecycle = Object.keys(capabilities).filter((name) => capabilities[name]).join(" ") || "none";
-  return capabilities;
+  probing ??= Promise.all([allowedMethods(`/v1/jobs/${jobId}/cancel`), allowedMethods(`/v1/jobs/${jobId}`)])
+    .then(([cancel, job]) => {
+      if (cancel === null || job === null) return null;  // needs a key first: ask again later
+      capabilities = { cancel: cancel.has("POST"), delete: job.has("DELETE") };
+      document.body.dataset.lifecycle = Object.keys(capabilities).filter((name) => capabilities[name]).join(" ") || "none";
+      return capabilities;
+    })
+    .finally(() => { probing = null; });
+  return probing;
+}
+
+/** Probe if not known yet, then show the job's buttons. */
+function offerLifecycle(state) {
+  if (capabilities) return;
+  probeCapabilities(state.id).then((known) => known && following === state && state.lastJob
+                                   && renderJob(state, state.lastJob));
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -236,7 +249,6 @@ async function openJob(id, job = null) {
   const remembered = findRecent(id);
   showJobSection(remembered ? remembered.name : `Job ${id.slice(0, 8)}`);
   renderRecent();
-  probeCapabilities(id).then(() => following === state && job && renderJob(state, job));
   while (following === state) {
     if (!job) {
       try {
@@ -259,6 +271,7 @@ async function openJob(id, job = null) {
       if (following !== state) return;
     }
     renderJob(state, job);
+    offerLifecycle(state);
     if (FINISHED.has(job.status)) return;
     await sleep(job.status === "queued" ? POLL_QUEUED_MS : POLL_RUNNING_MS);
     job = null;
@@ -266,6 +279,7 @@ async function openJob(id, job = null) {
 }
 
 function renderJob(state, job) {
+  state.lastJob = job;
   const { percent, text } = describeJob(job, state.estimator.observe(job, Date.now()));
   renderProgress(percent, text);
   const output = job.output || {};
@@ -277,8 +291,10 @@ function renderJob(state, job) {
   ].filter(Boolean).join(" · ");
   ui.cancel.hidden = !(capabilities && capabilities.cancel) || FINISHED.has(job.status);
   ui.delete.hidden = !(capabilities && capabilities.delete);
-  updateRecent(job.id, { status: job.status });
-  renderRecent();
+  if (findRecent(job.id)?.status !== job.status) {  // rebuilding the list on every poll would steal focus
+    updateRecent(job.id, { status: job.status });
+    renderRecent();
+  }
   if (job.status === "failed") {
     showError(`The separation failed: ${job.error ? job.error.message : "no reason given"}`, "job");
   } else if (!ui.error.hidden && ui.error.dataset.source === "job") {

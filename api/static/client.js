@@ -81,10 +81,14 @@ export async function apiJson(url, options = {}) {
   return response.status === 204 ? null : response.json();
 }
 
-/** Which optional endpoints the service has (a probe that never prompts for a key). */
+/**
+ * The methods `url` allows, from an OPTIONS request's `Allow` header: which optional
+ * endpoints the service has. Never prompts for a key; null when it cannot tell (401).
+ */
 export async function allowedMethods(url) {
   try {
     const response = await fetch(url, { method: "OPTIONS", headers: authHeaders() });
+    if (response.status === 401) return null;
     if (!response.ok) return new Set();
     return new Set((response.headers.get("Allow") || "").split(",").map((m) => m.trim().toUpperCase()));
   } catch {
