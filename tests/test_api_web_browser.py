@@ -198,12 +198,18 @@ def test_output_options_mute_solo_and_recent_jobs_on_a_phone(page, song):
     page.wait_for_function("() => document.querySelectorAll('[data-role=recent] li').length === 1")
     assert page.eval_on_selector("[data-role=recent] li", "li => li.dataset.jobId") == job_id
     assert "song.wav" in page.text_content("[data-role=recent] li")
+    two_stems_loaded = """() => document.querySelectorAll('audio[data-stem]').length === 2
+                              && [...document.querySelectorAll('audio[data-stem]')].every(a => a.readyState >= 1)"""
     page.click("[data-role=recent] li [data-action=open]")
-    page.wait_for_function("""() => [...document.querySelectorAll('audio[data-stem]')]
-                              .every(a => a.readyState >= 1) && document.querySelectorAll('audio[data-stem]').length === 2""",
-                           timeout=60_000)
+    page.wait_for_function(two_stems_loaded, timeout=60_000)
     for state in stem_state(page):
         assert state["duration"] == pytest.approx(INPUT_SECONDS, abs=0.005), state
+
+    # A job's address opens it.
+    page.goto("about:blank")
+    page.goto(f"/#job={job_id}")
+    page.wait_for_function(two_stems_loaded, timeout=60_000)
+    assert page.text_content("[data-role=job-title]") == "song.wav"
 
 
 @pytest.mark.parametrize("name, content, expected", [
