@@ -157,6 +157,31 @@ def test_upload_progress_playback_and_zip(page, song, tmp_path):
         page.screenshot(path=screenshot, full_page=True)
 
 
+def test_with_an_api_key_everything_is_fetched_with_it(page, song):
+    """The service's key check is simulated in front of the real one (keys belong to the
+    API's own tests): every /v1 request without `Authorization: Bearer sesame` gets 401.
+    The stems (which a plain <audio> could not fetch with a key) and the zip still work."""
+    refused: list = []
+
+    def require_key(route):
+        if route.request.headers.get("authorization") == "Bearer sesame":
+            return route.continue_()
+        refused.append(route.request.url)
+        route.fulfill(status=401, json={"error": {"code": "unauthorized", "message": "the API key is not valid"}})
+
+    page.route("**/v1/**", require_key)
+    open_page(page)
+    page.evaluate("localStorage.setItem('demix.apiKey', 'sesame')")
+    separate_through_page(page, song, "drums", {"drums", "no_drums"})
+    assert page.is_hidden("[data-role=api-key]")
+    for state in stem_state(page):
+        assert state["duration"] == pytest.approx(INPUT_SECONDS, abs=0.005), state
+    with page.expect_download() as download:
+        page.click("[data-role=zip]")
+    assert sorted(zipfile.ZipFile(download.value.path()).namelist()) == ["drums.wav", "no_drums.wav"]
+    assert refused == []
+
+
 def test_output_options_mute_solo_and_recent_jobs_on_a_phone(page, song):
     page.set_viewport_size({"width": 360, "height": 740})
     open_page(page)
@@ -425,6 +450,7 @@ def test_progress_line_and_time_left(idle_page):
             fromStart: estimator.observe(running(0.25), t0),            // 10 s for 25%: 30 s left
             fromSeen: estimator.observe(running(0.5), t0 + 2000),       // 25% more in 2 s: 4 s left
             fromService: estimator.observe(running(0.5, {eta_s: 7}), t0 + 3000),
+            serviceTooEarly: estimator.observe(running(0.01, {eta_s: null}), t0 + 4000),
             unknown: new EtaEstimator().observe(running(0), t0),
             running: describeJob(running(0.5), 125).text,
             estimating: describeJob(running(0.05), null).text,
@@ -437,6 +463,7 @@ def test_progress_line_and_time_left(idle_page):
     assert result["fromStart"] == pytest.approx(30)
     assert result["fromSeen"] == pytest.approx(4)
     assert result["fromService"] == 7
+    assert result["serviceTooEarly"] is None
     assert result["unknown"] is None
     assert result["running"] == "Separating — 50% · about 2 min 5 s left"
     assert result["estimating"] == "Separating — 5% · estimating time left…"

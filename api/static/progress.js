@@ -1,10 +1,10 @@
 // What the progress line says: percentage, time left, place in the queue.
 
 /**
- * Seconds left for a running job: the service's own `eta_s` when it sends one, else
- * extrapolated from the progress made since this page first saw the job running (the
- * page's own clock, so a server clock that differs does not matter); before that, from
- * the job's `started_at`.
+ * Seconds left for a running job: the service's own `eta_s` when its jobs have that field
+ * (null there means "too early to tell"), else extrapolated from the progress made since
+ * this page first saw the job running (the page's own clock, so a server clock that
+ * differs does not matter); before that, from the job's `started_at`.
  */
 export class EtaEstimator {
   constructor() { this.first = null; }
@@ -12,7 +12,7 @@ export class EtaEstimator {
   /** `job`: the job JSON; `nowMs`: Date.now(). Returns seconds, or null when unknown. */
   observe(job, nowMs) {
     if (job.status !== "running") { this.first = null; return null; }
-    if (typeof job.eta_s === "number" && isFinite(job.eta_s)) return Math.max(0, job.eta_s);
+    if ("eta_s" in job) return typeof job.eta_s === "number" && isFinite(job.eta_s) ? Math.max(0, job.eta_s) : null;
     const progress = job.progress || 0;
     if (this.first === null || progress < this.first.progress) this.first = { progress, nowMs };
     const seenFor = (nowMs - this.first.nowMs) / 1000;
