@@ -391,12 +391,17 @@ def test_asks_for_an_api_key_on_401_and_sends_it(idle_page, tmp_path):
     idle_page.set_input_files("input[type=file][name=file]", str(path))
     idle_page.click("button[type=submit]")
     idle_page.wait_for_selector("[data-role=api-key]:not([hidden])")
-    assert "a valid API key is required" in idle_page.text_content("[data-role=api-key]")
+    assert "needs an API key" in idle_page.text_content("[data-role=api-key]")
+    idle_page.fill("#api_key", "wrong")
+    idle_page.click("[data-action=save-key]")
+    idle_page.wait_for_function("() => document.querySelector('[data-role=api-key-reason]').textContent"
+                                ".includes('refused (the service says: a valid API key is required)')")
+    assert idle_page.is_visible("[data-role=api-key]")
     idle_page.fill("#api_key", "sesame")
     idle_page.click("[data-action=save-key]")
     idle_page.wait_for_function(
         "() => document.querySelector('[data-role=status]').textContent.startsWith('Queued — ')")
-    assert authorizations[0] is None and authorizations[-1] == "Bearer sesame"
+    assert authorizations[0] is None and "Bearer wrong" in authorizations and authorizations[-1] == "Bearer sesame"
     assert idle_page.evaluate("localStorage.getItem('demix.apiKey')") == "sesame"
     assert idle_page.is_hidden("[data-role=error]")
 

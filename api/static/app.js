@@ -66,8 +66,8 @@ function messageOf(error) {
 
 onKeyNeeded((error) => new Promise((resolve) => {
   ui.keyReason.textContent = storedKey()
-    ? `The stored API key was refused (${error.message}). Enter another one.`
-    : `This service needs an API key: ${error.message}`;
+    ? `The API key was refused (the service says: ${error.message}). Enter another one.`
+    : "This service needs an API key. Enter yours; this browser keeps it for next time.";
   ui.keyForm.hidden = false;
   const input = $("#api_key", ui.keyForm);
   input.value = "";
@@ -261,7 +261,7 @@ async function openJob(id, job = null) {
           ui.job.hidden = true;
           following = null;
           history.replaceState(null, "", location.pathname);
-          showError(`That job no longer exists (it was deleted or has expired): ${error.message}`);
+          showError(`That job is gone (deleted or expired) or belongs to another API key: ${error.message}`);
           return;
         }
         showError(messageOf(error), "job");
