@@ -127,8 +127,16 @@ def test_upload_progress_playback_and_zip(page, song, tmp_path):
     page.click("[data-action=play]")
     page.wait_for_function("""() => [...document.querySelectorAll('audio[data-stem]')]
                               .every(a => !a.paused && a.currentTime > 0.3)""")
-    times = [state["time"] for state in stem_state(page)]
-    assert max(times) - min(times) < 0.1, times
+    spreads = page.evaluate("""async () => {
+        const spreads = [];
+        for (let i = 0; i < 8; i++) {
+            const times = [...document.querySelectorAll('audio[data-stem]')].map(a => a.currentTime);
+            spreads.push(Math.max(...times) - Math.min(...times));
+            await new Promise(resolve => setTimeout(resolve, 100));
+        }
+        return spreads;
+    }""")
+    assert max(spreads) < 0.15, spreads  # the mixer re-aligns past 40 ms; slack for a loaded machine
     page.click("[data-action=play]")  # pause
     assert all(state["paused"] for state in stem_state(page))
 
