@@ -353,6 +353,27 @@ def test_a_failed_job_shows_why(idle_page, tmp_path):
     assert idle_page.text_content("[data-role=recent] .badge") == "failed"
 
 
+def test_the_same_submission_again_reuses_its_idempotency_key(idle_page, tmp_path):
+    path = write_wav(tmp_path / "twice.wav", 22050, 1, seconds=0.5)
+    open_page(idle_page)
+    submitted = job_requests(idle_page)
+
+    def submit() -> None:
+        count = len(submitted)
+        idle_page.click("button[type=submit]")
+        idle_page.wait_for_function(
+            "() => document.querySelector('[data-role=status]').textContent.startsWith('Queued — ')")
+        assert len(submitted) == count + 1
+
+    idle_page.set_input_files("input[type=file][name=file]", str(path))
+    submit()
+    submit()
+    idle_page.select_option("select[name=stems]", "bass")
+    submit()
+    first, again, changed = (request.headers["idempotency-key"] for request in submitted)
+    assert first == again != changed
+
+
 def test_a_file_over_the_limit_is_refused_before_it_is_sent(idle_page, tmp_path):
     path = tmp_path / "big.wav"
     path.write_bytes(bytes(int(1.5 * 1024 * 1024)))
@@ -385,9 +406,13 @@ def test_asks_for_an_api_key_on_401_and_sends_it(idle_page, tmp_path):
     path = write_wav(tmp_path / "keyed.wav", 22050, 1, seconds=0.5)
     authorizations: list = []
 
+    idempotency_keys: list = []
+
     def require_key(route):
         authorization = route.request.headers.get("authorization")
         authorizations.append(authorization)
+        if route.request.method == "POST":
+            idempotency_keys.append(route.request.headers.get("idempotency-key"))
         if authorization != "Bearer sesame":
             route.fulfill(status=401, content_type="application/json",
                           body='{"error": {"code": "unauthorized", "message": "a valid API key is required"}}')
@@ -411,6 +436,9 @@ def test_asks_for_an_api_key_on_401_and_sends_it(idle_page, tmp_path):
         "() => document.querySelector('[data-role=status]').textContent.startsWith('Queued — ')")
     assert authorizations[0] is None and "Bearer wrong" in authorizations and authorizations[-1] == "Bearer sesame"
     assert idle_page.evaluate("localStorage.getItem('demix.apiKey')") == "sesame"
+    # Every try of this one submission carried the same Idempotency-Key: at most one job.
+    assert len(idempotency_keys) == 3 and len(set(idempotency_keys)) == 1
+    assert re.fullmatch(r"[0-9a-f]{32}", idempotency_keys[0])
     assert idle_page.is_hidden("[data-role=error]")
 
 

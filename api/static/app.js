@@ -1,6 +1,8 @@
 // The page: upload form, job progress, the stem mixer, recent jobs, errors, API key prompt.
 
-import { ApiError, allowedMethods, apiFetch, apiJson, onKeyNeeded, storeKey, storedKey, upload } from "./client.js";
+import {
+  ApiError, allowedMethods, apiFetch, apiJson, newIdempotencyKey, onKeyNeeded, storeKey, storedKey, upload,
+} from "./client.js";
 import { Mixer } from "./mixer.js";
 import { EtaEstimator, describeJob } from "./progress.js";
 import { findRecent, forgetJob, loadRecent, rememberJob, updateRecent } from "./recent.js";
@@ -149,6 +151,12 @@ function constrainOptions() {
 ui.format.addEventListener("change", constrainOptions);
 constrainOptions();
 
+// One Idempotency-Key per file and options: sending the same again (after a 401, or an
+// upload whose answer was lost) gets the job the first try created where the service
+// supports the header, instead of a second job. Choosing anything else starts a new key.
+let submissionKey = null;
+ui.form.addEventListener("change", () => { submissionKey = null; });
+
 function jobForm(file) {
   const data = new FormData();
   data.append("file", file, file.name);
@@ -171,11 +179,12 @@ ui.form.addEventListener("submit", async (event) => {
   showJobSection(file.name);
   renderProgress(0, `Uploading ${file.name} — 0%`);
   try {
+    submissionKey ??= newIdempotencyKey();
     const job = await upload("/v1/jobs", jobForm(file), (fraction) => {
       const percent = Math.round(fraction * 100);
       renderProgress(percent, percent < 100 ? `Uploading ${file.name} — ${percent}%`
                                             : `Uploaded ${file.name}; the service is checking it…`);
-    });
+    }, { "Idempotency-Key": submissionKey });
     rememberJob({ id: job.id, name: file.name, stems: job.stems, submittedAt: Date.now(), status: job.status });
     renderRecent();
     openJob(job.id, job);

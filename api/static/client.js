@@ -96,15 +96,22 @@ export async function allowedMethods(url) {
   }
 }
 
+/** A random idempotency key (getRandomValues works outside secure contexts too, unlike randomUUID). */
+export function newIdempotencyKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 /**
- * POST a form with upload progress (fetch cannot report it). `onProgress(fraction)`.
- * Resolves to the parsed JSON body of a 2xx answer.
+ * POST a form with upload progress (fetch cannot report it). `onProgress(fraction)`;
+ * `headers`: more request headers. Resolves to the parsed JSON body of a 2xx answer.
  */
-export function upload(url, formData, onProgress) {
+export function upload(url, formData, onProgress, headers = {}) {
   return withKey(() => new Promise((resolve, reject) => {
     const request = new XMLHttpRequest();
     request.open("POST", url);
-    for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
+    for (const [name, value] of Object.entries({ ...authHeaders(), ...headers })) {
+      request.setRequestHeader(name, value);
+    }
     request.upload.onprogress = (event) => {
       if (event.lengthComputable) onProgress(event.loaded / event.total);
     };
