@@ -493,6 +493,7 @@ def test_progress_line_and_time_left(idle_page):
             fromService: estimator.observe(running(0.5, {eta_s: 7}), t0 + 3000),
             serviceTooEarly: estimator.observe(running(0.01, {eta_s: null}), t0 + 4000),
             unknown: new EtaEstimator().observe(running(0), t0),
+            tooEarly: new EtaEstimator().observe(running(0.01), t0),
             running: describeJob(running(0.5), 125).text,
             estimating: describeJob(running(0.05), null).text,
             queued: describeJob({status: 'queued', progress: 0}, null).text,
@@ -506,6 +507,7 @@ def test_progress_line_and_time_left(idle_page):
     assert result["fromService"] == 7
     assert result["serviceTooEarly"] is None
     assert result["unknown"] is None
+    assert result["tooEarly"] is None  # under 2%: model loading would dominate the rate
     assert result["running"] == "Separating — 50% · about 2 min 5 s left"
     assert result["estimating"] == "Separating — 5% · estimating time left…"
     assert result["queued"] == "Queued — waiting for a worker"

@@ -6,6 +6,8 @@
  * this page first saw the job running (the page's own clock, so a server clock that
  * differs does not matter); before that, from the job's `started_at`.
  */
+const MIN_PROGRESS_FOR_ETA = 0.02;  // before this, model loading dominates and a rate says little
+
 export class EtaEstimator {
   constructor() { this.first = null; }
 
@@ -15,6 +17,7 @@ export class EtaEstimator {
     if ("eta_s" in job) return typeof job.eta_s === "number" && isFinite(job.eta_s) ? Math.max(0, job.eta_s) : null;
     const progress = job.progress || 0;
     if (this.first === null || progress < this.first.progress) this.first = { progress, nowMs };
+    if (progress < MIN_PROGRESS_FOR_ETA) return null;
     const seenFor = (nowMs - this.first.nowMs) / 1000;
     const gained = progress - this.first.progress;
     if (seenFor >= 1 && gained > 0) return (1 - progress) * seenFor / gained;
