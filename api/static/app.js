@@ -7,7 +7,7 @@ import { Mixer } from "./mixer.js";
 import { EtaEstimator, describeJob } from "./progress.js";
 import { findRecent, forgetJob, loadRecent, rememberJob, updateRecent } from "./recent.js";
 
-const WAVEFORM_MAX_SECONDS = 1800;  // longer stems stream from the server and get no waveform
+const WAVEFORM_MAX_SECONDS = 1800;  // longer stems get no waveform and (without a key) stream from the server
 const POLL_RUNNING_MS = 500;
 const POLL_QUEUED_MS = 1000;
 const POLL_RETRY_MS = 3000;
