@@ -51,7 +51,7 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     )
     app.teardown_request(discard_unclaimed_uploads)
 
-    from . import auth, docs, errors, health, jobs, metrics
+    from . import auth, docs, errors, health, jobs, metrics, web
     errors.register(app)
     auth.register(app)
     app.register_blueprint(jobs.bp)
@@ -59,6 +59,7 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     app.extensions["demix_metrics"] = metrics.make_registry(app.extensions["demix"])
     app.register_blueprint(metrics.bp)
     app.register_blueprint(docs.bp)
+    app.register_blueprint(web.bp)
     return app
 
 

@@ -293,6 +293,10 @@ OPERATIONS: tuple[Operation, ...] = (
             "503": _json({"type": "object", "required": ["status", "redis"], "properties": {
                 "status": {"const": "degraded"}, "redis": {"type": "string"}}}, "Redis is unreachable.")}),
     Operation(
+        "web.index", "get", "The web page: upload, follow the job, play and download its stems",
+        tags=("service",),
+        responses={"200": {"description": "An HTML page.", "content": {"text/html": {"schema": {"type": "string"}}}}}),
+    Operation(
         "metrics.metrics", "get", "The service's metrics (Prometheus text format)", tags=("service",),
         responses={"200": {"description": "Jobs by outcome, queue length, running jobs, job duration "
                                           "and audio seconds, upload bytes, disk free.",
@@ -312,7 +316,7 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 """Every route of the app. A new endpoint: add its `Operation` here (the suite fails until then)."""
 
-UNDESCRIBED_ENDPOINTS = {"static": "Flask's static files (the web page's assets), not part of the API."}
+UNDESCRIBED_ENDPOINTS = {"static": "Flask's static files (the web page's scripts and styles), not part of the API."}
 """Routes deliberately left out of the description, each with the reason."""
 
 
@@ -364,7 +368,8 @@ def build_spec(url_map: tp.Any, settings: Settings, keys_required: bool) -> dict
             "license": {"name": "MIT", "identifier": "MIT"},
         },
         "tags": [{"name": "jobs", "description": "Submit, poll, fetch stems."},
-                 {"name": "service", "description": "Health and this description (never need a key)."}],
+                 {"name": "service", "description": "The web page, health, metrics and this description "
+                                                   "(never need a key)."}],
         "paths": paths,
         "components": {
             "schemas": {"Job": JOB_SCHEMA, "JobRequest": _form_schema(), "Error": ERROR_SCHEMA},

@@ -1,0 +1,42 @@
+"""`GET /`: the web page — upload a WAV, follow the job, play and download its stems.
+
+The page is plain HTML, CSS and JavaScript modules served by this app (`api/templates`,
+`api/static`): no build step and nothing fetched from elsewhere. It talks to the same
+`/v1` endpoints as every other client.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, render_template
+
+from shared.output import CLIP_MODES, CHANNEL_MODES, FORMATS, MP3_BITRATES, MP3_SAMPLERATES, SAMPLE_FORMATS
+from shared.stems import STEM_CHOICES
+
+bp = Blueprint("web", __name__)
+
+OFFERED_SAMPLERATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 176400, 192000)
+"""Output rates the page offers (the API accepts any rate in its range)."""
+
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
+                           "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+"""Everything the page uses comes from this app (stems play from blob URLs)."""
+
+
+@bp.get("/")
+def index():
+    settings = current_app.extensions["demix"].settings
+    response = current_app.make_response(render_template(
+        "index.html",
+        stem_choices=STEM_CHOICES,
+        formats=FORMATS,
+        sample_formats=SAMPLE_FORMATS,
+        samplerates=OFFERED_SAMPLERATES,
+        mp3_samplerates=MP3_SAMPLERATES,
+        mp3_bitrates=MP3_BITRATES,
+        clip_modes=CLIP_MODES,
+        channel_modes=CHANNEL_MODES,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_upload_mb=settings.max_upload_mb,
+        max_duration_s=settings.max_duration_s,
+    ))
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    return response
