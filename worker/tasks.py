@@ -1,5 +1,10 @@
-"""The Celery edge of the worker: a task that takes a job id and runs the job."""
+"""The Celery edge of the worker: a task that takes a job id and runs the job, and the
+warm-up each pool process does before it takes its first job."""
 from __future__ import annotations
+
+import typing as tp
+
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from shared.celery_app import SEPARATE_TASK, celery_app
 
@@ -12,3 +17,24 @@ def separate(job_id: str) -> None:
     from .runner import run_job, worker_context
 
     run_job(job_id, worker_context())
+
+
+@worker_process_init.connect
+def warm_pool_process(**_kwargs: tp.Any) -> None:
+    """In each new pool process, before it reports itself up: load and warm the model."""
+    from .runner import warm_up, worker_context
+
+    warm_up(worker_context())
+
+
+@worker_process_shutdown.connect
+def forget_pool_process(**_kwargs: tp.Any) -> None:
+    """A pool process that exits is no longer ready."""
+    from shared.readiness import clear_ready
+
+    from .runner import worker_context
+
+    try:
+        clear_ready(worker_context().jobs.redis)
+    except Exception:  # Redis gone at shutdown: the entry is only a note, it may stay
+        pass
