@@ -63,11 +63,16 @@ def run_child(approach: str, input_path: Path, out_dir: Path, model_name: str, m
     model = load(model_name, model_repo)
     started = time.monotonic()
     if approach == "streaming":
+        from shared.audio import read_info
+        from shared.job_request import default_output
         from shared.storage import JobStorage
         from worker.engine import separate_file
-        from worker.runner import JobStemSink
+        from worker.stem_files import JobStemSink
 
-        separate_file(model, input_path, "all", JobStemSink(JobStorage(out_dir), "bench"))
+        output = default_output(read_info(input_path))  # the input's own format, as by default
+        storage = JobStorage(out_dir)
+        storage.job_dir("bench").mkdir(parents=True, exist_ok=True)  # as an accepted upload makes it
+        separate_file(model, input_path, "all", JobStemSink(storage, "bench", output), output=output)
     else:
         from demucs.apply import apply_model
 

@@ -93,7 +93,7 @@ def verify(settings: Settings, name: str) -> int:
     onnx_copy = settings.models_dir.parent / "downloads" / "htdemucs.onnx"
     if name == "htdemucs" and onnx_copy.is_file() and not settings.model_repo:
         try:
-            from worker.onnx_weights import verify_conversion
+            from worker.weights.verify import verify_conversion
             delta = verify_conversion(onnx_copy, model.models[0])
             print(f"model {name}: matches the npm ONNX graph (max |Δ| = {delta:.2g})")
         except ImportError:

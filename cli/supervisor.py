@@ -31,8 +31,9 @@ from shared.config import Settings
 from .processes import popen_child, stop_process
 from .redis_server import RedisServer, RedisUnavailable
 
-READY_TIMEOUT_S = 120.0
-"""Longest `demix up` waits for every part to answer the first time."""
+READY_TIMEOUT_S = 300.0
+"""Longest `demix up` waits for every part to answer the first time (the worker's includes
+loading and warming its model)."""
 
 TICK_S = 0.5
 """How often the supervisor looks at its parts."""
@@ -307,6 +308,7 @@ class Service:
         self.flower_enabled = settings.flower_port != 0
         self.grpc_enabled = True
         self._pinger: tp.Any = None
+        self._worker_spawned_at = 0.0
 
     @property
     def url(self) -> str:
@@ -379,7 +381,7 @@ class Service:
                 first_ready_message=f"started private Redis ({redis_server.binary}) on port {redis_server.port}"))
             after_redis = ("Redis",)
         parts.append(Part(
-            "worker", spawn=lambda: self._spawn(["worker"]), is_ready=self._worker_answers,
+            "worker", spawn=self._spawn_worker, is_ready=self._worker_answers,
             stop_timeout_s=WORKER_STOP_TIMEOUT_S, requires=after_redis,
             hint="Check the DEMIX_* settings of the worker (`demix config`)."))
         if self.flower_enabled:
@@ -405,13 +407,18 @@ class Service:
         return popen_child([sys.executable, "-m", "cli.main", *command], env=self._child_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
+    def _spawn_worker(self) -> subprocess.Popen:
+        self._worker_spawned_at = time.time()
+        return self._spawn(["worker"])
+
     def _spawn_flower(self) -> subprocess.Popen:
         from .main import flower_argv
         return popen_child(flower_argv(self.settings), env=self._child_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def _worker_answers(self, process: subprocess.Popen) -> bool:
-        """Whether this worker process (by its node name) answers a Celery ping."""
+        """Whether this worker process (by its node name) answers a Celery ping and has
+        loaded and warmed its model (`shared.readiness`), so its first job starts at once."""
         from .main import worker_node_name
 
         if self._pinger is None:
@@ -420,9 +427,10 @@ class Service:
         try:
             # A fresh connection each time: a pooled one may predate a Redis restart.
             with self._pinger.connection_for_write() as connection:
-                return bool(self._pinger.control.ping(
-                    destination=[worker_node_name(process.pid, socket.gethostname())],
-                    timeout=0.5, connection=connection))
+                if not self._pinger.control.ping(destination=[worker_node_name(process.pid, socket.gethostname())],
+                                                 timeout=0.5, connection=connection):
+                    return False
+            return _worker_warm(self.redis_url, self._worker_spawned_at)
         except Exception:  # Redis restarting: not answering yet
             return False
 
@@ -434,6 +442,16 @@ class Service:
         flower = f"; Flower: {self.flower_url}" if self.flower_enabled else ""
         grpc = f"; gRPC (demixing.proto): {self.settings.host}:{self.settings.grpc_port}" if self.grpc_enabled else ""
         return f"demix is ready: {self.url}  (POST {self.url}/v1/jobs{flower}{grpc}; Ctrl-C stops)"
+
+
+def _worker_warm(redis_url: str, since: float) -> bool:
+    """Whether a worker process started after `since` has warmed its model (`shared.readiness`)."""
+    import redis
+
+    from shared.readiness import ready_workers
+
+    with redis.Redis.from_url(redis_url, socket_timeout=2) as client:
+        return bool(ready_workers(client, since))
 
 
 def _local(url: str) -> str:

@@ -18,6 +18,9 @@ from .config import Settings, get_settings
 SEPARATE_TASK = "demix.separate"
 """Name of the task that separates one job; its only argument is the job id."""
 
+WARMUP_TIMEOUT_S = 900.0
+"""Longest a new pool process may take to load and warm its model before Celery gives up on it."""
+
 
 SOFT_SHUTDOWN_S = 10.0
 """Seconds a cold-shutting-down worker lets its running jobs hand themselves back."""
@@ -58,6 +61,9 @@ def celery_config(settings: Settings) -> dict:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
+        # Each pool process loads and warms the model before it reports itself up
+        # (worker.tasks); Celery's default of 4 s would kill it mid-warm-up.
+        "worker_proc_alive_timeout": WARMUP_TIMEOUT_S,
     }
 
 

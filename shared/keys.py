@@ -74,3 +74,9 @@ def queue_keys(queue: str) -> list[str]:
     `<queue>\\x06\\x16<priority>`; counting all of them gives the true backlog.
     """
     return [queue] + [f"{queue}\x06\x16{priority}" for priority in (3, 6, 9)]
+
+
+def warm_workers_key() -> str:
+    """Hash from worker process id (`<host>:<pid>`) to a JSON note written when that
+    process has loaded and warmed its model (see `shared.readiness`)."""
+    return f"{PREFIX}:workers:warm"

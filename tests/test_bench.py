@@ -1,0 +1,40 @@
+"""The `bench/` scripts cannot rot: each imports as a module and answers `--help`, and
+the memory bench separates a short track end to end with the tiny model."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = sorted(BENCH.glob("*.py"))
+
+
+def test_there_are_bench_scripts_to_check():
+    assert {p.name for p in SCRIPTS} >= {"compare_demucs.py", "memory.py", "service_overhead.py"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_a_bench_script_imports_and_answers_help(script, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # as an import would (dataclasses look it up)
+    spec.loader.exec_module(module)  # runs its imports: a moved or renamed name fails here
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    assert exited.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(600)
+def test_the_memory_bench_runs_end_to_end_on_a_short_track(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "memory.py"), "--minutes", "0.05",
+                           "--skip-whole-track", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "streaming" in done.stdout and "peak RSS" in done.stdout
