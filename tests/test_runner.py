@@ -12,6 +12,7 @@ import pytest
 from shared.atomic import is_temporary
 from shared.audio import AudioWriter, read_info
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
+from shared.lifecycle import delete_job
 from shared.output import resolve_output
 from shared.readiness import process_id, ready_workers
 from shared.storage import JobStorage
@@ -236,7 +237,8 @@ def test_a_run_whose_job_folder_disappears_mid_write_stops_without_recreating_it
     real_write = AudioWriter.write
 
     def delete_the_job_then_write(self, samples):
-        context.storage.delete_job(job_id)  # as DELETE does, before the worker notices
+        if context.storage.job_dir(job_id).exists():
+            delete_job(context.jobs, context.storage, job_id)  # DELETE, before the run notices
         real_write(self, samples)
 
     monkeypatch.setattr(AudioWriter, "write", delete_the_job_then_write)
