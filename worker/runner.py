@@ -168,11 +168,8 @@ def _run_attempt(job: Job, context: WorkerContext, lease: "AttemptLease") -> Non
             outputs = _separate(job, attempt, context, lease)
         except Exception:
             # A job cancelled or deleted mid-run loses its files under the run: that is
-            # the reason to stop, not an error of the job. (Its folder tells even while
-            # Redis cannot be asked.)
+            # the reason to stop, not an error of the job.
             lease.confirm()
-            if not context.storage.job_dir(job_id).exists():
-                raise JobInterrupted("deleted", "the job's folder was removed") from None
             raise
     except JobInterrupted as stop:
         _abandon(job_id, attempt, stop, context)
