@@ -42,10 +42,12 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     )
     app.teardown_request(discard_unclaimed_uploads)
 
-    from . import errors, health, jobs
+    from . import errors, health, jobs, metrics
     errors.register(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
+    app.extensions["demix_metrics"] = metrics.make_registry(app.extensions["demix"])
+    app.register_blueprint(metrics.bp)
     return app
 
 

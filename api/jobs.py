@@ -7,9 +7,10 @@ import zipfile
 
 from flask import Blueprint, Response, current_app, request, send_file, stream_with_context, url_for
 
-from shared.errors import BadRequest, JobNotFinished, JobNotFound
+from shared.errors import BadRequest, IllegalTransition, JobFinished, JobNotFinished, JobNotFound
 from shared.intake import inspect_upload
 from shared.jobs import Job, JobStatus
+from shared.lifecycle import cancel_job, delete_job
 from shared.output import OutputOptions, resolve_output
 from shared.stems import ALL, STEM_CHOICES
 
@@ -74,6 +75,29 @@ def get_job(job_id: str):
     return job_json(_services().jobs.get(job_id))
 
 
+@bp.post("/<job_id>/cancel")
+def cancel(job_id: str):
+    """Cancel a queued or running job: 200 with the cancelled job; 409 if it already finished."""
+    services = _services()
+    services.jobs.get(job_id)  # 404 for unknown ids, before anything else
+    try:
+        job = cancel_job(services.jobs, services.storage, job_id)
+    except IllegalTransition as exc:
+        status = exc.details.get("status")
+        raise JobFinished(f"job {job_id} already {status}; only queued or running jobs can be "
+                          "cancelled (DELETE removes a finished job)", details={"status": status}) from None
+    return job_json(job)
+
+
+@bp.delete("/<job_id>")
+def delete(job_id: str):
+    """Delete a job (cancelling it first if it is not finished): its record and every file."""
+    services = _services()
+    services.jobs.get(job_id)  # 404 for unknown ids
+    delete_job(services.jobs, services.storage, job_id)
+    return "", 204
+
+
 @bp.get("/<job_id>/result")
 def get_result(job_id: str):
     """All stems as one JSON object: stem name -> base64 of the complete encoded file.
@@ -95,7 +119,8 @@ def get_stems_zip(job_id: str):
 
 def _stem_paths(job: Job) -> list[tuple[str, tp.Any]]:
     extension = _output(job).extension
-    return [(name, _services().storage.stem_path(job.id, name, extension)) for name in job.outputs]
+    return [(name, _services().storage.stem_path(job.id, name, extension, job.attempts))
+            for name in job.outputs]
 
 
 def _output(job: Job) -> OutputOptions:
@@ -155,7 +180,7 @@ def get_stem(job_id: str, name: str, extension: str):
     if name not in job.outputs or extension != output.extension:
         raise JobNotFound(f"job {job_id} has no stem {name}.{extension}; it has "
                           + ", ".join(f"{stem}.{output.extension}" for stem in job.outputs))
-    path = _services().storage.stem_path(job.id, name, extension)
+    path = _services().storage.stem_path(job.id, name, extension, job.attempts)
     return send_file(path, mimetype=output.mime_type, as_attachment=True,
                      download_name=f"{job.id}_{name}.{extension}", conditional=True)
 
@@ -166,6 +191,9 @@ def _succeeded_job(job_id: str) -> Job:
         error = job.error or {"code": "unknown", "message": "unknown error"}
         raise JobNotFinished(f"job {job_id} failed: {error['message']}", code="job_failed",
                              details={"status": job.status.value, "job_error": error})
+    if job.status is JobStatus.CANCELLED:
+        raise JobNotFinished(f"job {job_id} was cancelled; it has no stems", code="job_cancelled",
+                             details={"status": job.status.value})
     if job.status is not JobStatus.SUCCEEDED:
         raise JobNotFinished(f"job {job_id} is {job.status.value} ({job.progress:.0%} done); "
                              "poll the job until its status is succeeded", code="job_not_finished",

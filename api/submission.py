@@ -27,9 +27,10 @@ def submit_job(upload: Path, info: AudioInfo, stems: str, output: OutputOptions,
               samplerate=info.samplerate, channels=info.channels, frames=info.frames,
               created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
               output=output.to_dict())
+    upload_bytes = upload.stat().st_size
     services.storage.accept_upload(upload, job.id)
     try:
-        services.jobs.create(job)
+        services.jobs.create(job, upload_bytes=upload_bytes)
         # Only the id travels through the broker; the audio stays in storage.
         services.celery.send_task(SEPARATE_TASK, args=[job.id], task_id=job.id,
                                   queue=services.settings.queue)

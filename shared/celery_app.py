@@ -11,6 +11,10 @@ SEPARATE_TASK = "demix.separate"
 """Name of the task that separates one job; its only argument is the job id."""
 
 
+SOFT_SHUTDOWN_S = 10.0
+"""Seconds a cold-shutting-down worker lets its running jobs hand themselves back."""
+
+
 def celery_config(settings: Settings) -> dict:
     """The Celery configuration mapping for these settings."""
     url = settings.effective_redis_url
@@ -28,6 +32,10 @@ def celery_config(settings: Settings) -> dict:
         "task_reject_on_worker_lost": True,
         "broker_transport_options": {"visibility_timeout": settings.job_timeout_s},
         "broker_connection_retry_on_startup": True,
+        # A cold shutdown (SIGQUIT, a second Ctrl-C) first waits this long: runs already
+        # told to stop by the warm shutdown hand their job back at their next segment;
+        # whatever still runs is then cancelled and given back (worker.tasks).
+        "worker_soft_shutdown_timeout": SOFT_SHUTDOWN_S,
         # Flower needs task events; sending them costs little.
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -52,6 +52,12 @@ class Settings:
     queue: str = _setting("demix", "Celery queue the separation tasks go to.")
     job_timeout_s: int = _setting(
         6 * 3600, "Longest a job may run before the broker hands it to another worker, in seconds.")
+    lease_s: int = _setting(
+        30, "A running job's lease, in seconds: renewed every third of it while the job runs; "
+            "a job whose lease expires (its worker died) is requeued.")
+    max_attempts: int = _setting(
+        3, "Runs of a job whose worker was lost before it fails with worker_lost (a worker "
+           "stopped gracefully gives the job back without using up an attempt).")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -58,6 +58,30 @@ class JobNotFinished(DemixError):
     http_status = 409
 
 
+class JobFinished(DemixError):
+    """A change asked of a job that already finished (cancelling a succeeded job)."""
+    code = "job_finished"
+    http_status = 409
+
+
+class IllegalTransition(DemixError):
+    """A job state change that its current state does not allow (cancelling a finished
+    job, starting one that is not queued); `details` carry the job's `status`."""
+    code = "illegal_transition"
+    http_status = 409
+
+
+class StaleAttempt(IllegalTransition):
+    """A write by a run (attempt) of a job that is no longer the job's current one."""
+    code = "stale_attempt"
+
+
+class WorkerLost(DemixError):
+    """Every attempt's worker disappeared mid-job (`DEMIX_MAX_ATTEMPTS` of them)."""
+    code = "worker_lost"
+    http_status = 500
+
+
 class ServiceUnavailable(DemixError):
     """A backend the request needs (Redis, the broker) cannot be reached."""
     code = "service_unavailable"

@@ -1,14 +1,27 @@
 """Job records in Redis: the job state machine and the only code that writes it.
 
-A job moves `queued -> running -> succeeded | failed`. A worker that dies mid-job
-leaves it `running`; the broker redelivers the task and the next worker starts it
-again from the stored input.
+A job moves through these states; every move is one Lua script, so the check of the
+current state and the write happen atomically (two processes racing for the same move:
+exactly one wins, the other gets `IllegalTransition`)::
+
+    queued --> running --> succeeded | failed | cancelled
+    queued --> cancelled | failed
+    running --> queued          (requeue: its worker's lease expired, or it gave the job back)
+
+Each start of a job is an *attempt*: `Job.attempts` counts them and the number is the
+fence of that run. A worker names its attempt in every write (progress, lease renewal,
+the final outcome) and a write for any other attempt is refused with `StaleAttempt`, so
+a presumed-dead worker that comes back late can never overwrite the current run.
+
+While a job runs, its worker holds a *lease*: a key with a TTL that it renews. A job
+still `running` with no lease has lost its worker; `requeue` puts it back in the queue.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 import json
+import logging
 import time
 import typing as tp
 import uuid
@@ -17,7 +30,10 @@ from datetime import datetime, timezone
 import redis
 
 from . import keys
-from .errors import DemixError, JobNotFound
+from .errors import DemixError, IllegalTransition, JobNotFound, StaleAttempt
+from .metrics import AUDIO_SECONDS_BUCKETS, JOB_DURATION_BUCKETS
+
+log = logging.getLogger(__name__)
 
 
 class JobStatus(str, enum.Enum):
@@ -25,10 +41,14 @@ class JobStatus(str, enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def is_finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        return self in FINISHED
+
+
+FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 @dataclasses.dataclass
@@ -50,11 +70,21 @@ class Job:
     error: tp.Optional[dict] = None
     input_format: str = ""
     output: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)  # resolved OutputOptions
+    attempts: int = 0
+    """Runs started so far; the current (or last) run's number, which fences its writes."""
+    handed_back: int = 0
+    """Runs that ended with the worker giving the job back (a graceful stop); they do not
+    count towards `DEMIX_MAX_ATTEMPTS`."""
 
     @property
     def duration(self) -> float:
         """Input length in seconds."""
         return self.frames / self.samplerate
+
+    @property
+    def counted_attempts(self) -> int:
+        """Runs that count towards `DEMIX_MAX_ATTEMPTS`: all but the handed-back ones."""
+        return self.attempts - self.handed_back
 
     def to_public(self) -> dict:
         """The job as the API shows it (without URLs, which only the API can build)."""
@@ -62,6 +92,7 @@ class Job:
             "id": self.id,
             "status": self.status.value,
             "progress": round(self.progress, 4),
+            "attempts": self.attempts,
             "stems": self.stems,
             "model": self.model,
             "created_at": _iso(self.created_at),
@@ -91,18 +122,102 @@ def _iso(timestamp: tp.Optional[float]) -> tp.Optional[str]:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
+FinishedHook = tp.Callable[[Job], None]
+
+# One script for every state change. Values in the hash are JSON, so statuses compare
+# as '"queued"'. Returns {outcome, previous status, attempts, record...} where outcome is
+# ok | missing | illegal | stale | leased.
+#   KEYS: job hash, running-jobs set, lease, counters hash, duration histogram, audio histogram
+#   ARGV: job id, target status, allowed previous statuses (space separated), the attempt
+#         the caller runs ('' = any), '1' if the lease must be gone, lease TTL in ms, lease
+#         holder, now, duration buckets (JSON), audio buckets (JSON), requeue reason, then
+#         field/value pairs to write
+_TRANSITION = """
+local job, running, lease = KEYS[1], KEYS[2], KEYS[3]
+local target, allowed, attempt = ARGV[2], ARGV[3], ARGV[4]
+if redis.call('EXISTS', job) == 0 then return {'missing'} end
+local status, attempts = unpack(redis.call('HMGET', job, 'status', 'attempts'))
+attempts = tonumber(attempts) or 0
+local previous = cjson.decode(status)
+if not string.find(' ' .. allowed .. ' ', ' ' .. previous .. ' ', 1, true) then
+  return {'illegal', previous, attempts}
+end
+if attempt ~= '' and tonumber(attempt) ~= attempts then return {'stale', previous, attempts} end
+if ARGV[5] == '1' and redis.call('EXISTS', lease) == 1 then return {'leased', previous, attempts} end
+local fields = {}
+for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', job, 'status', cjson.encode(target), unpack(fields))
+if target == 'running' then
+  attempts = redis.call('HINCRBY', job, 'attempts', 1)
+  redis.call('SET', lease, attempts .. ' ' .. ARGV[7], 'PX', ARGV[6])
+  redis.call('SADD', running, ARGV[1])
+else
+  redis.call('DEL', lease)
+  redis.call('SREM', running, ARGV[1])
+end
+local counters = KEYS[4]
+if target == 'queued' then
+  redis.call('HINCRBY', counters, 'requeued:' .. ARGV[11], 1)
+  if ARGV[11] == 'handed_back' then redis.call('HINCRBY', job, 'handed_back', 1) end
+elseif target == 'succeeded' or target == 'cancelled' then
+  redis.call('HINCRBY', counters, target, 1)
+elseif target == 'failed' then
+  local error = cjson.decode(redis.call('HGET', job, 'error'))
+  redis.call('HINCRBY', counters, 'failed:' .. ((type(error) == 'table' and error.code) or 'unknown'), 1)
+end
+if target == 'succeeded' then
+  local function observe(histogram, buckets, value)
+    local field = '+Inf'
+    for _, bound in ipairs(cjson.decode(buckets)) do
+      if value <= bound then field = tostring(bound) break end
+    end
+    redis.call('HINCRBY', histogram, field, 1)
+    redis.call('HINCRBY', histogram, 'count', 1)
+    redis.call('HINCRBYFLOAT', histogram, 'sum', value)
+  end
+  local started, frames, rate = unpack(redis.call('HMGET', job, 'started_at', 'frames', 'samplerate'))
+  started = tonumber(started)
+  if started then observe(KEYS[5], ARGV[9], math.max(0, tonumber(ARGV[8]) - started)) end
+  if tonumber(rate) and tonumber(rate) > 0 then
+    observe(KEYS[6], ARGV[10], tonumber(frames) / tonumber(rate))
+  end
+end
+local result = {'ok', previous, attempts}
+for _, value in ipairs(redis.call('HGETALL', job)) do result[#result + 1] = value end
+return result
+"""
+
+# A running attempt's heartbeat: renews its lease and optionally writes its progress, if
+# the job is still running under that attempt. Returns {outcome, status, attempts}.
+#   KEYS: job hash, lease; ARGV: attempt, lease TTL in ms, lease holder, progress ('' = none)
+_HEARTBEAT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local status, attempts = unpack(redis.call('HMGET', KEYS[1], 'status', 'attempts'))
+status = cjson.decode(status)
+attempts = tonumber(attempts) or 0
+if status ~= 'running' then return {'illegal', status, attempts} end
+if tonumber(ARGV[1]) ~= attempts then return {'stale', status, attempts} end
+redis.call('SET', KEYS[2], attempts .. ' ' .. ARGV[3], 'PX', ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[4]) end
+return {'ok', status, attempts}
+"""
+
+
 class JobStore:
-    """Reads and writes job records, one Redis hash per job (values JSON-encoded)."""
+    """Reads and writes job records, one Redis hash per job (values JSON-encoded).
 
-    def __init__(self, client: redis.Redis):
+    `on_finished` hooks are called once per job with its final record, by the process
+    whose move to `succeeded`, `failed` or `cancelled` won; a hook's exception is logged,
+    never raised.
+    """
+
+    def __init__(self, client: redis.Redis, on_finished: tp.Iterable[FinishedHook] = ()):
         self.redis = client
+        self.on_finished: list[FinishedHook] = list(on_finished)
+        self._transition = client.register_script(_TRANSITION)
+        self._heartbeat = client.register_script(_HEARTBEAT)
 
-    def create(self, job: Job) -> None:
-        fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
-        pipe = self.redis.pipeline()
-        pipe.hset(keys.job_key(job.id), mapping={k: json.dumps(_plain(v)) for k, v in fields.items()})
-        pipe.zadd(keys.jobs_index_key(), {job.id: job.created_at})
-        pipe.execute()
+    # -- reading ---------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job:
         """Raises:
@@ -111,38 +226,167 @@ class JobStore:
         raw = self.redis.hgetall(keys.job_key(job_id)) if is_valid_job_id(job_id) else {}
         if not raw:
             raise JobNotFound(f"no job with id {job_id!r}")
-        values = {k.decode(): json.loads(v) for k, v in raw.items()}
-        known = {f.name for f in dataclasses.fields(Job)}
-        values = {k: v for k, v in values.items() if k in known}
-        values["status"] = JobStatus(values["status"])
-        return Job(**values)
+        return _job_from_hash(raw)
 
-    def delete(self, job_id: str) -> None:
+    def running_job_ids(self) -> list[str]:
+        """Ids of the jobs currently `running` (each should hold a lease)."""
+        return sorted(member.decode() for member in self.redis.smembers(keys.running_jobs_key()))
+
+    def lease_holder(self, job_id: str) -> tp.Optional[str]:
+        """`"<attempt> <holder>"` of the job's live lease, or None when it has none."""
+        value = self.redis.get(keys.lease_key(job_id))
+        return value.decode() if value is not None else None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def create(self, job: Job, upload_bytes: int = 0) -> None:
+        """Write a new job's record (and count it as submitted, with its upload's size)."""
+        fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
         pipe = self.redis.pipeline()
-        pipe.delete(keys.job_key(job_id))
-        pipe.zrem(keys.jobs_index_key(), job_id)
+        pipe.hset(keys.job_key(job.id), mapping={k: json.dumps(_plain(v)) for k, v in fields.items()})
+        pipe.zadd(keys.jobs_index_key(), {job.id: job.created_at})
+        pipe.hincrby(keys.metrics_counters_key(), "submitted", 1)
+        pipe.hincrby(keys.metrics_counters_key(), "upload_bytes", upload_bytes)
         pipe.execute()
 
-    def mark_running(self, job_id: str) -> None:
-        self._update(job_id, status=JobStatus.RUNNING, started_at=time.time(), progress=0.0,
-                     error=None, finished_at=None)
+    def delete(self, job_id: str) -> None:
+        """Remove the job's record, lease and index entries (not its files)."""
+        pipe = self.redis.pipeline()
+        pipe.delete(keys.job_key(job_id), keys.lease_key(job_id))
+        pipe.zrem(keys.jobs_index_key(), job_id)
+        pipe.srem(keys.running_jobs_key(), job_id)
+        pipe.execute()
 
-    def set_progress(self, job_id: str, progress: float) -> None:
-        self._update(job_id, progress=min(max(progress, 0.0), 1.0))
+    def mark_running(self, job_id: str, lease_s: float, holder: str = "") -> Job:
+        """Start a new attempt of a queued job and take its lease; returns the running job
+        (its `attempts` is this attempt's number).
 
-    def mark_succeeded(self, job_id: str, outputs: tp.Sequence[str]) -> None:
-        self._update(job_id, status=JobStatus.SUCCEEDED, progress=1.0, outputs=list(outputs),
-                     finished_at=time.time())
+        Raises:
+            JobNotFound: no such job.
+            IllegalTransition: the job is not queued (already taken, finished or cancelled).
+        """
+        return self._move(job_id, JobStatus.RUNNING, (JobStatus.QUEUED,), lease_s=lease_s,
+                          holder=holder, started_at=time.time(), progress=0.0, error=None,
+                          finished_at=None, outputs=[])
 
-    def mark_failed(self, job_id: str, error: DemixError) -> None:
-        self._update(job_id, status=JobStatus.FAILED, error=error.to_dict(), finished_at=time.time())
+    def heartbeat(self, job_id: str, attempt: int, lease_s: float, holder: str = "",
+                  progress: tp.Optional[float] = None) -> None:
+        """Renew attempt `attempt`'s lease and, if given, record its progress (clamped to 0-1).
 
-    def _update(self, job_id: str, **fields: tp.Any) -> None:
-        key = keys.job_key(job_id)
-        # Only update jobs that exist: a late progress report must not resurrect a deleted job.
-        if not self.redis.exists(key):
-            raise JobNotFound(f"no job with id {job_id!r}")
-        self.redis.hset(key, mapping={k: json.dumps(_plain(v)) for k, v in fields.items()})
+        Raises:
+            JobNotFound: the job was deleted.
+            IllegalTransition: the job is no longer running (cancelled, requeued, finished).
+            StaleAttempt: another attempt owns the job now.
+        """
+        value = "" if progress is None else json.dumps(min(max(float(progress), 0.0), 1.0))
+        outcome, *rest = self._heartbeat(keys=[keys.job_key(job_id), keys.lease_key(job_id)],
+                                         args=[attempt, int(lease_s * 1000), holder, value])
+        _raise_unless_ok(job_id, outcome.decode(), rest, JobStatus.RUNNING, attempt)
+
+    def mark_succeeded(self, job_id: str, outputs: tp.Sequence[str], attempt: int) -> Job:
+        """Finish attempt `attempt` with its stems `outputs`.
+
+        Raises:
+            JobNotFound, IllegalTransition, StaleAttempt: as for `heartbeat`.
+        """
+        return self._move(job_id, JobStatus.SUCCEEDED, (JobStatus.RUNNING,), attempt=attempt,
+                          progress=1.0, outputs=list(outputs), finished_at=time.time())
+
+    def mark_failed(self, job_id: str, error: DemixError, attempt: tp.Optional[int] = None,
+                    lease_must_be_gone: bool = False) -> Job:
+        """Fail the job with `error`: attempt `attempt`'s run, or (None) a queued or running
+        job whatever its attempt; `lease_must_be_gone` only if its lease expired.
+
+        Raises:
+            JobNotFound, IllegalTransition, StaleAttempt: as for `heartbeat`.
+        """
+        allowed = (JobStatus.RUNNING,) if attempt is not None or lease_must_be_gone \
+            else (JobStatus.QUEUED, JobStatus.RUNNING)
+        return self._move(job_id, JobStatus.FAILED, allowed, attempt=attempt,
+                          lease_must_be_gone=lease_must_be_gone, error=error.to_dict(),
+                          finished_at=time.time())
+
+    def mark_cancelled(self, job_id: str) -> Job:
+        """Cancel a queued or running job (a running attempt notices at its next heartbeat).
+
+        Raises:
+            JobNotFound: no such job.
+            IllegalTransition: the job already finished.
+        """
+        return self._move(job_id, JobStatus.CANCELLED, (JobStatus.QUEUED, JobStatus.RUNNING),
+                          finished_at=time.time())
+
+    def requeue(self, job_id: str, attempt: int, *, handed_back: bool) -> Job:
+        """Put a running job back in the queue; the caller then sends its task again.
+
+        `handed_back`: its worker gives it back (a graceful stop; the attempt must be the
+        current one and does not count towards the attempt limit). Otherwise its worker
+        is lost: the lease must have expired and `attempt` must still be current, so of
+        several sweepers noticing the same dead worker exactly one requeues the job.
+
+        Raises:
+            JobNotFound, IllegalTransition, StaleAttempt: as for `heartbeat`.
+            IllegalTransition: (lost) the job's lease is alive after all.
+        """
+        return self._move(job_id, JobStatus.QUEUED, (JobStatus.RUNNING,), attempt=attempt,
+                          lease_must_be_gone=not handed_back,
+                          reason="handed_back" if handed_back else "lost", progress=0.0)
+
+    def _move(self, job_id: str, target: JobStatus, allowed: tp.Sequence[JobStatus], *,
+              attempt: tp.Optional[int] = None, lease_must_be_gone: bool = False,
+              lease_s: float = 0.0, holder: str = "", reason: str = "",
+              **fields: tp.Any) -> Job:
+        pairs: list[str] = []
+        for name, value in fields.items():
+            pairs += [name, json.dumps(_plain(value))]
+        reply = self._transition(
+            keys=[keys.job_key(job_id), keys.running_jobs_key(), keys.lease_key(job_id),
+                  keys.metrics_counters_key(), keys.metrics_histogram_key("job_duration_seconds"),
+                  keys.metrics_histogram_key("job_audio_seconds")],
+            args=[job_id, target.value, " ".join(s.value for s in allowed),
+                  "" if attempt is None else attempt, "1" if lease_must_be_gone else "0",
+                  int(lease_s * 1000), holder, time.time(), json.dumps(JOB_DURATION_BUCKETS),
+                  json.dumps(AUDIO_SECONDS_BUCKETS), reason, *pairs])
+        outcome, *rest = reply
+        _raise_unless_ok(job_id, outcome.decode(), rest[:2], target, attempt)
+        raw = dict(zip(rest[2::2], rest[3::2]))
+        job = _job_from_hash(raw)
+        if target in FINISHED:
+            self._call_finished_hooks(job)
+        return job
+
+    def _call_finished_hooks(self, job: Job) -> None:
+        for hook in self.on_finished:
+            try:
+                hook(job)
+            except Exception:
+                log.exception("on_finished hook %r failed for job %s", hook, job.id)
+
+
+def _raise_unless_ok(job_id: str, outcome: str, rest: list, target: JobStatus,
+                     attempt: tp.Optional[int]) -> None:
+    if outcome == "ok":
+        return
+    if outcome == "missing":
+        raise JobNotFound(f"no job with id {job_id!r}")
+    status = rest[0].decode() if rest and isinstance(rest[0], bytes) else str(rest[0])
+    current = int(rest[1])
+    if outcome == "stale":
+        raise StaleAttempt(f"job {job_id} is at attempt {current}, not {attempt}; attempt {attempt} "
+                           f"may no longer write it", details={"status": status, "attempts": current})
+    if outcome == "leased":
+        raise IllegalTransition(f"job {job_id} still has a live lease (attempt {current}); it is "
+                                "not lost", details={"status": status, "attempts": current})
+    raise IllegalTransition(f"job {job_id} is {status}; it cannot become {target.value}",
+                            details={"status": status, "attempts": current})
+
+
+def _job_from_hash(raw: tp.Mapping[bytes, bytes]) -> Job:
+    values = {k.decode(): json.loads(v) for k, v in raw.items()}
+    known = {f.name for f in dataclasses.fields(Job)}
+    values = {k: v for k, v in values.items() if k in known}
+    values["status"] = JobStatus(values["status"])
+    return Job(**values)
 
 
 def _plain(value: tp.Any) -> tp.Any:

@@ -14,6 +14,31 @@ def jobs_index_key() -> str:
     return f"{PREFIX}:jobs"
 
 
+def running_jobs_key() -> str:
+    """Set of the ids of jobs in state `running` (the lease sweep walks it)."""
+    return f"{PREFIX}:running"
+
+
+def lease_key(job_id: str) -> str:
+    """String `"<attempt> <holder>"` with a TTL: the running attempt's lease on the job."""
+    return f"{PREFIX}:lease:{job_id}"
+
+
+def worker_stopping_key(node: str) -> str:
+    """Set while the Celery worker `node` shuts down: its running jobs hand themselves back."""
+    return f"{PREFIX}:stopping:{node}"
+
+
+def metrics_counters_key() -> str:
+    """Hash of service-wide counters (`submitted`, `succeeded`, `failed:<code>`, ...)."""
+    return f"{PREFIX}:metrics:counters"
+
+
+def metrics_histogram_key(name: str) -> str:
+    """Hash of one histogram: a count per bucket bound (`+Inf` too), `count` and `sum`."""
+    return f"{PREFIX}:metrics:histogram:{name}"
+
+
 def queue_keys(queue: str) -> list[str]:
     """The lists kombu's Redis transport keeps a Celery queue in, one per priority step.
 

@@ -29,11 +29,14 @@ os.environ.update({
     "DEMIX_MODEL_REPO": str(SESSION_DIR / "models"),
     "DEMIX_DEVICE": "cpu",
     "DEMIX_TORCH_THREADS": "2",
+    # Short leases, so tests see lost workers recovered in seconds (the sweep runs every
+    # third of a lease); long enough that a loaded machine does not lose live ones.
+    "DEMIX_LEASE_S": "6",
 })
 for _name in list(os.environ):  # a developer's own DEMIX_* settings must not leak in
     if _name.startswith("DEMIX_") and _name not in {
             "DEMIX_REDIS_URL", "DEMIX_DATA_DIR", "DEMIX_MODEL", "DEMIX_MODEL_REPO",
-            "DEMIX_DEVICE", "DEMIX_TORCH_THREADS", "DEMIX_TEST_CACHE"}:
+            "DEMIX_DEVICE", "DEMIX_TORCH_THREADS", "DEMIX_LEASE_S", "DEMIX_TEST_CACHE"}:
         del os.environ[_name]
 
 
@@ -145,7 +148,7 @@ def wait_for_job(base_url: str, job_id: str, timeout: float = 120.0,
         job = requests.get(f"{base_url}/v1/jobs/{job_id}", timeout=10).json()
         if on_poll is not None:
             on_poll(job)
-        if job["status"] in ("succeeded", "failed"):
+        if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish within {timeout}s: {job}")

@@ -9,8 +9,9 @@ import pytest
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.storage import JobStorage
 from tests.audio_factory import write_wav
+from tests.conftest import UNCONSUMED_QUEUE
 from worker.models import ModelCache
-from worker.runner import ProgressReporter, WorkerContext, run_job
+from worker.runner import AttemptLease, WorkerContext, run_job
 
 
 def queued_job(context: WorkerContext, tmp_path, stems: str = "all", seconds: float = 0.5) -> str:
@@ -25,6 +26,8 @@ def queued_job(context: WorkerContext, tmp_path, stems: str = "all", seconds: fl
 
 @pytest.fixture
 def context(settings, redis_client, tiny_model_repo, tmp_path) -> WorkerContext:
+    # Tasks the runner sends (recovering a lost job) go to a queue no worker consumes.
+    settings = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE)
     return WorkerContext(settings=settings, jobs=JobStore(redis_client),
                          storage=JobStorage(tmp_path / "data"), models=ModelCache())
 
@@ -53,7 +56,7 @@ def test_a_finished_job_delivered_again_is_not_run_again(context, tmp_path):
     run_job(job_id, context)
     first = context.jobs.get(job_id)
     assert first.status is JobStatus.SUCCEEDED and first.outputs == ["drums", "no_drums"]
-    stem = context.storage.stem_path(job_id, "drums")
+    stem = context.storage.stem_path(job_id, "drums", attempt=1)
     mtime = stem.stat().st_mtime_ns
     run_job(job_id, context)  # a duplicate delivery
     assert context.jobs.get(job_id).finished_at == first.finished_at
@@ -62,18 +65,24 @@ def test_a_finished_job_delivered_again_is_not_run_again(context, tmp_path):
 
 def test_a_job_interrupted_mid_run_is_redone_from_its_input(context, tmp_path):
     job_id = queued_job(context, tmp_path, stems="vocals")
-    context.jobs.mark_running(job_id)  # a worker took it, then died
-    leftover = context.storage.temporary_stem_path(job_id, "vocals")
+    context.jobs.mark_running(job_id, lease_s=0.001)  # a worker took it, then died
+    time.sleep(0.05)  # and its lease expired
+    leftover = context.storage.temporary_stem_path(job_id, "vocals", attempt=1)
     leftover.write_bytes(b"half a file")
-    run_job(job_id, context)
-    assert context.jobs.get(job_id).status is JobStatus.SUCCEEDED
-    assert not leftover.exists()
-    assert sorted(p.name for p in context.storage.stems_dir(job_id).iterdir()) == ["no_vocals.wav", "vocals.wav"]
+    run_job(job_id, context)  # the redelivered message: recovers the job, sends it again
+    requeued = context.jobs.get(job_id)
+    assert requeued.status is JobStatus.QUEUED and requeued.attempts == 1
+    run_job(job_id, context)  # the message the recovery sent
+    job = context.jobs.get(job_id)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 2
+    assert not leftover.exists() and context.storage.attempts_on_disk(job_id) == [2]
+    assert sorted(p.name for p in context.storage.stems_dir(job_id, 2).iterdir()) == ["no_vocals.wav", "vocals.wav"]
 
 
 def test_progress_reports_are_rate_limited_and_recorded(context, tmp_path):
     job_id = queued_job(context, tmp_path)
-    reporter = ProgressReporter(context.jobs, job_id, interval=3600)
-    reporter(0.25)
-    reporter(0.5)  # within the interval: not written
+    context.jobs.mark_running(job_id, lease_s=30)
+    lease = AttemptLease(context, job_id, attempt=1, worker="", interval=3600)
+    lease.report_progress(0.25)
+    lease.report_progress(0.5)  # within the interval: not written
     assert context.jobs.get(job_id).progress == 0.25

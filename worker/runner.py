@@ -2,6 +2,13 @@
 
 Plain Python over the job store, the storage and a model cache, so tests drive it
 without Celery; `worker.tasks` is the thin Celery edge over `run_job`.
+
+A run is one *attempt* of the job (`shared.jobs`): it holds the job's lease while it
+runs (renewed by a heartbeat thread and by every progress write), writes its stems into
+its own attempt folder, and stops at the next segment when the job is cancelled or
+deleted, when another attempt replaced it, or when its worker shuts down (it then hands
+the job back to the queue). Writes tolerate a Redis outage: heartbeats and progress
+skip while Redis is unreachable, the final outcome is retried until it is recorded.
 """
 from __future__ import annotations
 
@@ -9,14 +16,20 @@ import dataclasses
 import functools
 import logging
 import os
+import socket
+import threading
 import time
+import typing as tp
 
 import redis
 
+from shared import keys
 from shared.audio import read_info
+from shared.celery_app import celery_app
 from shared.config import Settings, get_settings
-from shared.errors import DemixError, JobNotFound, SeparationFailed
-from shared.jobs import JobStore
+from shared.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed, StaleAttempt
+from shared.jobs import Job, JobStatus, JobStore
+from shared.lifecycle import hand_back_job, recover_lost_job
 from shared.output import OutputOptions, resolve_output
 from shared.storage import JobStorage
 
@@ -27,7 +40,19 @@ from .stem_files import JobStemSink
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
-"""Least time between two progress writes to Redis for one job."""
+"""Least time between two progress writes (each also a cancel check) for one job."""
+
+HEARTBEATS_PER_LEASE = 3
+"""The heartbeat renews a lease this many times per lease period, so one or two missed
+beats (a busy machine, a Redis hiccup) do not lose it."""
+
+REDIS_RETRY_S = 1.0
+"""Wait between two tries of a write while Redis is unreachable."""
+
+FINAL_WRITE_PATIENCE_S = 600.0
+"""How long a finished run keeps trying to record its outcome while Redis is down."""
+
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclasses.dataclass
@@ -37,6 +62,7 @@ class WorkerContext:
     jobs: JobStore
     storage: JobStorage
     models: ModelCache
+    celery: tp.Any = celery_app
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,61 +82,220 @@ def _configure_torch_threads(settings: Settings) -> None:
     torch.set_num_threads(threads)
 
 
-def run_job(job_id: str, context: WorkerContext) -> None:
-    """Separate job `job_id` and record the outcome in its job record.
+class JobInterrupted(Exception):
+    """The running attempt must stop at once; `reason` is cancelled, deleted, superseded
+    or stopping (its worker shuts down)."""
 
-    A job whose record is gone (deleted) or already finished (a duplicate delivery) is
-    skipped. Failures the user can act on are recorded as the job's error; anything
-    unexpected is recorded too, then re-raised so Celery (and Flower) see it.
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def run_job(job_id: str, context: WorkerContext, worker: str = "") -> None:
+    """Run one attempt of job `job_id` and record the outcome in its job record.
+
+    `worker` identifies the Celery worker running it (`worker.tasks.worker_identity`;
+    its shutdown hands the job back). A
+    delivery of a job that is deleted, finished, or running under another attempt's live
+    lease (a late or duplicate message) is skipped. Failures the user can act on are
+    recorded as the job's error; anything unexpected is recorded too, then re-raised so
+    Celery (and Flower) see it.
     """
-    jobs, storage, settings = context.jobs, context.storage, context.settings
+    job = _claim(job_id, context, worker)
+    if job is None:
+        return
+    attempt = job.attempts
+    lease = AttemptLease(context, job_id, attempt, worker)
+    started = time.monotonic()
+    unexpected: tp.Optional[Exception] = None
+    try:
+        with lease:
+            outputs = _separate(job, attempt, context, lease)
+    except JobInterrupted as stop:
+        _abandon(job_id, attempt, stop, context)
+        return
+    except DemixError as exc:
+        log.warning("job %s attempt %d failed: %s", job_id, attempt, exc.message)
+        error = exc
+    except Exception as exc:
+        log.exception("job %s attempt %d failed unexpectedly", job_id, attempt)
+        error, unexpected = SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"), exc
+    else:
+        if _record(job_id, attempt, context,
+                   lambda: context.jobs.mark_succeeded(job_id, outputs, attempt)):
+            context.storage.clear_other_attempts(job_id, keep=attempt)
+            log.info("job %s succeeded on attempt %d in %.1fs (%.1fs of audio)", job_id, attempt,
+                     time.monotonic() - started, job.duration)
+        return
+    context.storage.clear_stems(job_id, attempt)
+    _record(job_id, attempt, context, lambda: context.jobs.mark_failed(job_id, error, attempt))
+    if unexpected is not None:
+        raise unexpected
+
+
+def _claim(job_id: str, context: WorkerContext, worker: str) -> tp.Optional[Job]:
+    """Start a new attempt of the job, or None when this delivery must be skipped."""
+    jobs, settings = context.jobs, context.settings
     try:
         job = jobs.get(job_id)
     except JobNotFound:
         log.warning("job %s has no record (deleted?); skipping", job_id)
-        return
+        return None
     if job.status.is_finished:
-        log.info("job %s is already %s; skipping duplicate delivery", job_id, job.status.value)
-        return
-    jobs.mark_running(job_id)
-    storage.clear_stems(job_id)
-    started = time.monotonic()
+        log.info("job %s is already %s; skipping a late or duplicate delivery", job_id, job.status.value)
+        return None
+    if job.status is JobStatus.RUNNING:
+        # A message redelivered after its worker died: recover the job now if that worker's
+        # lease expired (else another worker runs it, and this message is a duplicate).
+        holder = jobs.lease_holder(job_id)
+        if holder is not None:
+            log.info("job %s runs under a live lease (%s); skipping a duplicate delivery", job_id, holder)
+            return None
+        # Requeued (and sent again: that message starts the next attempt) or failed.
+        recover_lost_job(jobs, context.celery, settings.queue, job_id, job.attempts, settings.max_attempts)
+        return None
     try:
-        device = resolve_device(settings.device)
-        model = context.models.get(ModelSpec(settings.model, settings.model_repo, device,
-                                                 cache=str(settings.models_dir)))
-        options = SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device,
-                                    precision=settings.precision,
-                                    batch_segments=settings.batch_segments)
-        input_path = storage.input_path(job_id)
-        # Records written before output options existed mean the input's own format.
-        output = (OutputOptions.from_dict(job.output) if job.output
-                  else resolve_output({}, read_info(input_path)))
-        outputs = separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job_id, output),
-                                options=options, progress=ProgressReporter(jobs, job_id),
-                                output=output)
-    except DemixError as exc:
-        log.warning("job %s failed: %s", job_id, exc.message)
-        jobs.mark_failed(job_id, exc)
-        return
-    except Exception as exc:
-        log.exception("job %s failed unexpectedly", job_id)
-        jobs.mark_failed(job_id, SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"))
-        raise
-    jobs.mark_succeeded(job_id, outputs)
-    log.info("job %s succeeded in %.1fs (%.1fs of audio)", job_id, time.monotonic() - started,
-             job.duration)
+        return jobs.mark_running(job_id, settings.lease_s, holder=lease_holder(worker))
+    except (IllegalTransition, JobNotFound) as exc:
+        log.info("job %s: not starting it: %s", job_id, exc.message)
+        return None
 
 
-class ProgressReporter:
-    """Writes a job's progress to its record, at most every `PROGRESS_INTERVAL_S`."""
+def lease_holder(worker: str) -> str:
+    """How a lease names its holder: the worker and the process running the job."""
+    return f"{worker or socket.gethostname()} process {os.getpid()}"
 
-    def __init__(self, jobs: JobStore, job_id: str, interval: float = PROGRESS_INTERVAL_S):
-        self.jobs, self.job_id, self.interval = jobs, job_id, interval
+
+def _separate(job: Job, attempt: int, context: WorkerContext, lease: "AttemptLease") -> list[str]:
+    settings, storage = context.settings, context.storage
+    device = resolve_device(settings.device)
+    model = context.models.get(ModelSpec(settings.model, settings.model_repo, device,
+                                         cache=str(settings.models_dir)))
+    lease.check()
+    options = SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device,
+                                precision=settings.precision, batch_segments=settings.batch_segments)
+    input_path = storage.input_path(job.id)
+    if not input_path.exists():
+        lease.check()  # a job deleted or cancelled meanwhile has no input any more
+    # Records written before output options existed mean the input's own format.
+    output = OutputOptions.from_dict(job.output) if job.output else resolve_output({}, read_info(input_path))
+    return separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
+                         options=options, progress=lease.report_progress, output=output)
+
+
+def _abandon(job_id: str, attempt: int, stop: JobInterrupted, context: WorkerContext) -> None:
+    """Stop a run that must not finish: remove what it wrote; hand the job back if its
+    worker stops."""
+    storage = context.storage
+    if stop.reason in ("cancelled", "deleted"):
+        storage.delete_job(job_id)  # the API removed the files; remove what was written since
+    else:
+        storage.clear_stems(job_id, attempt)
+    if stop.reason == "stopping":
+        _retry_while_redis_is_down(lambda: hand_back_job(context.jobs, context.celery,
+                                                         context.settings.queue, job_id, attempt))
+    log.info("job %s attempt %d stopped: %s", job_id, attempt, stop)
+
+
+def _record(job_id: str, attempt: int, context: WorkerContext, write: tp.Callable[[], Job]) -> bool:
+    """Record a run's outcome; False when the job was cancelled, deleted or taken over
+    meanwhile (the run's files are then removed: they are nobody's)."""
+    try:
+        _retry_while_redis_is_down(write)
+        return True
+    except (IllegalTransition, JobNotFound) as exc:
+        log.warning("job %s attempt %d: outcome discarded: %s", job_id, attempt, exc.message)
+        gone = isinstance(exc, JobNotFound) or (not isinstance(exc, StaleAttempt)
+                                                and exc.details.get("status") == "cancelled")
+        if gone:
+            context.storage.delete_job(job_id)
+        else:
+            context.storage.clear_stems(job_id, attempt)
+        return False
+
+
+T = tp.TypeVar("T")
+
+
+def _retry_while_redis_is_down(write: tp.Callable[[], T], patience: float = FINAL_WRITE_PATIENCE_S) -> T:
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return write()
+        except REDIS_DOWN as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unreachable (%s); retrying in %.0fs", exc, REDIS_RETRY_S)
+            time.sleep(REDIS_RETRY_S)
+
+
+class AttemptLease:
+    """One attempt's hold on its job while it runs.
+
+    A heartbeat thread renews the lease every `lease_s / HEARTBEATS_PER_LEASE`;
+    `report_progress` (the engine's progress callback) writes progress at most every
+    `PROGRESS_INTERVAL_S`, which renews the lease too. Either one learns when the attempt
+    must stop (job cancelled, deleted or taken over; the worker shutting down), and
+    `report_progress`/`check` then raise `JobInterrupted`. Redis being unreachable is not
+    a reason to stop: the writes are skipped until it is back.
+    """
+
+    def __init__(self, context: WorkerContext, job_id: str, attempt: int, worker: str,
+                 interval: float = PROGRESS_INTERVAL_S):
+        self.jobs, self.job_id, self.attempt, self.worker = context.jobs, job_id, attempt, worker
+        self.lease_s = context.settings.lease_s
+        self.holder = lease_holder(worker)
+        self.interval = interval
         self._last_write = -float("inf")
+        self._interrupted: tp.Optional[JobInterrupted] = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id[:8]}", daemon=True)
 
-    def __call__(self, progress: float) -> None:
+    def __enter__(self) -> "AttemptLease":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def check(self) -> None:
+        """Raise `JobInterrupted` if the attempt must stop."""
+        if self._interrupted is not None:
+            raise self._interrupted
+
+    def report_progress(self, progress: float) -> None:
+        """Record progress (rate-limited) and stop the run if it must stop."""
+        self.check()
         now = time.monotonic()
         if now - self._last_write >= self.interval:
             self._last_write = now
-            self.jobs.set_progress(self.job_id, progress)
+            self._renew(progress)
+            self.check()
+
+    def _beat(self) -> None:
+        # Beats on after learning that the run must stop: until the run reaches its next
+        # segment and hands the job back, the job is still its own.
+        period = self.lease_s / HEARTBEATS_PER_LEASE
+        while not self._done.wait(period):
+            self._renew(None)
+
+    def _renew(self, progress: tp.Optional[float]) -> None:
+        try:
+            self.jobs.heartbeat(self.job_id, self.attempt, self.lease_s, self.holder, progress=progress)
+            if self.worker and self.jobs.redis.exists(keys.worker_stopping_key(self.worker)):
+                self._interrupt("stopping", f"worker {self.worker} is shutting down")
+        except REDIS_DOWN as exc:
+            log.warning("job %s: Redis unreachable, lease not renewed (%s)", self.job_id, exc)
+        except JobNotFound:
+            self._interrupt("deleted", "the job was deleted")
+        except StaleAttempt as exc:
+            self._interrupt("superseded", exc.message)
+        except IllegalTransition as exc:
+            status = exc.details.get("status")
+            self._interrupt("cancelled" if status == "cancelled" else "superseded",
+                            f"the job is {status}")
+
+    def _interrupt(self, reason: str, message: str) -> None:
+        if self._interrupted is None:
+            self._interrupted = JobInterrupted(reason, message)

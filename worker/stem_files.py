@@ -69,17 +69,17 @@ class _PeakTrackingWriter:
 
 
 class JobStemSink:
-    """The engine's sink for one job: temporary files in the job's stem folder,
-    published (flushed and renamed) only when complete."""
+    """The engine's sink for one attempt of a job: temporary files in that attempt's stem
+    folder, published (flushed and renamed) only when complete."""
 
-    def __init__(self, storage: JobStorage, job_id: str, output: OutputOptions):
-        self.storage, self.job_id, self.output = storage, job_id, output
+    def __init__(self, storage: JobStorage, job_id: str, output: OutputOptions, attempt: int = 0):
+        self.storage, self.job_id, self.output, self.attempt = storage, job_id, output, attempt
         self.rescaling = output.clip == "rescale" and output.clips
         self._kept: dict[str, tuple[_PeakTrackingWriter, int, int, int]] = {}
         self.gain: tp.Optional[float] = None
 
     def _temporary(self, name: str, extension: str) -> Path:
-        return self.storage.temporary_stem_path(self.job_id, name, extension)
+        return self.storage.temporary_stem_path(self.job_id, name, extension, self.attempt)
 
     def open_stem(self, name: str, samplerate: int, channels: int, subtype: str, frames: int):
         if self.rescaling:
@@ -94,7 +94,7 @@ class JobStemSink:
             self._encode_rescaled(name)
         temporary = self._temporary(name, self.output.extension)
         fsync_file(temporary)
-        self.storage.publish_stem(self.job_id, name, self.output.extension)
+        self.storage.publish_stem(self.job_id, name, self.output.extension, self.attempt)
 
     def _encode_rescaled(self, name: str) -> None:
         if self.gain is None:

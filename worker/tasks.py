@@ -1,14 +1,67 @@
-"""The Celery edge of the worker: a task that takes a job id and runs the job."""
+"""The Celery edge of the worker: a task that takes a job id and runs the job, the
+maintenance loop as a worker bootstep, and giving running jobs back on shutdown."""
 from __future__ import annotations
 
+import logging
+import os
+
+import redis
+from celery import signals
+
+from shared import keys
 from shared.celery_app import SEPARATE_TASK, celery_app
+from shared.config import get_settings
+from shared.jobs import JobStore
+from shared.lifecycle import hand_back_worker_jobs
+
+from .maintenance import MaintenanceStep
+
+log = logging.getLogger(__name__)
+
+STOPPING_FLAG_TTL_S = 3600
+"""How long a stopping worker's flag lives if the worker dies before clearing it."""
+
+MAIN_PID = os.getpid()
+"""The worker's main process (imported there before the pool forks its children)."""
 
 
-@celery_app.task(name=SEPARATE_TASK, ignore_result=True)
-def separate(job_id: str) -> None:
+def worker_identity(node: str) -> str:
+    """Names one running Celery worker: its node name (which `demix worker`s on one host
+    share) and its main process."""
+    return f"{node} worker {MAIN_PID}"
+
+
+celery_app.steps["worker"].add(MaintenanceStep)
+
+
+@celery_app.task(name=SEPARATE_TASK, ignore_result=True, bind=True)
+def separate(self, job_id: str) -> None:
     """Separate the job `job_id` (its input is already in storage)."""
     # Imported here, not at module level: the prefork parent imports this module, and
     # torch must first be initialised in the child that runs the jobs.
     from .runner import run_job, worker_context
 
-    run_job(job_id, worker_context())
+    run_job(job_id, worker_context(), worker=worker_identity(self.request.hostname or ""))
+
+
+@signals.worker_shutting_down.connect
+def hand_back_running_jobs(sender: str, how: str = "", **_kwargs) -> None:
+    """When a worker begins to shut down, give its running jobs back to the queue.
+
+    Warm shutdown (Ctrl-C, SIGTERM, `docker compose stop`): flag the worker as stopping;
+    each job it runs sees the flag at its next segment and hands itself back, so the
+    shutdown ends at once instead of waiting for whole jobs. Cold shutdown (SIGQUIT, a
+    second Ctrl-C): Celery's soft shutdown has already let runs finish or hand back for
+    `worker_soft_shutdown_timeout`, then cancelled the rest; give those back here.
+    """
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        worker = worker_identity(sender)
+        client.set(keys.worker_stopping_key(worker), how or "stopping", ex=STOPPING_FLAG_TTL_S)
+        if how == "Cold":
+            hand_back_worker_jobs(JobStore(client), celery_app, settings.queue, worker)
+    except redis.exceptions.RedisError as exc:  # the jobs' leases will expire instead
+        log.warning("could not give back the jobs of worker %s: %s", worker_identity(sender), exc)
+    finally:
+        client.close()

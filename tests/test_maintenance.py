@@ -1,0 +1,137 @@
+"""The workers' maintenance loop and its lost-job sweep, against a real Redis (the
+requeued tasks go to a queue no worker consumes, so the test counts them)."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from shared import keys
+from shared.celery_app import celery_app
+from shared.jobs import Job, JobStatus, JobStore, new_job_id
+from shared.lifecycle import recover_lost_job
+from shared.storage import JobStorage
+from worker.maintenance import SWEEPS, LostJobSweep, MaintenanceContext, MaintenanceLoop, Sweep
+
+QUEUE = "demix-tests-maintenance"
+
+
+@pytest.fixture
+def context(settings, redis_client, tmp_path) -> MaintenanceContext:
+    redis_client.delete(*keys.queue_keys(QUEUE))
+    return MaintenanceContext(settings=dataclasses.replace(settings, queue=QUEUE, max_attempts=3),
+                              jobs=JobStore(redis_client), storage=JobStorage(tmp_path), celery=celery_app)
+
+
+def queued(context: MaintenanceContext) -> str:
+    job = Job(id=new_job_id(), status=JobStatus.QUEUED, stems="all", model="tiny", samplerate=44100,
+              channels=2, frames=44100, created_at=time.time())
+    context.jobs.create(job)
+    return job.id
+
+
+def lose_worker(context: MaintenanceContext, job_id: str) -> int:
+    """Start an attempt whose worker then dies: its lease runs out."""
+    attempt = context.jobs.mark_running(job_id, lease_s=0.001).attempts
+    time.sleep(0.05)
+    return attempt
+
+
+def messages(context: MaintenanceContext) -> int:
+    return sum(context.jobs.redis.llen(key) for key in keys.queue_keys(QUEUE))
+
+
+def test_the_lost_job_sweep_is_one_of_the_sweeps_every_worker_runs():
+    assert any(isinstance(sweep.run, LostJobSweep) for sweep in SWEEPS)
+
+
+def test_a_job_without_lease_is_requeued_on_the_second_sweep_and_sent_again(context):
+    lost, alive = queued(context), queued(context)
+    lose_worker(context, lost)
+    context.jobs.mark_running(alive, lease_s=60)
+    sweep = LostJobSweep()
+    assert lost not in sweep(context)  # first sighting: its worker gets one more heartbeat
+    assert context.jobs.get(lost).status is JobStatus.RUNNING and messages(context) == 0
+    assert sweep(context) == [lost]
+    job = context.jobs.get(lost)
+    assert job.status is JobStatus.QUEUED and job.attempts == 1 and job.counted_attempts == 1
+    assert messages(context) == 1
+    assert context.jobs.get(alive).status is JobStatus.RUNNING  # its lease is live
+    assert context.jobs.mark_running(lost, lease_s=60).attempts == 2
+
+
+def test_a_lease_renewed_between_two_sweeps_saves_the_job(context):
+    job_id = queued(context)
+    lose_worker(context, job_id)
+    sweep = LostJobSweep()
+    sweep(context)
+    context.jobs.heartbeat(job_id, 1, lease_s=60)  # the worker was only cut off from Redis
+    assert sweep(context) == [] and sweep(context) == []
+    assert context.jobs.get(job_id).status is JobStatus.RUNNING
+
+
+def test_after_max_attempts_lost_the_job_fails_with_worker_lost(context):
+    job_id = queued(context)
+    sweep = LostJobSweep()
+    for attempt in (1, 2, 3):
+        assert lose_worker(context, job_id) == attempt
+        sweep(context)
+        sweep(context)
+    job = context.jobs.get(job_id)
+    assert job.status is JobStatus.FAILED and job.attempts == 3
+    assert job.error["code"] == "worker_lost"
+    assert "3 times" in job.error["message"] and "DEMIX_MAX_ATTEMPTS=3" in job.error["message"]
+    assert messages(context) == 2  # requeued after the first two losses only
+    assert job_id not in context.jobs.running_job_ids()
+
+
+def test_handed_back_runs_do_not_use_up_attempts(context):
+    job_id = queued(context)
+    for attempt in (1, 2, 3):
+        context.jobs.mark_running(job_id, lease_s=60)
+        context.jobs.requeue(job_id, attempt, handed_back=True)
+    lose_worker(context, job_id)  # attempt 4, the first one lost
+    assert recover_lost_job(context.jobs, celery_app, QUEUE, job_id, 4, 3) is JobStatus.QUEUED
+
+
+def test_many_sweepers_noticing_one_lost_job_requeue_it_once(context):
+    job_id = queued(context)
+    lose_worker(context, job_id)
+    outcomes, barrier = [], threading.Barrier(6)
+
+    def sweeper() -> None:
+        barrier.wait()
+        outcomes.append(recover_lost_job(context.jobs, celery_app, QUEUE, job_id, 1, 3))
+
+    threads = [threading.Thread(target=sweeper) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count(JobStatus.QUEUED) == 1 and outcomes.count(None) == 5
+    assert messages(context) == 1
+
+
+def test_the_loop_runs_each_sweep_at_start_and_then_periodically_surviving_failures(context, caplog):
+    runs: dict[str, int] = {"steady": 0, "broken": 0}
+
+    def steady(_context) -> None:
+        runs["steady"] += 1
+
+    def broken(_context) -> None:
+        runs["broken"] += 1
+        raise RuntimeError("sweep bug")
+
+    loop = MaintenanceLoop(context, [Sweep("steady", steady, lambda s: 0.1),
+                                     Sweep("broken", broken, lambda s: 0.1)])
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while min(runs.values()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        loop.stop()
+    assert runs["steady"] >= 3 and runs["broken"] >= 3
+    assert "broken sweep failed" in caplog.text

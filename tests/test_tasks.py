@@ -1,0 +1,157 @@
+"""Real `demix worker` processes (Celery prefork, the command `demix worker` runs) against
+the test Redis: a worker killed mid-job, a worker frozen and presumed dead that comes
+back late, and a worker stopped with SIGTERM. The in-process test worker (the
+`celery_worker` fixture, on the main queue) is the other worker that notices and
+finishes the job."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import signal
+import time
+import typing as tp
+from pathlib import Path
+
+import pytest
+
+from cli.main import worker_argv
+from cli.processes import popen_child, stop_process
+from shared import keys
+from shared.celery_app import celery_app
+from shared.config import Settings
+from shared.jobs import Job, JobStatus, JobStore, new_job_id
+from shared.lifecycle import enqueue_job
+from shared.storage import JobStorage
+from tests.audio_factory import write_wav
+
+SIDE_QUEUE = "demix-tests-side-worker"
+"""The queue only the subprocess worker consumes, so it (not the test worker) starts the job."""
+
+SIDE_LEASE_S = 3
+LONG_SECONDS = 40.0
+
+
+@contextlib.contextmanager
+def side_worker(log_path: Path) -> tp.Iterator[tp.Any]:
+    """A `demix worker` process (prefork, one child) on `SIDE_QUEUE`."""
+    env = dict(os.environ, DEMIX_QUEUE=SIDE_QUEUE, DEMIX_LEASE_S=str(SIDE_LEASE_S))
+    argv = worker_argv(Settings.from_env(env), concurrency=1, loglevel="INFO")
+    with open(log_path, "ab") as log:
+        process = popen_child(argv, env=env, stdout=log, stderr=log)
+        try:
+            yield process
+        finally:
+            stop_process(process, timeout=30, sig=signal.SIGKILL)
+
+
+def submit(settings, redis_client, tmp_path: Path, seconds: float) -> str:
+    """A job whose input is in storage, sent to the side worker's queue."""
+    job_id = new_job_id()
+    upload = write_wav(tmp_path / f"{job_id}.wav", 44100, 2, seconds)
+    JobStorage(settings.data_dir).accept_upload(upload, job_id)
+    JobStore(redis_client).create(Job(id=job_id, status=JobStatus.QUEUED, stems="vocals",
+                                      model=settings.model, samplerate=44100, channels=2,
+                                      frames=int(44100 * seconds), created_at=time.time()))
+    enqueue_job(celery_app, job_id, SIDE_QUEUE)
+    return job_id
+
+
+def wait_for(condition: tp.Callable[[], tp.Any], what: str, timeout: float = 300.0, log: Path = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    detail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"{what}: not reached within {timeout}s\n{detail}")
+
+
+def stems_digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def store(redis_client) -> JobStore:
+    return JobStore(redis_client)
+
+
+def test_a_worker_killed_mid_job_is_replaced_by_another_and_the_job_succeeds_on_attempt_2(
+        celery_worker, settings, redis_client, store, tmp_path):
+    storage, log = JobStorage(settings.data_dir), tmp_path / "worker.log"
+    job_id = submit(settings, redis_client, tmp_path, LONG_SECONDS)
+    with side_worker(log) as worker:
+        wait_for(lambda: store.get(job_id).progress > 0, "the side worker runs the job", log=log)
+        assert " process " in store.lease_holder(job_id)
+        os.killpg(worker.pid, signal.SIGKILL)  # the whole worker tree, as `kill -9` would
+        killed = time.monotonic()
+        wait_for(lambda: store.get(job_id).attempts == 2 or store.get(job_id).status is JobStatus.QUEUED,
+                 "the job requeued", timeout=120)
+        requeued = time.monotonic()
+        job = wait_for(lambda: (j := store.get(job_id)).status.is_finished and j, "the job finished")
+        done = time.monotonic()
+    print(f"\nkill -9 -> requeued {requeued - killed:.1f}s (lease {SIDE_LEASE_S}s, sweep every "
+          f"{settings.lease_s / 3:.0f}s), -> succeeded {done - killed:.1f}s")
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    assert job.attempts == 2 and job.counted_attempts == 2 and job.outputs == ["vocals", "no_vocals"]
+    assert storage.attempts_on_disk(job_id) == [2]  # the dead attempt's partial stems are gone
+    assert not redis_client.exists(keys.lease_key(job_id))
+
+
+def test_a_presumed_dead_worker_coming_back_late_cannot_touch_the_new_runs_stems(
+        celery_worker, settings, redis_client, store, tmp_path):
+    storage, log = JobStorage(settings.data_dir), tmp_path / "worker.log"
+    job_id = submit(settings, redis_client, tmp_path, LONG_SECONDS)
+    with side_worker(log) as worker:
+        # Frozen while writing its stems: its lease runs out, the test worker takes over.
+        wait_for(lambda: storage.stems_dir(job_id, 1).exists(), "attempt 1 writes stems", log=log)
+        os.killpg(worker.pid, signal.SIGSTOP)
+        try:
+            job = wait_for(lambda: (j := store.get(job_id)).status.is_finished and j,
+                           "attempt 2 finished")
+            assert job.status is JobStatus.SUCCEEDED and job.attempts == 2, job.error
+            published = stems_digest(storage.stems_dir(job_id, 2))
+        finally:
+            os.killpg(worker.pid, signal.SIGCONT)
+        # Back from the dead: its next heartbeat tells it the job is not its own any more.
+        wait_for(lambda: not storage.stems_dir(job_id, 1).exists(),
+                 "the late attempt removes its own stems", timeout=300, log=log)
+        assert store.get(job_id) == job
+        assert stems_digest(storage.stems_dir(job_id, 2)) == published
+        assert storage.attempts_on_disk(job_id) == [2]
+
+        # The worker that came back is healthy and takes the next job.
+        next_id = submit(settings, redis_client, tmp_path, 0.5)
+        after = wait_for(lambda: (j := store.get(next_id)).status.is_finished and j, "next job", log=log)
+        assert after.status is JobStatus.SUCCEEDED and after.attempts == 1
+        assert store.get(job_id) == job
+
+
+def test_sigterm_to_a_busy_worker_hands_the_job_back_at_once(tiny_model_repo, settings, redis_client, store,
+                                                               tmp_path):
+    storage, log = JobStorage(settings.data_dir), tmp_path / "worker.log"
+    redis_client.delete(*keys.queue_keys(SIDE_QUEUE))
+    job_id = submit(settings, redis_client, tmp_path, LONG_SECONDS)
+    before = redis_client.hget(keys.metrics_counters_key(), "requeued:handed_back") or 0
+    with side_worker(log) as worker:
+        wait_for(lambda: store.get(job_id).progress > 0, "the side worker runs the job", log=log)
+        worker.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
+        stopping = time.monotonic()
+        job = wait_for(lambda: (j := store.get(job_id)).status is JobStatus.QUEUED and j,
+                       "the job handed back", timeout=120, log=log)
+        handed_back = time.monotonic()
+        assert worker.wait(120) == 0
+        exited = time.monotonic()
+    print(f"\nSIGTERM -> job back in the queue {handed_back - stopping:.1f}s, worker exited "
+          f"{exited - stopping:.1f}s")
+    assert job.attempts == 1 and job.handed_back == 1 and job.counted_attempts == 0
+    assert job.progress == 0.0 and not storage.stems_dir(job_id, 1).exists()
+    assert int(redis_client.hget(keys.metrics_counters_key(), "requeued:handed_back")) == int(before) + 1
+    assert sum(redis_client.llen(key) for key in keys.queue_keys(SIDE_QUEUE)) == 1  # sent again
+
+    with side_worker(log):  # the next worker redoes it
+        job = wait_for(lambda: (j := store.get(job_id)).status.is_finished and j, "redone", log=log)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 2, job.error
+    assert storage.attempts_on_disk(job_id) == [2]

@@ -1,0 +1,141 @@
+"""The maintenance loop every worker runs beside its jobs: periodic sweeps that keep the
+service healthy without anyone watching (requeueing jobs whose worker died; more sweeps
+are added to `SWEEPS`).
+
+The loop runs in a thread of each Celery worker's main process (a bootstep, so it starts
+and stops with the worker), once at start and then each sweep at its own interval. It
+never imports torch. Sweeps must be safe to run in many workers at once: every state
+change they make goes through the job store's atomic moves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import typing as tp
+
+import redis
+from celery import bootsteps
+
+from shared.config import Settings, get_settings
+from shared.jobs import JobStore
+from shared.lifecycle import recover_lost_job
+from shared.storage import JobStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class MaintenanceContext:
+    """What sweeps work with."""
+    settings: Settings
+    jobs: JobStore
+    storage: JobStorage
+    celery: tp.Any
+
+
+@dataclasses.dataclass
+class Sweep:
+    """One periodic task of the maintenance loop."""
+    name: str
+    run: tp.Callable[[MaintenanceContext], tp.Any]
+    interval_s: tp.Callable[[Settings], float]
+    """Seconds between two runs, from the settings."""
+
+
+class LostJobSweep:
+    """Requeues running jobs whose lease expired (their worker died or lost Redis for a
+    whole lease), or fails them with `worker_lost` after `DEMIX_MAX_ATTEMPTS` lost runs.
+
+    A job must be seen without a lease on two sweeps in a row (one heartbeat period
+    apart) before it is recovered, so a worker whose lease lapsed during a short Redis
+    outage gets one heartbeat to renew it.
+    """
+
+    def __init__(self) -> None:
+        self._suspects: set[tuple[str, int]] = set()
+
+    def __call__(self, context: MaintenanceContext) -> list[str]:
+        """Returns the ids of the jobs it recovered (requeued or failed)."""
+        jobs, settings = context.jobs, context.settings
+        suspects, recovered = set(), []
+        for job_id in jobs.running_job_ids():
+            if jobs.lease_holder(job_id) is not None:
+                continue
+            try:
+                attempt = jobs.get(job_id).attempts
+            except Exception:  # deleted meanwhile
+                continue
+            if (job_id, attempt) not in self._suspects:
+                suspects.add((job_id, attempt))
+                continue
+            if recover_lost_job(jobs, context.celery, settings.queue, job_id, attempt,
+                                settings.max_attempts) is not None:
+                recovered.append(job_id)
+        self._suspects = suspects
+        return recovered
+
+
+def lease_sweep_interval(settings: Settings) -> float:
+    """The lost-job sweep runs once per heartbeat period (a third of a lease)."""
+    return settings.lease_s / 3
+
+
+SWEEPS: list[Sweep] = [Sweep("lost jobs", LostJobSweep(), lease_sweep_interval)]
+"""The sweeps every worker runs; other modules append theirs."""
+
+
+class MaintenanceLoop:
+    """Runs `sweeps` in a background thread: all of them at start, then each every
+    `interval_s`. A failing sweep (Redis down, a bug) is logged and tried again later."""
+
+    def __init__(self, context: MaintenanceContext, sweeps: tp.Sequence[Sweep]):
+        self.context, self.sweeps = context, list(sweeps)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="demix-maintenance", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+        self.context.jobs.redis.close()
+
+    terminate = stop
+
+    def _loop(self) -> None:
+        due = {sweep.name: 0.0 for sweep in self.sweeps}
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for sweep in self.sweeps:
+                if now >= due[sweep.name]:
+                    self.run_once(sweep)
+                    due[sweep.name] = time.monotonic() + max(0.1, sweep.interval_s(self.context.settings))
+            self._stop.wait(max(0.05, min(due.values()) - time.monotonic()))
+
+    def run_once(self, sweep: Sweep) -> None:
+        try:
+            sweep.run(self.context)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("maintenance: %s sweep skipped, Redis unreachable (%s)", sweep.name, exc)
+        except Exception:
+            log.exception("maintenance: %s sweep failed", sweep.name)
+
+
+def maintenance_context(celery: tp.Any, settings: tp.Optional[Settings] = None) -> MaintenanceContext:
+    settings = settings or get_settings()
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5,
+                                  socket_timeout=30, health_check_interval=30)
+    return MaintenanceContext(settings=settings, jobs=JobStore(client),
+                              storage=JobStorage(settings.data_dir), celery=celery)
+
+
+class MaintenanceStep(bootsteps.StartStopStep):
+    """Worker bootstep: the maintenance loop runs while the worker runs."""
+
+    def create(self, worker) -> MaintenanceLoop:
+        context = maintenance_context(worker.app)
+        return MaintenanceLoop(context, SWEEPS)
