@@ -46,3 +46,20 @@ def queue_keys(queue: str) -> list[str]:
     `<queue>\\x06\\x16<priority>`; counting all of them gives the true backlog.
     """
     return [queue] + [f"{queue}\x06\x16{priority}" for priority in (3, 6, 9)]
+
+
+def split_key(job_id: str) -> str:
+    """Hash of a split job's parts: its attempt, part count, each part's state, windows
+    done and tries, and what its Celery message carried (to send it again)."""
+    return f"{PREFIX}:split:{job_id}"
+
+
+def split_jobs_key() -> str:
+    """Set of the ids of jobs whose parts are in flight (the part sweep walks it)."""
+    return f"{PREFIX}:splits"
+
+
+def unit_lease_key(job_id: str, unit: str) -> str:
+    """String `"<attempt> <holder>"` with a TTL: the lease of one part (`part:<n>`) or of
+    the merge (`merge`) of a split job, held by the process running it."""
+    return f"{PREFIX}:lease:{job_id}:{unit}"

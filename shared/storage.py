@@ -4,6 +4,7 @@
                                   accepting one is a rename, never a copy)
     <data_dir>/jobs/<id>/input.wav
     <data_dir>/jobs/<id>/stems-<attempt>/<name>.<wav|flac|mp3>
+    <data_dir>/jobs/<id>/split-<attempt>/   a split job's mix, plan and parts, while it runs
 
 Each run (attempt) of a job writes its own stem folder, and the job record names the
 attempt whose stems are the job's: a late run of a worker presumed dead can never
@@ -46,6 +47,14 @@ class JobStorage:
     def stem_path(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,
                   attempt: int = 0) -> Path:
         return self.stems_dir(job_id, attempt) / f"{name}.{extension}"
+
+    def split_dir(self, job_id: str, attempt: int) -> Path:
+        """The working folder of one attempt of a split job: its model-rate mix, its plan
+        and its parts' sums (removed when the job finishes)."""
+        return self.job_dir(job_id) / f"split-{attempt}"
+
+    def clear_split(self, job_id: str, attempt: int) -> None:
+        shutil.rmtree(self.split_dir(job_id, attempt), ignore_errors=True)
 
     def open_upload(self) -> tp.BinaryIO:
         """A new temporary file in `incoming/` to stream an upload into.
