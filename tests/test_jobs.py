@@ -16,6 +16,17 @@ def make_job() -> Job:
                samplerate=48000, channels=1, frames=96000, created_at=time.time())
 
 
+@pytest.fixture(autouse=True)
+def _no_running_leftovers(redis_client):
+    """Jobs left running here have no input: the test worker's lost-job sweep must not
+    find them later."""
+    store = JobStore(redis_client)
+    before = set(store.running_job_ids())
+    yield
+    for job_id in set(store.running_job_ids()) - before:
+        store.delete(job_id)
+
+
 @pytest.fixture
 def store(redis_client) -> JobStore:
     return JobStore(redis_client)

@@ -63,6 +63,16 @@ def test_a_finished_job_delivered_again_is_not_run_again(context, tmp_path):
     assert stem.stat().st_mtime_ns == mtime and context.models.loads == 1
 
 
+def test_a_delivery_of_a_job_running_under_a_live_lease_is_skipped(context, tmp_path):
+    job_id = queued_job(context, tmp_path, stems="vocals")
+    running = context.jobs.mark_running(job_id, lease_s=60, holder="another worker")
+    run_job(job_id, context)  # a duplicate or late message
+    assert context.jobs.get(job_id) == running
+    assert context.jobs.lease_holder(job_id) == "1 another worker"
+    assert context.storage.attempts_on_disk(job_id) == [] and context.models.loads == 0
+    context.jobs.delete(job_id)  # nobody runs it: keep other tests' sweeps from recovering it
+
+
 def test_a_job_interrupted_mid_run_is_redone_from_its_input(context, tmp_path):
     job_id = queued_job(context, tmp_path, stems="vocals")
     context.jobs.mark_running(job_id, lease_s=0.001)  # a worker took it, then died
@@ -86,3 +96,48 @@ def test_progress_reports_are_rate_limited_and_recorded(context, tmp_path):
     lease.report_progress(0.25)
     lease.report_progress(0.5)  # within the interval: not written
     assert context.jobs.get(job_id).progress == 0.25
+
+
+def test_a_run_outlives_a_redis_outage_longer_than_its_lease_and_records_its_outcome_after(
+        settings, tiny_model_repo, tmp_path):
+    import os
+    import signal
+    import threading
+
+    import redis
+
+    from cli.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis", persist=True).start()
+    client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=5)
+    context = WorkerContext(settings=dataclasses.replace(settings, lease_s=2, queue=UNCONSUMED_QUEUE),
+                            jobs=JobStore(client), storage=JobStorage(tmp_path / "data"),
+                            models=ModelCache())
+    try:
+        job_id = queued_job(context, tmp_path, stems="vocals", seconds=4.0)
+        runner = threading.Thread(target=run_job, args=(job_id, context))
+        runner.start()
+        deadline = time.monotonic() + 300
+        while context.jobs.get(job_id).progress == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.5)  # the append-only file is synced every second
+        os.killpg(server.process.pid, signal.SIGKILL)  # Redis dies mid-job
+        server.process.wait()
+        down_since = time.monotonic()
+        stems = context.storage.stems_dir(job_id, 1)
+        # The run carries on without Redis and finishes its stems; it then waits for Redis
+        # to record the outcome. The outage outlasts the lease.
+        while not ((stems / "vocals.wav").exists() and (stems / "no_vocals.wav").exists()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(max(0.0, 2 * context.settings.lease_s - (time.monotonic() - down_since)))
+        assert runner.is_alive()
+        server = RedisServer(server.data_dir, port=server.port, persist=True).start()
+        runner.join(120)
+        assert not runner.is_alive()
+        job = context.jobs.get(job_id)
+        assert job.status is JobStatus.SUCCEEDED and job.attempts == 1
+        assert job.outputs == ["vocals", "no_vocals"]
+    finally:
+        client.close()
+        server.stop()

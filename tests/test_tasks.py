@@ -155,3 +155,25 @@ def test_sigterm_to_a_busy_worker_hands_the_job_back_at_once(tiny_model_repo, se
         job = wait_for(lambda: (j := store.get(job_id)).status.is_finished and j, "redone", log=log)
     assert job.status is JobStatus.SUCCEEDED and job.attempts == 2, job.error
     assert storage.attempts_on_disk(job_id) == [2]
+
+
+def test_a_cold_shutdown_cancels_the_run_and_gives_its_job_back(tiny_model_repo, settings, redis_client,
+                                                                 store, tmp_path):
+    storage, log = JobStorage(settings.data_dir), tmp_path / "worker.log"
+    redis_client.delete(*keys.queue_keys(SIDE_QUEUE))
+    job_id = submit(settings, redis_client, tmp_path, LONG_SECONDS)
+    with side_worker(log) as worker:
+        wait_for(lambda: store.get(job_id).progress > 0, "the side worker runs the job", log=log)
+        worker.send_signal(signal.SIGQUIT)  # cold: Celery's soft shutdown wait, then cancel
+        stopping = time.monotonic()
+        job = wait_for(lambda: (j := store.get(job_id)).status is JobStatus.QUEUED and j,
+                       "the job given back", timeout=120, log=log)
+        given_back = time.monotonic()
+        worker.wait(120)
+    print(f"\nSIGQUIT -> job back in the queue {given_back - stopping:.1f}s")
+    assert job.attempts == 1 and job.handed_back == 1 and job.counted_attempts == 0
+    assert sum(redis_client.llen(key) for key in keys.queue_keys(SIDE_QUEUE)) >= 1  # sent again
+    with side_worker(log):
+        job = wait_for(lambda: (j := store.get(job_id)).status.is_finished and j, "redone", log=log)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 2, job.error
+    assert storage.attempts_on_disk(job_id) == [2]
