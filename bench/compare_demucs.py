@@ -1,12 +1,15 @@
 """The engine against `python -m demucs.separate`: speed, memory and identity of output.
 
-For one WAV and one demucs-format model folder, runs in this one process's lifetime,
-alternating so that both see the same machine state:
+For one WAV and one demucs-format model folder, runs, interleaved round by round so that
+all see the same machine state (medians over `--rounds` are printed):
   * demucs:  python -m demucs.separate --shifts 0 --overlap 0.25 --float32 --clip-mode none
-  * engine:  worker.engine.separate_file (fp32, then each extra --precision)
-each in a fresh subprocess, and prints wall time, real-time factor (wall / audio) and
-peak RSS for both, their ratio, the max |Δ| between their stems, and for reduced
-precisions the SNR against the engine's fp32 stems.
+  * engine:  worker.engine.separate_file, fp32 and each --precision (default: bf16)
+each in a fresh subprocess, model load included on both sides, and prints wall time,
+real-time factor (wall / audio), peak RSS, the speed ratio against demucs, the max |Δ|
+between the stems and demucs', and for reduced precisions each stem's SNR against the
+engine's fp32 stems. Then, for each precision, the first job of a process that warmed
+up (`worker.forward.warm_model`, what a worker does when it starts) against the first
+job of one that did not, with the model load and warm-up times.
 
 With --bag-vocals it also builds a 4-model bag of the model with one-hot weights (the
 shape of htdemucs_ft: one specialist per source) and compares `stems=vocals` against
@@ -14,14 +17,16 @@ shape of htdemucs_ft: one specialist per source) and compares `stems=vocals` aga
 
 Usage:
   python bench/compare_demucs.py --model-repo DIR --model htdemucs [--seconds 60]
-         [--precision bf16] [--bag-vocals] [--rounds 2]
+         [--precision bf16] [--bag-vocals] [--rounds 3]
 Without --model-repo a tiny HT-Demucs is used (fast; only the ratios mean anything).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -36,17 +41,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def run_measured(args: list[str]) -> tuple[float, float]:
-    """Run a command; returns (wall seconds, peak RSS in MB) of that process alone."""
+def run_measured(args: list[str]) -> tuple[float, float, dict]:
+    """Run a command; returns (wall seconds, peak RSS in MB) of that process alone, and
+    the JSON object on its last line of output, if any."""
     started = time.perf_counter()
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:4])} ... failed: {process.stderr.read().decode()[-2000:]}")
-    process.stderr.close()
-    return wall, usage.ru_maxrss / 1024
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(args, stdout=stdout, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"{' '.join(args[:4])} ... failed: {stderr.read().decode()[-2000:]}")
+        stdout.seek(0)
+        lines = stdout.read().decode().strip().splitlines()
+    report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    return wall, usage.ru_maxrss / 1024, report
 
 
 def read_stems(folder: Path) -> dict[str, np.ndarray]:
@@ -62,21 +71,27 @@ def demucs_command(wav: Path, repo: Path, name: str, out: Path, two_stems: str |
     return command + [str(wav)]
 
 
-def engine_command(wav: Path, repo: Path, name: str, out: Path, stems: str, precision: str) -> list[str]:
-    return [sys.executable, __file__, "--child", "--input", str(wav), "--model-repo", str(repo),
+def engine_command(wav: Path, repo: Path, name: str, out: Path, stems: str, precision: str,
+                   life: str = "job") -> list[str]:
+    return [sys.executable, __file__, "--child", life, "--input", str(wav), "--model-repo", str(repo),
             "--model", name, "--out", str(out), "--stems", stems, "--precision", precision]
 
 
 def child(args: argparse.Namespace) -> None:
-    """Separate one file with the engine, as the worker does, into `args.out`."""
+    """Separate one file with the engine, as the worker does, into `args.out`; prints the
+    phases' times as JSON. `job`: load and separate once (a CLI-like run). `warm`: load,
+    warm up, then separate once."""
+    started = time.perf_counter()
     import torch
     from demucs.pretrained import get_model
 
     from shared.audio import AudioWriter
     from worker.engine import SeparationOptions, separate_file
+    from worker.forward import warm_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = get_model(args.model, repo=Path(args.model_repo)).eval()
+    report = {"load_s": time.perf_counter() - started}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -87,8 +102,15 @@ def child(args: argparse.Namespace) -> None:
         def publish(self, name):
             pass
 
-    separate_file(model, Path(args.input), args.stems, FolderSink(),
-                  SeparationOptions(precision=args.precision))
+    options = SeparationOptions(precision=args.precision)
+    if args.child == "warm":
+        started = time.perf_counter()
+        warm_model(model, options.device, options.precision)
+        report["warmup_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    separate_file(model, Path(args.input), args.stems, FolderSink(), options)
+    report["first_job_s"] = time.perf_counter() - started
+    print(json.dumps(report))
 
 
 def snr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
@@ -113,59 +135,81 @@ def make_bag(repo: Path, name: str, target: Path) -> str:
 
 
 def compare(wav: Path, repo: Path, name: str, work: Path, rounds: int, stems: str,
-            precisions: list[str], label: str) -> None:
+            precisions: list[str], label: str, lives: bool = True) -> None:
     duration = sf.info(str(wav)).duration
     two_stems = None if stems == "all" else stems
-    results: dict[str, list[tuple[float, float]]] = {}
+    modes = ["demucs"] + [f"engine-{p}" for p in ["fp32"] + precisions]
+    if lives:
+        modes += [f"warm-{p}" for p in ["fp32"] + precisions]
+    results: dict[str, list[tuple[float, float, dict]]] = {}
     outputs: dict[str, Path] = {}
     for round_index in range(rounds):
-        for mode in ["demucs"] + [f"engine-{p}" for p in ["fp32"] + precisions]:
+        for mode in modes:
             out = work / f"{mode}-{round_index}"
             shutil.rmtree(out, ignore_errors=True)
             if mode == "demucs":
                 command = demucs_command(wav, repo, name, out, two_stems)
             else:
-                command = engine_command(wav, repo, name, out, stems, mode.split("-", 1)[1])
+                life, precision = mode.split("-", 1)
+                command = engine_command(wav, repo, name, out, stems, precision,
+                                         "job" if life == "engine" else life)
             results.setdefault(mode, []).append(run_measured(command))
             outputs[mode] = out / name / wav.stem if mode == "demucs" else out
+            print(f"  round {round_index + 1}/{rounds} {mode}: {results[mode][-1][0]:.1f} s", flush=True)
     print(f"\n== {label}: {duration:.0f} s of 44.1 kHz stereo, model {name}, stems={stems}, "
-          f"{os.cpu_count()} cores, best of {rounds}")
-    base_wall = min(w for w, _ in results["demucs"])
+          f"{os.cpu_count()} cores, median of {rounds} interleaved rounds")
+    median = {mode: statistics.median(w for w, _, _ in runs) for mode, runs in results.items()}
     reference = read_stems(outputs["demucs"])
     fp32 = read_stems(outputs["engine-fp32"])
-    for mode, runs in results.items():
-        wall = min(w for w, _ in runs)
-        rss = max(r for _, r in runs)
+    for mode in modes:
+        if mode.startswith("warm-"):
+            continue
+        wall, rss = median[mode], max(r for _, r, _ in results[mode])
         line = (f"{mode:>14}: {wall:7.1f} s  RTF {wall / duration:5.2f}  peak RSS {rss:7.0f} MB  "
-                f"speed vs demucs {base_wall / wall:5.2f}x")
+                f"speed vs demucs {median['demucs'] / wall:5.2f}x")
         if mode != "demucs":
             stems_out = read_stems(outputs[mode])
             delta = max(np.abs(stems_out[k] - reference[k]).max() for k in reference)
             line += f"  max|Δ| vs demucs {delta:.2e}"
             if mode != "engine-fp32":
-                snr = min(snr_db(fp32[k], stems_out[k]) for k in fp32)
-                line += f"  SNR vs fp32 {snr:.1f} dB"
+                line += "  SNR vs fp32 " + ", ".join(f"{k} {snr_db(fp32[k], stems_out[k]):.1f}"
+                                                     for k in fp32) + " dB"
         print(line, flush=True)
+    if not lives:
+        return
+    print("   first job of a process, model load excluded (medians):")
+    for precision in ["fp32"] + precisions:
+        def phase(mode: str, key: str) -> float:
+            return statistics.median(report[key] for _, _, report in results[mode])
+
+        warm, cold = f"warm-{precision}", f"engine-{precision}"
+        print(f"{precision:>14}: load {phase(warm, 'load_s'):5.1f} s, warm-up {phase(warm, 'warmup_s'):5.1f} s,"
+              f" then the first job {phase(warm, 'first_job_s'):6.1f} s"
+              f" ({median['demucs'] / phase(warm, 'first_job_s'):4.2f}x demucs' whole run);"
+              f" without warm-up the first job takes {phase(cold, 'first_job_s'):6.1f} s", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["job", "warm", "cold"], help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model-repo")
     parser.add_argument("--model", default="htdemucs")
     parser.add_argument("--stems", default="all")
     parser.add_argument("--precision", action="append", default=[],
-                        help="extra precision to measure (bf16, fp16); repeatable")
+                        help="precision to measure besides fp32 (default: bf16); repeatable")
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-lives", action="store_true",
+                        help="skip the warm-up / first-job measurements")
     parser.add_argument("--bag-vocals", action="store_true")
     parser.add_argument("--bag-only", action="store_true", help="skip the full separation")
     args = parser.parse_args()
     if args.child:
         args.precision = args.precision[0] if args.precision else "fp32"
         return child(args)
+    args.precision = args.precision or ["bf16"]
 
     from tests.audio_factory import write_wav
     from tests.tiny_models import write_tiny_repo
@@ -176,11 +220,13 @@ def main() -> None:
         name = args.model if args.model_repo else "tiny"
         wav = write_wav(work / "mix.wav", 44100, 2, args.seconds, subtype="FLOAT", seed=1)
         if not args.bag_only:
-            compare(wav, repo, name, work, args.rounds, args.stems, args.precision, "full separation")
+            compare(wav, repo, name, work, args.rounds, args.stems, args.precision, "full separation",
+                    lives=not args.no_lives)
         if args.bag_vocals or args.bag_only:
             bag_repo = work / "bag-repo"
             bag_name = make_bag(repo, name, bag_repo)
-            compare(wav, bag_repo, bag_name, work, args.rounds, "vocals", [], "vocals from a 4-model bag")
+            compare(wav, bag_repo, bag_name, work, args.rounds, "vocals", [], "vocals from a 4-model bag",
+                    lives=False)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from shared.config import Settings
 from .processes import popen_child, stop_process
 from .redis_server import RedisServer
 
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 300.0  # includes the worker's model load and warm-up
 WORKER_STOP_TIMEOUT_S = 30.0
 API_STOP_TIMEOUT_S = 10.0
 
@@ -37,6 +37,7 @@ class Service:
     worker: tp.Optional[subprocess.Popen] = None
     api: tp.Optional[subprocess.Popen] = None
     redis_url: str = ""
+    worker_started_at: float = 0.0
 
     @property
     def url(self) -> str:
@@ -53,6 +54,7 @@ class Service:
         env = {**os.environ, "DEMIX_REDIS_URL": self.redis_url}
         if not self.settings.model_repo:
             self._ensure_model(env, echo)
+        self.worker_started_at = time.time()
         self.worker = popen_child([sys.executable, "-m", "cli.main", "worker"], env=env)
         self.api = popen_child([sys.executable, "-m", "cli.main", "api"], env=env)
         self._wait_ready()
@@ -78,7 +80,9 @@ class Service:
         while time.monotonic() < deadline and not (api_ready and worker_ready):
             self.check_alive()
             api_ready = api_ready or _http_ok(self.url + "/healthz")
-            worker_ready = worker_ready or bool(pinger.control.ping(timeout=0.5))
+            # Ready = answering pings and done loading and warming its model.
+            worker_ready = worker_ready or (bool(pinger.control.ping(timeout=0.5))
+                                            and _worker_warm(self.redis_url, self.worker_started_at))
             if not (api_ready and worker_ready):
                 time.sleep(0.2)
         if not (api_ready and worker_ready):
@@ -100,6 +104,19 @@ class Service:
             stop_process(self.worker, WORKER_STOP_TIMEOUT_S)
         if self.redis is not None:
             self.redis.stop()
+
+
+def _worker_warm(redis_url: str, since: float) -> bool:
+    """Whether a worker process started after `since` has warmed its model (`shared.readiness`)."""
+    import redis
+
+    from shared.readiness import ready_workers
+
+    try:
+        with redis.Redis.from_url(redis_url, socket_timeout=2) as client:
+            return bool(ready_workers(client, since))
+    except redis.RedisError:
+        return False
 
 
 def _http_ok(url: str) -> bool:

@@ -10,6 +10,9 @@ from .config import Settings, get_settings
 SEPARATE_TASK = "demix.separate"
 """Name of the task that separates one job; its only argument is the job id."""
 
+WARMUP_TIMEOUT_S = 900.0
+"""Longest a new pool process may take to load and warm its model before Celery gives up on it."""
+
 
 SEPARATE_PART_TASK = "demix.separate_part"
 """Name of the task that runs one part of a split job; arguments: job id, attempt, part index."""
@@ -54,6 +57,9 @@ def celery_config(settings: Settings) -> dict:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
+        # Each pool process loads and warms the model before it reports itself up
+        # (worker.tasks); Celery's default of 4 s would kill it mid-warm-up.
+        "worker_proc_alive_timeout": WARMUP_TIMEOUT_S,
     }
 
 

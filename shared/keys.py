@@ -63,3 +63,9 @@ def unit_lease_key(job_id: str, unit: str) -> str:
     """String `"<attempt> <holder>"` with a TTL: the lease of one part (`part:<n>`) or of
     the merge (`merge`) of a split job, held by the process running it."""
     return f"{PREFIX}:lease:{job_id}:{unit}"
+
+
+def warm_workers_key() -> str:
+    """Hash from worker process id (`<host>:<pid>`) to a JSON note written when that
+    process has loaded and warmed its model (see `shared.readiness`)."""
+    return f"{PREFIX}:workers:warm"

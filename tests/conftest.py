@@ -40,6 +40,18 @@ for _name in list(os.environ):  # a developer's own DEMIX_* settings must not le
         del os.environ[_name]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`requires_cuda` tests run where torch sees a GPU, and are skipped (saying so) elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "requires_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_dir() -> tp.Iterator[Path]:
     yield SESSION_DIR

@@ -79,6 +79,8 @@ def test_demix_up_serves_a_job_and_ctrl_c_stops_everything(tiny_model_repo, tmp_
     with demix_up(tmp_path) as (url, output, marker):
         assert url in output[-1]
         assert any("started private Redis" in line for line in output)
+        # Ready only once the worker's pool process has loaded and warmed the model.
+        assert any(" warm on cpu in fp32 " in line for line in output[:-1]), "".join(output)
         path = write_wav(tmp_path / "song.wav", 32000, 1, seconds=1.0)
         with open(path, "rb") as file:
             response = requests.post(f"{url}/v1/jobs", files={"file": file}, data={"stems": "vocals"}, timeout=30)

@@ -254,6 +254,20 @@ def test_bf16_on_a_cpu_without_bf16_kernels_warns_and_runs_in_fp32(model, tmp_pa
     assert np.array_equal(bf16.stem("drums"), separate(model, path).stem("drums"))
 
 
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_gpu_separates_in_batched_segments_close_to_the_cpu(model, tmp_path, precision):
+    import copy
+
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=4.5, subtype="FLOAT")
+    cpu = separate(model, path)
+    gpu = separate(copy.deepcopy(model), path, device="cuda", precision=precision)  # 4 segments a batch
+    for name in model.sources:
+        error = gpu.stem(name) - cpu.stem(name)
+        snr = 10 * np.log10(np.sum(cpu.stem(name) ** 2) / max(np.sum(error ** 2), 1e-30))
+        assert snr > (60 if precision == "fp32" else 20)
+
+
 def test_fp16_on_cpu_warns_and_runs_in_fp32(model, tmp_path):
     path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=0.5, subtype="FLOAT")
     with pytest.warns(UserWarning, match="fp16 is only supported on CUDA"):

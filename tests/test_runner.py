@@ -11,7 +11,9 @@ from shared.storage import JobStorage
 from tests.audio_factory import write_wav
 from tests.conftest import UNCONSUMED_QUEUE
 from worker.models import ModelCache
-from worker.runner import AttemptLease, WorkerContext, run_job
+from shared.readiness import process_id, ready_workers
+from worker import forward
+from worker.runner import AttemptLease, WorkerContext, run_job, warm_up
 
 
 def queued_job(context: WorkerContext, tmp_path, stems: str = "all", seconds: float = 0.5) -> str:
@@ -30,6 +32,29 @@ def context(settings, redis_client, tiny_model_repo, tmp_path) -> WorkerContext:
     settings = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE)
     return WorkerContext(settings=settings, jobs=JobStore(redis_client),
                          storage=JobStorage(tmp_path / "data"), models=ModelCache())
+
+
+def test_a_warmed_worker_runs_its_first_job_without_loading_or_preparing_the_model(
+        context, tmp_path, monkeypatch):
+    monkeypatch.setattr(forward, "cpu_supports_bf16", lambda: True)  # the tiny model runs anywhere
+    context.settings = dataclasses.replace(context.settings, precision="bf16")
+    started = time.time()
+    note = warm_up(context)
+    assert context.models.loads == 1 and "error" not in note
+    assert ready_workers(context.jobs.redis, since=started)[process_id()]["precision"] == "bf16"
+    copies = len(forward._BF16_COPIES)
+    job_id = queued_job(context, tmp_path)
+    run_job(job_id, context)
+    assert context.jobs.get(job_id).status is JobStatus.SUCCEEDED
+    # The first job found the model loaded and its bf16 weights already made.
+    assert context.models.loads == 1 and len(forward._BF16_COPIES) == copies
+
+
+def test_a_worker_whose_model_cannot_load_is_ready_with_the_error(context, tmp_path):
+    context.settings = dataclasses.replace(context.settings, model_repo=str(tmp_path / "no-such-folder"))
+    note = warm_up(context)
+    assert "no-such-folder" in note["error"]
+    assert "no-such-folder" in ready_workers(context.jobs.redis)[process_id()]["error"]
 
 
 def test_missing_weights_fail_the_job_with_a_message_saying_how_to_provide_them(context, tmp_path):

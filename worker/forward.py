@@ -7,8 +7,11 @@ run under autocast; where a precision is not supported it warns and stays fp32.
 """
 from __future__ import annotations
 
+import copy
+import threading
 import typing as tp
 import warnings
+import weakref
 
 import torch
 
@@ -66,12 +69,26 @@ def cpu_supports_bf16() -> bool:
 
 class ModelForward:
     """Runs a model on a batch of windows on `device` in `precision`; the model must be
-    resident on `device`, the windows come from the CPU."""
+    resident on `device`, the windows come from the CPU.
+
+    bf16 on a CPU runs a bf16 copy of the model's weights (made once per model and
+    process, see `cpu_bf16_copy`) under autocast, so the convolutions and the transformer
+    run on oneDNN's bf16 kernels without casting every weight on every forward, while
+    the STFT/iSTFT, the normalisations and the masking stay fp32 (autocast's CPU policy,
+    and type promotion where a bf16 result meets an fp32 one). CUDA runs the fp32 model
+    under autocast.
+    """
 
     def __init__(self, device: str, precision: str = "fp32"):
         self.device = torch.device(device)
         self.precision = precision
         self.dtype = autocast_dtype(precision, device)
+
+    def network(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module that runs `model`'s forwards in this precision."""
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            return cpu_bf16_copy(model)
+        return model
 
     def __call__(self, model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -81,8 +98,45 @@ class ModelForward:
             return model(windows)
         try:
             with torch.autocast(self.device.type, dtype=self.dtype):
-                return model(windows).float()
+                return self.network(model)(windows).float()
         except RuntimeError as exc:
             warnings.warn(f"{self.precision} failed on {self.device} ({exc}); using fp32")
             self.dtype = None
             return model(windows)
+
+
+_BF16_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_BF16_COPIES_LOCK = threading.Lock()
+
+
+BF16_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+                torch.nn.Linear, torch.nn.MultiheadAttention)
+"""Modules whose weights `cpu_bf16_copy` casts: those autocast runs in bf16 anyway.
+Norms and embeddings stay fp32 (CPU layer_norm refuses bf16 weights on fp32 input)."""
+
+
+def cpu_bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with the weights of its `BF16_MODULES` cast to bf16, made once and kept as
+    long as `model` lives. The fp32 model stays untouched (fp32 jobs and the fallback
+    use it)."""
+    with _BF16_COPIES_LOCK:
+        copy_ = _BF16_COPIES.get(model)
+        if copy_ is None:
+            copy_ = copy.deepcopy(model).eval()
+            for module in copy_.modules():
+                if isinstance(module, BF16_MODULES):
+                    module.to(torch.bfloat16)
+            _BF16_COPIES[model] = copy_
+        return copy_
+
+
+@torch.inference_mode()
+def warm_model(model: torch.nn.Module, device: str, precision: str, batch: int = 1) -> None:
+    """Run every sub-model of `model` once on a full segment of silence in `precision`,
+    as a job would: the one-time costs (the bf16 copy, oneDNN's kernel selection and
+    weight layouts, the allocator's first pages) are paid here, not by the first job."""
+    forward = ModelForward(device, precision)
+    for sub_model in getattr(model, "models", [model]):
+        segment = int(sub_model.samplerate * sub_model.segment)
+        padded = sub_model.valid_length(segment) if hasattr(sub_model, "valid_length") else segment
+        forward(sub_model, torch.zeros(batch, sub_model.audio_channels, padded))

@@ -29,9 +29,9 @@ from shared.output import OutputOptions
 from shared.splits import MERGE, SplitStore, part_unit, send_unit
 
 from .engine import MODEL_SHARE, STATS_SHARE, StemLayout, stem_layout
-from .models import ModelSpec, resolve_device
+from .models import resolve_device
 from .runner import (AttemptLease, JobInterrupted, WorkerContext, _record, _retry_while_redis_is_down,
-                     lease_holder, separation_options)
+                     lease_holder, model_spec, separation_options)
 from .split import SplitPlan, merge_split, part_windows_total, prepare_split, run_part, single_pass
 from .stem_files import JobStemSink
 
@@ -197,8 +197,7 @@ def _start_unit(job_id: str, attempt: int, unit: str, context: WorkerContext, wo
 def _load(job_id: str, attempt: int, context: WorkerContext) -> tuple[torch.nn.Module, StemLayout, SplitPlan, tp.Any]:
     settings, storage = context.settings, context.storage
     device = resolve_device(settings.device)
-    model = context.models.get(ModelSpec(settings.model, settings.model_repo, device,
-                                         cache=str(settings.models_dir)))
+    model = context.models.get(model_spec(settings, device))
     job = context.jobs.get(job_id)
     input_path = storage.input_path(job_id)
     layout = stem_layout(model, input_path, job.stems, OutputOptions.from_dict(job.output) if job.output else None)

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import typing as tp
+import warnings
 
 import redis
 
@@ -31,9 +32,11 @@ from shared.errors import DemixError, IllegalTransition, JobNotFound, Separation
 from shared.jobs import Job, JobStatus, JobStore
 from shared.lifecycle import hand_back_job, recover_lost_job
 from shared.output import OutputOptions, resolve_output
+from shared.readiness import mark_ready, process_id
 from shared.storage import JobStorage
 
 from .engine import SeparationOptions, separate_file, stem_layout
+from .forward import batch_segments, warm_model
 from .models import ModelCache, ModelSpec, resolve_device
 from .stem_files import JobStemSink
 
@@ -80,6 +83,50 @@ def _configure_torch_threads(settings: Settings) -> None:
     import torch
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency)
     torch.set_num_threads(threads)
+
+
+def model_spec(settings: Settings, device: str) -> ModelSpec:
+    """The model the settings ask for, on `device`."""
+    return ModelSpec(settings.model, settings.model_repo, device, cache=str(settings.models_dir))
+
+
+def separation_options(settings: Settings, device: str) -> SeparationOptions:
+    """How the settings ask jobs to run the model on `device`."""
+    return SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device,
+                             precision=settings.precision, batch_segments=settings.batch_segments)
+
+
+def warm_up(context: WorkerContext) -> dict:
+    """Load the model and run it once, as jobs will, then record this process as ready
+    (`shared.readiness`); returns what was recorded.
+
+    Called when a worker process starts, so that its first job pays neither the load nor
+    the first forward's one-time costs. A model that cannot be loaded is recorded with its
+    error (jobs then fail saying how to provide weights) instead of stopping the worker.
+    """
+    settings = context.settings
+    note: dict = {"model": settings.model, "precision": settings.precision}
+    started = time.monotonic()
+    try:
+        device = resolve_device(settings.device)
+        note["device"] = device
+        model = context.models.get(model_spec(settings, device))
+        note["load_s"] = round(time.monotonic() - started, 3)
+        options = separation_options(settings, device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warm_model(model, device, options.precision, batch_segments(options.batch_segments, device))
+        for warning in caught:  # e.g. bf16 on a CPU without bf16 kernels: said once, here
+            log.warning("warm-up: %s", warning.message)
+        note["warmup_s"] = round(time.monotonic() - started - note["load_s"], 3)
+        log.info("worker %s: model %s warm on %s in %s (load %.1fs, first forward %.1fs)",
+                 process_id(), settings.model, device, settings.precision, note["load_s"],
+                 note["warmup_s"])
+    except DemixError as exc:
+        note["error"] = exc.message
+        log.warning("worker %s: model %s not loaded: %s", process_id(), settings.model, exc.message)
+    mark_ready(context.jobs.redis, note)
+    return note
 
 
 class JobInterrupted(Exception):
@@ -175,8 +222,7 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
     (a long job) prepare its parts, send them and return None."""
     settings, storage = context.settings, context.storage
     device = resolve_device(settings.device)
-    model = context.models.get(ModelSpec(settings.model, settings.model_repo, device,
-                                         cache=str(settings.models_dir)))
+    model = context.models.get(model_spec(settings, device))
     lease.check()
     options = separation_options(settings, device)
     input_path = storage.input_path(job.id)
@@ -192,11 +238,6 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
         return None
     return separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
                          options=options, progress=lease.report_progress, output=output)
-
-
-def separation_options(settings: Settings, device: str) -> SeparationOptions:
-    return SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device,
-                             precision=settings.precision, batch_segments=settings.batch_segments)
 
 
 def _abandon(job_id: str, attempt: int, stop: JobInterrupted, context: WorkerContext) -> None:

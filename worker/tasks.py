@@ -1,13 +1,17 @@
-"""The Celery edge of the worker: a task that takes a job id and runs the job, the
-maintenance loop as a worker bootstep, and giving running jobs back on shutdown."""
+"""The Celery edge of the worker: a task that takes a job id and runs the job, the tasks
+of a split job's parts and merge, the warm-up each pool process does before it takes
+its first job, the maintenance loop as a worker bootstep, and giving running jobs back
+on shutdown."""
 from __future__ import annotations
 
 import logging
 import os
+import typing as tp
 
 import redis
 from celery import signals
 from celery.exceptions import Ignore
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from shared import keys
 from shared.celery_app import MERGE_PARTS_TASK, SEPARATE_PART_TASK, SEPARATE_TASK, celery_app
@@ -88,3 +92,24 @@ def hand_back_running_jobs(sender: str, how: str = "", **_kwargs) -> None:
         log.warning("could not give back the jobs of worker %s: %s", worker_identity(sender), exc)
     finally:
         client.close()
+
+
+@worker_process_init.connect
+def warm_pool_process(**_kwargs: tp.Any) -> None:
+    """In each new pool process, before it reports itself up: load and warm the model."""
+    from .runner import warm_up, worker_context
+
+    warm_up(worker_context())
+
+
+@worker_process_shutdown.connect
+def forget_pool_process(**_kwargs: tp.Any) -> None:
+    """A pool process that exits is no longer ready."""
+    from shared.readiness import clear_ready
+
+    from .runner import worker_context
+
+    try:
+        clear_ready(worker_context().jobs.redis)
+    except Exception:  # Redis gone at shutdown: the entry is only a note, it may stay
+        pass
