@@ -74,9 +74,14 @@ class JobStorage:
 
     def temporary_stem_path(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,
                             attempt: int = 0) -> Path:
-        """Where a stem is written before `publish_stem` makes it visible."""
+        """Where a stem is written before `publish_stem` makes it visible.
+
+        Raises:
+            FileNotFoundError: the job's folder is gone (the job was deleted or cancelled).
+        """
         directory = self.stems_dir(job_id, attempt)
-        directory.mkdir(parents=True, exist_ok=True)
+        # Not `parents=True`: a run must not bring back the folder of a deleted job.
+        directory.mkdir(exist_ok=True)
         return directory / f".{name}.{extension}.part"
 
     def publish_stem(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,

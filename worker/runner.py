@@ -141,23 +141,32 @@ class JobInterrupted(Exception):
 def run_job(job_id: str, context: WorkerContext, worker: str = "") -> None:
     """Run one attempt of job `job_id` and record the outcome in its job record.
 
-    `worker` identifies the Celery worker running it (`worker.tasks.worker_identity`;
-    its shutdown hands the job back). A
-    delivery of a job that is deleted, finished, or running under another attempt's live
-    lease (a late or duplicate message) is skipped. Failures the user can act on are
-    recorded as the job's error; anything unexpected is recorded too, then re-raised so
-    Celery (and Flower) see it.
+    `worker` identifies the Celery worker running it (`worker.tasks.worker_identity`; its
+    shutdown hands the job back). A delivery of a job that is deleted, finished, or
+    running under another attempt's live lease (a late or duplicate message) is skipped.
+    Failures the user can act on are recorded as the job's error; anything unexpected is
+    recorded too, then re-raised so Celery (and Flower) see it.
     """
     job = _claim(job_id, context, worker)
     if job is None:
         return
-    attempt = job.attempts
-    lease = AttemptLease(context, job_id, attempt, worker)
+    # The lease is held until the outcome is recorded, which may wait out a Redis outage.
+    with AttemptLease(context, job_id, job.attempts, worker) as lease:
+        _run_attempt(job, context, lease)
+
+
+def _run_attempt(job: Job, context: WorkerContext, lease: "AttemptLease") -> None:
+    job_id, attempt = job.id, job.attempts
     started = time.monotonic()
     unexpected: tp.Optional[Exception] = None
     try:
-        with lease:
+        try:
             outputs = _separate(job, attempt, context, lease)
+        except Exception:
+            # A job cancelled or deleted mid-run loses its files under the run: that is
+            # the reason to stop, not an error of the job.
+            lease.confirm()
+            raise
         if outputs is None:
             log.info("job %s attempt %d: split into parts, sent to the workers", job_id, attempt)
             return
@@ -166,7 +175,7 @@ def run_job(job_id: str, context: WorkerContext, worker: str = "") -> None:
         return
     except DemixError as exc:
         log.warning("job %s attempt %d failed: %s", job_id, attempt, exc.message)
-        error = exc
+        error: DemixError = exc
     except Exception as exc:
         log.exception("job %s attempt %d failed unexpectedly", job_id, attempt)
         error, unexpected = SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"), exc
@@ -178,8 +187,8 @@ def run_job(job_id: str, context: WorkerContext, worker: str = "") -> None:
                      time.monotonic() - started, job.duration)
         return
     context.storage.clear_stems(job_id, attempt)
-    _record(job_id, attempt, context, lambda: context.jobs.mark_failed(job_id, error, attempt))
-    if unexpected is not None:
+    recorded = _record(job_id, attempt, context, lambda: context.jobs.mark_failed(job_id, error, attempt))
+    if unexpected is not None and recorded:  # else it came from the job vanishing under it
         raise unexpected
 
 
@@ -227,7 +236,7 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
     options = separation_options(settings, device)
     input_path = storage.input_path(job.id)
     if not input_path.exists():
-        lease.check()  # a job deleted or cancelled meanwhile has no input any more
+        lease.confirm()  # a job deleted or cancelled meanwhile has no input any more
     # Records written before output options existed mean the input's own format.
     output = OutputOptions.from_dict(job.output) if job.output else resolve_output({}, read_info(input_path))
     from .parts import should_split, start_split  # parts builds on this module
@@ -320,6 +329,11 @@ class AttemptLease:
         """Raise `JobInterrupted` if the attempt must stop."""
         if self._interrupted is not None:
             raise self._interrupted
+
+    def confirm(self) -> None:
+        """Renew the lease now and raise `JobInterrupted` if the attempt must stop."""
+        self._renew(None)
+        self.check()
 
     def report_progress(self, progress: float) -> None:
         """Record progress (rate-limited) and stop the run if it must stop."""

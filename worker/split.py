@@ -261,7 +261,7 @@ def prepare_split(model: torch.nn.Module, input_path: Path, layout: StemLayout, 
     measure its mean and deviation; then cut the windows into parts."""
     chosen = single_pass(model, layout.sources)
     assert chosen is not None and not layout.by_pairs, "not a splittable job"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)  # not parents: a run must not bring back a deleted job's folder
     keeper = MixFileWriter(folder / MIX_FILE)
     try:
         stats = measure_mix(input_path, model.samplerate, layout.matrix, progress=progress, on_block=keeper)
