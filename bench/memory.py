@@ -70,8 +70,9 @@ def run_child(approach: str, input_path: Path, out_dir: Path, model_name: str, m
         from worker.stem_files import JobStemSink
 
         output = resolve_output({}, read_info(input_path))  # the input's own format, as by default
-        separate_file(model, input_path, "all", JobStemSink(JobStorage(out_dir), "bench", output),
-                      output=output)
+        storage = JobStorage(out_dir)
+        storage.job_dir("bench").mkdir(parents=True, exist_ok=True)  # as accepting an upload makes it
+        separate_file(model, input_path, "all", JobStemSink(storage, "bench", output), output=output)
     else:
         from demucs.apply import apply_model
 
