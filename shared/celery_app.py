@@ -22,6 +22,15 @@ WARMUP_TIMEOUT_S = 900.0
 """Longest a new pool process may take to load and warm its model before Celery gives up on it."""
 
 
+SEPARATE_PART_TASK = "demix.separate_part"
+"""Name of the task that runs one part of a split job; arguments: job id, attempt, part index."""
+
+MERGE_PARTS_TASK = "demix.merge_parts"
+"""Name of the chord body that merges a split job's parts; arguments: job id, attempt."""
+
+RESULT_EXPIRES_S = 24 * 3600
+"""How long Celery keeps the (empty) results of parts, which chords count."""
+
 SOFT_SHUTDOWN_S = 10.0
 """Seconds a cold-shutting-down worker lets its running jobs hand themselves back."""
 
@@ -31,11 +40,14 @@ def celery_config(settings: Settings) -> dict:
     url = settings.effective_redis_url
     return {
         "broker_url": url,
-        # Job state lives in our own job records; Celery's result backend would only
-        # duplicate it, so results are not stored.
+        # Job state lives in our own job records, so results are not stored, except the
+        # parts' (empty) ones: the chord that merges a split job counts them in Redis.
         "task_ignore_result": True,
+        "result_backend": url,
+        "result_expires": RESULT_EXPIRES_S,
         "task_default_queue": settings.queue,
-        "task_routes": {SEPARATE_TASK: {"queue": settings.queue}},
+        "task_routes": {name: {"queue": settings.queue}
+                        for name in (SEPARATE_TASK, SEPARATE_PART_TASK, MERGE_PARTS_TASK)},
         # A separation takes minutes: take one job at a time and acknowledge it only
         # when it is done, so a worker that dies mid-job gives the job back.
         "worker_prefetch_multiplier": 1,

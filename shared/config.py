@@ -65,6 +65,9 @@ class Settings:
     lease_s: int = _setting(
         30, "A running job's lease, in seconds: renewed every third of it while the job runs; "
             "a job whose lease expires (its worker died) is requeued.")
+    split_s: int = _setting(
+        600, "Jobs longer than this many seconds are split into parts of about this length, "
+             "run by any workers and merged (0: never split; jobs with shifts always run whole).")
     max_attempts: int = _setting(
         3, "Runs of a job whose worker was lost before it fails with worker_lost (a worker "
            "stopped gracefully gives the job back without using up an attempt).")

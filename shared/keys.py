@@ -76,6 +76,23 @@ def queue_keys(queue: str) -> list[str]:
     return [queue] + [f"{queue}\x06\x16{priority}" for priority in (3, 6, 9)]
 
 
+def split_key(job_id: str) -> str:
+    """Hash of a split job's parts: its attempt, part count, each part's state, windows
+    done and tries, and what its Celery message carried (to send it again)."""
+    return f"{PREFIX}:split:{job_id}"
+
+
+def split_jobs_key() -> str:
+    """Set of the ids of jobs whose parts are in flight (the part sweep walks it)."""
+    return f"{PREFIX}:splits"
+
+
+def unit_lease_key(job_id: str, unit: str) -> str:
+    """String `"<attempt> <holder>"` with a TTL: the lease of one part (`part:<n>`) or of
+    the merge (`merge`) of a split job, held by the process running it."""
+    return f"{PREFIX}:lease:{job_id}:{unit}"
+
+
 def warm_workers_key() -> str:
     """Hash from worker process id (`<host>:<pid>`) to a JSON note written when that
     process has loaded and warmed its model (see `shared.readiness`)."""

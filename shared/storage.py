@@ -4,6 +4,7 @@
                                   accepting one is a rename, never a copy)
     <data_dir>/jobs/<id>/input.wav
     <data_dir>/jobs/<id>/stems-<attempt>/<name>.<wav|flac|mp3>
+    <data_dir>/jobs/<id>/split-<attempt>/   a split job's mix, plan and parts, while it runs
 
 Each run (attempt) of a job writes its own stem folder, and the job record names the
 attempt whose stems are the job's: a late run of a worker presumed dead can never
@@ -54,6 +55,26 @@ class JobStorage:
                   attempt: int = 0) -> Path:
         return self.stems_dir(job_id, attempt) / f"{name}.{extension}"
 
+    def split_dir(self, job_id: str, attempt: int) -> Path:
+        """The working folder of one attempt of a split job: its model-rate mix, its plan
+        and its parts' sums (removed when the job finishes)."""
+        return self.job_dir(job_id) / f"split-{attempt}"
+
+    def make_split_dir(self, job_id: str, attempt: int) -> Path:
+        """Create attempt `attempt`'s split folder (its files are written with `shared.atomic`).
+
+        Raises:
+            FileNotFoundError: the job's folder is gone (the job was deleted or cancelled).
+        """
+        # Not `parents=True`: a run that outlived its job's deletion must not recreate its folder.
+        folder = self.split_dir(job_id, attempt)
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def clear_split(self, job_id: str, attempt: int) -> None:
+        """Remove one attempt's split folder (finished or partial)."""
+        shutil.rmtree(self.split_dir(job_id, attempt), ignore_errors=True)
+
     def open_upload(self) -> tp.BinaryIO:
         """A new temporary file in `incoming/` to stream an upload into.
 
@@ -96,10 +117,13 @@ class JobStorage:
         shutil.rmtree(self.stems_dir(job_id, attempt), ignore_errors=True)
 
     def clear_other_attempts(self, job_id: str, keep: int) -> None:
-        """Remove the stem folders of every attempt but `keep` (leftovers of lost runs)."""
+        """Remove the stem and split folders of every attempt but `keep` (leftovers of lost runs)."""
         for attempt in self.attempts_on_disk(job_id):
             if attempt != keep:
                 self.clear_stems(job_id, attempt)
+        for folder in self.job_dir(job_id).glob("split-*"):
+            if folder.name[len("split-"):] != str(keep):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def delete_job(self, job_id: str) -> None:
         """Remove every file of the job: its input and all its attempts' stems."""

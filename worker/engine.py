@@ -31,8 +31,8 @@ from shared.stems import output_names
 
 from .channels import channel_groups, downmix_matrix
 from .forward import ModelForward, batch_segments
-from .mix_io import (BLOCK_FRAMES, MODEL_CHANNELS, MixReader, ProgressFn, StemOutput, measure_mix,
-                     model_rate_blocks)
+from .mix_io import (BLOCK_FRAMES, MODEL_CHANNELS, MixReader, MixStats, ProgressFn, StemOutput,
+                     measure_mix, model_rate_blocks)
 from .streaming import StreamingSeparator
 
 STATS_SHARE = 0.05
@@ -95,6 +95,41 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
         SeparationFailed: the model has no such source.
     """
     report = progress or (lambda _value: None)
+    layout = stem_layout(model, input_path, stems, output)
+    names, sources, output, frames = layout.names, layout.sources, layout.output, layout.frames
+    model.to(options.device)  # a no-op for a model already resident there
+    if layout.by_pairs:
+        _separate_by_pairs(model, input_path, names, sources, sink, options, report, output, frames,
+                           layout.channels)
+    else:
+        _separate_channels(model, input_path, names, sources, sink, options, report, output, frames,
+                           layout.channels, layout.matrix)
+    for name in names:
+        sink.publish(name)
+    report(1.0)
+    return names
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StemLayout:
+    """What a job's stems are and what the model sees of its input."""
+    names: list[str]  # stems written, in order (`X`, `no_X` for one stem)
+    sources: list[str]  # model sources run
+    output: OutputOptions
+    frames: int  # each stem's length at the output's rate
+    channels: int  # each stem's channel count
+    matrix: tp.Optional[np.ndarray]  # input channels -> the model's stereo, when downmixing
+    by_pairs: bool  # more than two channels, separated one channel pair at a time
+
+
+def stem_layout(model: torch.nn.Module, input_path: Path, stems: str,
+                output: tp.Optional[OutputOptions] = None) -> StemLayout:
+    """The stems of `stems` for the WAV at `input_path` written with `output` (default:
+    the input's own format).
+
+    Raises:
+        SeparationFailed: the model has no such source.
+    """
     names = output_names(stems)
     sources = [name for name in names if not name.startswith("no_")]
     missing = [name for name in sources if name not in model.sources]
@@ -105,21 +140,12 @@ def separate_file(model: torch.nn.Module, input_path: Path, stems: str, sink: St
     output = output or default_output(info)
     frames = info.frames if output.samplerate == info.samplerate \
         else round(info.frames * output.samplerate / info.samplerate)
-    model.to(options.device)  # a no-op for a model already resident there
     if output.channel_mode == "stereo" and info.channels != 2:
         # The model, and `no_X`, see the stereo downmix instead of the input.
-        _separate_channels(model, input_path, names, sources, sink, options, report, output, frames,
-                           MODEL_CHANNELS, downmix_matrix(info.channels))
-    elif info.channels <= MODEL_CHANNELS:
-        _separate_channels(model, input_path, names, sources, sink, options, report, output, frames,
-                           info.channels)
-    else:
-        _separate_by_pairs(model, input_path, names, sources, sink, options, report, output, frames,
-                           info.channels)
-    for name in names:
-        sink.publish(name)
-    report(1.0)
-    return names
+        return StemLayout(names, sources, output, frames, MODEL_CHANNELS, downmix_matrix(info.channels),
+                          by_pairs=False)
+    return StemLayout(names, sources, output, frames, info.channels, None,
+                      by_pairs=info.channels > MODEL_CHANNELS)
 
 
 def _separate_channels(model: torch.nn.Module, input_path: Path, names: list[str], sources: list[str],
@@ -128,7 +154,6 @@ def _separate_channels(model: torch.nn.Module, input_path: Path, names: list[str
                        matrix: tp.Optional[np.ndarray] = None) -> None:
     """Separate the input's `channels` (or `input @ matrix`, with `channels` columns; at
     most two) into closed, unpublished stems in `sink`."""
-    subtype = output.grid_subtype
     stats = measure_mix(input_path, model.samplerate, matrix,
                         progress=lambda value: report(STATS_SHARE * value))
     windows_done = 0
@@ -142,14 +167,26 @@ def _separate_channels(model: torch.nn.Module, input_path: Path, names: list[str
         model, stats.length, sources, shifts=options.shifts, overlap=options.overlap,
         seed=options.seed, batch_segments=batch_segments(options.batch_segments, options.device), device=options.device,
         forward=ModelForward(options.device, options.precision), on_windows=count_windows)
-    outputs = {name: StemOutput(model.samplerate, output.samplerate, channels, frames, subtype)
+    blocks = model_rate_blocks(input_path, model.samplerate, matrix)
+    estimates = separator.run(stats.normalise(block) for block in blocks)
+    write_stems(estimates, stats, model.samplerate, input_path, names, sources, sink, output, frames,
+                channels, matrix)
+
+
+def write_stems(estimates: tp.Iterable[torch.Tensor], stats: MixStats, model_samplerate: int,
+                input_path: Path, names: list[str], sources: list[str], sink: StemSink,
+                output: OutputOptions, frames: int, channels: int,
+                matrix: tp.Optional[np.ndarray] = None) -> None:
+    """De-normalise the model's normalised `[sources, channels, frames]` estimate blocks
+    (in order, covering the mix) and write them as closed, unpublished stems in `sink`
+    at the output's rate, channels and length; `no_X` from the input alongside."""
+    subtype = output.grid_subtype
+    outputs = {name: StemOutput(model_samplerate, output.samplerate, channels, frames, subtype)
                for name in sources}
     writers: dict[str, StemWriter] = {}
     try:
         for name in names:
             writers[name] = sink.open_stem(name, output.samplerate, channels, subtype, frames)
-        blocks = model_rate_blocks(input_path, model.samplerate, matrix)
-        estimates = separator.run(stats.normalise(block) for block in blocks)
         with MixReader(input_path, output.samplerate, matrix) as original:
             for estimate in estimates:
                 _write_block(stats.denormalise(estimate), outputs, writers, original)

@@ -19,9 +19,11 @@ import redis
 from celery import bootsteps
 
 from shared.config import Settings, get_settings
-from shared.jobs import JobStore
+from shared.errors import DemixError, JobNotFound, WorkerLost
+from shared.jobs import JobStatus, JobStore
 from shared.lifecycle import recover_lost_job
 from shared.retention import sweep_expired_jobs, sweep_orphaned_job_folders, sweep_orphaned_uploads
+from shared.splits import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
 from shared.storage import JobStorage
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,66 @@ def lease_sweep_interval(settings: Settings) -> float:
     return settings.lease_s / 3
 
 
-SWEEPS: list[Sweep] = [Sweep("lost jobs", LostJobSweep(), lease_sweep_interval)]
+class LostPartSweep:
+    """Keeps split jobs alive while their parts are in flight, and sends a part (or the
+    merge) whose lease expired again, alone, to any worker; after `DEMIX_MAX_ATTEMPTS`
+    lost tries of one unit the job fails with `worker_lost`.
+
+    While parts wait in the queue nobody holds a unit lease, so this sweep renews the
+    job's lease (fenced by its attempt): the lost-job sweep must not restart the whole
+    job. Like it, a unit must be seen without a lease on two sweeps in a row.
+    """
+
+    def __init__(self) -> None:
+        self._suspects: set[tuple[str, int, str]] = set()
+
+    def __call__(self, context: MaintenanceContext) -> list[str]:
+        """Returns the units it sent again, as `<job id> <unit>`."""
+        jobs, settings = context.jobs, context.settings
+        splits = SplitStore(jobs.redis)
+        suspects, resent = set(), []
+        for job_id in splits.in_flight():
+            record = splits.get(job_id)
+            attempt = int(record.get("attempt", 0))
+            try:
+                job = jobs.get(job_id)
+                if job.status is not JobStatus.RUNNING or job.attempts != attempt:
+                    raise JobNotFound("not running this split")
+                splits.heartbeat(job_id, attempt, "", settings.lease_s)
+            except DemixError:  # finished, cancelled, deleted or superseded: nothing runs it
+                splits.drop(job_id)
+                continue
+            units = [part_unit(index) for index in range(int(record.get("parts", 0)))] + [MERGE]
+            for unit in units:
+                if record.get(unit) != "running" or splits.unit_lease_holder(job_id, unit) is not None:
+                    continue
+                if (job_id, attempt, unit) not in self._suspects:
+                    suspects.add((job_id, attempt, unit))
+                    continue
+                try:
+                    message = splits.requeue(job_id, attempt, unit, lost=True, max_tries=settings.max_attempts)
+                except PartsExhausted as exc:
+                    try:
+                        jobs.mark_failed(job_id, WorkerLost(
+                            f"the worker running {unit} of this job was lost {settings.max_attempts} times; "
+                            f"giving up after DEMIX_MAX_ATTEMPTS={settings.max_attempts} tries"), attempt=attempt)
+                        context.storage.clear_split(job_id, attempt)
+                        splits.drop(job_id)
+                    except DemixError:
+                        pass
+                    log.error("job %s failed: %s", job_id, exc)
+                    break
+                except DemixError:  # another sweeper was first, or the lease is alive
+                    continue
+                send_unit(context.celery, job.queue or settings.queue, job_id, attempt, unit, message)
+                log.warning("job %s: the worker of %s (attempt %d) was lost; sent again", job_id, unit, attempt)
+                resent.append(f"{job_id} {unit}")
+        self._suspects = suspects
+        return resent
+
+
+SWEEPS: list[Sweep] = [Sweep("lost jobs", LostJobSweep(), lease_sweep_interval),
+                       Sweep("lost parts", LostPartSweep(), lease_sweep_interval)]
 """The sweeps every worker runs; other modules append theirs."""
 
 SWEEPS += [

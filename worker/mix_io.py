@@ -60,8 +60,10 @@ class MixStats:
 
 
 def measure_mix(path: Path, model_samplerate: int, matrix: tp.Optional[np.ndarray] = None,
-                progress: tp.Optional[ProgressFn] = None) -> MixStats:
-    """Stream the input once at the model's rate for its length, mean and deviation.
+                progress: tp.Optional[ProgressFn] = None,
+                on_block: tp.Optional[tp.Callable[[np.ndarray], None]] = None) -> MixStats:
+    """Stream the input once at the model's rate for its length, mean and deviation
+    (`on_block` sees every model-rate block, e.g. to keep the converted mix).
 
     Blocks are merged with Chan's parallel variance formula in float64, which stays
     accurate over hours of audio where a running sum of squares would not.
@@ -70,6 +72,8 @@ def measure_mix(path: Path, model_samplerate: int, matrix: tp.Optional[np.ndarra
     expected = max(1, math.ceil(info.frames * model_samplerate / info.samplerate))
     count, mean, squares = 0, 0.0, 0.0  # squares: sum of squared deviations from `mean`
     for block in model_rate_blocks(path, model_samplerate, matrix):
+        if on_block is not None:
+            on_block(block)
         reference = block.astype(np.float64).mean(axis=1)
         block_mean = float(reference.mean())
         block_squares = float(((reference - block_mean) ** 2).sum())

@@ -37,7 +37,7 @@ from shared.readiness import mark_ready, process_id
 from shared.storage import JobStorage, disk_full_error
 from shared.webhooks import WebhookQueue
 
-from .engine import SeparationOptions, separate_file
+from .engine import SeparationOptions, separate_file, stem_layout
 from .forward import batch_segments, warm_model
 from .models import ModelCache, ModelSpec, resolve_device
 from .stem_files import JobStemSink
@@ -171,6 +171,9 @@ def _run_attempt(job: Job, context: WorkerContext, lease: "AttemptLease") -> Non
             # the reason to stop, not an error of the job.
             lease.confirm()
             raise
+        if outputs is None:
+            log.info("job %s attempt %d: split into parts, sent to the workers", job_id, attempt)
+            return
     except JobInterrupted as stop:
         _abandon(job_id, attempt, stop, context)
         return
@@ -230,7 +233,10 @@ def lease_holder(worker: str) -> str:
     return f"{worker or socket.gethostname()} process {os.getpid()}"
 
 
-def _separate(job: Job, attempt: int, context: WorkerContext, lease: "AttemptLease") -> list[str]:
+def _separate(job: Job, attempt: int, context: WorkerContext,
+              lease: "AttemptLease") -> tp.Optional[list[str]]:
+    """Separate the job's stems into its attempt folder and return their names, or
+    (a long job) prepare its parts, send them and return None."""
     settings, storage = context.settings, context.storage
     device = resolve_device(settings.device)
     model = context.models.get(model_spec(settings, device))
@@ -241,6 +247,12 @@ def _separate(job: Job, attempt: int, context: WorkerContext, lease: "AttemptLea
         lease.confirm()  # a job deleted or cancelled meanwhile has no input any more
     # Records written before output options existed mean the input's own format.
     output = OutputOptions.from_dict(job.output) if job.output else default_output(read_info(input_path))
+    from .parts import should_split, start_split  # parts builds on this module
+
+    layout = stem_layout(model, input_path, job.stems, output)
+    if should_split(job, settings, model, layout):
+        start_split(job, attempt, context, lease, model, layout)
+        return None
     return separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
                          options=options, progress=lease.report_progress, output=output)
 
@@ -349,7 +361,7 @@ class AttemptLease:
 
     def _renew(self, progress: tp.Optional[float]) -> None:
         try:
-            self.jobs.heartbeat(self.job_id, self.attempt, self.lease_s, self.holder, progress=progress)
+            self._write(progress)
             if self.worker and self.jobs.redis.exists(keys.worker_stopping_key(self.worker)):
                 self._interrupt("stopping", f"worker {self.worker} is shutting down")
         except REDIS_DOWN as exc:
@@ -362,6 +374,10 @@ class AttemptLease:
             status = exc.details.get("status")
             self._interrupt("cancelled" if status == "cancelled" else "superseded",
                             f"the job is {status}")
+
+    def _write(self, progress: tp.Optional[float]) -> None:
+        """Renew the lease and record `progress` (None: none), fenced by the attempt."""
+        self.jobs.heartbeat(self.job_id, self.attempt, self.lease_s, self.holder, progress=progress)
 
     def _interrupt(self, reason: str, message: str) -> None:
         if self._interrupted is None:

@@ -80,13 +80,14 @@ class MixBuffer:
     """The mix (`[channels, frames]` blocks from an iterator), held only from the
     earliest position a pass still needs to the latest one asked for."""
 
-    def __init__(self, blocks: tp.Iterator[torch.Tensor], length: int, channels: int):
+    def __init__(self, blocks: tp.Iterator[torch.Tensor], length: int, channels: int, start: int = 0):
+        """`blocks` begin at mix position `start` (a part of a split job reads from there)."""
         self._blocks = blocks
         self.length = length
         self.channels = channels
         self._held: list[torch.Tensor] = []
-        self._held_start = 0  # mix position of the first held sample
-        self._held_end = 0  # one past the last held (and last read) sample
+        self._held_start = start  # mix position of the first held sample
+        self._held_end = start  # one past the last held (and last read) sample
 
     def window(self, start: int, stop: int) -> torch.Tensor:
         """Mix positions `[start, stop)` as `[channels, stop - start]`, zero outside the mix."""

@@ -1,7 +1,7 @@
-"""The Celery edge of the worker: a task that takes a job id and runs the job, the
-warm-up each pool process does before it takes its first job, the maintenance loop as a
-worker bootstep, giving running jobs back on shutdown, and the webhook sender every
-worker runs beside its jobs."""
+"""The Celery edge of the worker: a task that takes a job id and runs the job, the tasks
+of a split job's parts and merge, the warm-up each pool process does before it takes
+its first job, the maintenance loop as a worker bootstep, giving running jobs back on
+shutdown, and the webhook sender every worker runs beside its jobs."""
 from __future__ import annotations
 
 import logging
@@ -10,9 +10,10 @@ import typing as tp
 
 import redis
 from celery import signals
+from celery.exceptions import Ignore
 
 from shared import keys
-from shared.celery_app import SEPARATE_TASK, celery_app
+from shared.celery_app import MERGE_PARTS_TASK, SEPARATE_PART_TASK, SEPARATE_TASK, celery_app
 from shared.config import get_settings
 from shared.jobs import JobStore
 from shared.lifecycle import hand_back_worker_jobs
@@ -47,6 +48,28 @@ def separate(self, job_id: str) -> None:
     from .runner import run_job, worker_context
 
     run_job(job_id, worker_context(), worker=worker_identity(self.request.hostname or ""))
+
+
+@celery_app.task(name=SEPARATE_PART_TASK, ignore_result=False, bind=True)
+def separate_part(self, job_id: str, attempt: int, index: int) -> None:
+    """Run part `index` of attempt `attempt` of a split job (a member of its chord)."""
+    from .parts import chord_message, run_part_unit
+    from .runner import worker_context
+
+    if not run_part_unit(job_id, attempt, index, worker_context(),
+                         worker_identity(self.request.hostname or ""), chord_message(self.request)):
+        # Stopped or skipped: the chord must not count this delivery as the part done.
+        raise Ignore()
+
+
+@celery_app.task(name=MERGE_PARTS_TASK, ignore_result=True, bind=True)
+def merge_parts(self, job_id: str, attempt: int) -> None:
+    """Merge the parts of attempt `attempt` of a split job into its stems (the chord's body)."""
+    from .parts import chord_message, run_merge_unit
+    from .runner import worker_context
+
+    run_merge_unit(job_id, attempt, worker_context(), worker_identity(self.request.hostname or ""),
+                   chord_message(self.request))
 
 
 @signals.worker_shutting_down.connect
