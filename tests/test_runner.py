@@ -149,7 +149,8 @@ def test_a_run_outlives_a_redis_outage_longer_than_its_lease_and_records_its_out
                             jobs=JobStore(client), storage=JobStorage(tmp_path / "data"),
                             models=ModelCache())
     try:
-        job_id = queued_job(context, tmp_path, stems="vocals", seconds=4.0)
+        # Long enough to still run after the append-only file's sync below on a quiet machine.
+        job_id = queued_job(context, tmp_path, stems="vocals", seconds=30.0)
         runner = threading.Thread(target=run_job, args=(job_id, context))
         runner.start()
         deadline = time.monotonic() + 300
