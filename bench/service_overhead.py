@@ -47,7 +47,9 @@ def end_to_end(path: Path, scratch: Path, stems: str) -> dict[str, float]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEMIX_")}
     env.update({"DEMIX_PORT": str(port), "DEMIX_DATA_DIR": str(scratch / "data"), "DEMIX_MODEL": "tiny",
-                "DEMIX_MODEL_REPO": str(write_tiny_repo(scratch / "models"))})
+                "DEMIX_MODEL_REPO": str(write_tiny_repo(scratch / "models")),
+                # Only the service's own path is measured: no Flower, no gRPC (nor their ports).
+                "DEMIX_FLOWER_PORT": "0", "DEMIX_GRPC_PORT": "0"})
     up = subprocess.Popen([str(Path(sys.executable).parent / "demix"), "up"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -81,6 +81,9 @@ def api_argv(settings: Settings, workers: tp.Optional[int] = None) -> list[str]:
             "--worker-class", "gthread", "--threads", "8",
             # Uploads of hour-long WAVs over slow links take a while.
             "--timeout", "600", "--graceful-timeout", "10",
+            # gunicorn's control socket is one path per user (~/.gunicorn): two services on
+            # one machine would fight over it, and nothing here uses it.
+            "--no-control-socket",
             "--access-logfile", "-",
             "api:create_app()"]
 

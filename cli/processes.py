@@ -27,9 +27,19 @@ def popen_child(args: tp.Sequence[str], **kwargs: tp.Any) -> subprocess.Popen:
 
 
 def stop_process(process: subprocess.Popen, timeout: float, sig: int = signal.SIGTERM) -> tp.Optional[int]:
-    """Signal a child's whole process group, wait up to `timeout`, then kill the group."""
+    """Ask a child to stop, wait up to `timeout`, then kill its whole process group.
+
+    `sig` goes to the child alone, as `docker compose stop` sends it to a container's
+    first process: Celery and gunicorn then stop their own pool processes gracefully (a
+    Celery worker hands its running job back to the queue). Signalling the whole group
+    would kill the pool processes outright, and a running job would wait for its lease
+    to expire.
+    """
     if process.poll() is None:
-        _signal_group(process, sig)
+        try:
+            os.kill(process.pid, sig)
+        except ProcessLookupError:
+            pass
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -306,7 +306,7 @@ class Service:
         self.redis: tp.Optional[RedisServer] = None
         self.redis_url = settings.redis_url
         self.flower_enabled = settings.flower_port != 0
-        self.grpc_enabled = True
+        self.grpc_enabled = settings.grpc_port != 0
         self._pinger: tp.Any = None
         self._worker_spawned_at = 0.0
 
@@ -333,9 +333,10 @@ class Service:
             say(f"warning: {settings.host}:{settings.flower_port} is already in use (DEMIX_FLOWER_PORT); "
                 "running without Flower (set DEMIX_FLOWER_PORT to a free port, or 0 to silence this)")
             self.flower_enabled = False
-        if settings.grpc_port in (settings.port, settings.flower_port) or _port_taken(settings.host, settings.grpc_port):
+        if self.grpc_enabled and (settings.grpc_port in (settings.port, settings.flower_port)
+                                  or _port_taken(settings.host, settings.grpc_port)):
             say(f"warning: {settings.host}:{settings.grpc_port} is already in use (DEMIX_GRPC_PORT); "
-                "running without the gRPC interface (set DEMIX_GRPC_PORT to a free port)")
+                "running without the gRPC interface (set DEMIX_GRPC_PORT to a free port, or 0 to silence this)")
             self.grpc_enabled = False
         if not self.redis_url:
             try:

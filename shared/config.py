@@ -88,7 +88,8 @@ class Settings:
         5.0, "Wait before a webhook's first retry, in seconds; doubled for each later one (at most 1 h).")
     webhook_timeout_s: float = _setting(
         10.0, "Longest a webhook receiver may take to answer, in seconds, before the attempt fails.")
-    grpc_port: int = _setting(50051, "Port the gRPC interface (`demix grpc`) listens on, on DEMIX_HOST.")
+    grpc_port: int = _setting(
+        50051, "Port the gRPC interface (`demix grpc`) listens on, on DEMIX_HOST; 0: `demix up` runs without it.")
     api_key: str = _setting(
         "", "For `demix separate`: the API key it sends as `Authorization: Bearer` (--api-key).",
         secret=True)

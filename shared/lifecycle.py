@@ -71,10 +71,11 @@ def recover_lost_job(jobs: JobStore, celery: tp.Any, queue: str, job_id: str, at
                 f"{max_attempts} attempts"), attempt=attempt, lease_must_be_gone=True)
             log.error("job %s failed: worker lost on all %d attempts", job_id, job.counted_attempts)
             return JobStatus.FAILED
-        jobs.requeue(job_id, attempt, handed_back=False)
+        job = jobs.requeue(job_id, attempt, handed_back=False)
     except (JobNotFound, IllegalTransition):
         return None
-    enqueue_job(celery, job_id, queue)
+    # The job's own queue: the sweeping worker may serve another queue on the same Redis.
+    enqueue_job(celery, job_id, job.queue or queue)
     log.warning("job %s: the worker of attempt %d was lost; requeued", job_id, attempt)
     return JobStatus.QUEUED
 
@@ -83,10 +84,10 @@ def hand_back_job(jobs: JobStore, celery: tp.Any, queue: str, job_id: str, attem
     """Give a running job back to the queue because its worker stops (the attempt does
     not count towards the attempt limit); returns False if it was no longer ours."""
     try:
-        jobs.requeue(job_id, attempt, handed_back=True)
+        job = jobs.requeue(job_id, attempt, handed_back=True)
     except (JobNotFound, IllegalTransition):
         return False
-    enqueue_job(celery, job_id, queue)
+    enqueue_job(celery, job_id, job.queue or queue)
     log.warning("job %s: attempt %d handed back to the queue (worker stopping)", job_id, attempt)
     return True
 

@@ -229,6 +229,24 @@ def test_worker_tree_killed_mid_job_is_restarted_by_demix_up_and_the_job_succeed
            job_succeeded_after=succeeded)
 
 
+def test_ctrl_c_mid_job_hands_the_job_back_and_the_next_demix_up_finishes_it(tiny_model_repo, tmp_path):
+    """Stopping `demix up` stops the worker gracefully: its running job goes straight back
+    to the queue (not left `running` until a lease expires) and survives in Redis' file."""
+    path = long_wav(tmp_path)
+    with demix_up(tmp_path, DEMIX_FLOWER_PORT="0") as (url, output, _marker):
+        job_id = submit(url, path)
+        wait_mid_run(url, job_id)
+        stopped = time.monotonic()
+    stop_took = time.monotonic() - stopped
+    log = "".join(output)
+    assert f"job {job_id}: attempt 1 handed back to the queue (worker stopping)" in log, log
+    with demix_up(tmp_path, DEMIX_FLOWER_PORT="0") as (url, _output, _marker):
+        job = wait_finished(url, job_id)
+        assert job["attempts"] == 2
+        assert_complete_stems(url, job, frames=int(INPUT_SECONDS * 44100))
+    report("Ctrl-C of demix up mid-job", demix_up_stopped_after=stop_took)
+
+
 def test_redis_killed_mid_job_under_demix_up_loses_no_queued_or_running_job(tiny_model_repo, tmp_path):
     paths = [long_wav(tmp_path, f"song{n}.wav", seed=n) for n in range(3)]
     with demix_up(tmp_path, DEMIX_LEASE_S=LEASE_S, DEMIX_FLOWER_PORT="0") as (url, output, marker):

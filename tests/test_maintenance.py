@@ -104,6 +104,19 @@ def test_handed_back_runs_do_not_use_up_attempts(context):
     assert recover_lost_job(context.jobs, celery_app, QUEUE, job_id, 4, 3) is JobStatus.QUEUED
 
 
+def test_a_lost_job_is_sent_back_to_its_own_queue_not_the_sweepers(context):
+    other_queue = QUEUE + "-other"
+    context.jobs.redis.delete(*keys.queue_keys(other_queue))
+    job = Job(id=new_job_id(), status=JobStatus.QUEUED, stems="all", model="tiny", samplerate=44100,
+              channels=2, frames=44100, created_at=time.time(), queue=other_queue)
+    context.jobs.create(job)
+    lose_worker(context, job.id)
+    assert recover_lost_job(context.jobs, celery_app, QUEUE, job.id, 1, 3) is JobStatus.QUEUED
+    assert messages(context) == 0
+    assert sum(context.jobs.redis.llen(key) for key in keys.queue_keys(other_queue)) == 1
+    context.jobs.redis.delete(*keys.queue_keys(other_queue))
+
+
 def test_many_sweepers_noticing_one_lost_job_requeue_it_once(context):
     job_id = queued(context)
     lose_worker(context, job_id)

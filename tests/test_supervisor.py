@@ -214,6 +214,12 @@ def test_the_service_runs_flower_unless_its_port_is_0():
     assert "Flower" not in Service(without).ready_message()
 
 
+def test_the_service_runs_grpc_unless_its_port_is_0():
+    settings = Settings.from_env({"DEMIX_GRPC_PORT": "0"}, redis_url="redis://127.0.0.1:1/0")
+    assert [part.name for part in Service(settings).parts()] == ["worker", "Flower", "API"]
+    assert "gRPC" not in Service(settings).ready_message()
+
+
 def test_the_service_runs_without_grpc_when_its_port_is_taken(tmp_path):
     import socket
 
