@@ -39,9 +39,14 @@ def _services():
 def job_json(job: Job) -> dict:
     """The public view of a job (`shared.job_json`), with absolute URLs under this request's host."""
     services = _services()
+    position = queue_position(services.jobs.redis, job)
+    if job.status is JobStatus.QUEUED and job.queue and position is None:
+        # A worker took it between reading the record and its rank: show it as it is now.
+        job = services.jobs.get(job.id)
+        position = queue_position(services.jobs.redis, job)
     return public_job_json(job, url_for("jobs.get_job", job_id=job.id, _external=True),
                            retention_s=services.settings.retention_s,
-                           queue_position=queue_position(services.jobs.redis, job), now=time.time())
+                           queue_position=position, now=time.time())
 
 
 def idempotency_owner() -> str:

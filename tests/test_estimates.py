@@ -114,3 +114,22 @@ def test_a_job_run_by_a_real_worker_reports_both_consistently(live_server, redis
             assert poll["queue_position"] is None and poll["eta_s"] is None
     # The worker's transitions took the job out of its queue's index.
     assert redis_client.zscore(keys.queued_jobs_key(settings.queue), job["id"]) is None
+
+
+def test_a_job_taken_between_reading_it_and_its_rank_is_shown_as_it_is_now(idle_server, tmp_path):
+    from api.jobs import job_json
+
+    response = requests.post(f"{idle_server.url}/v1/jobs", files={"file": ("a.wav", wav_bytes(tmp_path))},
+                             timeout=30)
+    assert response.status_code == 202, response.text
+    app = idle_server.server.app
+    jobs = app.extensions["demix"].jobs
+    job_id = response.json()["id"]
+    stale = jobs.get(job_id)  # read while queued ...
+    jobs.mark_running(job_id, lease_s=60)  # ... then a worker takes it
+    try:
+        with app.test_request_context():
+            body = job_json(stale)
+        assert body["status"] == "running" and body["queue_position"] is None
+    finally:
+        jobs.delete(job_id)
