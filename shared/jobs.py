@@ -198,16 +198,22 @@ for _, value in ipairs(redis.call('HGETALL', job)) do result[#result + 1] = valu
 return result
 """
 
-# A running attempt's heartbeat: renews its lease and optionally writes its progress, if
-# the job is still running under that attempt. Returns {outcome, status, attempts}.
-#   KEYS: job hash, lease; ARGV: attempt, lease TTL in ms, lease holder, progress ('' = none)
-_HEARTBEAT = """
+# The head of every script that writes for a running attempt: the fence. KEYS[1] job
+# hash, ARGV[1] attempt. Returns early with {outcome, status, attempts} unless the job is
+# running under that attempt; leaves `status` and `attempts` set for the rest.
+RUNNING_ATTEMPT_FENCE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
 local status, attempts = unpack(redis.call('HMGET', KEYS[1], 'status', 'attempts'))
 status = cjson.decode(status)
 attempts = tonumber(attempts) or 0
 if status ~= 'running' then return {'illegal', status, attempts} end
 if tonumber(ARGV[1]) ~= attempts then return {'stale', status, attempts} end
+"""
+
+# A running attempt's heartbeat: renews its lease and optionally writes its progress, if
+# the job is still running under that attempt. Returns {outcome, status, attempts}.
+#   KEYS: job hash, lease; ARGV: attempt, lease TTL in ms, lease holder, progress ('' = none)
+_HEARTBEAT = RUNNING_ATTEMPT_FENCE + """
 redis.call('SET', KEYS[2], attempts .. ' ' .. ARGV[3], 'PX', ARGV[2])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[4]) end
 return {'ok', status, attempts}

@@ -24,7 +24,7 @@ import redis
 
 from . import keys
 from .celery_app import MERGE_PARTS_TASK, SEPARATE_PART_TASK
-from .jobs import JobStatus, _raise_unless_ok
+from .jobs import RUNNING_ATTEMPT_FENCE, JobStatus, _raise_unless_ok
 
 MERGE = "merge"
 """The unit that merges the parts once all are done."""
@@ -40,14 +40,7 @@ def part_unit(index: int) -> str:
 # Common head of every script: the fence. KEYS[1] job hash, KEYS[2] split hash;
 # ARGV[1] attempt. Returns early with {outcome, status, attempts} unless the job runs at
 # that attempt and the split belongs to it (the split is not checked on create).
-_FENCE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-local status, attempts = unpack(redis.call('HMGET', KEYS[1], 'status', 'attempts'))
-status = cjson.decode(status)
-attempts = tonumber(attempts) or 0
-if status ~= 'running' then return {'illegal', status, attempts} end
-if tonumber(ARGV[1]) ~= attempts then return {'stale', status, attempts} end
-"""
+_FENCE = RUNNING_ATTEMPT_FENCE
 
 _SPLIT_FENCE = _FENCE + """
 if redis.call('HGET', KEYS[2], 'attempt') ~= ARGV[1] then return {'stale', status, attempts} end
