@@ -52,7 +52,8 @@ def test_separation_keeps_rate_channels_length_and_reconstructs(live_server, tmp
     assert response.status_code == 202, response.text
     job = response.json()
     assert response.headers["Location"].endswith(f"/v1/jobs/{job['id']}")
-    assert job["status"] == "queued" and job["stems"] == stems and job["model"] == "tiny"
+    # An idle worker may take the job before the POST's answer reads it back.
+    assert job["status"] in ("queued", "running") and job["stems"] == stems and job["model"] == "tiny"
     assert (job["samplerate"], job["channels"], job["frames"]) == (samplerate, channels, len(original))
     assert job["duration"] == pytest.approx(len(original) / samplerate)
 
