@@ -87,8 +87,10 @@ def child(args: argparse.Namespace) -> None:
 
     from shared.audio import AudioWriter
     from worker.engine import SeparationOptions, separate_file
+    from worker.allocator import keep_freed_memory_for_reuse
     from worker.forward import warm_model
 
+    keep_freed_memory_for_reuse()  # as a worker process does (worker.runner)
     torch.set_num_threads(os.cpu_count() or 1)
     model = get_model(args.model, repo=Path(args.model_repo)).eval()
     report = {"load_s": time.perf_counter() - started}

@@ -38,6 +38,7 @@ from shared.storage import JobStorage, disk_full_error
 from shared.webhooks import WebhookQueue
 
 from .engine import SeparationOptions, separate_file, stem_layout
+from .allocator import keep_freed_memory_for_reuse
 from .forward import batch_segments, warm_model
 from .models import ModelCache, ModelSpec, resolve_device
 from .stem_files import JobStemSink
@@ -74,7 +75,7 @@ class WorkerContext:
 def worker_context() -> WorkerContext:
     """This process's context, built on first use (after the fork, in a prefork pool)."""
     settings = get_settings()
-    _configure_torch_threads(settings)
+    _configure_process(settings)
     client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5,
                                   socket_timeout=30, health_check_interval=30)
     # A finished job with a callback_url gets its webhook queued (sent by the worker's sender).
@@ -83,8 +84,10 @@ def worker_context() -> WorkerContext:
                          storage=JobStorage(settings.data_dir), models=ModelCache())
 
 
-def _configure_torch_threads(settings: Settings) -> None:
+def _configure_process(settings: Settings) -> None:
+    """Torch's threads, and malloc keeping the memory forwards free for the next one."""
     import torch
+    keep_freed_memory_for_reuse()
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency)
     torch.set_num_threads(threads)
 
