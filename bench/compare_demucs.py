@@ -4,7 +4,12 @@ For one WAV and one demucs-format model folder, runs, interleaved round by round
 all see the same machine state (medians over `--rounds` are printed):
   * demucs:  python -m demucs.separate --shifts 0 --overlap 0.25 --float32 --clip-mode none
   * engine:  worker.engine.separate_file, fp32 and each --precision (default: bf16)
-each in a fresh subprocess, model load included on both sides, and prints wall time,
+each in a fresh subprocess, model load included on both sides;
+  * service: the same WAV through a real `demix up` (API, Redis, a Celery worker that
+    loaded and warmed the model when it started), fp32 and each --precision: from the
+    upload to every stem downloaded, as a client sees it (the start-up, until demix up
+    says it is ready, is printed beside it);
+and prints wall time,
 real-time factor (wall / audio), peak RSS, the speed ratio against demucs, the max |Δ|
 between the stems and demucs', and for reduced precisions each stem's SNR against the
 engine's fp32 stems. Then, for each precision, the first job of a process that warmed
@@ -17,7 +22,7 @@ shape of htdemucs_ft: one specialist per source) and compares `stems=vocals` aga
 
 Usage:
   python bench/compare_demucs.py --model-repo DIR --model htdemucs [--seconds 60]
-         [--precision bf16] [--bag-vocals] [--rounds 3]
+         [--precision bf16] [--bag-vocals] [--rounds 3] [--no-service] [--no-lives]
 Without --model-repo a tiny HT-Demucs is used (fast; only the ratios mean anything).
 """
 from __future__ import annotations
@@ -39,6 +44,8 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench._live_service import running_service, time_job  # noqa: E402
 
 
 def run_measured(args: list[str]) -> tuple[float, float, dict]:
@@ -136,11 +143,24 @@ def make_bag(repo: Path, name: str, target: Path) -> str:
     return f"{name}_bag"
 
 
+def through_service(wav: Path, repo: Path, name: str, out: Path, stems: str, precision: str,
+                    scratch: Path) -> tuple[float, float, dict]:
+    """One job through a fresh `demix up`: (seconds from upload to stems downloaded, NaN for
+    the peak RSS it does not measure, {"ready_s": its start-up})."""
+    settings = {"DEMIX_MODEL": name, "DEMIX_MODEL_REPO": str(repo), "DEMIX_PRECISION": precision,
+                "DEMIX_DEVICE": "cpu"}
+    with running_service(scratch, settings) as service:
+        seconds = time_job(service.url, wav, stems, out, sample_format="float32")
+    return seconds, float("nan"), {"ready_s": service.ready_s}
+
+
 def compare(wav: Path, repo: Path, name: str, work: Path, rounds: int, stems: str,
-            precisions: list[str], label: str, lives: bool = True) -> None:
+            precisions: list[str], label: str, lives: bool = True, service: bool = False) -> None:
     duration = sf.info(str(wav)).duration
     two_stems = None if stems == "all" else stems
     modes = ["demucs"] + [f"engine-{p}" for p in ["fp32"] + precisions]
+    if service:
+        modes += [f"service-{p}" for p in ["fp32"] + precisions]
     if lives:
         modes += [f"warm-{p}" for p in ["fp32"] + precisions]
     results: dict[str, list[tuple[float, float, dict]]] = {}
@@ -149,6 +169,14 @@ def compare(wav: Path, repo: Path, name: str, work: Path, rounds: int, stems: st
         for mode in modes:
             out = work / f"{mode}-{round_index}"
             shutil.rmtree(out, ignore_errors=True)
+            if mode.startswith("service-"):
+                scratch = work / f"{mode}-{round_index}-service"
+                results.setdefault(mode, []).append(
+                    through_service(wav, repo, name, out, stems, mode.split("-", 1)[1], scratch))
+                shutil.rmtree(scratch, ignore_errors=True)
+                outputs[mode] = out
+                print(f"  round {round_index + 1}/{rounds} {mode}: {results[mode][-1][0]:.1f} s", flush=True)
+                continue
             if mode == "demucs":
                 command = demucs_command(wav, repo, name, out, two_stems)
             else:
@@ -167,7 +195,8 @@ def compare(wav: Path, repo: Path, name: str, work: Path, rounds: int, stems: st
         if mode.startswith("warm-"):
             continue
         wall, rss = median[mode], max(r for _, r, _ in results[mode])
-        line = (f"{mode:>14}: {wall:7.1f} s  RTF {wall / duration:5.2f}  peak RSS {rss:7.0f} MB  "
+        memory = f"peak RSS {rss:7.0f} MB" if rss == rss else "peak RSS       —  "
+        line = (f"{mode:>14}: {wall:7.1f} s  RTF {wall / duration:5.2f}  {memory}  "
                 f"speed vs demucs {median['demucs'] / wall:5.2f}x")
         if mode != "demucs":
             stems_out = read_stems(outputs[mode])
@@ -177,6 +206,11 @@ def compare(wav: Path, repo: Path, name: str, work: Path, rounds: int, stems: st
                 line += "  SNR vs fp32 " + ", ".join(f"{k} {snr_db(fp32[k], stems_out[k]):.1f}"
                                                      for k in fp32) + " dB"
         print(line, flush=True)
+    if service:
+        print("   service-*: from the upload to every stem downloaded, through demix up; it was ready after "
+              + ", ".join(f"{statistics.median(r['ready_s'] for _, _, r in results[f'service-{p}']):.1f} s ({p})"
+                          for p in ["fp32"] + precisions)
+              + " (Redis, API, worker start, model load and warm-up)", flush=True)
     if not lives:
         return
     print("   first job of a process, model load excluded (medians):")
@@ -205,6 +239,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-lives", action="store_true",
                         help="skip the warm-up / first-job measurements")
+    parser.add_argument("--no-service", action="store_true", help="skip the runs through demix up")
     parser.add_argument("--bag-vocals", action="store_true")
     parser.add_argument("--bag-only", action="store_true", help="skip the full separation")
     args = parser.parse_args()
@@ -223,7 +258,7 @@ def main() -> None:
         wav = write_wav(work / "mix.wav", 44100, 2, args.seconds, subtype="FLOAT", seed=1)
         if not args.bag_only:
             compare(wav, repo, name, work, args.rounds, args.stems, args.precision, "full separation",
-                    lives=not args.no_lives)
+                    lives=not args.no_lives, service=not args.no_service)
         if args.bag_vocals or args.bag_only:
             bag_repo = work / "bag-repo"
             bag_name = make_bag(repo, name, bag_repo)

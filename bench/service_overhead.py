@@ -2,7 +2,8 @@
 
 Starts `demix up` with a tiny HT-Demucs (the real class, small width) in a scratch
 folder, then for the same WAV measures, in this run:
-  * end to end: POST /v1/jobs -> poll until succeeded -> GET /result (all stems, base64);
+  * end to end: POST /v1/jobs -> poll until succeeded -> download every stem (the
+    first and the second job of a worker that warmed up when it started);
   * the model alone: demucs' normalise + apply_model + de-normalise on the same audio,
     in this process, with the same thread count as the worker;
 and prints both and their ratio. Usage: python bench/service_overhead.py [--seconds 180]
@@ -11,19 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.redis_server import free_port  # noqa: E402
+from bench._live_service import running_service, time_job  # noqa: E402
 from tests.audio_factory import write_wav  # noqa: E402
 from tests.tiny_models import make_tiny_htdemucs, write_tiny_repo  # noqa: E402
 
@@ -44,35 +41,11 @@ def model_alone(path: Path) -> float:
 
 
 def end_to_end(path: Path, scratch: Path, stems: str) -> dict[str, float]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMIX_")}
-    env.update({"DEMIX_PORT": str(port), "DEMIX_DATA_DIR": str(scratch / "data"), "DEMIX_MODEL": "tiny",
-                "DEMIX_MODEL_REPO": str(write_tiny_repo(scratch / "models")),
-                # Only the service's own path is measured: no Flower, no gRPC (nor their ports).
-                "DEMIX_FLOWER_PORT": "0", "DEMIX_GRPC_PORT": "0"})
-    up = subprocess.Popen([str(Path(sys.executable).parent / "demix"), "up"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in up.stdout:
-            if "demix is ready" in line:
-                break
-        url = f"http://127.0.0.1:{port}"
-        timings = {}
-        for attempt in ("first job (loads the model)", "second job (model loaded)"):
-            started = time.perf_counter()
-            with open(path, "rb") as file:
-                job = requests.post(f"{url}/v1/jobs", files={"file": file}, data={"stems": stems}).json()
-            while job["status"] not in ("succeeded", "failed"):
-                time.sleep(0.1)
-                job = requests.get(job["url"]).json()
-            assert job["status"] == "succeeded", job["error"]
-            body = requests.get(job["result_url"]).content
-            timings[attempt] = time.perf_counter() - started
-            timings["result bytes"] = len(body)
-        return timings
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(120)
+    settings = {"DEMIX_MODEL": "tiny", "DEMIX_MODEL_REPO": str(write_tiny_repo(scratch / "models"))}
+    with running_service(scratch, settings) as service:
+        return {"ready": service.ready_s,
+                "first job": time_job(service.url, path, stems, scratch / "first"),
+                "second job": time_job(service.url, path, stems, scratch / "second")}
 
 
 def main() -> None:
@@ -86,15 +59,14 @@ def main() -> None:
         path = write_wav(Path(scratch) / "song.wav", 44100, 2, args.seconds, subtype="PCM_16")
         timings = end_to_end(path, Path(scratch), args.stems)
         alone = model_alone(path)
-    warm = timings["second job (model loaded)"]
+    warm = timings["second job"]
     print(f"input: {args.seconds:.0f} s stereo 44.1 kHz PCM16, stems={args.stems}, tiny HT-Demucs, "
           f"{os.cpu_count()} cores")
-    for name in ("first job (loads the model)", "second job (model loaded)"):
+    print(f"  demix up ready (model loaded and warmed) after {timings['ready']:.2f} s")
+    for name in ("first job", "second job"):
         print(f"  end to end, {name}: {timings[name]:.2f} s")
     print(f"  model alone (normalise + apply_model), same audio: {alone:.2f} s")
-    print(f"  service overhead (warm): {warm - alone:+.2f} s = {warm / alone:.2f}x the model alone; "
-          f"/result body {timings['result bytes'] / 1e6:.1f} MB")
-
+    print(f"  service overhead (second job): {warm - alone:+.2f} s = {warm / alone:.2f}x the model alone")
 
 if __name__ == "__main__":
     main()
