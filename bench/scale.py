@@ -9,6 +9,7 @@ timing each from enqueueing to `succeeded` (the workers are warmed first by a sh
 job each, so model loading is not timed), and prints both times, their ratio and the
 max |Δ| between the two runs' stems (float32 WAV). Usage:
   python bench/scale.py [--seconds 600] [--model tiny | --model htdemucs --model-repo DIR]
+                        [--precision fp32 | bf16]
 """
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="tiny (the tests' HT-Demucs) or a demucs model name")
     parser.add_argument("--model-repo", type=Path, help="demucs-format folder holding --model")
     parser.add_argument("--workers", type=int, default=2, help="workers of the split run")
+    parser.add_argument("--precision", default="fp32", help="DEMIX_PRECISION of both runs (fp32, bf16)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="demix-scale-") as tmp:
         scratch = Path(tmp)
@@ -124,12 +126,12 @@ def main() -> None:
             env = {k: v for k, v in os.environ.items() if not k.startswith("DEMIX_")}
             env.update({"DEMIX_REDIS_URL": server.url, "DEMIX_DATA_DIR": str(scratch / "data"),
                         "DEMIX_MODEL": args.model, "DEMIX_MODEL_REPO": str(repo), "DEMIX_DEVICE": "cpu",
-                        "DEMIX_TORCH_THREADS": "1"})
+                        "DEMIX_TORCH_THREADS": "1", "DEMIX_PRECISION": args.precision})
             one, one_stems = run(scratch, dict(env, DEMIX_SPLIT_S="0"), 1, wav, "one")
             split_s = str(max(1, math.ceil(args.seconds / args.workers)))
             many, many_stems = run(scratch, dict(env, DEMIX_SPLIT_S=split_s), args.workers, wav, "split")
             difference = max_difference(one_stems, many_stems)
-    print(f"input: {args.seconds:.0f} s stereo 44.1 kHz, stems=all, model {args.model}, "
+    print(f"input: {args.seconds:.0f} s stereo 44.1 kHz, stems=all, model {args.model} in {args.precision}, "
           f"{os.cpu_count()} cores, one torch thread per worker")
     print(f"  one worker, unsplit:               {one:8.2f} s")
     print(f"  {args.workers} workers, split (DEMIX_SPLIT_S={split_s}): {many:8.2f} s")
