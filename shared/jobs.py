@@ -303,7 +303,7 @@ class JobStore:
         value = "" if progress is None else json.dumps(min(max(float(progress), 0.0), 1.0))
         outcome, *rest = self._heartbeat(keys=[keys.job_key(job_id), keys.lease_key(job_id)],
                                          args=[attempt, int(lease_s * 1000), holder, value])
-        _raise_unless_ok(job_id, outcome.decode(), rest, JobStatus.RUNNING, attempt)
+        raise_unless_ok(job_id, outcome.decode(), rest, JobStatus.RUNNING, attempt)
 
     def mark_succeeded(self, job_id: str, outputs: tp.Sequence[str], attempt: int) -> Job:
         """Finish attempt `attempt` with its stems `outputs`.
@@ -370,7 +370,7 @@ class JobStore:
                   int(lease_s * 1000), holder, time.time(), json.dumps(JOB_DURATION_BUCKETS),
                   json.dumps(AUDIO_SECONDS_BUCKETS), reason, *pairs])
         outcome, *rest = reply
-        _raise_unless_ok(job_id, outcome.decode(), rest[:2], target, attempt)
+        raise_unless_ok(job_id, outcome.decode(), rest[:2], target, attempt)
         raw = dict(zip(rest[2::2], rest[3::2]))
         job = _job_from_hash(raw)
         if target in FINISHED:
@@ -391,8 +391,10 @@ class JobStore:
                 log.exception("on_finished hook %r failed for job %s", hook, job.id)
 
 
-def _raise_unless_ok(job_id: str, outcome: str, rest: list, target: JobStatus,
-                     attempt: tp.Optional[int]) -> None:
+def raise_unless_ok(job_id: str, outcome: str, rest: list, target: JobStatus,
+                    attempt: tp.Optional[int]) -> None:
+    """Turn a transition script's refusal (`outcome` and the `rest` of its reply) into the
+    exception that says why; nothing for "ok". Shared with `shared.splits`' scripts."""
     if outcome == "ok":
         return
     if outcome == "missing":

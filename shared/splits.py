@@ -24,7 +24,7 @@ import redis
 
 from . import keys
 from .celery_app import MERGE_PARTS_TASK, SEPARATE_PART_TASK
-from .jobs import RUNNING_ATTEMPT_FENCE, JobStatus, _raise_unless_ok
+from .jobs import RUNNING_ATTEMPT_FENCE, JobStatus, raise_unless_ok
 
 MERGE = "merge"
 """The unit that merges the parts once all are done."""
@@ -215,7 +215,7 @@ class SplitStore:
     @staticmethod
     def _check(job_id: str, reply: list, attempt: int) -> None:
         outcome = reply[0].decode()
-        _raise_unless_ok(job_id, outcome, reply[1:3], JobStatus.RUNNING, attempt)
+        raise_unless_ok(job_id, outcome, reply[1:3], JobStatus.RUNNING, attempt)
 
 
 def send_unit(celery: tp.Any, queue: str, job_id: str, attempt: int, unit: str, message: dict) -> None:

@@ -10,6 +10,7 @@ import requests
 from shared import keys
 from shared.storage import JobStorage
 from tests.audio_factory import write_wav
+from tests.waiting import wait_for
 from tests.conftest import wait_for_job
 
 LONG_SECONDS = 40.0
@@ -29,19 +30,9 @@ def get(base_url: str, job_id: str) -> requests.Response:
     return requests.get(f"{base_url}/v1/jobs/{job_id}", timeout=10)
 
 
-def wait_until(condition, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
-
-
 def wait_running(base_url: str, job_id: str) -> dict:
-    return wait_until(lambda: (job := get(base_url, job_id).json())["status"] == "running" and job,
-                      what=f"job {job_id} running")
+    return wait_for(lambda: (job := get(base_url, job_id).json())["status"] == "running" and job,
+                    what=f"job {job_id} running", timeout=120.0)
 
 
 def test_cancel_a_queued_and_a_running_job_then_the_worker_takes_the_next(live_server, tmp_path, settings,

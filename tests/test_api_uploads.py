@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
-import subprocess
 
 import pytest
 import requests
@@ -14,6 +13,7 @@ import shared.storage
 from api import create_app
 from tests.audio_factory import wav_bytes
 from tests.conftest import LiveServer
+from tests.small_disk import mounted_tmpfs
 from tests.test_api_errors import assert_error, files_under, post, snapshot  # noqa: F401
 
 MIB = 1024 * 1024
@@ -85,15 +85,8 @@ def test_uploads_are_accepted_again_when_space_is_back(idle_server, monkeypatch,
 @pytest.fixture
 def tiny_data_disk(tmp_path):
     """A real 256 KiB filesystem (tmpfs) to hold the API's data dir."""
-    mount_point = tmp_path / "tiny-disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the 507 itself is "
-                    "covered by the tests with a monkeypatched free-space probe")
-    yield mount_point
-    subprocess.run(["umount", "--lazy", str(mount_point)], check=False)
+    with mounted_tmpfs(tmp_path / "tiny-disk", "256k", "the tests with a monkeypatched free-space probe") as disk:
+        yield disk
 
 
 def test_a_disk_that_fills_up_while_the_upload_streams_in_gives_507(settings, redis_server, tmp_path,

@@ -29,6 +29,7 @@ from shared.lifecycle import cancel_job, enqueue_job
 from shared.output import resolve_output
 from shared.splits import SplitStore
 from shared.storage import JobStorage
+from tests import waiting
 from tests.audio_factory import write_wav
 from tests.test_engine import MemorySink
 
@@ -71,16 +72,9 @@ def submit(settings, redis_client, tmp_path: Path, seconds: float, stems: str = 
     return job_id
 
 
-def wait_for(condition: tp.Callable[[], tp.Any], what: str, timeout: float = 600.0,
-             logs: tp.Optional[Path] = None, every: float = 0.05) -> tp.Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    detail = "".join(p.read_text(errors="replace")[-2000:] for p in sorted(logs.glob("*.log"))) if logs else ""
-    raise AssertionError(f"{what}: not reached within {timeout}s\n{detail}")
+def wait_for(condition: tp.Callable[[], tp.Any], what: str, **kwargs: tp.Any) -> tp.Any:
+    """`tests.waiting.wait_for`, with time for split jobs on a slow machine."""
+    return waiting.wait_for(condition, what, **{"timeout": 600.0, **kwargs})
 
 
 def unsplit_stems(settings, job_id: str) -> MemorySink:
@@ -137,7 +131,7 @@ def test_a_long_job_runs_as_parts_on_two_workers_and_equals_the_unsplit_stems(
                         holders.add(holder.split(" process ")[-1])
             return job if job.status.is_finished else None
 
-        job = wait_for(finished, "the split job finished", logs=tmp_path)
+        job = wait_for(finished, "the split job finished", log=tmp_path)
     assert job.status is JobStatus.SUCCEEDED, job.error
     assert seen_parts == {parts}
     assert progress == sorted(progress) and progress[-1] == 1.0
@@ -172,13 +166,13 @@ def test_a_part_whose_worker_is_killed_is_redone_alone_and_the_job_succeeds(
         # Killed while running a later part, after finishing the first one.
         record = wait_for(lambda: (r := watch()) and r.get("part:0") == "done"
                           and any(r.get(f"part:{i}") == "running" and int(r.get(f"windows:{i}", 0)) == 0
-                                  for i in range(1, 4)) and r, "part 0 done, another running", logs=tmp_path)
+                                  for i in range(1, 4)) and r, "part 0 done, another running", log=tmp_path)
         os.killpg(first.pid, signal.SIGKILL)
     lost = next(f"part:{i}" for i in range(1, 4) if record[f"part:{i}"] == "running")
     done_before = [unit for unit in (f"part:{i}" for i in range(4)) if record[unit] == "done"]
     with split_workers(tmp_path, 1):
         job = wait_for(lambda: watch() is not None and (j := store.get(job_id)).status.is_finished and j,
-                       "the job finished on the second worker", logs=tmp_path)
+                       "the job finished on the second worker", log=tmp_path)
     assert job.status is JobStatus.SUCCEEDED, job.error
     assert job.attempts == 1  # the job itself was not restarted
     assert tries[lost] == 2
@@ -195,10 +189,10 @@ def test_cancelling_a_split_job_stops_every_part_and_removes_their_files(setting
     with split_workers(tmp_path, 2):
         job_id = submit(settings, redis_client, tmp_path, 45.0)
         wait_for(lambda: sum(v == "running" for k, v in splits.get(job_id).items() if k.startswith("part:")) == 2,
-                 "two parts running", logs=tmp_path)
+                 "two parts running", log=tmp_path)
         cancel_job(store, storage, job_id)
         wait_for(lambda: not splits.get(job_id) and not redis_client.keys(keys.unit_lease_key(job_id, "*")),
-                 "every part stopped", timeout=120, logs=tmp_path)
+                 "every part stopped", timeout=120, log=tmp_path)
         time.sleep(2 * LEASE_S)  # parts still queued are skipped, nothing comes back
         assert not storage.job_dir(job_id).exists()
         assert not splits.get(job_id)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import shutil
-import subprocess
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from shared.readiness import process_id, ready_workers
 from shared.storage import JobStorage
 from tests.audio_factory import write_wav
 from tests.conftest import UNCONSUMED_QUEUE
+from tests.small_disk import mounted_tmpfs
 from worker import forward
 from worker.models import ModelCache
 from worker.runner import AttemptLease, WorkerContext, run_job, warm_up
@@ -182,16 +182,9 @@ def test_a_run_outlives_a_redis_outage_longer_than_its_lease_and_records_its_out
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 768 KiB filesystem (tmpfs): room for a 2 s input, not for its four stems."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=768k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); "
-                    "test_a_disk_full_error_from_the_writer_fails_the_job_without_partial_stems "
-                    "covers the same path with an injected ENOSPC")
-    yield mount_point
-    subprocess.run(["umount", "--lazy", str(mount_point)], check=False)
+    with mounted_tmpfs(tmp_path / "small-disk", "768k", "test_a_disk_full_error_from_the_writer_fails_the_job_"
+                       "without_partial_stems (an injected ENOSPC)") as disk:
+        yield disk
 
 
 def assert_failed_with_disk_full_and_no_stems(context: WorkerContext, job_id: str) -> None:

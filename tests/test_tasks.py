@@ -6,7 +6,6 @@ finishes the job."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import signal
@@ -25,6 +24,7 @@ from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.lifecycle import enqueue_job
 from shared.storage import JobStorage
 from tests.audio_factory import write_wav
+from tests.waiting import wait_for
 
 SIDE_QUEUE = "demix-tests-side-worker"
 """The queue only the subprocess worker consumes, so it (not the test worker) starts the job."""
@@ -63,17 +63,6 @@ def submit(settings, redis_client, tmp_path: Path, seconds: float) -> str:
                                       frames=int(44100 * seconds), created_at=time.time()))
     enqueue_job(celery_app, job_id, SIDE_QUEUE)
     return job_id
-
-
-def wait_for(condition: tp.Callable[[], tp.Any], what: str, timeout: float = 300.0, log: Path = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    detail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
-    raise AssertionError(f"{what}: not reached within {timeout}s\n{detail}")
 
 
 def stems_digest(directory: Path) -> dict[str, str]:

@@ -20,6 +20,7 @@ from shared.jobs import Job, JobStatus, new_job_id
 from shared.webhooks import WebhookQueue, WebhookSender, validate_callback_url, verify_signature
 from tests.audio_factory import wav_bytes
 from tests.webhook_receiver import HANG, WebhookReceiver
+from tests.waiting import wait_for
 
 SECRET = "s3cret-for-tests"
 
@@ -52,14 +53,6 @@ def finished_job(callback_url: str | None, status: JobStatus = JobStatus.SUCCEED
                progress=1.0, outputs=["vocals", "no_vocals"] if status is JobStatus.SUCCEEDED else [],
                output={"format": "flac"}, callback_url=callback_url,
                error=None if status is JobStatus.SUCCEEDED else {"code": "x", "message": "why"})
-
-
-def wait_until(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("url", ["http://example.com/hook", "https://h.example:8443/a?b=c",
@@ -97,7 +90,7 @@ def test_a_finished_job_is_posted_signed_with_its_json(webhook_redis, webhook_se
         sender = make_sender(webhook_redis, webhook_settings).start()
         try:
             [received] = receiver.wait_for(1)
-            wait_until(lambda: queue.pending() == 0)
+            wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
         finally:
             sender.stop()
     signature = received.headers["X-Demix-Signature"]
@@ -144,7 +137,7 @@ def test_failures_are_retried_with_the_same_body_until_one_succeeds(webhook_redi
         sender = make_sender(webhook_redis, webhook_settings).start()
         try:
             received = receiver.wait_for(3)
-            wait_until(lambda: queue.pending() == 0)
+            wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
             time.sleep(1.0)  # several backoffs: a delivered webhook is not sent again
         finally:
             sender.stop()
@@ -162,7 +155,7 @@ def test_a_delivery_is_given_up_after_the_configured_attempts(webhook_redis, web
         sender = make_sender(webhook_redis, webhook_settings).start()
         try:
             receiver.wait_for(3)
-            wait_until(lambda: queue.pending() == 0)
+            wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
             time.sleep(1.0)
         finally:
             sender.stop()
@@ -176,7 +169,7 @@ def test_an_unreachable_receiver_is_retried_then_given_up(webhook_redis, webhook
     delivery = queue.enqueue(finished_job(f"http://127.0.0.1:{free_port()}/nobody-listens"))
     sender = make_sender(webhook_redis, webhook_settings).start()
     try:
-        wait_until(lambda: queue.pending() == 0)
+        wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
     finally:
         sender.stop()
     retries = [r.message for r in caplog.records if delivery.id in r.message and "; retry" in r.message]
@@ -220,7 +213,7 @@ def test_a_delivery_claimed_by_a_sender_that_died_is_sent_by_another(webhook_red
         sender = WebhookSender(WebhookQueue(webhook_redis, settings), poll_interval_s=0.05).start()
         try:
             [received] = receiver.wait_for(1)
-            wait_until(lambda: queue.pending() == 0)
+            wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
         finally:
             sender.stop()
     assert received.headers["X-Demix-Delivery"] == claimed.id
