@@ -149,14 +149,15 @@ def test_a_run_outlives_a_redis_outage_longer_than_its_lease_and_records_its_out
                             jobs=JobStore(client), storage=JobStorage(tmp_path / "data"),
                             models=ModelCache())
     try:
-        # Long enough to still run after the append-only file's sync below on a quiet machine.
-        job_id = queued_job(context, tmp_path, stems="vocals", seconds=30.0)
+        # Every write synced at once, so Redis can die as soon as the job runs (with the
+        # default once-a-second sync a fast machine finished the job within that second).
+        client.config_set("appendfsync", "always")
+        job_id = queued_job(context, tmp_path, stems="vocals", seconds=120.0)
         runner = threading.Thread(target=run_job, args=(job_id, context))
         runner.start()
         deadline = time.monotonic() + 300
         while context.jobs.get(job_id).progress == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(1.5)  # the append-only file is synced every second
         os.killpg(server.process.pid, signal.SIGKILL)  # Redis dies mid-job
         server.process.wait()
         down_since = time.monotonic()

@@ -162,8 +162,9 @@ def _inputs_to_bf16(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple
 
 
 ATTENTION_BLOCK = 512
-"""Queries per block in `BlockwiseAttention`: the fastest of 128-4096 measured on
-htdemucs (2688 frequency and 1344 time tokens) in bf16 on 2 AVX-512 BF16 cores."""
+"""Queries per block in `BlockwiseAttention`. On htdemucs (2688 frequency and 1344 time
+tokens, 8 heads) in bf16 on 2 AVX-512 BF16 cores, blocks of 256 to 2688 queries were
+within 5% of each other; 512 bounds a block's scores to 22 MB."""
 
 
 class BlockwiseAttention(torch.nn.Module):
@@ -189,8 +190,8 @@ class BlockwiseAttention(torch.nn.Module):
                 key_padding_mask: tp.Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: tp.Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
-        if (not self.covered or self.training or need_weights or attn_mask is not None or key_padding_mask is not None
-                or is_causal or query.dim() != 3):
+        if (not self.covered or self.training or need_weights or attn_mask is not None
+                or key_padding_mask is not None or is_causal or query.dim() != 3):
             return self.attention(query, key, value, key_padding_mask=key_padding_mask,
                                   need_weights=need_weights, attn_mask=attn_mask,
                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
