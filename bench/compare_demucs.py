@@ -93,8 +93,8 @@ def child(args: argparse.Namespace) -> None:
     from demucs.pretrained import get_model
 
     from shared.audio import AudioWriter
-    from worker.engine import SeparationOptions, separate_file
     from worker.allocator import keep_freed_memory_for_reuse
+    from worker.engine import SeparationOptions, separate_file
     from worker.forward import warm_model
 
     keep_freed_memory_for_reuse()  # as a worker process does (worker.runner)
@@ -175,7 +175,8 @@ def compare(wav: Path, repo: Path, name: str, work: Path, rounds: int, stems: st
                     through_service(wav, repo, name, out, stems, mode.split("-", 1)[1], scratch))
                 shutil.rmtree(scratch, ignore_errors=True)
                 outputs[mode] = out
-                print(f"  round {round_index + 1}/{rounds} {mode}: {results[mode][-1][0]:.1f} s", flush=True)
+                print(f"  round {round_index + 1}/{rounds} {mode}: {results[mode][-1][0]:.1f} s",
+                      flush=True)
                 continue
             if mode == "demucs":
                 command = demucs_command(wav, repo, name, out, two_stems)
@@ -207,9 +208,10 @@ def compare(wav: Path, repo: Path, name: str, work: Path, rounds: int, stems: st
                                                      for k in fp32) + " dB"
         print(line, flush=True)
     if service:
+        ready = {p: statistics.median(r["ready_s"] for _, _, r in results[f"service-{p}"])
+                 for p in ["fp32"] + precisions}
         print("   service-*: from the upload to every stem downloaded, through demix up; it was ready after "
-              + ", ".join(f"{statistics.median(r['ready_s'] for _, _, r in results[f'service-{p}']):.1f} s ({p})"
-                          for p in ["fp32"] + precisions)
+              + ", ".join(f"{seconds:.1f} s ({p})" for p, seconds in ready.items())
               + " (Redis, API, worker start, model load and warm-up)", flush=True)
     if not lives:
         return

@@ -37,8 +37,8 @@ from shared.readiness import mark_ready, process_id
 from shared.storage import JobStorage, disk_full_error
 from shared.webhooks import WebhookQueue
 
-from .engine import SeparationOptions, separate_file, stem_layout
 from .allocator import keep_freed_memory_for_reuse
+from .engine import SeparationOptions, separate_file, stem_layout
 from .forward import batch_segments, warm_model
 from .models import ModelCache, ModelSpec, resolve_device
 from .stem_files import JobStemSink
