@@ -17,15 +17,22 @@ file.
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
 import tempfile
+import time
 import typing as tp
 from pathlib import Path
 
 from .atomic import PendingFile, publish_file
 from .errors import DiskFull
 
+log = logging.getLogger(__name__)
+
 DEFAULT_EXTENSION = "wav"
+
+DELETE_TRIES = 20
+"""Attempts at removing a job's folder while a worker may still be writing into it."""
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 """`OSError` numbers meaning "no room left": the disk is full, or the user's quota is."""
@@ -126,8 +133,20 @@ class JobStorage:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def delete_job(self, job_id: str) -> None:
-        """Remove every file of the job: its input and all its attempts' stems."""
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        """Remove every file of the job: its input and all its attempts' stems.
+
+        A worker still running the job may create a file while the tree is being removed
+        (the folder is then not empty when its turn comes), so this tries again until the
+        folder is gone; anything the worker writes after that it removes itself when it
+        stops at its next segment.
+        """
+        folder = self.job_dir(job_id)
+        for _ in range(DELETE_TRIES):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                return
+            time.sleep(0.05)
+        log.warning("job %s: its folder %s could not be removed completely", job_id, folder)
 
     def free_bytes(self) -> int:
         """Free space on the filesystem holding the data dir, in bytes (for unprivileged users)."""
