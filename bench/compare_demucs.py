@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import shutil
@@ -196,7 +197,7 @@ def compare(wav: Path, repo: Path, name: str, work: Path, rounds: int, stems: st
         if mode.startswith("warm-"):
             continue
         wall, rss = median[mode], max(r for _, r, _ in results[mode])
-        memory = f"peak RSS {rss:7.0f} MB" if rss == rss else "peak RSS       —  "
+        memory = "peak RSS       —  " if math.isnan(rss) else f"peak RSS {rss:7.0f} MB"
         line = (f"{mode:>14}: {wall:7.1f} s  RTF {wall / duration:5.2f}  {memory}  "
                 f"speed vs demucs {median['demucs'] / wall:5.2f}x")
         if mode != "demucs":

@@ -35,12 +35,17 @@ def wait_running(base_url: str, job_id: str) -> dict:
                     what=f"job {job_id} running", timeout=120.0)
 
 
+def running_and_queued(base_url: str, tmp_path) -> tuple[dict, dict]:
+    """A long job the worker is running, and a short one queued behind it."""
+    running = submit(base_url, write_wav(tmp_path / "long.wav", 44100, 2, LONG_SECONDS))
+    wait_running(base_url, running["id"])
+    return running, submit(base_url, write_wav(tmp_path / "short.wav", 44100, 2, 0.5))
+
+
 def test_cancel_a_queued_and_a_running_job_then_the_worker_takes_the_next(live_server, tmp_path, settings,
                                                                         redis_client):
     url, storage = live_server.url, JobStorage(settings.data_dir)
-    long_job = submit(url, write_wav(tmp_path / "long.wav", 44100, 2, LONG_SECONDS))
-    wait_running(url, long_job["id"])
-    queued = submit(url, write_wav(tmp_path / "short.wav", 44100, 2, 0.5))
+    long_job, queued = running_and_queued(url, tmp_path)
     assert get(url, queued["id"]).json()["status"] == "queued"  # behind the long job
 
     response = requests.post(f"{url}/v1/jobs/{queued['id']}/cancel", timeout=10)
@@ -88,9 +93,7 @@ def test_cancel_of_a_finished_job_is_409_and_unknown_jobs_are_404(live_server, t
 def test_delete_queued_running_and_finished_jobs_leaves_nothing(live_server, tmp_path, settings,
                                                                 redis_client):
     url, storage = live_server.url, JobStorage(settings.data_dir)
-    running = submit(url, write_wav(tmp_path / "long.wav", 44100, 2, LONG_SECONDS))
-    wait_running(url, running["id"])
-    queued = submit(url, write_wav(tmp_path / "queued.wav", 44100, 2, 0.5))
+    running, queued = running_and_queued(url, tmp_path)
 
     for job in (queued, running):
         response = requests.delete(f"{url}/v1/jobs/{job['id']}", timeout=10)

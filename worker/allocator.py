@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import typing as tp
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,19 @@ def keep_freed_memory_for_reuse() -> bool:
     Idempotent: call it when a process starts running the model."""
     global _applied
     if _applied is None:
-        _applied = _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        mallopt = _glibc_mallopt()
+        _applied = mallopt is not None and mallopt(_M_MMAP_MAX, 0) == 1 \
+            and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
         if not _applied:
             log.info("malloc tuning not applied (not glibc): forwards fault their memory in afresh")
     return _applied
 
 
-def _mallopt(parameter: int, value: int) -> bool:
+def _glibc_mallopt() -> tp.Optional[tp.Callable[[int, int], int]]:
+    """glibc's `mallopt(3)`, or None where the C library has none."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(parameter, value) == 1
+    return mallopt
