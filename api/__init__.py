@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import typing as tp
 
-import redis
 from flask import Flask
 
 from shared.celery_app import make_celery
 from shared.config import Settings, get_settings
-from shared.jobs import JobStore
-from shared.storage import JobStorage
-from shared.webhooks import WebhookQueue
+from shared.services import Services, build_services
 
-from .auth import ApiKeys, load_api_keys
-from .limits import ActiveJobLimit
 from .uploads import UploadRequest, discard_unclaimed_uploads
 
 FORM_OVERHEAD_BYTES = 1024 * 1024
@@ -39,16 +34,9 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     # The broker comes from the same settings as the job store, so the two can never be
     # different Redis servers (the pattern of Flask's own Celery example).
     app.extensions["celery"] = make_celery(settings)
-    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5, socket_timeout=30)
-    app.extensions["demix"] = Services(
-        # A job cancelled here gets its webhook queued like one a worker finishes.
-        jobs=JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished]),
-        storage=JobStorage(settings.data_dir),
-        celery=app.extensions["celery"],
-        settings=settings,
-        api_keys=load_api_keys(settings.api_keys),
-        limits=ActiveJobLimit(client, settings.max_active_jobs_per_key),
-    )
+    services: Services = build_services(settings, celery=app.extensions["celery"])
+    services.api_keys  # read now: a bad DEMIX_API_KEYS stops the API at start, not its first request
+    app.extensions["demix"] = services
     app.teardown_request(discard_unclaimed_uploads)
 
     from . import auth, docs, errors, health, jobs, metrics, web
@@ -62,12 +50,3 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     app.register_blueprint(web.bp)
     return app
 
-
-class Services(tp.NamedTuple):
-    """What the views work with, built once per app."""
-    jobs: JobStore
-    storage: JobStorage
-    celery: tp.Any
-    settings: Settings
-    api_keys: ApiKeys
-    limits: ActiveJobLimit

@@ -1,27 +1,10 @@
-"""API keys: who may call `/v1`, and whose jobs a request may see.
-
-With `DEMIX_API_KEYS` empty the API is open, as on a private machine. With keys set,
-every `/v1` request needs `Authorization: Bearer <key>`. A key is known by its *owner
-id*, a truncated SHA-256 of it, which is what job records store and what may appear in
-Redis keys; the key itself is never stored or logged.
-"""
+"""The HTTP door's side of API keys (`shared.api_keys`): every `/v1` request needs a key
+when keys are configured, and the request's owner is kept for the views."""
 from __future__ import annotations
-
-import hashlib
-import hmac
-import typing as tp
-from pathlib import Path
 
 from flask import Flask, current_app, g, request
 
-from shared.config import SECRET_FILE_PREFIXES
-from shared.errors import Unauthorized
-
-OWNER_ID_HEX_DIGITS = 16
-"""Length of an owner id: 64 bits of the key's SHA-256, plenty to tell a deployment's keys apart."""
-
-OPEN_OWNER = ""
-"""The owner of every request (and job) when no API keys are configured."""
+from shared.api_keys import OPEN_OWNER, ApiKeys
 
 PROTECTED_PREFIX = "/v1/"
 """Paths needing a key. `/healthz`, `/metrics`, `/`, `/docs` and `/openapi.json` stay open:
@@ -29,69 +12,11 @@ they describe the service and show no one's jobs."""
 
 REALM = "demix"
 
-
-class ApiKeys:
-    """The configured keys, matched in constant time.
-
-    Each key is compared as its SHA-256 digest (fixed length, so the comparison's time
-    does not depend on the key's length) against every configured key, with no early exit.
-    """
-
-    def __init__(self, keys: tp.Iterable[str]):
-        self._owners = [(hashlib.sha256(key.encode()).digest(), owner_id(key)) for key in keys]
-
-    def __bool__(self) -> bool:
-        return bool(self._owners)
-
-    def __len__(self) -> int:
-        return len(self._owners)
-
-    def __repr__(self) -> str:  # never the keys
-        return f"ApiKeys({len(self)} keys)"
-
-    def owner_of(self, key: str) -> tp.Optional[str]:
-        """The owner id of `key`, or None when it is not one of the keys."""
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for candidate, owner in self._owners:
-            if hmac.compare_digest(digest, candidate):
-                found = owner
-        return found
-
-
-def owner_id(key: str) -> str:
-    """The id a key's jobs are stored under: the first hex digits of its SHA-256."""
-    return hashlib.sha256(key.encode()).hexdigest()[:OWNER_ID_HEX_DIGITS]
-
-
-def load_api_keys(setting: str) -> ApiKeys:
-    """Parse `DEMIX_API_KEYS`: a path (starting with `/`, `./`, `../` or `~`) of a file with
-    one key per line (blank lines and `#` comments skipped), or comma-separated keys.
-
-    Raises:
-        ValueError: the file cannot be read, it holds no key, or a key has whitespace.
-    """
-    setting = setting.strip()
-    if not setting:
-        return ApiKeys(())
-    if setting.startswith(SECRET_FILE_PREFIXES):
-        path = Path(setting).expanduser()
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as exc:
-            raise ValueError(f"DEMIX_API_KEYS names the file {str(path)!r}, which cannot be read: "
-                             f"{exc.strerror}") from None
-        keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-        source = f"the file {str(path)!r}"
-    else:
-        keys = [key.strip() for key in setting.split(",") if key.strip()]
-        source = "DEMIX_API_KEYS"
-    if not keys:
-        raise ValueError(f"{source} holds no API key")
-    if any(len(key.split()) != 1 for key in keys):
-        # Said without the key: settings errors get printed and logged.
-        raise ValueError(f"an API key in {source} contains whitespace")
-    return ApiKeys(keys)
+_CHALLENGES = {
+    "missing": f'Bearer realm="{REALM}"',
+    "invalid": f'Bearer realm="{REALM}", error="invalid_token"',
+}
+"""`WWW-Authenticate` (RFC 6750) by why a request's key was refused."""
 
 
 def request_owner() -> str:
@@ -116,13 +41,6 @@ def authenticate() -> None:
     api_keys: ApiKeys = current_app.extensions["demix"].api_keys
     if not api_keys or not (request.path + "/").startswith(PROTECTED_PREFIX):
         return
-    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("this API needs a key: send the header 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'})
-    owner = api_keys.owner_of(token)
-    if owner is None:
-        raise Unauthorized("the API key is not valid",
-                           headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_token"'})
-    g.demix_owner = owner
+    g.demix_owner = api_keys.authenticate(
+        request.headers.get("Authorization", ""), "the header 'Authorization: Bearer <key>'",
+        headers=lambda why: {"WWW-Authenticate": _CHALLENGES[why]})

@@ -11,16 +11,16 @@ from flask import Blueprint, Response, current_app, request, send_file, stream_w
 from shared.errors import BadRequest, IllegalTransition, JobFinished, JobNotFinished, JobNotFound
 from shared.estimates import queue_position
 from shared.idempotency import ANONYMOUS_OWNER, HEADER as IDEMPOTENCY_HEADER, parse_key
-from shared.intake import inspect_upload
 from shared.job_json import job_json as public_job_json
 from shared.jobs import Job, JobStatus
-from shared.job_request import FILE_FIELD, parse_job_request
+from shared.job_request import FILE_FIELD
 from shared.lifecycle import cancel_job, delete_job
 from shared.output import OutputOptions
+from shared.submission import IdempotentSubmit, find_existing_job, submit_upload
+from shared.uploads import ensure_room_for_upload
 
 from .auth import request_owner
-from .submission import IdempotentSubmit, find_existing_job, submit_job, submit_job_once
-from .uploads import ensure_room_for_upload, upload_path
+from .uploads import upload_path
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -83,12 +83,8 @@ def create_job():
     # A part over the upload limit was already refused while it streamed (`CappedUploadFile`).
     path = upload_path(upload)
     ensure_room_for_upload(services)  # the upload itself may have used up the room
-    info = inspect_upload(path, services.settings)
-    job_request = parse_job_request(request.form, info)
-    if idempotent is None:
-        return _job_response(submit_job(path, info, job_request, services, owner=request_owner()), 202)
     # An upload not moved into a job is deleted after the request (`discard_unclaimed_uploads`).
-    job, created = submit_job_once(path, info, job_request, services, idempotent, owner=request_owner())
+    job, created = submit_upload(path, request.form, services, owner=request_owner(), idempotent=idempotent)
     return _job_response(job, 202 if created else 200)
 
 

@@ -16,27 +16,18 @@ import signal
 import threading
 import time
 import typing as tp
-from pathlib import Path
 
 import grpc
 import redis
 
-from api import Services
-from api.auth import load_api_keys
-from api.limits import ActiveJobLimit
-from api.submission import submit_job
-from api.uploads import ensure_room_for_upload
-from shared.celery_app import make_celery
 from shared.config import Settings
-from shared.errors import (BadRequest, DemixError, IllegalTransition, JobNotFound, ServiceUnavailable,
-                           Unauthorized, UploadTooLarge)
-from shared.intake import inspect_upload
-from shared.job_request import parse_job_request
-from shared.jobs import Job, JobStatus, JobStore
+from shared.errors import BadRequest, DemixError, IllegalTransition, JobNotFound, ServiceUnavailable
+from shared.jobs import Job, JobStatus
 from shared.lifecycle import cancel_job
+from shared.services import Services, build_services
 from shared.stems import ALL, STEM_CHOICES, check_stems
-from shared.storage import JobStorage
-from shared.webhooks import WebhookQueue
+from shared.submission import submit_upload
+from shared.uploads import stage_upload_bytes
 
 from .protos import demixing_pb2, demixing_pb2_grpc
 
@@ -123,31 +114,18 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
         Raises:
             Unauthorized: keys are configured and the call has none, or an unknown one.
         """
-        api_keys = self.services.api_keys
-        if not api_keys:
-            return ""
         metadata = dict(context.invocation_metadata())
-        scheme, _, token = metadata.get("authorization", "").strip().partition(" ")
-        owner = api_keys.owner_of(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
-        if owner is None:
-            raise Unauthorized("this service needs an API key: send the metadata "
-                               "'authorization: Bearer <key>'")
-        return owner
+        return self.services.api_keys.authenticate(metadata.get("authorization", ""),
+                                                   "the metadata 'authorization: Bearer <key>'")
 
     def submit(self, audio: bytes, stems: str, owner: str = "") -> Job:
         services = self.services
-        if len(audio) > services.settings.max_upload_bytes:
-            raise _too_large(services.settings)
         services.limits.check(owner)
-        ensure_room_for_upload(services, len(audio))
-        with services.storage.open_upload() as upload:
-            upload.write(audio)
-        path = Path(upload.name)
+        path = stage_upload_bytes(services, audio, field="audio_file")
         try:
-            info = inspect_upload(path, services.settings)
             # The original interface answers with WAV files (in the input's own sample format).
-            job_request = parse_job_request({"stems": stems, "format": "wav"}, info)
-            return submit_job(path, info, job_request, services, owner=owner)
+            job, _ = submit_upload(path, {"stems": stems, "format": "wav"}, services, owner=owner)
+            return job
         finally:
             path.unlink(missing_ok=True)  # already moved into the job's folder when accepted
 
@@ -191,11 +169,6 @@ def _job_failure_status(error: DemixError) -> tp.Optional[grpc.StatusCode]:
     return grpc.StatusCode.ABORTED if isinstance(error, JobAborted) else None
 
 
-def _too_large(settings: Settings) -> DemixError:
-    return UploadTooLarge(f"audio_file is larger than the {settings.max_upload_mb} MiB limit "
-                          "(DEMIX_MAX_UPLOAD_MB)")
-
-
 def parse_sounds(sounds: str) -> str:
     """The Query's `sounds` as a stems choice (empty: `all`).
 
@@ -209,12 +182,10 @@ def parse_sounds(sounds: str) -> str:
                          code=exc.code) from None
 
 
-def make_services(settings: Settings) -> Services:
-    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5, socket_timeout=30)
-    jobs = JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished])
-    return Services(jobs=jobs, storage=JobStorage(settings.data_dir), celery=make_celery(settings),
-                    settings=settings, api_keys=load_api_keys(settings.api_keys),
-                    limits=ActiveJobLimit(client, settings.max_active_jobs_per_key))
+def _door_services(settings: Settings) -> Services:
+    services = build_services(settings)
+    services.api_keys  # read now: a bad DEMIX_API_KEYS stops the server at start, not its first call
+    return services
 
 
 def make_server(settings: Settings, services: tp.Optional[Services] = None,
@@ -228,7 +199,7 @@ def make_server(settings: Settings, services: tp.Optional[Services] = None,
                  # Without this, a second server on the same port would silently share it.
                  ("grpc.so_reuseport", 0)])
     demixing_pb2_grpc.add_demixingServicer_to_server(
-        DemixingServicer(services or make_services(settings)), server)
+        DemixingServicer(services or _door_services(settings)), server)
     address = address or f"{settings.host}:{settings.grpc_port}"
     try:
         port = server.add_insecure_port(address)

@@ -281,6 +281,5 @@ class WebhookSender:
 
 def start_sender(settings: Settings) -> WebhookSender:
     """A sender on its own Redis connection, running in a background thread."""
-    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5,
-                                  socket_timeout=30, health_check_interval=30)
-    return WebhookSender(WebhookQueue(client, settings)).start()
+    from .services import redis_client  # services builds the webhook queue: import at call time
+    return WebhookSender(WebhookQueue(redis_client(settings), settings)).start()

@@ -20,7 +20,7 @@ import soundfile as sf
 from flask import request
 
 from api import create_app
-from api.uploads import CappedUploadFile
+from shared.uploads import CappedUploadFile
 from shared import keys
 from shared.errors import UploadTooLarge
 from tests.audio_factory import music_like, wav_bytes

@@ -11,8 +11,8 @@ import logging
 import pytest
 import requests
 
-from api import auth
-from api.auth import load_api_keys, owner_id
+from shared import api_keys as auth
+from shared.api_keys import load_api_keys, owner_id
 from shared import keys
 from shared.errors import SeparationFailed
 from shared.jobs import JobStore, new_job_id

@@ -21,7 +21,8 @@ import soundfile as sf
 
 from cli.redis_server import free_port
 from grpc_api.protos import PROTO_FILE
-from grpc_api.server import DemixingServicer, grpc_status_for, make_server, make_services
+from grpc_api.server import DemixingServicer, grpc_status_for, make_server
+from shared.services import build_services
 from shared.errors import DemixError
 from shared.jobs import JobStatus
 from tests.audio_factory import write_wav
@@ -151,7 +152,7 @@ def test_audio_over_the_upload_limit_is_resource_exhausted(grpc_client_dir, redi
 
 def test_redis_down_is_unavailable(grpc_client_dir, settings, tmp_path):
     down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    services = make_services(down)
+    services = build_services(down)
     server, port = make_server(down, services=services, address="127.0.0.1:0")
     server.start()
     try:
@@ -169,7 +170,7 @@ def test_a_failed_job_is_internal_with_its_message(redis_server, settings):
 
     from shared.jobs import Job, new_job_id
 
-    services = make_services(settings)
+    services = build_services(settings)
     try:
         job = Job(id=new_job_id(), status=JobStatus.FAILED, stems="all", model="m", samplerate=44100,
                   channels=2, frames=10, created_at=0.0,
@@ -184,7 +185,7 @@ def test_a_failed_job_is_internal_with_its_message(redis_server, settings):
 
 def test_a_call_past_its_deadline_cancels_its_job(grpc_client_dir, redis_server, settings, tmp_path):
     idle = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE)  # no worker: the job stays queued
-    services = make_services(idle)
+    services = build_services(idle)
     server, port = make_server(idle, services=services, address="127.0.0.1:0")
     server.start()
     try:
@@ -218,7 +219,7 @@ def test_demix_grpc_says_when_its_port_is_taken(grpc_address, settings):
     """Even by another gRPC server (which would otherwise share it through SO_REUSEPORT)."""
     host, port = grpc_address.rsplit(":", 1)
     busy = dataclasses.replace(settings, host=host, grpc_port=int(port))
-    services = make_services(busy)
+    services = build_services(busy)
     try:
         with pytest.raises(OSError, match=f"{grpc_address}.*DEMIX_GRPC_PORT"):
             make_server(busy, services=services)
@@ -229,11 +230,11 @@ def test_demix_grpc_says_when_its_port_is_taken(grpc_address, settings):
 def test_with_api_keys_a_call_needs_one_and_its_job_is_the_keys(grpc_client_dir, redis_server, settings,
                                                                 tmp_path):
     """The gRPC interface is no way around DEMIX_API_KEYS: the same keys, owners and limits."""
-    from api.auth import owner_id
+    from shared.api_keys import owner_id
 
     keyed = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE, api_keys="grpc-key-1,grpc-key-2",
                                 max_active_jobs_per_key=1)
-    services = make_services(keyed)
+    services = build_services(keyed)
     server, port = make_server(keyed, services=services, address="127.0.0.1:0")
     server.start()
     try:
@@ -248,3 +249,12 @@ def test_with_api_keys_a_call_needs_one_and_its_job_is_the_keys(grpc_client_dir,
     finally:
         server.stop(grace=None).wait()
         services.jobs.redis.close()
+
+
+def test_the_grpc_server_does_not_load_flask():
+    """Both doors stand on `shared` as equals: the gRPC server never imports the HTTP API."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, grpc_api.server; "
+         "print(sorted({m.split('.')[0] for m in sys.modules} & {'flask', 'werkzeug', 'api', 'worker', 'torch'}))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

@@ -3,6 +3,7 @@ requeued tasks go to a queue no worker consumes, so the test counts them)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 import typing as tp
@@ -156,3 +157,34 @@ def test_the_loop_runs_each_sweep_at_start_and_then_periodically_surviving_failu
         loop.stop()
     assert runs["steady"] >= 3 and runs["broken"] >= 3
     assert "broken sweep failed" in caplog.text
+
+
+def test_a_job_the_sweep_fails_as_lost_sends_its_webhook(settings, redis_server):
+    """The sweeps' job store is built like every other (`shared.services`): a job they fail
+    with `worker_lost` is finished like one a worker finishes, webhook included."""
+    from shared.webhooks import WebhookQueue, WebhookSender
+    from tests.webhook_receiver import WebhookReceiver
+    from worker.maintenance import maintenance_context
+
+    # Database 1: the session's worker runs its own sender on database 0.
+    own_db = dataclasses.replace(settings, redis_url=redis_server.url.rsplit("/", 1)[0] + "/1",
+                                 queue=QUEUE, max_attempts=1, webhook_attempts=1)
+    context = maintenance_context(celery_app, own_db)
+    with WebhookReceiver([200]) as receiver:
+        job = Job(id=new_job_id(), status=JobStatus.QUEUED, stems="all", model="tiny", samplerate=44100,
+                  channels=2, frames=44100, created_at=time.time(), callback_url=receiver.url)
+        context.jobs.create(job)
+        lose_worker(context, job.id)
+        sweep = LostJobSweep()
+        sweep(context)
+        assert job.id in sweep(context)
+        assert context.jobs.get(job.id).status is JobStatus.FAILED
+        sender = WebhookSender(WebhookQueue(context.jobs.redis, own_db), poll_interval_s=0.05).start()
+        try:
+            [received] = receiver.wait_for(1)
+        finally:
+            sender.stop()
+    body = json.loads(received.body)
+    assert body["id"] == job.id and body["status"] == "failed"
+    assert body["error"]["code"] == "worker_lost"
+    context.jobs.redis.flushdb()

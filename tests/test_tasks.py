@@ -175,6 +175,6 @@ def test_a_cold_shutdown_cancels_the_run_and_gives_its_job_back(tiny_model_repo,
     assert job.attempts == 1 and job.handed_back == 1 and job.counted_attempts == 0
     assert sum(redis_client.llen(key) for key in keys.queue_keys(SIDE_QUEUE)) >= 1  # sent again
     with side_worker(log):
-        job = wait_for(lambda: (j := store.get(job_id)).status.is_finished and j, "redone", log=log)
+        job = wait_for(lambda: (j := store.get(job_id)).status.is_finished and j, "redone", timeout=900, log=log)
         assert job.status is JobStatus.SUCCEEDED and job.attempts == 2, job.error
         only_attempt_2_left(storage, job_id, log)

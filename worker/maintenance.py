@@ -24,6 +24,7 @@ from shared.jobs import JobStatus, JobStore
 from shared.lifecycle import recover_lost_job
 from shared.retention import sweep_expired_jobs, sweep_orphaned_job_folders, sweep_orphaned_uploads
 from shared.splits import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
+from shared.services import build_services
 from shared.storage import JobStorage
 
 log = logging.getLogger(__name__)
@@ -205,10 +206,9 @@ class MaintenanceLoop:
 
 def maintenance_context(celery: tp.Any, settings: tp.Optional[Settings] = None) -> MaintenanceContext:
     settings = settings or get_settings()
-    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5,
-                                  socket_timeout=30, health_check_interval=30)
-    return MaintenanceContext(settings=settings, jobs=JobStore(client),
-                              storage=JobStorage(settings.data_dir), celery=celery)
+    # The same job store as everywhere: a job the sweeps fail (`worker_lost`) sends its webhook.
+    services = build_services(settings, celery=celery)
+    return MaintenanceContext(settings=settings, jobs=services.jobs, storage=services.storage, celery=celery)
 
 
 class MaintenanceStep(bootsteps.StartStopStep):

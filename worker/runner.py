@@ -34,8 +34,8 @@ from shared.jobs import Job, JobStatus, JobStore
 from shared.lifecycle import hand_back_job, recover_lost_job
 from shared.output import OutputOptions
 from shared.readiness import mark_ready, process_id
+from shared.services import build_services
 from shared.storage import JobStorage, disk_full_error
-from shared.webhooks import WebhookQueue
 
 from .allocator import keep_freed_memory_for_reuse
 from .engine import SeparationOptions, separate_file, stem_layout
@@ -76,12 +76,8 @@ def worker_context() -> WorkerContext:
     """This process's context, built on first use (after the fork, in a prefork pool)."""
     settings = get_settings()
     _configure_process(settings)
-    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=5,
-                                  socket_timeout=30, health_check_interval=30)
-    # A finished job with a callback_url gets its webhook queued (sent by the worker's sender).
-    jobs = JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished])
-    return WorkerContext(settings=settings, jobs=jobs,
-                         storage=JobStorage(settings.data_dir), models=ModelCache())
+    services = build_services(settings, celery=celery_app)
+    return WorkerContext(settings=settings, jobs=services.jobs, storage=services.storage, models=ModelCache())
 
 
 def _configure_process(settings: Settings) -> None:

@@ -16,6 +16,7 @@ from shared import keys
 from shared.celery_app import MERGE_PARTS_TASK, SEPARATE_PART_TASK, SEPARATE_TASK, celery_app
 from shared.config import get_settings
 from shared.jobs import JobStore
+from shared.services import redis_client
 from shared.lifecycle import hand_back_worker_jobs
 
 from .maintenance import MaintenanceStep
@@ -83,7 +84,7 @@ def hand_back_running_jobs(sender: str, how: str = "", **_kwargs) -> None:
     `worker_soft_shutdown_timeout`, then cancelled the rest; give those back here.
     """
     settings = get_settings()
-    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2, socket_timeout=5)
+    client = redis_client(settings, connect_timeout_s=2, socket_timeout_s=5)
     try:
         worker = worker_identity(sender)
         client.set(keys.worker_stopping_key(worker), how or "stopping", ex=STOPPING_FLAG_TTL_S)

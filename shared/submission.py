@@ -1,4 +1,6 @@
-"""Turning an accepted upload into a queued job."""
+"""Turning a staged upload into a queued job, for every door (HTTP, gRPC) alike: the
+intake checks, the job request, the per-key limit, the idempotency key, the record and
+the message, all or nothing."""
 from __future__ import annotations
 
 import logging
@@ -6,12 +8,14 @@ import time
 import typing as tp
 from pathlib import Path
 
-from shared.audio import AudioInfo
-from shared.errors import JobNotFound, ServiceUnavailable, TooManyActiveJobs
-from shared.idempotency import IdempotencyKeys
-from shared.jobs import Job, JobStatus, new_job_id
-from shared.job_request import JobRequest
-from shared.lifecycle import enqueue_job
+from .audio import AudioInfo
+from .errors import JobNotFound, ServiceUnavailable, TooManyActiveJobs
+from .idempotency import IdempotencyKeys
+from .intake import inspect_upload
+from .jobs import Job, JobStatus, new_job_id
+from .job_request import JobRequest, parse_job_request
+from .lifecycle import enqueue_job
+from .services import Services
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ def idempotency_keys(services) -> IdempotencyKeys:
     return IdempotencyKeys(services.jobs.redis, ttl_s, job_exists)
 
 
-def find_existing_job(idempotent: IdempotentSubmit, services) -> tp.Optional[Job]:
+def find_existing_job(idempotent: IdempotentSubmit, services: Services) -> tp.Optional[Job]:
     """The job an earlier submit with the same key created, if it still exists."""
     job_id = idempotency_keys(services).find(idempotent.owner, idempotent.key)
     if job_id is None:
@@ -47,7 +51,28 @@ def find_existing_job(idempotent: IdempotentSubmit, services) -> tp.Optional[Job
         return None
 
 
-def submit_job_once(upload: Path, info: AudioInfo, job_request: JobRequest, services,
+def submit_upload(upload: Path, fields: tp.Mapping[str, str], services: Services, owner: str = "",
+                  idempotent: tp.Optional[IdempotentSubmit] = None) -> tuple[Job, bool]:
+    """Check a staged upload (`shared.intake`) and the job's fields (`shared.job_request`),
+    then queue it as `owner`'s job; returns the job and whether it was created now (False:
+    an earlier submit with the same `idempotent` key created it).
+
+    The upload is moved into the job when accepted; otherwise it is left for the caller to
+    delete.
+
+    Raises:
+        InvalidAudio, UnsupportedMediaType, BadRequest: the upload or a field is refused.
+        TooManyActiveJobs: `owner` already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` active jobs.
+        ServiceUnavailable: Redis or the broker is unreachable.
+    """
+    info = inspect_upload(upload, services.settings)
+    job_request = parse_job_request(fields, info)
+    if idempotent is None:
+        return submit_job(upload, info, job_request, services, owner=owner), True
+    return submit_job_once(upload, info, job_request, services, idempotent, owner=owner)
+
+
+def submit_job_once(upload: Path, info: AudioInfo, job_request: JobRequest, services: Services,
                     idempotent: IdempotentSubmit, owner: str = "") -> tuple[Job, bool]:
     """`submit_job` unless a submit with the same key already created a job: returns the
     job and whether it was created now. Of concurrent submits with one key, exactly one
@@ -73,7 +98,7 @@ def submit_job_once(upload: Path, info: AudioInfo, job_request: JobRequest, serv
     return job, True
 
 
-def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services, owner: str = "",
+def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services: Services, owner: str = "",
                job_id: tp.Optional[str] = None) -> Job:
     """Store the upload as a new job's input, record the job (as `owner`'s) and enqueue it.
 
@@ -110,7 +135,7 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services,
     return job
 
 
-def _roll_back(job_id: str, services) -> None:
+def _roll_back(job_id: str, services: Services) -> None:
     services.storage.delete_job(job_id)
     try:
         services.jobs.delete(job_id)
