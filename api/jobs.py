@@ -13,10 +13,10 @@ from shared.estimates import queue_position
 from shared.idempotency import ANONYMOUS_OWNER, HEADER as IDEMPOTENCY_HEADER, parse_key
 from shared.job_json import job_json as public_job_json
 from shared.jobs import Job, JobStatus
-from shared.job_request import FILE_FIELD
+from shared.job_request import FILE_FIELD, URL_FIELD
 from shared.lifecycle import cancel_job, delete_job
 from shared.output import OutputOptions
-from shared.submission import IdempotentSubmit, find_existing_job, submit_upload
+from shared.submission import IdempotentSubmit, find_existing_job, submit_upload, submit_url
 from shared.uploads import ensure_room_for_upload
 
 from .auth import request_owner
@@ -64,9 +64,9 @@ def _job_response(job: Job, status: int):
 
 @bp.post("")
 def create_job():
-    """Accept a WAV upload (`file`), the `stems` choice, output options and an optional
-    `callback_url`; answer 202 with the queued job, or 200 with the job an earlier submit
-    with the same `Idempotency-Key` created."""
+    """Accept an upload (`file`) or an http(s) `url` to fetch it from, the `stems` choice,
+    output options and an optional `callback_url`; answer 202 with the queued job, or 200
+    with the job an earlier submit with the same `Idempotency-Key` created."""
     services = _services()
     key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
     idempotent = IdempotentSubmit(idempotency_owner(), key) if key is not None else None
@@ -76,9 +76,16 @@ def create_job():
         return _job_response(existing, 200)
     services.limits.check(request_owner())
     ensure_room_for_upload(services, request.content_length or 0)
-    upload = request.files.get(FILE_FIELD)
+    upload, url = request.files.get(FILE_FIELD), request.form.get(URL_FIELD, "").strip()
+    if upload is not None and url:
+        raise BadRequest("send either the file field 'file' or the field 'url', not both",
+                         code="file_and_url")
+    if url:
+        job, created = submit_url(url, request.form, services, owner=request_owner(), idempotent=idempotent)
+        return _job_response(job, 202 if created else 200)
     if upload is None:
-        raise BadRequest("missing the multipart file field 'file' (the WAV to separate)",
+        raise BadRequest("missing the multipart file field 'file' (the audio file to separate), "
+                         "or the field 'url' (an http or https address to fetch it from)",
                          code="missing_file")
     # A part over the upload limit was already refused while it streamed (`CappedUploadFile`).
     path = upload_path(upload)

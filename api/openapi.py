@@ -24,7 +24,8 @@ import typing as tp
 from shared import errors
 from shared.config import Settings
 from shared.idempotency import HEADER as IDEMPOTENCY_HEADER, KEY_PATTERN, MAX_KEY_LENGTH
-from shared.job_request import FILE_FIELD, FORM_FIELDS
+from shared.job_request import FILE_FIELD, FORM_FIELDS, URL_FIELD
+from shared.outbound import MAX_URL_LENGTH
 from shared.jobs import JobStatus
 from shared.output import CHANNEL_MODES, CLIP_MODES, FORMATS, MIME_TYPES, MP3_SAMPLERATES, SAMPLE_FORMATS
 from shared.stems import STEM_CHOICES
@@ -72,10 +73,12 @@ ERROR_SCHEMA = {
 }
 
 ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
-    400: ("The request is malformed: no `file` part, an unknown `stems` value, an output option "
-          "that cannot be written, a `callback_url` that is not an http(s) URL, an invalid "
+    400: ("The request is malformed: no `file` part nor `url`, both, an unknown `stems` value, an "
+          "output option that cannot be written, a `url` or `callback_url` that is not an http(s) URL "
+          "or is on a private range (`DEMIX_ALLOW_PRIVATE_URLS`), an invalid "
           "`Idempotency-Key` header.",
-          ("missing_file", "invalid_stems", "invalid_output", "invalid_callback_url",
+          ("missing_file", "file_and_url", "invalid_stems", "invalid_output", "invalid_callback_url",
+           "invalid_url", errors.AddressNotAllowed.code,
            errors.InvalidIdempotencyKey.code, "bad_request")),
     401: ("API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
           (errors.Unauthorized.code,)),
@@ -99,7 +102,9 @@ ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
 """Every error status the API answers, what it means and its `error.code` values."""
 
 JOB_ERROR_CODES = (errors.ModelUnavailable.code, errors.SeparationFailed.code, "unknown_source",
-                   "invalid_stems", "undecodable_wav", errors.WorkerLost.code, errors.DiskFull.code)
+                   "invalid_stems", "undecodable_wav", errors.WorkerLost.code, errors.DiskFull.code,
+                   errors.FetchFailed.code, errors.AddressNotAllowed.code, errors.UploadTooLarge.code,
+                   "too_long", errors.UnsupportedMediaType.code, errors.InvalidAudio.code)
 """`error.code` values of a failed job (the worker's errors)."""
 
 _TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
@@ -146,6 +151,17 @@ JOB_FIELDS: dict[str, dict] = {
         "description": "Why the job failed (null unless `status` is `failed`)."},
     "callback_url": {"type": ["string", "null"], "format": "uri",
                      "description": "Where the job's JSON is POSTed when it finishes (webhook); null: nowhere."},
+    "source_url": {"type": ["string", "null"], "format": "uri",
+                   "description": "A `url` job's input address (fetched by a worker); null for uploads."},
+    "stage": {"type": ["string", "null"], "enum": ["downloading", "separating", None],
+              "description": "While running: `downloading` a `url` job's input, or `separating`. "
+                             "Null otherwise."},
+    "download": {"oneOf": [{"type": "null"}, {
+        "type": "object", "required": ["received_bytes", "total_bytes"],
+        "properties": {"received_bytes": {"type": "integer", "minimum": 0},
+                       "total_bytes": {"type": ["integer", "null"], "minimum": 0}}}],
+        "description": "A `url` job's fetch: bytes received so far and the total (null while the "
+                       "server has not said). Null for uploads."},
     "expires_at": {**_TIMESTAMP, "description": "When the finished job and its files are deleted "
                    "(`DEMIX_RETENTION_S` after it finished). Null while it is not finished, or when "
                    "jobs are kept forever."},
@@ -175,15 +191,21 @@ def _form_schema() -> dict:
     properties: dict[str, dict] = {FILE_FIELD: {
         "type": "string", "format": "binary", "contentMediaType": "audio/wav",
         "description": "The WAV to separate (any WAV flavour: PCM, float, μ-law/A-law, ADPCM, "
-                       "WAVE_FORMAT_EXTENSIBLE, RF64/BW64)."}}
+                       "WAVE_FORMAT_EXTENSIBLE, RF64/BW64)."},
+        URL_FIELD: {"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH,
+                    "pattern": r"^[hH][tT][tT][pP][sS]?://",
+                    "description": "Instead of `file`: an http or https address a worker fetches the "
+                                   "input from (the job shows `stage: downloading`). Addresses on "
+                                   "private, loopback, link-local, multicast or reserved ranges are "
+                                   "refused unless `DEMIX_ALLOW_PRIVATE_URLS=1`."}}
     for field in FORM_FIELDS:
         schema: dict[str, tp.Any] = dict(field.schema or {"type": "string", "enum": list(field.choices)})
         schema["description"] = field.description
         if field.default is not None:
             schema["default"] = int(field.default) if schema.get("type") == "integer" else field.default
         properties[field.name] = schema
-    return {"type": "object", "required": [FILE_FIELD], "properties": properties,
-            "allOf": _FORM_RULES}
+    return {"type": "object", "properties": properties,
+            "oneOf": [{"required": [FILE_FIELD]}, {"required": [URL_FIELD]}], "allOf": _FORM_RULES}
 
 
 def _when_format(fmt: str, then: dict) -> dict:

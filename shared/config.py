@@ -88,6 +88,13 @@ class Settings:
         5.0, "Wait before a webhook's first retry, in seconds; doubled for each later one (at most 1 h).")
     webhook_timeout_s: float = _setting(
         10.0, "Longest a webhook receiver may take to answer, in seconds, before the attempt fails.")
+    allow_private_urls: bool = _setting(
+        False, "1: `url` inputs and webhook `callback_url`s may reach loopback, private, link-local "
+               "and reserved addresses (a private deployment); 0: they are refused.")
+    url_timeout_s: float = _setting(
+        30.0, "Longest a `url` input's server may take to accept the connection or send more data, "
+              "in seconds, before the fetch fails.")
+    url_max_redirects: int = _setting(5, "Most redirects a `url` input's fetch follows (each checked again).")
     grpc_port: int = _setting(
         50051, "Port the gRPC interface (`demix grpc`) listens on, on DEMIX_HOST; 0: `demix up` runs without it.")
     api_key: str = _setting(
@@ -154,6 +161,10 @@ SECRET_FILE_PREFIXES = ("/", "./", "../", "~")
 """A secret setting starting with one of these names a file holding the secrets."""
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _coerce(field: dataclasses.Field, raw: tp.Any, name: str) -> tp.Any:
     kind = type(field.default)
     choices = field.metadata["choices"]
@@ -161,6 +172,12 @@ def _coerce(field: dataclasses.Field, raw: tp.Any, name: str) -> tp.Any:
         raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
     if isinstance(raw, kind):
         return raw
+    if kind is bool:
+        if str(raw).strip().lower() in _TRUE:
+            return True
+        if str(raw).strip().lower() in _FALSE:
+            return False
+        raise ValueError(f"{name}={raw!r} is not a valid switch: use 1 or 0")
     try:
         if issubclass(kind, Path):
             return Path(raw).expanduser()

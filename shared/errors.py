@@ -129,3 +129,17 @@ class SeparationFailed(DemixError):
     """The separation itself failed for a reason that is not the input's fault."""
     code = "separation_failed"
     http_status = 500
+
+
+class AddressNotAllowed(BadRequest):
+    """A user-given URL (`url`, `callback_url`) names, resolves to, or redirects to an
+    address on a private, loopback, link-local, multicast or reserved range."""
+    code = "url_not_allowed"
+    http_status = 400
+
+
+class FetchFailed(DemixError):
+    """A `url` job's input could not be fetched: the server refused, answered an error,
+    stalled past `DEMIX_URL_TIMEOUT_S` or redirected too often (the message says which)."""
+    code = "fetch_failed"
+    http_status = 502

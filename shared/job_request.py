@@ -19,6 +19,9 @@ from .webhooks import MAX_CALLBACK_URL_LENGTH, validate_callback_url
 FILE_FIELD = "file"
 """The multipart file part holding the WAV."""
 
+URL_FIELD = "url"
+"""The form field naming an http(s) address to fetch the input from, instead of a `file`."""
+
 
 @dataclasses.dataclass(frozen=True)
 class FormField:

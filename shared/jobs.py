@@ -80,11 +80,29 @@ class Job:
     """Runs that ended with the worker giving the job back (a graceful stop); they do not
     count towards `DEMIX_MAX_ATTEMPTS`."""
     callback_url: tp.Optional[str] = None  # webhook target, POSTed the job JSON when it finishes
+    source_url: tp.Optional[str] = None
+    """A `url` job's input address: a worker fetches it before separating."""
+    request_fields: tp.Dict[str, str] = dataclasses.field(default_factory=dict)
+    """A `url` job's form fields, parsed again (output defaults) once its input is known."""
+    download: tp.Optional[dict] = None
+    """A `url` job's fetch: `received_bytes` and `total_bytes` (None while unknown)."""
 
     @property
     def duration(self) -> float:
-        """Input length in seconds."""
-        return self.frames / self.samplerate
+        """Input length in seconds (0 for a `url` job whose input is not fetched yet)."""
+        return self.frames / self.samplerate if self.samplerate else 0.0
+
+    @property
+    def awaits_input(self) -> bool:
+        """A `url` job whose input has not been fetched and accepted yet."""
+        return bool(self.source_url) and not self.samplerate
+
+    @property
+    def stage(self) -> tp.Optional[str]:
+        """What a running job does now: `downloading` its `url` input, or `separating`."""
+        if self.status is not JobStatus.RUNNING:
+            return None
+        return "downloading" if self.awaits_input else "separating"
 
     @property
     def counted_attempts(self) -> int:
@@ -111,6 +129,9 @@ class Job:
             "output": self.output,
             "error": self.error,
             "callback_url": self.callback_url,
+            "source_url": self.source_url,
+            "stage": self.stage,
+            "download": self.download,
         }
 
 
@@ -213,6 +234,18 @@ if tonumber(ARGV[1]) ~= attempts then return {'stale', status, attempts} end
 # A running attempt's heartbeat: renews its lease and optionally writes its progress, if
 # the job is still running under that attempt. Returns {outcome, status, attempts}.
 #   KEYS: job hash, lease; ARGV: attempt, lease TTL in ms, lease holder, progress ('' = none)
+# A running attempt's own fields (a `url` job's download, then its input's facts), if the
+# job is still running under that attempt. Returns {outcome, status, attempts, record...}.
+#   KEYS: job hash; ARGV: attempt, then field/value pairs
+_UPDATE_RUNNING = RUNNING_ATTEMPT_FENCE + """
+local fields = {}
+for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+local result = {'ok', status, attempts}
+for _, value in ipairs(redis.call('HGETALL', KEYS[1])) do result[#result + 1] = value end
+return result
+"""
+
 _HEARTBEAT = RUNNING_ATTEMPT_FENCE + """
 redis.call('SET', KEYS[2], attempts .. ' ' .. ARGV[3], 'PX', ARGV[2])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[4]) end
@@ -233,6 +266,7 @@ class JobStore:
         self.on_finished: list[FinishedHook] = list(on_finished)
         self._transition = client.register_script(_TRANSITION)
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._update_running = client.register_script(_UPDATE_RUNNING)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -304,6 +338,20 @@ class JobStore:
         outcome, *rest = self._heartbeat(keys=[keys.job_key(job_id), keys.lease_key(job_id)],
                                          args=[attempt, int(lease_s * 1000), holder, value])
         raise_unless_ok(job_id, outcome.decode(), rest, JobStatus.RUNNING, attempt)
+
+    def update_running(self, job_id: str, attempt: int, **fields: tp.Any) -> Job:
+        """Write fields of a running job for attempt `attempt` (a `url` job's download
+        progress, then its input's facts once accepted); returns the updated job.
+
+        Raises:
+            JobNotFound, IllegalTransition, StaleAttempt: as for `heartbeat`.
+        """
+        pairs: list[str] = []
+        for name, value in fields.items():
+            pairs += [name, json.dumps(_plain(value))]
+        outcome, *rest = self._update_running(keys=[keys.job_key(job_id)], args=[attempt, *pairs])
+        raise_unless_ok(job_id, outcome.decode(), rest[:2], JobStatus.RUNNING, attempt)
+        return _job_from_hash(dict(zip(rest[2::2], rest[3::2])))
 
     def mark_succeeded(self, job_id: str, outputs: tp.Sequence[str], attempt: int) -> Job:
         """Finish attempt `attempt` with its stems `outputs`.

@@ -1,6 +1,6 @@
-"""Turning a staged upload into a queued job, for every door (HTTP, gRPC) alike: the
-intake checks, the job request, the per-key limit, the idempotency key, the record and
-the message, all or nothing."""
+"""Turning a staged upload, or a URL to fetch, into a queued job, for every door (HTTP,
+gRPC) alike: the intake checks, the job request, the private-address rule, the per-key
+limit, the idempotency key, the record and the message, all or nothing."""
 from __future__ import annotations
 
 import logging
@@ -13,8 +13,9 @@ from .errors import JobNotFound, ServiceUnavailable, TooManyActiveJobs
 from .idempotency import IdempotencyKeys
 from .intake import inspect_upload
 from .jobs import Job, JobStatus, new_job_id
-from .job_request import JobRequest, parse_job_request
+from .job_request import URL_FIELD, JobRequest, parse_job_request
 from .lifecycle import enqueue_job
+from .outbound import check_public_url, check_url_syntax
 from .services import Services
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ def find_existing_job(idempotent: IdempotentSubmit, services: Services) -> tp.Op
         return None
 
 
+URL_INPUT_PLACEHOLDER = AudioInfo(samplerate=44100, channels=2, frames=0, subtype="PCM_16", container="WAV")
+"""What a `url` job's fields are checked against at submission, before its input is known
+(its output defaults are resolved again from the real input once it is fetched)."""
+
+
 def submit_upload(upload: Path, fields: tp.Mapping[str, str], services: Services, owner: str = "",
                   idempotent: tp.Optional[IdempotentSubmit] = None) -> tuple[Job, bool]:
     """Check a staged upload (`shared.intake`) and the job's fields (`shared.job_request`),
@@ -66,28 +72,60 @@ def submit_upload(upload: Path, fields: tp.Mapping[str, str], services: Services
         ServiceUnavailable: Redis or the broker is unreachable.
     """
     info = inspect_upload(upload, services.settings)
-    job_request = parse_job_request(fields, info)
-    if idempotent is None:
-        return submit_job(upload, info, job_request, services, owner=owner), True
-    return submit_job_once(upload, info, job_request, services, idempotent, owner=owner)
+    job_request = _checked_request(fields, info, services)
+
+    def queue(job_id: str) -> Job:
+        return submit_job(upload, info, job_request, services, owner=owner, job_id=job_id)
+
+    return _queue_once(queue, services, idempotent)
 
 
-def submit_job_once(upload: Path, info: AudioInfo, job_request: JobRequest, services: Services,
-                    idempotent: IdempotentSubmit, owner: str = "") -> tuple[Job, bool]:
-    """`submit_job` unless a submit with the same key already created a job: returns the
-    job and whether it was created now. Of concurrent submits with one key, exactly one
-    creates the job; the others get it (and their upload is left for the caller to discard).
+def submit_url(url: str, fields: tp.Mapping[str, str], services: Services, owner: str = "",
+               idempotent: tp.Optional[IdempotentSubmit] = None) -> tuple[Job, bool]:
+    """Queue a job whose input a worker fetches from `url` (http or https) before it
+    separates it, with the same intake checks as an upload; returns the job and whether
+    it was created now.
 
     Raises:
-        TooManyActiveJobs: `owner` already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` active jobs.
-        ServiceUnavailable: Redis or the broker is unreachable.
+        BadRequest: (`invalid_url`) the URL is malformed; a field is refused.
+        AddressNotAllowed: (`url_not_allowed`) its host is on a private range.
+        TooManyActiveJobs, ServiceUnavailable: as for `submit_upload`.
     """
-    keys, job_id = idempotency_keys(services), new_job_id()
+    url = check_url_syntax(url, "url")
+    check_public_url(url, "url", services.settings.allow_private_urls)
+    job_request = _checked_request(fields, URL_INPUT_PLACEHOLDER, services)
+
+    def queue(job_id: str) -> Job:
+        job = Job(id=job_id, status=JobStatus.QUEUED, stems=job_request.stems, model=services.settings.model,
+                  samplerate=0, channels=0, frames=0, created_at=time.time(), queue=services.settings.queue,
+                  owner=owner, callback_url=job_request.callback_url, source_url=url,
+                  request_fields={name: str(value) for name, value in fields.items() if name != URL_FIELD})
+        return queue_new_job(job, services)
+
+    return _queue_once(queue, services, idempotent)
+
+
+def _checked_request(fields: tp.Mapping[str, str], info: AudioInfo, services: Services) -> JobRequest:
+    job_request = parse_job_request(fields, info)
+    if job_request.callback_url:
+        check_public_url(job_request.callback_url, "callback_url", services.settings.allow_private_urls)
+    return job_request
+
+
+def _queue_once(queue: tp.Callable[[str], Job], services: Services,
+                idempotent: tp.Optional[IdempotentSubmit]) -> tuple[Job, bool]:
+    """`queue(new_job_id)` unless a submit with the same key already created a job: returns
+    the job and whether it was created now. Of concurrent submits with one key, exactly one
+    creates the job; the others get it (and their upload is left for the caller to discard)."""
+    job_id = new_job_id()
+    if idempotent is None:
+        return queue(job_id), True
+    keys = idempotency_keys(services)
     existing = keys.claim(idempotent.owner, idempotent.key, job_id)
     if existing is not None:
         return services.jobs.get(existing), False
     try:
-        job = submit_job(upload, info, job_request, services, owner=owner, job_id=job_id)
+        job = queue(job_id)
     except BaseException:
         try:
             keys.release(idempotent.owner, idempotent.key, job_id)
@@ -100,27 +138,34 @@ def submit_job_once(upload: Path, info: AudioInfo, job_request: JobRequest, serv
 
 def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services: Services, owner: str = "",
                job_id: tp.Optional[str] = None) -> Job:
-    """Store the upload as a new job's input, record the job (as `owner`'s) and enqueue it.
-
-    Either all three happen or none: if the record or the message cannot be written, or
-    the owner is at its active-job limit, the job's files and record are removed again.
-
-    Raises:
-        TooManyActiveJobs: `owner` already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` active jobs.
-        ServiceUnavailable: Redis or the broker is unreachable.
-    """
+    """Store the upload as a new job's input, record the job (as `owner`'s) and enqueue it
+    (all or nothing, as `queue_new_job`)."""
     job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems,
               model=services.settings.model, samplerate=info.samplerate, channels=info.channels,
               frames=info.frames, created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
               output=job_request.output.to_dict(), queue=services.settings.queue, owner=owner,
               callback_url=job_request.callback_url)
-    upload_bytes = upload.stat().st_size
-    services.storage.accept_upload(upload, job.id)
+    return queue_new_job(job, services, upload)
+
+
+def queue_new_job(job: Job, services: Services, upload: tp.Optional[Path] = None) -> Job:
+    """Store `upload` (if any) as the new job's input, record the job and enqueue it.
+
+    Either all happen or none: if the record or the message cannot be written, or the
+    owner is at its active-job limit, the job's files and record are removed again.
+
+    Raises:
+        TooManyActiveJobs: the job's owner already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` active jobs.
+        ServiceUnavailable: Redis or the broker is unreachable.
+    """
+    upload_bytes = upload.stat().st_size if upload is not None else 0
+    if upload is not None:
+        services.storage.accept_upload(upload, job.id)
     try:
         services.jobs.create(job, upload_bytes=upload_bytes)
-        if owner:
+        if job.owner:
             # After the record exists, so pruning finished jobs can never drop this one.
-            services.limits.reserve(owner, job.id)
+            services.limits.reserve(job.owner, job.id)
         enqueue_job(services.celery, job.id, services.settings.queue)
     except TooManyActiveJobs:
         _roll_back(job.id, services)
@@ -128,10 +173,13 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services:
     except Exception as exc:
         log.error("could not enqueue job %s: %s", job.id, exc)
         _roll_back(job.id, services)
-        raise ServiceUnavailable("the job queue (Redis) is unreachable; the upload was not kept, "
+        raise ServiceUnavailable("the job queue (Redis) is unreachable; nothing was kept, "
                                  "try again shortly") from exc
-    log.info("queued job %s (%s, %.1fs, %d Hz, %d ch)", job.id, job.stems, job.duration,
-             job.samplerate, job.channels)
+    if job.source_url:
+        log.info("queued job %s (%s, from a URL)", job.id, job.stems)
+    else:
+        log.info("queued job %s (%s, %.1fs, %d Hz, %d ch)", job.id, job.stems, job.duration,
+                 job.samplerate, job.channels)
     return job
 
 

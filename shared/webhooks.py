@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 import typing as tp
-import urllib.parse
 import uuid
 
 import redis
@@ -31,9 +30,10 @@ import requests
 
 from . import keys
 from .config import Settings
-from .errors import BadRequest
+from .errors import AddressNotAllowed
 from .job_json import job_json
 from .jobs import Job
+from .outbound import MAX_URL_LENGTH, check_url_syntax, connection_refusal, outbound_session
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ DELIVERY_HEADER = "X-Demix-Delivery"
 ATTEMPT_HEADER = "X-Demix-Attempt"
 """1 for the first attempt, 2 for the first retry, ..."""
 
-MAX_CALLBACK_URL_LENGTH = 2048
+MAX_CALLBACK_URL_LENGTH = MAX_URL_LENGTH
 MAX_BACKOFF_S = 3600.0
 """Longest wait between two attempts, whatever DEMIX_WEBHOOK_BACKOFF_S and the attempt count."""
 LEASE_MARGIN_S = 30.0
@@ -63,33 +63,14 @@ return due
 
 def validate_callback_url(value: tp.Optional[str]) -> tp.Optional[str]:
     """The `callback_url` form field, checked: an absolute http(s) URL, or None when absent.
+    (Where it may point is checked at submission: `shared.outbound.check_public_url`.)
 
     Raises:
         BadRequest: (`invalid_callback_url`) not an absolute http or https URL.
     """
     if value is None or not value.strip():
         return None
-    url = value.strip()
-
-    def invalid(reason: str) -> BadRequest:
-        return BadRequest(f"invalid callback_url {url[:200]!r}: {reason}", code="invalid_callback_url")
-
-    if len(url) > MAX_CALLBACK_URL_LENGTH:
-        raise invalid(f"longer than {MAX_CALLBACK_URL_LENGTH} characters")
-    if any(c.isspace() or ord(c) < 32 for c in url):
-        raise invalid("it contains whitespace or control characters")
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port  # raises on a port that is not a number in 0-65535
-    except ValueError as exc:
-        raise invalid(str(exc)) from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise invalid("only http and https URLs are accepted")
-    if not parts.hostname:
-        raise invalid("it names no host")
-    if port == 0:
-        raise invalid("port 0 cannot be reached")
-    return url
+    return check_url_syntax(value, "callback_url")
 
 
 def signature(body: bytes, secret: str) -> str:
@@ -208,13 +189,15 @@ def post_delivery(delivery: Delivery, settings: Settings) -> tp.Optional[str]:
     if settings.webhook_secret:
         headers[SIGNATURE_HEADER] = signature(delivery.body, settings.webhook_secret)
     try:
-        with requests.post(delivery.url, data=delivery.body, headers=headers, allow_redirects=False,
-                           timeout=settings.webhook_timeout_s, stream=True) as response:
+        with outbound_session(settings.allow_private_urls) as session, session.post(
+                delivery.url, data=delivery.body, headers=headers, allow_redirects=False,
+                timeout=settings.webhook_timeout_s, stream=True) as response:
             if 200 <= response.status_code < 300:
                 return None
             return f"HTTP {response.status_code}"
-    except requests.RequestException as exc:
-        return f"{type(exc).__name__}: {exc}"
+    except (requests.RequestException, AddressNotAllowed) as exc:
+        refusal = connection_refusal(exc)
+        return f"{refusal.code}: {refusal.message}" if refusal is not None else f"{type(exc).__name__}: {exc}"
 
 
 class WebhookSender:

@@ -32,11 +32,14 @@ os.environ.update({
     # Short leases, so tests see lost workers recovered in seconds (the sweep runs every
     # third of a lease); long enough that a loaded machine does not lose live ones.
     "DEMIX_LEASE_S": "6",
+    # Every test server, webhook receiver and `url` input is on 127.0.0.1.
+    "DEMIX_ALLOW_PRIVATE_URLS": "1",
 })
 for _name in list(os.environ):  # a developer's own DEMIX_* settings must not leak in
     if _name.startswith("DEMIX_") and _name not in {
             "DEMIX_REDIS_URL", "DEMIX_DATA_DIR", "DEMIX_MODEL", "DEMIX_MODEL_REPO",
-            "DEMIX_DEVICE", "DEMIX_TORCH_THREADS", "DEMIX_LEASE_S", "DEMIX_TEST_CACHE"}:
+            "DEMIX_DEVICE", "DEMIX_TORCH_THREADS", "DEMIX_LEASE_S", "DEMIX_TEST_CACHE",
+            "DEMIX_ALLOW_PRIVATE_URLS"}:
         del os.environ[_name]
 
 

@@ -12,7 +12,7 @@ from openapi_spec_validator import validate
 
 from api import create_app
 from api.openapi import OPERATIONS, UNDESCRIBED_ENDPOINTS, openapi_path
-from shared.job_request import FILE_FIELD, FORM_FIELDS
+from shared.job_request import FILE_FIELD, FORM_FIELDS, URL_FIELD
 from tests.audio_factory import wav_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_every_route_is_described_and_every_description_is_a_route(idle_server, 
 
 def test_the_form_is_the_parsers_fields(spec):
     form = spec["components"]["schemas"]["JobRequest"]
-    assert list(form["properties"]) == [FILE_FIELD] + [field.name for field in FORM_FIELDS]
+    assert list(form["properties"]) == [FILE_FIELD, URL_FIELD] + [field.name for field in FORM_FIELDS]
     for field in FORM_FIELDS:
         if field.choices:
             assert form["properties"][field.name]["enum"] == list(field.choices)

@@ -42,6 +42,7 @@ from .engine import SeparationOptions, separate_file, stem_layout
 from .forward import batch_segments, warm_model
 from .models import ModelCache, ModelSpec, resolve_device
 from .stem_files import JobStemSink
+from .url_inputs import fetch_input
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,8 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
     """Separate the job's stems into its attempt folder and return their names, or
     (a long job) prepare its parts, send them and return None."""
     settings, storage = context.settings, context.storage
+    if job.awaits_input:
+        job = fetch_input(job, context, lease)
     device = resolve_device(settings.device)
     model = context.models.get(model_spec(settings, device))
     lease.check()
