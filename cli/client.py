@@ -138,6 +138,23 @@ class Client:
         _raise_for_error(response)
         return response.json()
 
+    def submit_url(self, url: str, stems: str = "all", *, callback_url: tp.Optional[str] = None,
+                   idempotency_key: tp.Optional[str] = None, **output_options: tp.Any) -> dict:
+        """Queue a job whose input the service fetches from `url` (http or https); returns
+        the queued job's JSON (its `stage` is `downloading` while the service fetches it).
+
+        Raises:
+            ClientError: the service refused the URL (e.g. `url_not_allowed`), or stayed unreachable.
+        """
+        fields = {"url": url, "stems": stems, **{k: str(v) for k, v in output_options.items() if v is not None}}
+        if callback_url:
+            fields["callback_url"] = callback_url
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        response = self._retrying(lambda: self.session.post(f"{self.url}/v1/jobs", data=fields, headers=headers,
+                                                             timeout=UPLOAD_TIMEOUT_S))
+        _raise_for_error(response)
+        return response.json()
+
     def job(self, job_id: str) -> dict:
         """The job's JSON (`status`, `progress`, `outputs`, ...)."""
         response = self._get(f"/v1/jobs/{job_id}")
@@ -287,12 +304,27 @@ class MultipartFile:
 
 @dataclasses.dataclass
 class Submitted:
-    path: Path
+    path: tp.Union[Path, str]  # a file, or the URL the service fetches
     job: dict
 
 
-def submit_with_progress(client: Client, path: Path, stems: str) -> dict:
-    """Upload one WAV with a progress bar; returns the queued job."""
+def is_url(item: tp.Union[str, os.PathLike]) -> bool:
+    """Whether a `demix separate` argument is an http(s) address rather than a file."""
+    return str(item).lower().startswith(("http://", "https://"))
+
+
+def output_name(item: tp.Union[str, os.PathLike]) -> str:
+    """The stems folder of a file (its stem) or a URL (its last path segment's stem)."""
+    if is_url(item):
+        return Path(urllib.parse.urlsplit(str(item)).path).stem or "download"
+    return Path(item).stem
+
+
+def submit_with_progress(client: Client, path: tp.Union[Path, str], stems: str) -> dict:
+    """Upload one file with a progress bar (or, for a URL, have the service fetch it);
+    returns the queued job."""
+    if is_url(path):
+        return client.submit_url(str(path), stems)
     with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"upload {path.name}", leave=False) as bar:
         def on_upload(sent: int, _size: int) -> None:
@@ -304,7 +336,7 @@ def submit_with_progress(client: Client, path: Path, stems: str) -> dict:
 def wait_and_download(client: Client, submitted: list[Submitted], out_dir: Path) -> int:
     """Poll every job with a progress bar each, download stems as jobs succeed;
     returns the number of jobs that failed or were cancelled."""
-    bars = {s.job["id"]: tqdm(total=100, desc=s.path.name, position=i, unit="%",
+    bars = {s.job["id"]: tqdm(total=100, desc=output_name(s.path), position=i, unit="%",
                               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
             for i, s in enumerate(submitted)}
     pending = {s.job["id"]: s for s in submitted}
@@ -314,10 +346,10 @@ def wait_and_download(client: Client, submitted: list[Submitted], out_dir: Path)
             for job_id, item in list(pending.items()):
                 job = client.job(job_id)
                 bar = bars[job_id]
-                bar.set_postfix_str(job["status"], refresh=False)
+                bar.set_postfix_str(_stage_text(job), refresh=False)
                 bar.update(round(job["progress"] * 100) - bar.n)
                 if job["status"] == "succeeded":
-                    folder = out_dir / item.path.stem
+                    folder = out_dir / output_name(item.path)
                     client.download(job_id, folder, job=job)
                     bar.set_postfix_str(f"saved to {folder}")
                     del pending[job_id]
@@ -333,12 +365,21 @@ def wait_and_download(client: Client, submitted: list[Submitted], out_dir: Path)
     return failures
 
 
-def run_separate(server: str, files: tp.Sequence[Path], stems: str, out_dir: Path,
+def _stage_text(job: dict) -> str:
+    download = job.get("download")
+    if job.get("stage") == "downloading" and download:
+        received = download["received_bytes"] / 2 ** 20
+        total = f" of {download['total_bytes'] / 2 ** 20:.1f}" if download.get("total_bytes") else ""
+        return f"downloading {received:.1f}{total} MiB"
+    return job.get("stage") or job["status"]
+
+
+def run_separate(server: str, files: tp.Sequence[tp.Union[str, Path]], stems: str, out_dir: Path,
                  api_key: tp.Optional[str] = None) -> int:
     """Submit all files, then wait for all; returns a process exit code."""
     with Client(server, api_key=api_key) as client:
         submitted = []
-        for path in files:
+        for path in (item if is_url(item) else Path(item) for item in files):
             try:
                 submitted.append(Submitted(path, submit_with_progress(client, path, stems)))
             except (ClientError, requests.RequestException, OSError) as exc:

@@ -17,6 +17,7 @@ from shared.atomic import is_temporary
 from cli.redis_server import RedisServer, free_port
 from tests.audio_factory import write_wav
 from tests.conftest import UNCONSUMED_QUEUE, LiveServer
+from tests.file_server import FileServer
 
 
 def test_separate_uploads_a_batch_and_downloads_every_stem(live_server, tmp_path, capsys):
@@ -34,6 +35,23 @@ def test_separate_uploads_a_batch_and_downloads_every_stem(live_server, tmp_path
         assert drums_rate == rate and drums.shape == original.shape
         assert np.abs(drums + rest - original).max() <= 1 / 2 ** 15
     assert not [path for path in out.rglob("*") if is_temporary(path)]
+
+
+def test_separate_has_the_service_fetch_urls_beside_files(live_server, tmp_path, capsys):
+    local = write_wav(tmp_path / "local.wav", 44100, 2, seconds=0.5)
+    remote = write_wav(tmp_path / "served.wav", 22050, 1, seconds=0.5, seed=3)
+    out = tmp_path / "stems"
+    with FileServer() as files:
+        files.routes["/music/remote.wav"] = (200, {}, remote.read_bytes())
+        code = main(["separate", str(local), f"{files.base}/music/remote.wav", "--stems", "vocals",
+                     "--server", live_server.url, "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "2 of 2 separated" in capsys.readouterr().out
+    for path, folder in ((local, "local"), (remote, "remote")):
+        original, rate = sf.read(str(path), dtype="float64", always_2d=True)
+        vocals, vocals_rate = sf.read(str(out / folder / "vocals.wav"), dtype="float64", always_2d=True)
+        rest, _ = sf.read(str(out / folder / "no_vocals.wav"), dtype="float64", always_2d=True)
+        assert vocals_rate == rate and np.abs(vocals + rest - original).max() <= 1 / 2 ** 15
 
 
 def test_a_refused_file_is_reported_with_the_services_message(live_server, tmp_path, capsys):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import http.server
-import threading
 import typing as tp
 
 import numpy as np
@@ -20,58 +18,9 @@ from shared.url_input import fetch_url
 from shared.webhooks import Delivery, post_delivery
 from tests.audio_factory import write_wav
 from tests.conftest import LiveServer, wait_for_job
+from tests.file_server import FileServer
 from tests.waiting import wait_for
 from tests.webhook_receiver import WebhookReceiver
-
-
-class FileServer:
-    """Serves scripted answers on `host`: `routes` maps a path to (status, headers, body);
-    a route may hold its body's second half until `release` is set."""
-
-    def __init__(self, host: str = "127.0.0.1"):
-        self.routes: dict[str, tuple[int, dict, bytes]] = {}
-        self.hold: set[str] = set()
-        self.release = threading.Event()
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests.append(self.path)
-                status, headers, body = server.routes.get(self.path, (404, {}, b"no such file"))
-                self.send_response(status)
-                headers = {"Content-Length": str(len(body)), **headers}
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                if self.path in server.hold:
-                    half = len(body) // 2
-                    self.wfile.write(body[:half])
-                    self.wfile.flush()
-                    server.release.wait(120)
-                    body = body[half:]
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client stopped reading: what a refusal looks like from here
-
-            def log_message(self, *_: tp.Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
-        self.base = f"http://{host}:{self.server.server_port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FileServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: tp.Any) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(10)
 
 
 @pytest.fixture
