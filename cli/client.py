@@ -53,7 +53,7 @@ class ClientError(RuntimeError):
     """The service refused a request (or could not be reached).
 
     Attributes:
-        code: the service's error code (`invalid_stems`, `not_wav`, ...), or `unreachable`.
+        code: the service's error code (`invalid_stems`, `unsupported_format`, ...), or `unreachable`.
         message: the service's explanation.
         http_status: the HTTP status, or None when the service could not be reached.
         details: any other fields of the service's error object.

@@ -116,8 +116,8 @@ def sniff_container(path: Path) -> tp.Optional[Container]:
                                    "audio only layer III (MP3) is supported")
         return CONTAINERS["MP3"]
     if tagged:
-        raise UnsupportedMediaType(f"the file starts with an ID3 tag but no MP3 frame follows it "
-                                   f"({describe_format(head)})")
+        raise UnsupportedMediaType("the file is not an audio format the service reads: it starts with "
+                                   f"an ID3 tag, but no MP3 frame follows it ({describe_format(head)})")
     if head.startswith(b"OggS"):
         return _ogg_container(head)
     if head.startswith(b"FORM") and head[8:12] in (b"AIFF", b"AIFC"):
