@@ -264,6 +264,17 @@ def _open_stream(path: Path, container: Container) -> tp.ContextManager["Decoded
     return _FFmpegStream(path, container)
 
 
+VORBIS_TO_WAV_ORDER = {
+    3: (0, 2, 1),  # L C R -> L R C
+    5: (0, 2, 1, 3, 4),  # L C R BL BR -> L R C BL BR
+    6: (0, 2, 1, 5, 3, 4),  # L C R BL BR LFE -> L R C LFE BL BR
+    7: (0, 2, 1, 6, 5, 3, 4),  # L C R SL SR BC LFE -> L R C LFE BC SL SR
+    8: (0, 2, 1, 7, 5, 6, 3, 4),  # L C R SL SR BL BR LFE -> L R C LFE BL BR SL SR
+}
+"""Vorbis and Opus (mapping family 1) order surround channels differently from WAV, and
+libsndfile hands them over as stored; the worker, like FFmpeg, expects WAV's order."""
+
+
 class _SndfileStream:
     """libsndfile's decode of AIFF and Ogg Vorbis/Opus."""
 
@@ -300,6 +311,8 @@ class _SndfileStream:
                 raise _corrupt(self._container, exc.error_string) from None
             if count == 0:
                 return
+            if self._container.name == "OGG" and self.facts.channels in VORBIS_TO_WAV_ORDER:
+                block = block[:, VORBIS_TO_WAV_ORDER[self.facts.channels]]
             yield block[:count]
 
     def __enter__(self) -> "_SndfileStream":

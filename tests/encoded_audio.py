@@ -92,6 +92,8 @@ FORMATS: dict[str, Encoded] = {
     "opus (opusenc)": Encoded("opus", lambda s, t: run("opusenc", "--quiet", s, t), "OGG/OPUS"),
     "opus 5.1 (opusenc)": Encoded("opus", lambda s, t: run("opusenc", "--quiet", s, t), "OGG/OPUS",
                                   samplerate=48000, channels=6),
+    "vorbis 7.1 (oggenc)": Encoded("ogg", lambda s, t: run("oggenc", "-Q", s, "-o", t), "OGG/VORBIS",
+                                   samplerate=48000, channels=8, seconds=0.5),
     "aiff 16-bit": Encoded("aiff", _ffmpeg("-c:a", "pcm_s16be"), "AIFF/PCM_16", lossy=False),
     "aiff-c float": Encoded("aifc", _ffmpeg("-c:a", "pcm_f32be", "-f", "aiff"), "AIFF-C/FLOAT",
                             samplerate=48000, source_subtype="FLOAT", lossy=False),
