@@ -28,6 +28,8 @@ import struct
 import typing as tp
 from pathlib import Path
 
+import av
+import av.logging
 import numpy as np
 import soundfile as sf
 
@@ -79,6 +81,10 @@ AAC_PROFILES = {"LC": "AAC_LC", "HE-AAC": "HE_AAC", "HE-AACv2": "HE_AAC_V2"}
 
 MP4_ATOMS = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
 """Top-level atoms an MP4/QuickTime file starts with (most start with `ftyp`)."""
+
+DECODER_ERRORS = (av.FFmpegError, ValueError, UnicodeDecodeError)
+"""What PyAV raises on a damaged file: FFmpeg's errors, and its own on values it cannot
+convert (a mangled sample format, tag bytes that are no text)."""
 
 FFMPEG_OPTIONS = {"enable_drefs": "0", "use_absolute_path": "0", "protocol_whitelist": "none"}
 """Demuxer options: MP4 data references to other files stay unread, and any file or URL a
@@ -326,31 +332,36 @@ class _FFmpegStream:
     """FFmpeg's decode (PyAV) of the first audio stream, through exactly one demuxer."""
 
     def __init__(self, path: Path, container: Container):
-        import av  # noqa: PLC0415 (only non-WAV, non-libsndfile uploads need FFmpeg loaded)
-        import av.logging  # noqa: PLC0415
-
-        self._av = av
         self._container = container
         av.logging.set_level(av.logging.ERROR)  # FFmpeg's reasons reach `Capture`, not stderr
         self._raw = open(path, "rb")
+        self._input = None
         self._logs = av.logging.Capture()
         try:
             with self._logs:
-                self._input = av.open(self._raw, mode="r", format=container.demuxer, options=FFMPEG_OPTIONS)
-        except av.FFmpegError as exc:
-            self._raw.close()
+                # Tags are not ours to judge: undecodable bytes in them must not fail the upload.
+                self._input = av.open(self._raw, mode="r", format=container.demuxer, options=FFMPEG_OPTIONS,
+                                      metadata_errors="replace")
+                self.facts = self._stream_facts(path)
+        except DECODER_ERRORS as exc:
+            self.close()
             raise _corrupt(container, self._reason(exc)) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _stream_facts(self, path: Path) -> StreamFacts:
+        """The first audio stream's facts, once its codec is one the container may hold."""
+        container = self._container
         streams = self._input.streams.audio
         if not streams:
             others = len(self._input.streams)
-            self.close()
             raise NoAudioStream(f"the {container.name} file has no audio stream"
                                 + (f" (only {others} video or other stream(s))" if others else ""))
         self._stream = streams[0]
         context = self._stream.codec_context
-        name = context.name
+        name = context.name if context is not None else "of a codec FFmpeg does not know"
         if name not in container.codecs:
-            self.close()
             raise UnsupportedCodec(f"the {container.name} file's first audio stream is {name}; in "
                                    f"{container.name} only {', '.join(sorted(set(container.codecs.values())))} "
                                    "are supported")
@@ -359,7 +370,6 @@ class _FFmpegStream:
         if name == "aac":
             profile = context.profile or "LC"
             if profile not in AAC_PROFILES:
-                self.close()
                 raise UnsupportedCodec(f"the file's audio is AAC of the {profile} profile; AAC-LC, "
                                        "HE-AAC and HE-AACv2 are supported")
             codec = AAC_PROFILES[profile]
@@ -369,8 +379,8 @@ class _FFmpegStream:
             bits = _lossless_bits(path, name, context)
             codec = f"{codec}_{bits}" if name == "alac" else f"PCM_{bits}"
             decoded = "PCM_16" if bits <= 16 else "PCM_24" if bits <= 24 else "PCM_32"
-        self.facts = StreamFacts(codec=codec, samplerate=context.sample_rate, channels=context.channels,
-                                 decoded_subtype=decoded, lossy=lossy)
+        return StreamFacts(codec=codec, samplerate=context.sample_rate, channels=context.channels,
+                           decoded_subtype=decoded, lossy=lossy)
 
     def _reason(self, exc: Exception) -> str:
         """FFmpeg's own words (what it logged), else the error's."""
@@ -379,7 +389,6 @@ class _FFmpegStream:
         return "; ".join(said[-3:]) or getattr(exc, "strerror", None) or str(exc)
 
     def blocks(self) -> tp.Iterator[np.ndarray]:
-        av = self._av
         integer = self.facts.decoded_subtype != "FLOAT"
         try:
             with self._logs:
@@ -389,11 +398,12 @@ class _FFmpegStream:
                             raise CorruptAudio(f"the {self._container.name} stream changes its sample rate "
                                                f"from {self.facts.samplerate} to {frame.sample_rate} Hz")
                         yield _frame_samples(frame, integer)
-        except av.FFmpegError as exc:
+        except DECODER_ERRORS as exc:
             raise _corrupt(self._container, self._reason(exc)) from None
 
     def close(self) -> None:
-        self._input.close()
+        if self._input is not None:
+            self._input.close()
         self._raw.close()
 
     def __enter__(self) -> "_FFmpegStream":
@@ -431,7 +441,8 @@ def _lossless_bits(path: Path, codec: str, context: tp.Any) -> int:
         if offset >= 0 and len(cookie) >= offset + 4 + 4 + 6:
             # The 'alac' atom: version (4 bytes), frame length (4), compatible version (1), bit depth (1).
             return cookie[offset + 4 + 4 + 5]
-    return 16 if context.format.name.startswith("s16") else 32
+    sample_format = context.format.name if context.format is not None else ""
+    return 16 if sample_format.startswith("s16") else 32
 
 
 def _corrupt(container: Container, reason: str) -> CorruptAudio:

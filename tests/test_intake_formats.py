@@ -279,3 +279,34 @@ def test_ffmpeg_is_handed_one_demuxer_and_no_protocol(tmp_path, monkeypatch):
     assert options["options"] == decoders.FFMPEG_OPTIONS
     assert options["options"]["enable_drefs"] == "0" and options["options"]["protocol_whitelist"] == "none"
 
+
+
+@pytest.mark.parametrize("case", ["flac 16-bit", "mp3 vbr with LAME header", "m4a aac-lc", "m4a alac 16-bit",
+                                  "opus (opusenc)", "ogg vorbis (oggenc)", "webm opus", "mkv video with vorbis"])
+def test_damaged_files_are_accepted_or_a_4xx_never_anything_else(tmp_path, case):
+    """Bytes flipped, cut, overwritten with noise, in the header and in the stream: intake
+    either takes what decodes or refuses with a 4xx; it never raises anything else."""
+    original = FORMATS[case].write(tmp_path, "song").read_bytes()
+    rng = np.random.default_rng(list(FORMATS).index(case))
+    upload = tmp_path / "incoming" / "upload"
+    upload.parent.mkdir()
+    outcomes = set()
+    for attempt in range(24):
+        data = bytearray(original)
+        region = min(len(data), 4096) if attempt % 2 else len(data)  # the header, or anywhere
+        if attempt % 3 == 0:
+            for _ in range(int(rng.integers(1, 40))):
+                data[int(rng.integers(0, region))] = int(rng.integers(0, 256))
+        elif attempt % 3 == 1:
+            data = data[:int(rng.integers(16, len(data)))]
+        else:
+            start = int(rng.integers(0, region))
+            data[start:start + 512] = rng.bytes(512)
+        upload.write_bytes(bytes(data))
+        try:
+            inspect_upload(upload, SETTINGS)
+            outcomes.add("accepted")
+        except InvalidAudio as refused:
+            assert 400 <= refused.http_status < 500, refused
+            outcomes.add(refused.code)
+    assert outcomes - {"accepted"}  # the damage was noticed at least once
