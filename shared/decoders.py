@@ -33,7 +33,7 @@ import av.logging
 import numpy as np
 import soundfile as sf
 
-from .audio import WAV_MAX_BYTES, AudioInfo, describe_format, is_mpeg_audio_frame
+from .audio import WAV_MAX_BYTES, AudioInfo, describe_format, disk_full_as_os_error, is_mpeg_audio_frame
 from .config import Settings
 from .errors import (CorruptAudio, InsufficientStorage, InvalidAudio, NoAudioStream, UnsupportedCodec,
                      UnsupportedMediaType)
@@ -237,8 +237,10 @@ def _write_wav(stream: "DecodedStream", target: Path, container: Container, sett
     # The longest accepted input decides WAV or RF64 up front (the length is not known yet).
     fmt = "WAV" if limit * facts.channels * width <= WAV_MAX_BYTES else "RF64"
     frames = 0
-    with sf.SoundFile(str(target), "w", samplerate=facts.samplerate, channels=facts.channels,
-                      subtype=facts.decoded_subtype, format=fmt) as wav:
+    # libsndfile reports a failed write as "System error": a full disk becomes ENOSPC again.
+    with disk_full_as_os_error(target), \
+            sf.SoundFile(str(target), "w", samplerate=facts.samplerate, channels=facts.channels,
+                         subtype=facts.decoded_subtype, format=fmt) as wav:
         for block in stream.blocks():
             if block.shape[1] != facts.channels:
                 raise CorruptAudio(f"the {container.name} stream changes from {facts.channels} to "

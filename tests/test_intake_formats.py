@@ -13,9 +13,11 @@ import soundfile as sf
 
 from shared import decoders
 from shared.config import Settings
-from shared.errors import CorruptAudio, InvalidAudio, NoAudioStream, UnsupportedCodec, UnsupportedMediaType
+from shared.errors import (CorruptAudio, InsufficientStorage, InvalidAudio, NoAudioStream, UnsupportedCodec,
+                           UnsupportedMediaType)
 from shared.intake import inspect_upload
 from tests.encoded_audio import FORMATS, Encoded, ffmpeg, ffmpeg_decode, require_encoders, run
+from tests.small_disk import mounted_tmpfs
 
 SETTINGS = Settings()
 
@@ -310,3 +312,15 @@ def test_damaged_files_are_accepted_or_a_4xx_never_anything_else(tmp_path, case)
             assert 400 <= refused.http_status < 500, refused
             outcomes.add(refused.code)
     assert outcomes - {"accepted"}  # the damage was noticed at least once
+
+
+def test_a_disk_that_fills_up_while_decoding_is_507_and_keeps_nothing(tmp_path):
+    flac = FORMATS["flac 16-bit"].write(tmp_path, "song")  # ~0.2 MB that decodes to 0.5 MB
+    with mounted_tmpfs(tmp_path / "small-disk", "400k", "no other test: this is intake's only disk-full "
+                       "path") as disk:
+        upload = disk / "upload"
+        shutil.copyfile(flac, upload)
+        with pytest.raises(InsufficientStorage) as refused:
+            inspect_upload(upload, SETTINGS)
+        assert refused.value.http_status == 507 and "disk filled up" in refused.value.message
+        assert sorted(p.name for p in disk.iterdir()) == ["upload"]
