@@ -56,18 +56,16 @@ class Container:
     """A container the service decodes, as named from the file's first bytes."""
     name: str  # as `input_format` shows it: MP3, FLAC, OGG, AIFF, MP4, MATROSKA, WEBM
     demuxer: tp.Optional[str]  # FFmpeg's demuxer for PyAV; None: libsndfile decodes it
-    codecs: tp.Mapping[str, str]  # FFmpeg codec name -> its name in `input_format`
-    lossy: bool = True  # for libsndfile containers (PyAV ones: from the codec)
+    codecs: tp.Mapping[str, str]  # codec (FFmpeg's name, or libsndfile's subtype) -> its name
+    # in `input_format`; empty: whatever libsndfile reads in the container
 
-
-PCM_NAMES = {"pcm": ""}  # AIFF: libsndfile's subtype names the sample format itself
 
 CONTAINERS = {
     "MP3": Container("MP3", "mp3", {"mp3float": "MPEG_LAYER_III", "mp3": "MPEG_LAYER_III"}),
-    "FLAC": Container("FLAC", "flac", {"flac": "FLAC"}, lossy=False),
-    "OGG": Container("OGG", None, {"vorbis": "VORBIS", "opus": "OPUS"}),
-    "AIFF": Container("AIFF", None, PCM_NAMES, lossy=False),
-    "AIFF-C": Container("AIFF-C", None, PCM_NAMES, lossy=False),
+    "FLAC": Container("FLAC", "flac", {"flac": "FLAC"}),
+    "OGG": Container("OGG", None, {"VORBIS": "VORBIS", "OPUS": "OPUS"}),
+    "AIFF": Container("AIFF", None, {}),
+    "AIFF-C": Container("AIFF-C", None, {}),
     "MP4": Container("MP4", "mov", {"aac": "AAC", "alac": "ALAC"}),
     "MATROSKA": Container("MATROSKA", "matroska", {"opus": "OPUS", "vorbis": "VORBIS"}),
     "WEBM": Container("WEBM", "matroska", {"opus": "OPUS", "vorbis": "VORBIS"}),
@@ -110,7 +108,7 @@ def sniff_container(path: Path) -> tp.Optional[Container]:
             head = file.read(SNIFF_BYTES)
             # A tag alone, or a tag before padding: find the first frame in what follows.
             if head and not is_mpeg_audio_frame(head) and not head.startswith(b"fLaC"):
-                head = _skip_zeros(file, head)
+                head = _first_frame_after_tag(file, size)
     if head[:4] in (b"RIFF", b"RIFX", b"RF64", b"BW64") and head[8:12] == b"WAVE" and not tagged:
         return None
     if head.startswith(b"fLaC"):
@@ -138,16 +136,16 @@ def sniff_container(path: Path) -> tp.Optional[Container]:
     raise UnsupportedMediaType(f"the file is not an audio format the service reads: {describe_format(head)}")
 
 
-def _skip_zeros(file: tp.BinaryIO, head: bytes, limit: int = 1 << 20) -> bytes:
-    """The bytes from the first non-zero byte on (ID3 tags are often followed by padding)."""
-    read = 0
-    while head and not head.strip(b"\0") and read < limit:
-        head = file.read(SNIFF_BYTES)
-        read += len(head)
-    if head and head[0] == 0:
-        start = len(head) - len(head.lstrip(b"\0"))
-        head = head[start:] + file.read(start)
-    return head
+def _first_frame_after_tag(file: tp.BinaryIO, start: int, limit: int = 1 << 16) -> bytes:
+    """The bytes from the first MP3 frame header within `limit` bytes after an ID3 tag
+    (taggers leave padding, and some a few stray bytes, before the first frame); the
+    bytes right after the tag when there is none."""
+    file.seek(start)
+    window = file.read(limit + SNIFF_BYTES)
+    for offset in range(min(limit, len(window))):
+        if window[offset] == 0xFF and is_mpeg_audio_frame(window[offset:offset + 4]):
+            return window[offset:offset + SNIFF_BYTES]
+    return window[:SNIFF_BYTES]
 
 
 def _ogg_container(head: bytes) -> Container:
@@ -298,7 +296,7 @@ class _SndfileStream:
             raise _corrupt(container, exc.error_string) from None
         subtype = self._file.subtype
         if container.name == "OGG":
-            if subtype not in container.codecs.values():
+            if subtype not in container.codecs:
                 self._file.close()
                 raise UnsupportedCodec(f"the Ogg file holds {subtype}; in Ogg only Vorbis and Opus are "
                                        "supported")

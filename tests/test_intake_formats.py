@@ -324,3 +324,15 @@ def test_a_disk_that_fills_up_while_decoding_is_507_and_keeps_nothing(tmp_path):
             inspect_upload(upload, SETTINGS)
         assert refused.value.http_status == 507 and "disk filled up" in refused.value.message
         assert sorted(p.name for p in disk.iterdir()) == ["upload"]
+
+
+def test_stray_bytes_between_an_id3_tag_and_the_first_frame_are_skipped(tmp_path):
+    tagged = FORMATS["mp3 with ID3v1 and ID3v2"].write(tmp_path, "song").read_bytes()
+    assert tagged.startswith(b"ID3")
+    tag_end = 10 + sum((byte & 0x7F) << (7 * (3 - i)) for i, byte in enumerate(tagged[6:10]))
+    with_junk = tmp_path / "junk.mp3"
+    with_junk.write_bytes(tagged[:tag_end] + b"stray bytes a tagger left" + tagged[tag_end:])
+    upload = upload_copy(with_junk, tmp_path)
+    info = inspect_upload(upload, SETTINGS)
+    assert info.input_format == "MP3/MPEG_LAYER_III"
+    assert_matches_ffmpeg(upload, with_junk, lossless=False)
