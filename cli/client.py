@@ -99,10 +99,10 @@ class Client:
     def submit(self, path: tp.Union[str, os.PathLike], stems: str = "all", *,
                callback_url: tp.Optional[str] = None, idempotency_key: tp.Optional[str] = None,
                on_upload: tp.Optional[tp.Callable[[int, int], None]] = None, **output_options: tp.Any) -> dict:
-        """Upload a WAV as a new job; returns the queued job's JSON.
+        """Upload a song (any format the service reads) as a new job; returns the queued job's JSON.
 
         Args:
-            path: the WAV file, streamed from disk.
+            path: the audio file, streamed from disk.
             stems: `all`, `drums`, `bass`, `vocals` or `other`.
             callback_url: an http(s) URL the service POSTs the finished job to.
             idempotency_key: sent as `Idempotency-Key`; a fresh one per call when not given.
@@ -251,7 +251,7 @@ class MultipartFile:
         head = "".join(f'--{self.boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
                        for k, v in fields.items())
         head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="file"; '
-                 f'filename="{path.name}"\r\nContent-Type: audio/wav\r\n\r\n')
+                 f'filename="{path.name}"\r\nContent-Type: application/octet-stream\r\n\r\n')
         self._parts = [head.encode(), None, f"\r\n--{self.boundary}--\r\n".encode()]
         self._file = open(path, "rb")
         self._size = len(self._parts[0]) + os.path.getsize(path) + len(self._parts[2])
@@ -292,7 +292,7 @@ class Submitted:
 
 
 def submit_with_progress(client: Client, path: Path, stems: str) -> dict:
-    """Upload one WAV with a progress bar; returns the queued job."""
+    """Upload one song with a progress bar; returns the queued job."""
     with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"upload {path.name}", leave=False) as bar:
         def on_upload(sent: int, _size: int) -> None:

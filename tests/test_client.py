@@ -40,7 +40,7 @@ def test_a_refused_file_is_reported_with_the_services_message(live_server, tmp_p
     bogus = tmp_path / "song.wav"
     bogus.write_bytes(b"MThd\x00\x00\x00\x06" + bytes(200))
     assert main(["separate", str(bogus), "--server", live_server.url, "-o", str(tmp_path / "o")]) == 1
-    assert "MP3" in capsys.readouterr().err
+    assert "MIDI" in capsys.readouterr().err
 
 
 # -- the library -------------------------------------------------------------------------
