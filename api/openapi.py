@@ -88,10 +88,14 @@ ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
     409: ("The result was asked for before the job succeeded, or a job that already finished was "
           "to be cancelled.", ("job_not_finished", "job_failed", "job_cancelled", errors.JobFinished.code)),
     413: ("The upload is over `DEMIX_MAX_UPLOAD_MB`.", (errors.UploadTooLarge.code,)),
-    415: ("The upload is not a WAV at all; the message says what it looks like.",
-          (errors.UnsupportedMediaType.code,)),
-    422: ("A WAV that cannot be separated.",
-          ("undecodable_wav", "empty_audio", "non_finite_samples", "too_long", "too_many_channels")),
+    415: ("The upload is no audio format the service reads (the message says what it looks like: "
+          "a playlist, an image, MIDI, ...), or a known container holding a codec it does not take.",
+          (errors.UnsupportedMediaType.code, errors.UnsupportedCodec.code)),
+    422: ("Audio that cannot be separated: undecodable, damaged, silent of frames, too long (as "
+          "decoded, not as its header claims), too many channels, a rate outside 8–192 kHz, or a "
+          "container with no audio stream.",
+          ("undecodable_wav", errors.CorruptAudio.code, errors.NoAudioStream.code, "empty_audio",
+           "non_finite_samples", "too_long", "too_many_channels", "unsupported_samplerate")),
     429: ("The API key already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` jobs queued or running.",
           (errors.TooManyActiveJobs.code,)),
     503: ("Redis (the job store and queue) is unreachable; nothing was kept.",
@@ -142,7 +146,9 @@ JOB_FIELDS: dict[str, dict] = {
     "channels": {"type": "integer", "description": "The input's channel count."},
     "frames": {"type": "integer", "description": "The input's length in frames."},
     "duration": {"type": "number", "description": "The input's length in seconds."},
-    "input_format": {"type": "string", "description": "`<container>/<libsndfile subtype>`, e.g. `WAV/PCM_16`."},
+    "input_format": {"type": "string", "description": "`<container>/<codec>`: a WAV's libsndfile subtype (`WAV/PCM_16`), "
+                     "else e.g. `MP3/MPEG_LAYER_III`, `MP4/AAC_LC`, `MP4/ALAC_24`, `OGG/OPUS`, `WEBM/VORBIS`, "
+                     "`FLAC/PCM_24`, `AIFF/PCM_16`."},
     "output": OUTPUT_SCHEMA,
     "error": {"oneOf": [{"type": "null"}, {
         "type": "object", "required": ["code", "message"],
@@ -189,9 +195,12 @@ JOB_SCHEMA = {
 
 def _form_schema() -> dict:
     properties: dict[str, dict] = {FILE_FIELD: {
-        "type": "string", "format": "binary", "contentMediaType": "audio/wav",
-        "description": "The WAV to separate (any WAV flavour: PCM, float, μ-law/A-law, ADPCM, "
-                       "WAVE_FORMAT_EXTENSIBLE, RF64/BW64)."},
+        "type": "string", "format": "binary", "contentMediaType": "audio/*",
+        "description": "The audio to separate: any WAV flavour (PCM, float, μ-law/A-law, ADPCM, "
+                       "WAVE_FORMAT_EXTENSIBLE, RF64/BW64), FLAC, MP3, Ogg Vorbis/Opus, AIFF/AIFF-C, "
+                       "MP4/M4A (AAC, ALAC), Matroska/WebM (Opus, Vorbis), or the first audio stream "
+                       "of an MP4/MKV/WebM video. The container is told by its first bytes, not the "
+                       "file name."},
         URL_FIELD: {"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH,
                     "pattern": r"^[hH][tT][tT][pP][sS]?://",
                     "description": "Instead of `file`: an http or https address a worker fetches the "
@@ -245,12 +254,12 @@ _STEM_FILE = {"description": "The stem file.",
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
-        "jobs.create_job", "post", "Submit a WAV to separate",
+        "jobs.create_job", "post", "Submit audio to separate",
         description="The upload is checked (format, length, samples) before anything is queued. "
                     "Form fields are matched case-insensitively; a blank field means its default.",
         request_body={"required": True, "content": {"multipart/form-data": {
             "schema": {"$ref": "#/components/schemas/JobRequest"},
-            "encoding": {FILE_FIELD: {"contentType": "audio/wav, audio/x-wav, application/octet-stream"}}}}},
+            "encoding": {FILE_FIELD: {"contentType": "audio/*, video/mp4, video/webm, video/x-matroska, application/octet-stream"}}}}},
         parameters=({"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
                      "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH,
                                 "pattern": f"^{KEY_PATTERN.pattern}$"},

@@ -53,7 +53,7 @@ class ClientError(RuntimeError):
     """The service refused a request (or could not be reached).
 
     Attributes:
-        code: the service's error code (`invalid_stems`, `not_wav`, ...), or `unreachable`.
+        code: the service's error code (`invalid_stems`, `unsupported_format`, ...), or `unreachable`.
         message: the service's explanation.
         http_status: the HTTP status, or None when the service could not be reached.
         details: any other fields of the service's error object.
@@ -99,10 +99,10 @@ class Client:
     def submit(self, path: tp.Union[str, os.PathLike], stems: str = "all", *,
                callback_url: tp.Optional[str] = None, idempotency_key: tp.Optional[str] = None,
                on_upload: tp.Optional[tp.Callable[[int, int], None]] = None, **output_options: tp.Any) -> dict:
-        """Upload a WAV as a new job; returns the queued job's JSON.
+        """Upload a song (any format the service reads) as a new job; returns the queued job's JSON.
 
         Args:
-            path: the WAV file, streamed from disk.
+            path: the audio file, streamed from disk.
             stems: `all`, `drums`, `bass`, `vocals` or `other`.
             callback_url: an http(s) URL the service POSTs the finished job to.
             idempotency_key: sent as `Idempotency-Key`; a fresh one per call when not given.
@@ -268,7 +268,7 @@ class MultipartFile:
         head = "".join(f'--{self.boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
                        for k, v in fields.items())
         head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="file"; '
-                 f'filename="{path.name}"\r\nContent-Type: audio/wav\r\n\r\n')
+                 f'filename="{path.name}"\r\nContent-Type: application/octet-stream\r\n\r\n')
         self._parts = [head.encode(), None, f"\r\n--{self.boundary}--\r\n".encode()]
         self._file = open(path, "rb")
         self._size = len(self._parts[0]) + os.path.getsize(path) + len(self._parts[2])
@@ -321,7 +321,7 @@ def output_name(item: tp.Union[str, os.PathLike]) -> str:
 
 
 def submit_with_progress(client: Client, path: tp.Union[Path, str], stems: str) -> dict:
-    """Upload one file with a progress bar (or, for a URL, have the service fetch it);
+    """Upload one song with a progress bar (or, for a URL, have the service fetch it);
     returns the queued job."""
     if is_url(path):
         return client.submit_url(str(path), stems)

@@ -25,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("grpc", help="serve the original gRPC interface (demixing.proto) on DEMIX_GRPC_PORT")
     commands.add_parser("config", help="print every DEMIX_* setting, its value and its meaning")
     models.add_parser(commands)
-    separate = commands.add_parser("separate", help="upload audio files (or have the service fetch "
-                                   "http(s) URLs) and download their stems")
-    separate.add_argument("files", nargs="+", metavar="FILE_OR_URL",
+    separate = commands.add_parser("separate", help="upload songs (WAV, FLAC, MP3, M4A, ...), or have the "
+                                   "service fetch http(s) URLs, and download their stems")
+    separate.add_argument("files", nargs="+", metavar="SONG_OR_URL",
                           help="audio files, or http(s) addresses the service fetches")
     separate.add_argument("--stems", default="all", help="all (default), drums, bass, vocals or other")
     separate.add_argument("--server", help="service URL (default: http://DEMIX_HOST:DEMIX_PORT)")

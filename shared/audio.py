@@ -26,40 +26,77 @@ PCM_SCALES = {"PCM_16": 2 ** 15, "PCM_24": 2 ** 23}
 
 @dataclasses.dataclass(frozen=True)
 class AudioInfo:
-    """What a probe learns from a WAV header."""
+    """What intake learns of an input: from a WAV's header, or from decoding another format
+    whole (then `frames`, `samplerate` and `channels` are what decoded)."""
     samplerate: int
     channels: int
     frames: int
-    subtype: str  # libsndfile's name of the sample format, e.g. PCM_16, FLOAT, ULAW
-    container: str  # WAV, WAVEX (WAVE_FORMAT_EXTENSIBLE) or RF64
+    subtype: str  # the codec: libsndfile's name of a WAV's sample format (PCM_16, FLOAT, ULAW),
+    # else MPEG_LAYER_III, VORBIS, OPUS, AAC_LC, HE_AAC, ALAC_24, or PCM_<bits> for FLAC and AIFF
+    container: str  # WAV, WAVEX (WAVE_FORMAT_EXTENSIBLE), RF64, MP3, FLAC, OGG, AIFF, AIFF-C, MP4,
+    # MATROSKA or WEBM
+    lossy: bool = False  # whether the codec is (MP3, AAC, Vorbis, Opus)
+    decoded_subtype: str = ""  # sample format of the WAV a non-WAV input was decoded to
 
     @property
     def duration(self) -> float:
         return self.frames / self.samplerate
 
+    @property
+    def input_format(self) -> str:
+        """Container and codec, as the job JSON shows them: `WAV/PCM_16`, `MP4/AAC_LC`."""
+        return f"{self.container}/{self.subtype}"
+
+    @property
+    def is_wav(self) -> bool:
+        return not self.decoded_subtype
+
+    @property
+    def sample_subtype(self) -> str:
+        """The libsndfile sample format the worker reads the input as."""
+        return self.decoded_subtype or self.subtype
+
 
 def describe_non_wav(head: bytes) -> tp.Optional[str]:
     """Say what a file looks like if its first bytes are not a WAV header, else None."""
+    if head[:4] in (b"RIFF", b"RIFX", b"RF64", b"BW64") and head[8:12] == b"WAVE":
+        return None
+    return describe_format(head)
+
+
+def describe_format(head: bytes) -> str:
+    """What a file whose first bytes are `head` looks like, for a refusal's message."""
     if not head:
         return "the file is empty"
     if head[:4] in (b"RIFF", b"RIFX", b"RF64", b"BW64"):
-        if head[8:12] == b"WAVE":
-            return None
         if len(head) < 12:
             return "it is cut off inside its RIFF header"
+        if head[8:12] == b"WAVE":
+            return "a WAV file"
         return f"it is a RIFF file of type {head[8:12].decode('latin-1')!r} (AVI, WebP, ...), not WAVE"
     stripped = head.lstrip().lower()
     guesses = [
+        (stripped.startswith(b"#extm3u") or b"#ext-x-" in stripped,
+         "an M3U/HLS playlist (it only names other files or addresses)"),
+        (stripped.startswith(b"ffconcat"), "an FFmpeg concat list (it only names other files)"),
+        (stripped.startswith(b"[playlist]"), "a PLS playlist (it only names other files or addresses)"),
+        (stripped.startswith(b"v=0"), "an SDP session description (it only names network streams)"),
+        (stripped.startswith((b"file:", b"http:", b"https:", b"rtsp:", b"rtmp:")),
+         "a URL or file name in text (upload the audio itself)"),
         (head.startswith(b"ID3"), "an MP3 file (it starts with an ID3 tag)"),
         (len(head) > 1 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0, "AAC audio (ADTS frame header)"),
-        (_is_mpeg_audio_frame(head), "an MP3 file (it starts with an MP3 frame header)"),
+        (is_mpeg_audio_frame(head), "an MP3 file (it starts with an MP3 frame header)"),
         (head.startswith(b"fLaC"), "a FLAC file"),
         (head.startswith(b"OggS"), "an Ogg file (Vorbis/Opus)"),
         (head[4:8] == b"ftyp", "an MP4/M4A file"),
         (head.startswith(b"FORM") and head[8:12] in (b"AIFF", b"AIFC"), "an AIFF file"),
         (head.startswith(b"\x1aE\xdf\xa3"), "a Matroska/WebM file"),
+        (head.startswith(b"\x89PNG"), "a PNG image"),
+        (head.startswith(b"\xff\xd8\xff"), "a JPEG image"),
+        (head.startswith((b"GIF87a", b"GIF89a")), "a GIF image"),
         (head.startswith(b"caff"), "a CAF file"),
         (head.startswith(b".snd"), "a Sun/NeXT AU file"),
+        (head.startswith(b"0&\xb2u"), "a Windows Media (ASF/WMA) file"),
         (head.startswith(b"MThd"), "a MIDI file (notes, not audio)"),
         (head.startswith(b"PK\x03\x04"), "a ZIP archive"),
         (head.startswith(b"%PDF"), "a PDF document"),
@@ -73,7 +110,7 @@ def describe_non_wav(head: bytes) -> tp.Optional[str]:
     return f"its first bytes ({head[:8].hex(' ')}) match no audio format"
 
 
-def _is_mpeg_audio_frame(head: bytes) -> bool:
+def is_mpeg_audio_frame(head: bytes) -> bool:
     """An MPEG audio frame header: 11 sync bits, then no reserved version, layer,
     bitrate or sample-rate value (which random bytes rarely all avoid)."""
     if len(head) < 4 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:

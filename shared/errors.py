@@ -37,9 +37,27 @@ class InvalidAudio(DemixError):
 
 
 class UnsupportedMediaType(InvalidAudio):
-    """The upload is not a WAV at all; the message says what it looks like instead."""
-    code = "not_wav"
+    """The upload is no audio format the service reads (a PNG, a MIDI file, a playlist, ...);
+    the message says what it looks like instead."""
+    code = "unsupported_format"
     http_status = 415
+
+
+class UnsupportedCodec(UnsupportedMediaType):
+    """A container the service reads holding a codec it does not take (Ogg FLAC, AC-3 in MP4,
+    raw ADTS AAC, MP2); the message names the codec and what is supported."""
+    code = "unsupported_codec"
+
+
+class NoAudioStream(InvalidAudio):
+    """The upload is a container with no audio stream in it (a video-only MP4)."""
+    code = "no_audio_stream"
+
+
+class CorruptAudio(InvalidAudio):
+    """The decoder failed on the upload's stream (cut off, damaged); the message gives the
+    decoder's own reason."""
+    code = "corrupt_audio"
 
 
 class UploadTooLarge(DemixError):

@@ -1,6 +1,8 @@
-"""Checking an upload before anything is queued: is it a WAV the worker can separate?
+"""Checking an upload before anything is queued: is it audio the worker can separate?
 
-`inspect_upload` is the one call the API makes. It walks the RIFF chunks itself, because
+`inspect_upload` is the one call the API makes. An upload in another format than WAV is
+named from its magic bytes and decoded whole into the job's WAV (`shared.decoders`), so
+the worker only ever reads WAV. For a WAV, intake walks the RIFF chunks itself, because
 libsndfile silently reads some impossible headers (a block align that contradicts the
 sample width), decodes codecs the service does not take (MPEG-in-WAV), and explains
 others poorly ("No 'data' chunk marker" for a missing `fmt `). It then repairs the sizes
@@ -20,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .audio import AudioInfo, describe_non_wav
+from .audio import AudioInfo
 from .config import Settings
-from .errors import InvalidAudio, UnsupportedMediaType
-
-MAX_CHANNELS = 8
-"""Most channels accepted (7.1); the worker separates them by channel pair."""
+from .decoders import MAX_CHANNELS, decode_to_wav, sniff_container
+from .errors import InvalidAudio
 
 SCAN_BLOCK_FRAMES = 65536
 """Frames read per step of the sample scan (at most 4 MiB for 8 channels of doubles)."""
@@ -122,21 +122,24 @@ class WavLayout:
 
 
 def inspect_upload(path: Path, settings: Settings) -> AudioInfo:
-    """Check that an uploaded file is a WAV the service can separate, and describe it.
+    """Check that an uploaded file is audio the service can separate, and describe it.
 
-    The file must be the service's own copy: a header left unfinished by a streaming
-    writer is repaired in place (see `repair_header`), so the worker reads it normally.
+    The file must be the service's own copy: on return it is a WAV the worker reads. An
+    upload in another format (MP3, FLAC, Ogg, AIFF, MP4/M4A, Matroska/WebM) is replaced
+    by its whole decode (see `shared.decoders.decode_to_wav`); a WAV header left
+    unfinished by a streaming writer is repaired in place (see `repair_header`).
 
     Raises:
-        UnsupportedMediaType: not a WAV at all (the message says what it looks like).
-        InvalidAudio: a WAV we cannot take; `code` is `undecodable_wav`,
-            `too_many_channels`, `empty_audio`, `too_long` or `non_finite_samples`.
+        UnsupportedMediaType: no format the service reads (the message says what it looks
+            like); `UnsupportedCodec` for a known container holding another codec.
+        InvalidAudio: audio we cannot take; `code` is `undecodable_wav`, `corrupt_audio`,
+            `no_audio_stream`, `too_many_channels`, `unsupported_samplerate`,
+            `empty_audio`, `too_long` or `non_finite_samples`.
+        InsufficientStorage: the disk filled up while a decode was written.
     """
-    with open(path, "rb") as file:
-        head = file.read(16)
-    not_wav = describe_non_wav(head)
-    if not_wav is not None:
-        raise UnsupportedMediaType(f"file is not a WAV: {not_wav}")
+    container = sniff_container(path)
+    if container is not None:
+        return decode_to_wav(path, container, settings)
     layout = read_layout(path)
     check_format(layout.fmt)
     _check_channels(layout.fmt.channels)

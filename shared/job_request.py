@@ -17,7 +17,7 @@ from .stems import ALL, STEM_CHOICES, check_stems
 from .webhooks import MAX_CALLBACK_URL_LENGTH, validate_callback_url
 
 FILE_FIELD = "file"
-"""The multipart file part holding the WAV."""
+"""The multipart file part holding the audio to separate."""
 
 URL_FIELD = "url"
 """The form field naming an http(s) address to fetch the input from, instead of a `file`."""
@@ -36,10 +36,12 @@ class FormField:
 FORM_FIELDS: tp.Tuple[FormField, ...] = (
     FormField("stems", "`all` for the four sources, or one source `X` for `X` and `no_X` "
               "(the input minus `X`).", STEM_CHOICES, ALL),
-    FormField("format", "Container and codec of the stems.", FORMATS, "wav"),
+    FormField("format", "Container and codec of the stems. Default: `flac` for a FLAC input, "
+              "`wav` for every other.", FORMATS),
     FormField("sample_format", "Sample format of WAV/FLAC stems (FLAC: integers only; not for MP3). "
               "Default: the input's own — 16/24-bit PCM kept; 8-bit, μ-law, A-law, ADPCM → pcm16; "
-              "32-bit PCM and float → float32 (FLAC: pcm24).", SAMPLE_FORMATS),
+              "32-bit PCM and float → float32 (FLAC: pcm24); a lossy input (MP3, AAC, Vorbis, "
+              "Opus) → pcm24.", SAMPLE_FORMATS),
     FormField("samplerate", f"`input`, or a rate in Hz ({MIN_SAMPLERATE}–{MAX_SAMPLERATE}; MP3: its "
               "standard rates up to 48000). Default for MP3: the highest MP3 rate not above the input's.",
               default="input", schema={"anyOf": [{"const": "input"}, {

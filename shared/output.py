@@ -78,12 +78,27 @@ class OutputOptions:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def default_sample_format(input_subtype: str) -> str:
-    """The input's own sample format: 16/24-bit PCM kept; narrower or companded inputs
-    (8-bit, μ-law, A-law, ADPCM) give 16-bit; 32-bit PCM and float give float32."""
-    if input_subtype == "PCM_24":
+def default_format(info: AudioInfo) -> str:
+    """The stems' container when the request names none: FLAC for a FLAC input (whoever
+    keeps music as FLAC wants FLAC back), WAV for everything else."""
+    return "flac" if info.container == "FLAC" else "wav"
+
+
+def default_sample_format(info: AudioInfo) -> str:
+    """The stems' sample format when the request names none.
+
+    Lossless inputs keep their own: 16/24-bit PCM kept; narrower or companded inputs
+    (8-bit, μ-law, A-law, ADPCM) give 16-bit; 32-bit PCM and float give float32 (FLAC
+    stems then 24-bit, see `resolve_output`). A lossy input (MP3, AAC, Vorbis, Opus) has
+    no bit depth of its own: its stems are 24-bit, the DAW's working format, whose
+    steps lie far below any codec's noise.
+    """
+    if info.lossy:
         return "pcm24"
-    if input_subtype in ("PCM_32", "FLOAT", "DOUBLE"):
+    subtype = info.sample_subtype
+    if subtype == "PCM_24":
+        return "pcm24"
+    if subtype in ("PCM_32", "FLOAT", "DOUBLE"):
         return "float32"
     return "pcm16"
 
@@ -98,7 +113,7 @@ def resolve_output(form: tp.Mapping[str, str], info: AudioInfo) -> OutputOptions
     def field(name: str, default: str) -> str:
         return (form.get(name) or default).strip().lower()
 
-    fmt = _choice("format", field("format", "wav"), FORMATS)
+    fmt = _choice("format", field("format", default_format(info)), FORMATS)
     clip = _choice("clip", field("clip", "clamp"), CLIP_MODES)
     channel_mode = _choice("channels", field("channels", "input"), CHANNEL_MODES)
     channels = 2 if channel_mode == "stereo" else info.channels
@@ -107,7 +122,7 @@ def resolve_output(form: tp.Mapping[str, str], info: AudioInfo) -> OutputOptions
     if requested_format:
         sample_format = _choice("sample_format", requested_format, SAMPLE_FORMATS)
     else:
-        sample_format = default_sample_format(info.subtype)
+        sample_format = default_sample_format(info)
 
     raw_rate = field("samplerate", "input")
     if raw_rate == "input":

@@ -142,7 +142,7 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services:
     (all or nothing, as `queue_new_job`)."""
     job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems,
               model=services.settings.model, samplerate=info.samplerate, channels=info.channels,
-              frames=info.frames, created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
+              frames=info.frames, created_at=time.time(), input_format=info.input_format,
               output=job_request.output.to_dict(), queue=services.settings.queue, owner=owner,
               callback_url=job_request.callback_url)
     return queue_new_job(job, services, upload)

@@ -25,7 +25,7 @@ from shared import keys
 from shared.errors import UploadTooLarge
 from tests.audio_factory import music_like, wav_bytes
 from tests.conftest import UNCONSUMED_QUEUE
-from tests.test_intake import (NOT_WAVS, ODD_VALID_WAVS, SAMPLES, STREAMED, UNDECODABLE, chunk, data_header,
+from tests.test_intake import (NOT_AUDIO, ODD_VALID_WAVS, SAMPLES, STREAMED, UNDECODABLE, chunk, data_header,
                                fmt_chunk, riff)
 
 
@@ -88,10 +88,11 @@ def float_with(value: float, frame: int):
 OVER_FIVE_HOURS_AT_1_HZ = riff(fmt_chunk(channels=1, samplerate=1, bits=8), chunk(b"data", bytes(20000)))
 
 BAD_FILES = {
-    **{name: (lambda tmp, content=content: content, 415, "not_wav", ["not a WAV", *parts])
-       for name, (content, parts) in NOT_WAVS.items()},
-    "random bytes": (lambda tmp: np.random.default_rng(0).bytes(4096), 415, "not_wav",
-                     ["not a WAV", "match no audio format"]),
+    **{name: (lambda tmp, content=content: content, 415, "unsupported_format",
+              ["not an audio format the service reads", *parts])
+       for name, (content, parts) in NOT_AUDIO.items()},
+    "random bytes": (lambda tmp: np.random.default_rng(0).bytes(4096), 415, "unsupported_format",
+                     ["not an audio format the service reads", "match no audio format"]),
     **{name: (lambda tmp, content=content: content, 422, "undecodable_wav", ["could not be decoded", *parts])
        for name, (content, parts) in UNDECODABLE.items()},
     "zero frames": (zero_frames, 422, "empty_audio", ["zero frames"]),

@@ -14,7 +14,7 @@ SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))  #
 
 
 def test_there_are_bench_scripts_to_check():
-    assert {p.name for p in SCRIPTS} >= {"compare_demucs.py", "memory.py", "service_overhead.py"}
+    assert {p.name for p in SCRIPTS} >= {"compare_demucs.py", "intake.py", "memory.py", "service_overhead.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
@@ -38,3 +38,14 @@ def test_the_memory_bench_runs_end_to_end_on_a_short_track(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "streaming" in done.stdout and "peak RSS" in done.stdout
+
+
+@pytest.mark.timeout(600)
+def test_the_intake_bench_runs_end_to_end_on_a_short_track(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "intake.py"), "--minutes", "0.1",
+                           "--separation-minutes", "0.05", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in ("MP3/MPEG_LAYER_III", "MP4/AAC_LC", "FLAC/PCM_16", "WAV/PCM_16"):
+        assert row in done.stdout
+    assert "intake/separation" in done.stdout and "peak/before" in done.stdout

@@ -3,6 +3,7 @@ gunicorn; jobs go through; Ctrl-C leaves no process behind."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import queue
@@ -20,11 +21,13 @@ import grpc
 import numpy as np
 import pytest
 import requests
+import soundfile as sf
 
 from cli.redis_server import free_port
 from grpc_api.protos import demixing_pb2, demixing_pb2_grpc
 from tests.audio_factory import write_wav
 from tests.conftest import wait_for_job
+from tests.encoded_audio import FORMATS as ENCODED_FORMATS, ffmpeg_decode, require_encoders
 from tests.reference import demucs_separate
 from tests.test_api_jobs import decode_result
 from tests.webhook_receiver import WebhookReceiver
@@ -145,3 +148,38 @@ def test_fresh_demix_up_serves_real_htdemucs_exactly_like_demucs(tmp_path):
     assert sorted(got) == sorted(expected) == ["bass", "drums", "other", "vocals"]
     for name, reference in expected.items():
         assert np.abs(got[name][0] - reference).max() < 1e-4, name
+
+
+def test_demix_up_separates_every_input_format_to_ffmpegs_length(tiny_model_repo, tmp_path):
+    """Each format from a real encoder through one `demix up`: the stems are exactly as long
+    as FFmpeg's decode of the upload, in the defaults for that input, and `X + no_X` is
+    that decode."""
+    require_encoders()
+    uploads = {case: encoded.write(tmp_path, f"in{index}") for index, (case, encoded)
+               in enumerate(ENCODED_FORMATS.items())}
+    with demix_up(tmp_path) as (url, _, _):
+        submitted = {}
+        for case, path in uploads.items():
+            with open(path, "rb") as file:  # a neutral name: the bytes alone tell the format
+                response = requests.post(f"{url}/v1/jobs", files={"file": ("upload", file)},
+                                         data={"stems": "vocals"}, timeout=60)
+            assert response.status_code == 202, (case, response.text)
+            submitted[case] = response.json()["id"]
+        for case, job_id in submitted.items():
+            job = wait_for_job(url, job_id, timeout=300)
+            assert job["status"] == "succeeded", (case, job["error"])
+            encoded, reference = ENCODED_FORMATS[case], ffmpeg_decode(uploads[case])
+            assert job["input_format"] == encoded.input_format, case
+            assert job["frames"] == len(reference.samples), case
+            expected_format = "flac" if encoded.input_format.startswith("FLAC/") else "wav"
+            assert job["output"]["format"] == expected_format, case
+            stems = {}
+            for name, stem_url in job["outputs"].items():
+                raw = requests.get(stem_url, timeout=60).content
+                samples, samplerate = sf.read(io.BytesIO(raw), dtype="float64", always_2d=True)
+                assert samplerate == reference.samplerate, case
+                stems[name] = samples
+            assert stems["vocals"].shape == stems["no_vocals"].shape == reference.samples.shape, case
+            step = {"pcm16": 2 ** -15, "pcm24": 2 ** -23, "float32": 0.0}[job["output"]["sample_format"]]
+            # One output step, plus float rounding where libsndfile decoded (its decoders are not FFmpeg's).
+            assert np.abs(stems["vocals"] + stems["no_vocals"] - reference.samples).max() <= step + 1e-6, case

@@ -56,9 +56,9 @@ def test_separate_has_the_service_fetch_urls_beside_files(live_server, tmp_path,
 
 def test_a_refused_file_is_reported_with_the_services_message(live_server, tmp_path, capsys):
     bogus = tmp_path / "song.wav"
-    bogus.write_bytes(b"ID3\x04\x00" + bytes(200))
+    bogus.write_bytes(b"MThd\x00\x00\x00\x06" + bytes(200))
     assert main(["separate", str(bogus), "--server", live_server.url, "-o", str(tmp_path / "o")]) == 1
-    assert "MP3" in capsys.readouterr().err
+    assert "MIDI" in capsys.readouterr().err
 
 
 # -- the library -------------------------------------------------------------------------
@@ -87,16 +87,16 @@ def test_submit_wait_download_and_result(live_server, tmp_path):
 
 def test_refusals_carry_the_services_code_and_message(idle_server, tmp_path):
     bogus = tmp_path / "song.wav"
-    bogus.write_bytes(b"ID3\x04\x00" + bytes(200))
+    bogus.write_bytes(b"MThd\x00\x00\x00\x06" + bytes(200))
     with Client(idle_server.url) as demix:
-        with pytest.raises(ClientError) as not_wav:
+        with pytest.raises(ClientError) as unsupported:
             demix.submit(bogus)
         with pytest.raises(ClientError) as bad_stems:
             demix.submit(write_wav(tmp_path / "a.wav", 8000, 1, seconds=0.1), stems="guitar")
         with pytest.raises(ClientError) as unknown:
             demix.job("0" * 32)
-    assert (not_wav.value.code, not_wav.value.http_status) == ("not_wav", 415)
-    assert "MP3" in not_wav.value.message
+    assert (unsupported.value.code, unsupported.value.http_status) == ("unsupported_format", 415)
+    assert "MIDI" in unsupported.value.message
     assert (bad_stems.value.code, bad_stems.value.http_status) == ("invalid_stems", 400)
     assert "guitar" in bad_stems.value.message and "guitar" in str(bad_stems.value)
     assert (unknown.value.code, unknown.value.http_status) == ("not_found", 404)

@@ -245,25 +245,28 @@ def test_float_beyond_full_scale_and_digital_silence_are_accepted(tmp_path):
 
 # ---- refused --------------------------------------------------------------------------
 
-NOT_WAVS = {
-    "mp3 with an ID3 tag": (b"ID3\x04\x00\x00\x00\x00\x00\x00" + MP3_FRAME * 4, ["MP3", "ID3"]),
-    "bare mp3 frames": (MP3_FRAME * 4, ["MP3 frame header"]),
-    "flac": (b"fLaC\x00\x00\x00\x22" + bytes(64), ["FLAC"]),
-    "ogg": (b"OggS\x00\x02" + bytes(64), ["Ogg"]),
-    "m4a": (b"\x00\x00\x00\x20ftypM4A " + bytes(64), ["MP4/M4A"]),
-    "aiff": (b"FORM\x00\x00\x00\x40AIFFCOMM" + bytes(64), ["AIFF"]),
+NOT_AUDIO = {
     "html page": (b"<!DOCTYPE html><html><body>404</body></html>", ["HTML"]),
     "avi": (b"RIFF\x40\x00\x00\x00AVI LIST" + bytes(64), ["'AVI '"]),
+    "riff cut off": (b"RIFF\x40\x00", ["cut off inside its RIFF header"]),
     "empty file": (b"", ["empty"]),
+    "png": (b"\x89PNG\r\n\x1a\n" + bytes(64), ["PNG image"]),
+    "midi": (b"MThd\x00\x00\x00\x06\x00\x01\x00\x02\x01\xe0MTrk" + bytes(32), ["MIDI"]),
+    "hls playlist": (b"#EXTM3U\n#EXT-X-VERSION:3\n#EXTINF:10,\nfile:///etc/passwd\n", ["M3U/HLS playlist"]),
+    "concat list": (b"ffconcat version 1.0\nfile '/etc/passwd'\n", ["concat list"]),
+    "sdp": (b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nm=audio 5004 RTP/AVP 0\n", ["SDP"]),
+    "url": (b"http://127.0.0.1/song.mp3\n", ["URL"]),
+    "an ID3 tag before no MP3": (b"ID3\x04\x00\x00\x00\x00\x00\x0a" + bytes(10) + b"<html>", ["ID3 tag", "HTML"]),
 }
+"""Files of no format the service reads, with what the refusal says they look like."""
 
 
-@pytest.mark.parametrize("case", list(NOT_WAVS))
-def test_what_is_not_a_wav_is_415_saying_what_it_looks_like(tmp_path, case):
-    content, message_parts = NOT_WAVS[case]
+@pytest.mark.parametrize("case", list(NOT_AUDIO))
+def test_what_is_not_audio_is_415_saying_what_it_looks_like(tmp_path, case):
+    content, message_parts = NOT_AUDIO[case]
     error = refusal(write(tmp_path, content))
     assert isinstance(error, UnsupportedMediaType) and error.http_status == 415
-    assert error.code == "not_wav" and "not a WAV" in error.message
+    assert error.code == "unsupported_format" and "not an audio format the service reads" in error.message
     for part in message_parts:
         assert part in error.message
 

@@ -66,7 +66,7 @@ def test_every_mp3_bitrate_in_the_fields_schema_is_accepted():
 def test_documented_defaults_are_what_the_parser_fills_in():
     defaults = {f.name: f.default for f in FORM_FIELDS if f.default is not None}
     parsed = parse_job_request({}, info())
-    resolved = {"stems": parsed.stems, "format": parsed.output.format, "bitrate": str(parsed.output.bitrate),
+    resolved = {"stems": parsed.stems, "bitrate": str(parsed.output.bitrate),
                 "clip": parsed.output.clip, "channels": parsed.output.channel_mode,
                 "samplerate": "input" if parsed.output.samplerate == info().samplerate else None}
     assert defaults == resolved

@@ -23,6 +23,31 @@ def test_by_default_stems_keep_the_inputs_own_format_rate_and_channels(subtype, 
     assert options.clip == "clamp" and options.channel_mode == "input"
 
 
+def decoded(container: str, codec: str, decoded_subtype: str, lossy: bool) -> AudioInfo:
+    """What intake says of a non-WAV input it decoded to a WAV of `decoded_subtype`."""
+    return AudioInfo(samplerate=48000, channels=2, frames=1000, subtype=codec, container=container,
+                     lossy=lossy, decoded_subtype=decoded_subtype)
+
+
+@pytest.mark.parametrize("input_info,expected", [
+    (decoded("MP3", "MPEG_LAYER_III", "FLOAT", True), ("wav", "pcm24")),
+    (decoded("MP4", "AAC_LC", "FLOAT", True), ("wav", "pcm24")),
+    (decoded("OGG", "OPUS", "FLOAT", True), ("wav", "pcm24")),
+    (decoded("WEBM", "VORBIS", "FLOAT", True), ("wav", "pcm24")),
+    (decoded("FLAC", "PCM_16", "PCM_16", False), ("flac", "pcm16")),
+    (decoded("FLAC", "PCM_24", "PCM_24", False), ("flac", "pcm24")),
+    (decoded("FLAC", "PCM_32", "PCM_32", False), ("flac", "pcm24")),
+    (decoded("MP4", "ALAC_16", "PCM_16", False), ("wav", "pcm16")),
+    (decoded("MP4", "ALAC_24", "PCM_24", False), ("wav", "pcm24")),
+    (decoded("AIFF", "PCM_24", "PCM_24", False), ("wav", "pcm24")),
+    (decoded("AIFF-C", "FLOAT", "FLOAT", False), ("wav", "float32")),
+])
+def test_decoded_inputs_default_to_what_a_musician_expects(input_info, expected):
+    options = resolve_output({}, input_info)
+    assert (options.format, options.sample_format) == expected
+    assert (options.samplerate, options.channels) == (48000, 2)
+
+
 def test_explicit_choices_are_kept():
     options = resolve_output({"format": "FLAC", "sample_format": "pcm24", "samplerate": "48000",
                               "clip": "rescale", "channels": "stereo"}, info(channels=6))

@@ -198,7 +198,7 @@ def test_a_url_job_shows_its_download_then_separates_it(live_server, files, tmp_
 @pytest.mark.parametrize("route, answer, code", [
     ("/missing.wav", None, "fetch_failed"),
     ("http://no-such-host.invalid/a.wav", None, "fetch_failed"),
-    ("/picture.wav", (200, {}, b"\x89PNG\r\n\x1a\n" + bytes(64)), "not_wav"),
+    ("/picture.wav", (200, {}, b"\x89PNG\r\n\x1a\n" + bytes(64)), "unsupported_format"),
     ("/huge.wav", (200, {"Content-Length": str(600 * 1024 * 1024)}, b"RIFF"), "upload_too_large"),
 ])
 def test_a_url_job_that_cannot_be_fetched_or_accepted_fails_saying_why(live_server, files, route, answer, code):

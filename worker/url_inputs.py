@@ -57,5 +57,5 @@ def fetch_input(job: Job, context, lease) -> Job:
              time.monotonic() - started, info.duration)
     return context.jobs.update_running(
         job.id, attempt, samplerate=info.samplerate, channels=info.channels, frames=info.frames,
-        input_format=f"{info.container}/{info.subtype}", output=job_request.output.to_dict(),
+        input_format=info.input_format, output=job_request.output.to_dict(),
         download={"received_bytes": received, "total_bytes": received})

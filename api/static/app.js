@@ -101,7 +101,7 @@ function chosenFile() {
 }
 
 function fileProblem(file) {
-  if (!file) return "Choose a WAV file first.";
+  if (!file) return "Choose a song first.";
   if (file.size > limits.uploadBytes) {
     return `${file.name} is ${formatBytes(file.size)}; this service accepts files up to ${limits.uploadMb} MiB.`;
   }
@@ -110,7 +110,7 @@ function fileProblem(file) {
 
 function onFileChosen() {
   const file = chosenFile();
-  ui.fileName.textContent = file ? `${file.name} (${formatBytes(file.size)})` : "Drop a WAV here";
+  ui.fileName.textContent = file ? `${file.name} (${formatBytes(file.size)})` : "Drop a song here";
   ui.dropzone.classList.toggle("has-file", Boolean(file));
   const problem = file && fileProblem(file);
   if (problem) showError(problem); else clearError();
