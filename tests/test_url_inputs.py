@@ -210,3 +210,15 @@ def test_a_url_job_that_cannot_be_fetched_or_accepted_fails_saying_why(live_serv
     done = wait_for_job(live_server.url, response.json()["id"], timeout=120)
     assert done["status"] == "failed" and done["error"]["code"] == code, done
     assert done["outputs"] is None
+
+
+def test_a_url_job_takes_every_format_an_upload_takes(live_server, files, tmp_path):
+    """The fetched file goes through the same intake: a FLAC is decoded to the job's input."""
+    song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=1.0)
+    flac = tmp_path / "song.flac"
+    sf.write(flac, sf.read(song, dtype="int16")[0], 44100, subtype="PCM_16", format="FLAC")
+    files.routes["/song.flac"] = (200, {"Content-Type": "audio/flac"}, flac.read_bytes())
+    response = requests.post(f"{live_server.url}/v1/jobs", data={"url": f"{files.base}/song.flac"}, timeout=30)
+    done = wait_for_job(live_server.url, response.json()["id"], timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["input_format"].startswith("FLAC/") and done["frames"] == 44100
