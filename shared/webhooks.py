@@ -262,7 +262,6 @@ class WebhookSender:
             self._free.release()
 
 
-def start_sender(settings: Settings) -> WebhookSender:
-    """A sender on its own Redis connection, running in a background thread."""
-    from .services import redis_client  # services builds the webhook queue: import at call time
-    return WebhookSender(WebhookQueue(redis_client(settings), settings)).start()
+def start_sender(client: redis.Redis, settings: Settings) -> WebhookSender:
+    """A sender on `client` (a connection of its own), running in a background thread."""
+    return WebhookSender(WebhookQueue(client, settings)).start()

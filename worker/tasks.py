@@ -103,7 +103,8 @@ def start_webhook_sender(**_: tp.Any) -> None:
     from shared.webhooks import start_sender
 
     if _webhook_sender is None:
-        _webhook_sender = start_sender(get_settings())
+        settings = get_settings()
+        _webhook_sender = start_sender(redis_client(settings), settings)
 
 
 @signals.worker_shutdown.connect
