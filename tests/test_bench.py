@@ -1,8 +1,11 @@
-"""The `bench/` scripts cannot rot: each imports as a module and answers `--help`, and
-the memory bench separates a short track end to end with the tiny model."""
+"""The `bench/` scripts cannot rot: each imports as a module and answers `--help`, the
+memory bench separates a short track end to end with the tiny model, and a small soak
+under fire loses nothing."""
 from __future__ import annotations
 
+import ast
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))  #
 
 
 def test_there_are_bench_scripts_to_check():
-    assert {p.name for p in SCRIPTS} >= {"compare_demucs.py", "memory.py", "service_overhead.py"}
+    assert {p.name for p in SCRIPTS} >= {"compare_demucs.py", "memory.py", "service_overhead.py", "soak.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
@@ -38,3 +41,21 @@ def test_the_memory_bench_runs_end_to_end_on_a_short_track(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "streaming" in done.stdout and "peak RSS" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_small_soak_under_fire_loses_nothing_runs_nothing_twice_and_fails_nothing(tmp_path):
+    """30 jobs from 8 clients while workers are killed every 10 s and Redis once (about two
+    minutes on 2 cores); `bench/soak.py` itself compares every job's stems with a reference."""
+    done = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--jobs", "30", "--clients", "8",
+                           "--kill-every", "10", "--redis-kills", "1", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    report = done.stdout + done.stderr[-3000:]
+    assert done.returncode == 0, report
+    figures = re.search(r"accepted (\d+), succeeded (\d+), failed (\d+), lost (\d+), run twice (\d+)", done.stdout)
+    assert figures is not None, report
+    assert figures.groups() == ("30", "30", "0", "0", "0"), report
+    kills = ast.literal_eval(re.search(r"kills: (\{.*\})", done.stdout).group(1))
+    assert kills.get("redis") == 1, report
+    assert kills.get("pool process", 0) + kills.get("whole worker", 0) >= 1, report
