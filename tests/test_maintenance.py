@@ -379,5 +379,5 @@ def test_duplicate_messages_for_one_job_never_run_it_twice(lost_message_service,
 
 def skipped_deliveries(log: str, job_id: str) -> int:
     """Deliveries of the job a worker skipped (`worker.runner._claim`), from its log."""
-    return (log.count(f"job {job_id} is already succeeded; skipping") + log.count(f"job {job_id} runs under a live lease")
-            + log.count(f"job {job_id}: not starting it"))
+    return (log.count(f"job {job_id} is already succeeded; skipping")
+            + log.count(f"job {job_id} runs under a live lease") + log.count(f"job {job_id}: not starting it"))
