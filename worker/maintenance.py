@@ -93,9 +93,11 @@ def lease_sweep_interval(settings: Settings) -> float:
 
 class LostMessageSweep:
     """Sends again the task of a job waiting in the queue with no message for it in the
-    broker: lost in the last second of a Redis crash (its append-only file is synced once
-    a second), in a flushed or replaced Redis, a failover, or by an API process killed
-    between writing the job and sending its task.
+    broker: lost with the last second of Redis' writes in a machine crash (its append-only
+    file is synced once a second), in a flushed or replaced Redis, a failover, by an API
+    process killed between writing the job and sending its task, or taken by a worker killed
+    before it started the job (kombu would hand it out again only after
+    `DEMIX_JOB_TIMEOUT_S`, its visibility timeout).
 
     A job queued for over half of `DEMIX_LOST_MESSAGE_S` is suspect when no message for
     it waits in its queue and none was taken by a worker within the bound without being
