@@ -19,7 +19,7 @@ every job's stems are compared with. Prints, from this run:
 Exit code 1 unless every job succeeded: 0 lost, 0 run twice, 0 failed.
 
 Usage: python bench/soak.py [--jobs 1000] [--clients 20] [--seconds 1.0] [--kill-every 20]
-                            [--redis-kills 1] [--workdir DIR]
+                            [--redis-kills 1] [--chaos-for SECONDS] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def redis_process(service: LiveService) -> tp.Optional[int]:
 
 class Chaos:
     """Kills a random worker every `period_s` seconds, and Redis `redis_kills` times (half a
-    period after the 2nd, 5th, ... worker kill), until stopped.
+    period after the 2nd, 5th, ... worker kill), until stopped or for `for_s` seconds.
 
     Only warm processes are struck (a pool process that has loaded and warmed its model; the
     whole worker once all its pool processes are): one restarted a moment ago is left to start,
@@ -183,8 +183,9 @@ class Chaos:
     back.
     """
 
-    def __init__(self, service: LiveService, period_s: float, redis_kills: int, seed: int = 0):
-        self.service, self.period_s, self.redis_kills = service, period_s, redis_kills
+    def __init__(self, service: LiveService, period_s: float, redis_kills: int, seed: int = 0,
+                 for_s: tp.Optional[float] = None):
+        self.service, self.period_s, self.redis_kills, self.for_s = service, period_s, redis_kills, for_s
         self.random = random.Random(seed)
         self.kills: collections.Counter = collections.Counter()
         self._stop = threading.Event()
@@ -199,8 +200,11 @@ class Chaos:
         self._thread.join()
 
     def _loop(self) -> None:
-        strike = 0
+        strike, started = 0, time.monotonic()
         while not self._stop.wait(self.period_s):
+            if self.for_s is not None and time.monotonic() - started > self.for_s:
+                print("  chaos: over; the backlog drains", flush=True)
+                return
             strike += 1
             self._kill_a_worker()
             if strike % 3 == 2 and self.kills["redis"] < self.redis_kills and not self._stop.wait(self.period_s / 2):
@@ -280,7 +284,8 @@ def soak(service: LiveService, storage: JobStorage, args: argparse.Namespace) ->
     upload = wav_upload(args.seconds)
     reference = reference_digest(service.url, upload, storage)
     print(f"reference run done; {args.jobs} jobs of {args.seconds:g} s from {args.clients} clients, "
-          f"kill -9 of a worker every {args.kill_every:g} s and of Redis {args.redis_kills} time(s)", flush=True)
+          f"kill -9 of a worker every {args.kill_every:g} s and of Redis {args.redis_kills} time(s)"
+          + (f" for {args.chaos_for:g} s" if args.chaos_for else ""), flush=True)
     results: list[Submission] = []
     lock = threading.Lock()
     numbers = iter(range(args.jobs))
@@ -288,7 +293,7 @@ def soak(service: LiveService, storage: JobStorage, args: argparse.Namespace) ->
     deadline = time.monotonic() + FINISH_TIMEOUT_S
     threads = [threading.Thread(target=client, args=(service.url, upload, numbers, lock, results, deadline),
                                 daemon=True) for _ in range(args.clients)]
-    with Chaos(service, args.kill_every, args.redis_kills, seed=args.seed) as chaos:
+    with Chaos(service, args.kill_every, args.redis_kills, seed=args.seed, for_s=args.chaos_for) as chaos:
         for thread in threads:
             thread.start()
         while any(thread.is_alive() for thread in threads):
@@ -336,6 +341,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="length of each WAV")
     parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between two worker kills")
     parser.add_argument("--redis-kills", type=int, default=1)
+    parser.add_argument("--chaos-for", type=float, help="seconds of kills, then the backlog drains "
+                        "(default: kills until every job finished)")
     parser.add_argument("--seed", type=int, default=0, help="of the chaos loop's choices")
     parser.add_argument("--workdir", type=Path, help="keep the service's data and output here")
     args = parser.parse_args()

@@ -46,10 +46,11 @@ def test_the_memory_bench_runs_end_to_end_on_a_short_track(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_small_soak_under_fire_loses_nothing_runs_nothing_twice_and_fails_nothing(tmp_path):
-    """20 jobs from 6 clients while a warm worker is killed every 15 s and Redis once (about
-    two minutes on 2 busy cores); `bench/soak.py` compares every job's stems with a reference."""
+    """20 jobs from 6 clients while, for their first minute, a warm worker is killed every
+    15 s and Redis once; `bench/soak.py` compares every job's stems with a reference."""
     done = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--jobs", "20", "--clients", "6",
-                           "--kill-every", "15", "--redis-kills", "1", "--workdir", str(tmp_path)],
+                           "--kill-every", "15", "--redis-kills", "1", "--chaos-for", "60",
+                           "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     report = done.stdout + done.stderr[-3000:]
     assert done.returncode == 0, report
