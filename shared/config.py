@@ -68,6 +68,9 @@ class Settings:
     split_s: int = _setting(
         600, "Jobs longer than this many seconds are split into parts of about this length, "
              "run by any workers and merged (0: never split; jobs with shifts always run whole).")
+    lost_message_s: int = _setting(
+        120, "A job queued this many seconds whose broker message is gone (a Redis crash lost it, "
+             "a flushed or replaced Redis) is sent again within this time; 0: never look.")
     max_attempts: int = _setting(
         3, "Runs of a job whose worker was lost before it fails with worker_lost (a worker "
            "stopped gracefully gives the job back without using up an attempt).")

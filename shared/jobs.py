@@ -252,6 +252,18 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[4]) end
 return {'ok', status, attempts}
 """
 
+# Claims the re-sending of a queued job's lost message: moves the job to the back of its
+# queue's queued index (where its new message goes), only if it is still there under the
+# time the caller saw, and counts it. Returns 1 if claimed, else 0.
+#   KEYS: the queue's queued index, counters hash; ARGV: job id, the score seen, now
+_CLAIM_RESEND = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'requeued:lost_message', 1)
+return 1
+"""
+
 
 class JobStore:
     """Reads and writes job records, one Redis hash per job (values JSON-encoded).
@@ -267,6 +279,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._update_running = client.register_script(_UPDATE_RUNNING)
+        self._claim_resend = client.register_script(_CLAIM_RESEND)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -282,6 +295,13 @@ class JobStore:
     def running_job_ids(self) -> list[str]:
         """Ids of the jobs currently `running` (each should hold a lease)."""
         return sorted(member.decode() for member in self.redis.smembers(keys.running_jobs_key()))
+
+    def queued_before(self, queue: str, before: float) -> dict[str, float]:
+        """Jobs of Celery queue `queue` that have been `queued` since before `before`
+        (epoch s): id -> when they entered the queue."""
+        entries = self.redis.zrangebyscore(keys.queued_jobs_key(queue), "-inf", f"({before!r}",
+                                           withscores=True)
+        return {member.decode(): score for member, score in entries}
 
     def lease_holder(self, job_id: str) -> tp.Optional[str]:
         """`"<attempt> <holder>"` of the job's live lease, or None when it has none."""
@@ -401,6 +421,14 @@ class JobStore:
         return self._move(job_id, JobStatus.QUEUED, (JobStatus.RUNNING,), attempt=attempt,
                           lease_must_be_gone=not handed_back,
                           reason="handed_back" if handed_back else "lost", progress=0.0)
+
+    def claim_resend(self, job_id: str, queue: str, queued_since: float) -> bool:
+        """Claim the sending again of a queued job's lost message: True for exactly one of
+        several callers that saw the job queued since `queued_since` (its place in the
+        queued index, which moves to the back: now). False if the job left the queue (a
+        worker took it, it was cancelled) or another caller claimed it first."""
+        return bool(self._claim_resend(keys=[keys.queued_jobs_key(queue), keys.metrics_counters_key()],
+                                       args=[job_id, repr(float(queued_since)), repr(time.time())]))
 
     def _move(self, job_id: str, target: JobStatus, allowed: tp.Sequence[JobStatus], *,
               attempt: tp.Optional[int] = None, lease_must_be_gone: bool = False,

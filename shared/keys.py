@@ -76,6 +76,17 @@ def queue_keys(queue: str) -> list[str]:
     return [queue] + [f"{queue}\x06\x16{priority}" for priority in (3, 6, 9)]
 
 
+def broker_unacked_key() -> str:
+    """Hash kombu's Redis transport keeps the messages delivered to workers in until they are
+    acknowledged: delivery tag -> JSON `[message, exchange, routing key]`."""
+    return "unacked"
+
+
+def broker_unacked_index_key() -> str:
+    """Sorted set of the delivery tags in `broker_unacked_key`, scored by delivery time (epoch s)."""
+    return "unacked_index"
+
+
 def split_key(job_id: str) -> str:
     """Hash of a split job's parts: its attempt, part count, each part's state, windows
     done and tries, and what its Celery message carried (to send it again)."""

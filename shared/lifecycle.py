@@ -4,6 +4,7 @@ and the Celery app, shared by the API, the workers' maintenance loop and the run
 from __future__ import annotations
 
 import logging
+import time
 import typing as tp
 
 from .celery_app import SEPARATE_TASK
@@ -78,6 +79,24 @@ def recover_lost_job(jobs: JobStore, celery: tp.Any, queue: str, job_id: str, at
     enqueue_job(celery, job_id, job.queue or queue)
     log.warning("job %s: the worker of attempt %d was lost; requeued", job_id, attempt)
     return JobStatus.QUEUED
+
+
+def resend_lost_message(jobs: JobStore, celery: tp.Any, queue: str, job_id: str,
+                        queued_since: float) -> bool:
+    """Send again the task of a job queued in `queue` since `queued_since` whose message the
+    broker no longer holds; of several processes doing so, exactly one sends. Returns
+    whether this one did.
+
+    Safe even if a message did exist after all (a worker was taking it): a job starts only
+    by its one move from queued to running, so the second delivery finds it running or
+    finished and is skipped (`worker.runner`), never run twice.
+    """
+    if not jobs.claim_resend(job_id, queue, queued_since):
+        return False
+    enqueue_job(celery, job_id, queue)
+    log.warning("job %s: queued since %.0fs with no message in the broker (lost); sent again",
+                job_id, time.time() - queued_since)
+    return True
 
 
 def hand_back_job(jobs: JobStore, celery: tp.Any, queue: str, job_id: str, attempt: int) -> bool:

@@ -61,8 +61,9 @@ class ServiceCollector(Collector):
                 failed.add_metric([field[len("failed:"):]], value)
         yield failed
         requeued = CounterMetricFamily(
-            "demix_jobs_requeued", "Runs put back in the queue: lost (lease expired) or handed_back "
-                                   "(worker stopping).", labels=["reason"])
+            "demix_jobs_requeued", "Jobs put back in the queue: lost (lease expired), handed_back "
+                                   "(worker stopping) or lost_message (queued, its broker message "
+                                   "gone: sent again).", labels=["reason"])
         for field, value in sorted(counters.items()):
             if field.startswith("requeued:"):
                 requeued.add_metric([field[len("requeued:"):]], value)

@@ -1,8 +1,11 @@
-"""The `bench/` scripts cannot rot: each imports as a module and answers `--help`, and
-the memory bench separates a short track end to end with the tiny model."""
+"""The `bench/` scripts cannot rot: each imports as a module and answers `--help`, the
+memory bench separates a short track end to end with the tiny model, and a small soak
+under fire loses nothing."""
 from __future__ import annotations
 
+import ast
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))  #
 
 
 def test_there_are_bench_scripts_to_check():
-    assert {p.name for p in SCRIPTS} >= {"compare_demucs.py", "intake.py", "memory.py", "service_overhead.py"}
+    assert {p.name for p in SCRIPTS} >= {"compare_demucs.py", "intake.py", "memory.py", "service_overhead.py", "soak.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
@@ -49,3 +52,22 @@ def test_the_intake_bench_runs_end_to_end_on_a_short_track(tmp_path):
     for row in ("MP3/MPEG_LAYER_III", "MP4/AAC_LC", "FLAC/PCM_16", "WAV/PCM_16"):
         assert row in done.stdout
     assert "intake/separation" in done.stdout and "peak/before" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_small_soak_under_fire_loses_nothing_runs_nothing_twice_and_fails_nothing(tmp_path):
+    """20 jobs from 6 clients while, for their first minute, a warm worker is killed every
+    15 s and Redis once; `bench/soak.py` compares every job's stems with a reference."""
+    done = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--jobs", "20", "--clients", "6",
+                           "--kill-every", "15", "--redis-kills", "1", "--chaos-for", "60",
+                           "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    report = done.stdout + done.stderr[-3000:]
+    assert done.returncode == 0, report
+    figures = re.search(r"accepted (\d+), succeeded (\d+), failed (\d+), lost (\d+), run twice (\d+)", done.stdout)
+    assert figures is not None, report
+    assert figures.groups() == ("20", "20", "0", "0", "0"), report
+    kills = ast.literal_eval(re.search(r"kills: (\{.*\})", done.stdout).group(1))
+    assert kills.get("redis") == 1, report
+    assert kills.get("pool process", 0) + kills.get("whole worker", 0) >= 1, report

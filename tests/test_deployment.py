@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
 
+import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from cli.main import api_argv, build_parser, worker_argv
 from shared.config import Settings
@@ -25,9 +28,14 @@ def demix_commands() -> set[str]:
     return set(subparsers.choices)
 
 
+MONITORING = {"prometheus", "grafana"}
+"""The services of the `monitoring` profile; the others run by default."""
+
+
 def test_every_service_runs_a_command_the_project_provides():
     services = compose()["services"]
-    assert set(services) == {"redis", "api", "worker", "grpc", "flower"}
+    assert set(services) == {"redis", "api", "worker", "grpc", "flower"} | MONITORING
+    assert {name for name, service in services.items() if "profiles" in service} == MONITORING
     assert services["redis"]["image"].startswith("redis:")
     assert services["redis"]["command"][0] == "redis-server"
     for name in ("api", "worker", "grpc", "flower"):
@@ -75,3 +83,119 @@ def test_the_worker_sends_task_events_and_the_api_runs_under_gunicorn():
     api = api_argv(settings)
     assert api[1:3] == ["-m", "gunicorn"] and api[-1] == "api:create_app()"
     assert api[api.index("--bind") + 1] == "127.0.0.1:8000"
+
+
+# -- the `monitoring` profile: Prometheus scraping the API, Grafana with the dashboard ------------
+
+def mounts(service: dict) -> dict[str, Path]:
+    """A service's bind mounts of project files: path in the container -> file here."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            found[target] = ROOT / source
+    return found
+
+
+def test_the_monitoring_profile_runs_prometheus_and_grafana_from_the_files_in_deploy():
+    services = compose()["services"]
+    for name in MONITORING:
+        assert services[name]["profiles"] == ["monitoring"]
+        assert all(path.exists() for path in mounts(services[name]).values()), mounts(services[name])
+    prometheus = services["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    config_path = next(a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file="))
+    assert mounts(prometheus)[config_path] == ROOT / "deploy/prometheus/prometheus.yml"
+    assert services["grafana"]["image"].startswith("grafana/grafana:")
+
+
+def test_prometheus_scrapes_the_apis_metrics_endpoint():
+    services = compose()["services"]
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    (targets,) = [static["targets"] for static in job["static_configs"]]
+    port = services["api"]["environment"]["DEMIX_PORT"]
+    assert targets == [f"api:{port}"]
+    assert f"{port}:{port}" in services["api"]["ports"]
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard():
+    grafana = compose()["services"]["grafana"]
+    mounted = mounts(grafana)
+    provisioning = mounted["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards/demix.yml").read_text())["providers"]
+    dashboards_dir = provider["options"]["path"]
+    in_container = [target for target, path in mounted.items() if path == DASHBOARD]
+    assert [str(Path(target).parent) for target in in_container] == [dashboards_dir]
+    assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == in_container[0]
+    # Every panel reads the provisioned data source.
+    for panel in dashboard()["panels"]:
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == panel["datasource"]["uid"] == source["uid"]
+
+
+DASHBOARD = ROOT / "deploy/grafana/demix.json"
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def queries() -> list[str]:
+    return [target["expr"] for panel in dashboard()["panels"] for target in panel["targets"]]
+
+
+def series_in(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (Grafana's range variable as a range)."""
+    import promql_parser
+
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            found.add(node.name)
+        for child in ("expr", "lhs", "rhs", "param", "vector_selector"):
+            if getattr(node, child, None) is not None:
+                walk(getattr(node, child))
+        for arg in getattr(node, "args", None) or []:
+            walk(arg)
+
+    walk(promql_parser.parse(expr.replace("$__rate_interval", "5m")))
+    return found
+
+
+def exported_series(metrics_text: str) -> dict[str, set[str]]:
+    """Metric family -> the series names it exposes, from a scrape."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    return {family.name: {family.name + suffix for suffix in suffixes[family.type]}
+            for family in text_string_to_metric_families(metrics_text)}
+
+
+def test_a_series_name_is_read_from_each_kind_of_query():
+    assert series_in("histogram_quantile(0.5, sum by (le) (rate(a_bucket[$__rate_interval])))") == {"a_bucket"}
+    assert series_in("rate(a_sum[5m]) / rate(b_count[5m])") == {"a_sum", "b_count"}
+    assert series_in('sum by (code) (increase(c_total{code="x"}[1h]))') == {"c_total"}
+
+
+def test_every_dashboard_query_reads_a_series_the_service_exports_and_every_one_is_shown(idle_server):
+    """Scraped from the running app: each panel's PromQL parses and names only real series,
+    and no exported metric family is left off the dashboard."""
+    response = requests.get(f"{idle_server.url}/metrics", timeout=30)
+    assert response.status_code == 200
+    exported = exported_series(response.text)
+    every_series = set().union(*exported.values())
+    shown = set().union(*(series_in(expr) for expr in queries()))
+    assert shown, "the dashboard has no queries"
+    assert shown <= every_series, f"not exported: {sorted(shown - every_series)}"
+    assert {name for name, series in exported.items() if series & shown} == set(exported)
+
+
+def test_the_dashboard_shows_what_an_operator_watches():
+    titles = {panel["title"] for panel in dashboard()["panels"]}
+    assert {"Queue length", "Running jobs", "Job rate by outcome", "Job duration", "Audio per job",
+            "Requeues by reason", "Disk free"} <= titles
+    panel_ids = [panel["id"] for panel in dashboard()["panels"]]
+    assert len(panel_ids) == len(set(panel_ids))

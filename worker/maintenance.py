@@ -1,6 +1,6 @@
 """The maintenance loop every worker runs beside its jobs: periodic sweeps that keep the
-service healthy without anyone watching (requeueing jobs whose worker died; more sweeps
-are added to `SWEEPS`).
+service healthy without anyone watching (requeueing jobs whose worker died, sending again
+the tasks of queued jobs whose broker message was lost; more sweeps are added to `SWEEPS`).
 
 The loop runs in a thread of each Celery worker's main process (a bootstep, so it starts
 and stops with the worker), once at start and then each sweep at its own interval. It
@@ -18,10 +18,11 @@ import typing as tp
 import redis
 from celery import bootsteps
 
+from shared.broker import delivered_job_ids, waiting_job_ids
 from shared.config import Settings, get_settings
 from shared.errors import DemixError, JobNotFound, WorkerLost
 from shared.jobs import JobStatus, JobStore
-from shared.lifecycle import recover_lost_job
+from shared.lifecycle import recover_lost_job, resend_lost_message
 from shared.retention import sweep_expired_jobs, sweep_orphaned_job_folders, sweep_orphaned_uploads
 from shared.splits import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
 from shared.services import build_services
@@ -91,6 +92,57 @@ def lease_sweep_interval(settings: Settings) -> float:
     return settings.lease_s / 3
 
 
+class LostMessageSweep:
+    """Sends again the task of a job waiting in the queue with no message for it in the
+    broker: lost with the last second of Redis' writes in a machine crash (its append-only
+    file is synced once a second), in a flushed or replaced Redis, a failover, by an API
+    process killed between writing the job and sending its task, or taken by a worker killed
+    before it started the job (kombu would hand it out again only after
+    `DEMIX_JOB_TIMEOUT_S`, its visibility timeout).
+
+    A job queued for over half of `DEMIX_LOST_MESSAGE_S` is suspect when no message for
+    it waits in its queue and none was taken by a worker within the bound without being
+    acknowledged yet (a worker takes a message a moment before it starts the job, or its
+    model's warm-up before; a message held longer by a job still queued has lost its
+    worker). Seen so on two sweeps in a row, a quarter of the bound apart, it is sent
+    again, at the back of the queue. Sending a message that did exist after all costs
+    nothing: the job starts once, by its one move from queued to running, and the other
+    delivery is skipped.
+    """
+
+    def __init__(self) -> None:
+        self._suspects: set[tuple[str, float]] = set()
+
+    def __call__(self, context: MaintenanceContext) -> list[str]:
+        """Returns the ids of the jobs whose task it sent again."""
+        jobs, settings = context.jobs, context.settings
+        if settings.lost_message_s <= 0:
+            return []
+        # Read the queued jobs before the messages: a job taken by a worker in between is
+        # running by the next sweep, so it never stays suspect.
+        now = time.time()
+        candidates = jobs.queued_before(settings.queue, now - settings.lost_message_s / 2)
+        suspects: set[tuple[str, float]] = set()
+        resent = []
+        if candidates:
+            with_message = waiting_job_ids(jobs.redis, settings.queue) | \
+                delivered_job_ids(jobs.redis, now - settings.lost_message_s)
+            for job_id, queued_since in candidates.items():
+                if job_id in with_message:
+                    continue
+                if (job_id, queued_since) not in self._suspects:
+                    suspects.add((job_id, queued_since))
+                elif resend_lost_message(jobs, context.celery, settings.queue, job_id, queued_since):
+                    resent.append(job_id)
+        self._suspects = suspects
+        return resent
+
+
+def lost_message_sweep_interval(settings: Settings) -> float:
+    """The lost-message sweep runs four times per `DEMIX_LOST_MESSAGE_S`."""
+    return settings.lost_message_s / 4 if settings.lost_message_s > 0 else 3600.0
+
+
 class LostPartSweep:
     """Keeps split jobs alive while their parts are in flight, and sends a part (or the
     merge) whose lease expired again, alone, to any worker; after `DEMIX_MAX_ATTEMPTS`
@@ -150,7 +202,8 @@ class LostPartSweep:
 
 
 SWEEPS: list[Sweep] = [Sweep("lost jobs", LostJobSweep(), lease_sweep_interval),
-                       Sweep("lost parts", LostPartSweep(), lease_sweep_interval)]
+                       Sweep("lost parts", LostPartSweep(), lease_sweep_interval),
+                       Sweep("lost messages", LostMessageSweep(), lost_message_sweep_interval)]
 """The sweeps every worker runs; other modules append theirs."""
 
 SWEEPS += [
