@@ -50,7 +50,7 @@ def load_model(checkpoint: Path, config_path: Path, architecture: tp.Optional[st
     """
     model = build_model(read_config(config_path, architecture))
     state = read_state_dict(checkpoint)
-    mismatched = [f"{name} {tuple(tensor.shape)} (network has {tuple(own.shape)})"
+    mismatched = [f"{name} {tuple(state[name].shape)} (network has {tuple(own.shape)})"
                   for name, own in model.state_dict().items()
                   if name in state and tuple(state[name].shape) != tuple(own.shape)]
     if mismatched:
