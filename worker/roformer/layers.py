@@ -109,7 +109,7 @@ class LinearAttention(nn.Module):
         # [3, batch, heads, dim_head, length]: the sequence axis is the features.
         q, k, v = self.to_qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 4, 1)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        q = q * self.temperature.exp()
+        q = q * self.temperature.exp().to(q.dtype)  # a bf16 copy keeps this parameter fp32
         out = F.scaled_dot_product_attention(q, k, v, scale=self.SCALE)
         return self.to_out(out.permute(0, 3, 1, 2).reshape(batch, length, -1))
 
