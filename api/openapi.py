@@ -27,7 +27,6 @@ from shared.idempotency import HEADER as IDEMPOTENCY_HEADER, KEY_PATTERN, MAX_KE
 from shared.job_request import FILE_FIELD, FORM_FIELDS
 from shared.jobs import JobStatus
 from shared.output import CHANNEL_MODES, CLIP_MODES, FORMATS, MIME_TYPES, MP3_SAMPLERATES, SAMPLE_FORMATS
-from shared.stems import STEM_CHOICES
 
 from .auth import PROTECTED_PREFIX
 
@@ -75,7 +74,7 @@ ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
     400: ("The request is malformed: no `file` part, an unknown `stems` value, an output option "
           "that cannot be written, a `callback_url` that is not an http(s) URL, an invalid "
           "`Idempotency-Key` header.",
-          ("missing_file", "invalid_stems", "invalid_output", "invalid_callback_url",
+          ("missing_file", "unknown_model", "invalid_stems", "invalid_output", "invalid_callback_url",
            errors.InvalidIdempotencyKey.code, "bad_request")),
     401: ("API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
           (errors.Unauthorized.code,)),
@@ -128,8 +127,8 @@ JOB_FIELDS: dict[str, dict] = {
     "attempts": {"type": "integer", "minimum": 0,
                  "description": "Runs started so far (a run whose worker was lost is redone, up to "
                                 "`DEMIX_MAX_ATTEMPTS`)."},
-    "stems": {"type": "string", "enum": list(STEM_CHOICES)},
-    "model": {"type": "string"},
+    "stems": {"type": "string", "description": "`all` or one of the model's sources (see `GET /v1/models`)."},
+    "model": {"type": "string", "description": "The model that separates it (one of `GET /v1/models`)."},
     "created_at": {"type": "string", "format": "date-time"},
     "started_at": _TIMESTAMP,
     "finished_at": _TIMESTAMP,
@@ -153,6 +152,9 @@ JOB_FIELDS: dict[str, dict] = {
     "queue_position": {"type": ["integer", "null"], "minimum": 1,
                        "description": "While queued: the job's place in the queue, 1 = the next to start. "
                                       "Null otherwise."},
+    "waiting_for": {"type": ["string", "null"],
+                    "description": "While queued and no warm worker serves the job's model: says so (the "
+                                   "job waits in its model's queue until one does). Null otherwise."},
     "eta_s": {"type": ["number", "null"], "minimum": 0,
               "description": "While running: estimated seconds left, from its progress and the time "
                              "since `started_at`. Null otherwise, and while too little is done to tell."},
@@ -162,6 +164,28 @@ JOB_FIELDS: dict[str, dict] = {
     "zip_url": {**_URL, "description": "When succeeded: `GET /v1/jobs/{id}/stems.zip`."},
 }
 """Every field of the job JSON (`api.jobs.job_json`); the last two only once it succeeded."""
+
+MODEL_FIELDS: dict[str, dict] = {
+    "name": {"type": "string"},
+    "default": {"type": "boolean", "description": "Whether jobs without `model` get this one."},
+    "architecture": {"type": "string", "enum": ["demucs", "bs_roformer", "mel_band_roformer", "unknown"]},
+    "stems": {"type": "array", "items": {"type": "string"},
+              "description": "The `stems` values a job for this model may ask for."},
+    "sources": {"type": "array", "items": {"type": "string"},
+                "description": "The model's outputs, in order; empty until known (a Demucs model of "
+                               "your own: until a worker has loaded it)."},
+    "samplerate": {"type": ["integer", "null"], "description": "The rate the model runs at, Hz."},
+    "origin": {"type": "string", "description": "Where its weights came from."},
+    "licence": {"type": "string", "description": "What is known of the weights' licence."},
+    "sha256": {"type": ["string", "null"], "description": "The checkpoint's sha256, when it was "
+               "added or pulled with `demix models`."},
+    "queue": {"type": "string", "description": "The Celery queue of its jobs."},
+    "workers": {"type": "integer", "minimum": 0,
+                "description": "Warm worker processes serving it now."},
+    "available": {"type": "boolean", "description": "Whether a warm worker serves it now; if not, "
+                  "its jobs wait in its queue."},
+}
+"""Every field of a model in `GET /v1/models` (`shared.catalogue.catalogue`)."""
 
 JOB_SCHEMA = {
     "type": "object",
@@ -257,7 +281,8 @@ OPERATIONS: tuple[Operation, ...] = (
         responses={"204": {"description": "Deleted."}, "404": _error_codes(404), "503": _error_codes(503)}),
     Operation(
         "jobs.get_result", "get", "All stems as JSON: stem name → base64 of a complete file",
-        description="Streamed. `drums`, `bass`, `other`, `vocals` for `all`; `X` and `no_X` for one stem.",
+        description="Streamed. Every source of the job's model for `all` (`drums`, `bass`, `other`, "
+                    "`vocals` for htdemucs); `X` and `no_X` for one stem.",
         parameters=(_JOB_ID,),
         responses={"200": _json({"type": "object", "additionalProperties": {
                        "type": "string", "contentEncoding": "base64"}}, "Every stem, base64-encoded."),
@@ -283,6 +308,16 @@ OPERATIONS: tuple[Operation, ...] = (
                    "404": _error_codes(404), "409": _error_codes(409),
                    "416": {"description": "The requested range is not satisfiable."},
                    "503": _error_codes(503)}),
+    Operation(
+        "models.list_models", "get", "The models this service serves",
+        description="Each served model (the default first, the one `POST /v1/jobs` uses without "
+                    "`model`): its architecture, the `stems` values it offers, its sample rate, where "
+                    "its weights came from, their licence note, its queue, and how many warm worker "
+                    "processes serve it now.",
+        tags=("models",),
+        responses={"200": _json({"type": "object", "required": ["models"], "properties": {
+            "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}}, "The catalogue."),
+            "503": _error_codes(503)}),
     Operation(
         "health.healthz", "get", "Is the API up, can it reach Redis, how long is the queue",
         tags=("service",),
@@ -368,11 +403,14 @@ def build_spec(url_map: tp.Any, settings: Settings, keys_required: bool) -> dict
             "license": {"name": "MIT", "identifier": "MIT"},
         },
         "tags": [{"name": "jobs", "description": "Submit, poll, fetch stems."},
+                 {"name": "models", "description": "The models a job may choose."},
                  {"name": "service", "description": "The web page, health, metrics and this description "
                                                    "(never need a key)."}],
         "paths": paths,
         "components": {
-            "schemas": {"Job": JOB_SCHEMA, "JobRequest": _form_schema(), "Error": ERROR_SCHEMA},
+            "schemas": {"Job": JOB_SCHEMA, "JobRequest": _form_schema(), "Error": ERROR_SCHEMA,
+                        "Model": {"type": "object", "required": list(MODEL_FIELDS), "properties": MODEL_FIELDS,
+                                  "additionalProperties": False}},
             "responses": {
                 f"Error{status}": _json(
                     {"allOf": [{"$ref": "#/components/schemas/Error"},

@@ -9,12 +9,14 @@ import typing as tp
 from pathlib import Path
 
 from .audio import AudioInfo
+from .catalogue import warm_model_notes
 from .errors import JobNotFound, ServiceUnavailable, TooManyActiveJobs
 from .idempotency import IdempotencyKeys
 from .intake import inspect_upload
 from .jobs import Job, JobStatus, new_job_id
 from .job_request import JobRequest, parse_job_request
 from .lifecycle import enqueue_job
+from .readiness import ready_workers
 from .services import Services
 
 log = logging.getLogger(__name__)
@@ -66,10 +68,20 @@ def submit_upload(upload: Path, fields: tp.Mapping[str, str], services: Services
         ServiceUnavailable: Redis or the broker is unreachable.
     """
     info = inspect_upload(upload, services.settings)
-    job_request = parse_job_request(fields, info)
+    job_request = parse_job_request(fields, info, services.settings, reported_models(services))
     if idempotent is None:
         return submit_job(upload, info, job_request, services, owner=owner), True
     return submit_job_once(upload, info, job_request, services, idempotent, owner=owner)
+
+
+def reported_models(services: Services) -> dict[str, dict]:
+    """Per model, what one warm worker process said of it when it loaded it (its sources)."""
+    try:
+        notes = warm_model_notes(ready_workers(services.jobs.redis))
+    except Exception as exc:  # Redis down: the submit fails at the record with the right error
+        log.warning("could not read the warm workers: %s", exc)
+        return {}
+    return {name: entries[0] for name, entries in notes.items()}
 
 
 def submit_job_once(upload: Path, info: AudioInfo, job_request: JobRequest, services: Services,
@@ -109,10 +121,12 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services:
         TooManyActiveJobs: `owner` already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` active jobs.
         ServiceUnavailable: Redis or the broker is unreachable.
     """
+    settings = services.settings
+    model = job_request.model or settings.default_model
     job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems,
-              model=services.settings.model, samplerate=info.samplerate, channels=info.channels,
+              model=model, samplerate=info.samplerate, channels=info.channels,
               frames=info.frames, created_at=time.time(), input_format=f"{info.container}/{info.subtype}",
-              output=job_request.output.to_dict(), queue=services.settings.queue, owner=owner,
+              output=job_request.output.to_dict(), queue=settings.queue_for(model), owner=owner,
               callback_url=job_request.callback_url)
     upload_bytes = upload.stat().st_size
     services.storage.accept_upload(upload, job.id)
@@ -121,7 +135,7 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services:
         if owner:
             # After the record exists, so pruning finished jobs can never drop this one.
             services.limits.reserve(owner, job.id)
-        enqueue_job(services.celery, job.id, services.settings.queue)
+        enqueue_job(services.celery, job.id, job.queue)
     except TooManyActiveJobs:
         _roll_back(job.id, services)
         raise
@@ -130,8 +144,8 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services:
         _roll_back(job.id, services)
         raise ServiceUnavailable("the job queue (Redis) is unreachable; the upload was not kept, "
                                  "try again shortly") from exc
-    log.info("queued job %s (%s, %.1fs, %d Hz, %d ch)", job.id, job.stems, job.duration,
-             job.samplerate, job.channels)
+    log.info("queued job %s (%s %s, %.1fs, %d Hz, %d ch) on %s", job.id, job.model, job.stems, job.duration,
+             job.samplerate, job.channels, job.queue)
     return job
 
 

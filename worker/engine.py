@@ -136,12 +136,11 @@ def stem_layout(model: torch.nn.Module, input_path: Path, stems: str,
     Raises:
         SeparationFailed: the model has no such source.
     """
-    names = list(model.sources) if stems == ALL else output_names(stems)
-    sources = [name for name in names if not name.startswith("no_")]
-    missing = [name for name in sources if name not in model.sources]
-    if missing:
-        raise SeparationFailed(f"model has no source {missing[0]!r}; it separates "
+    if stems != ALL and stems not in model.sources:
+        raise SeparationFailed(f"model has no source {stems!r}; it separates "
                                f"{', '.join(model.sources)}", code="unknown_source")
+    names = output_names(stems, model.sources)
+    sources = [name for name in names if not name.startswith("no_")]
     info = read_info(input_path)
     output = output or default_output(info)
     frames = info.frames if output.samplerate == info.samplerate \
