@@ -22,6 +22,7 @@ import re
 import typing as tp
 
 from shared import errors
+from shared.catalogue import describe_model
 from shared.config import Settings
 from shared.idempotency import HEADER as IDEMPOTENCY_HEADER, KEY_PATTERN, MAX_KEY_LENGTH
 from shared.job_request import FILE_FIELD, FORM_FIELDS
@@ -195,7 +196,7 @@ JOB_SCHEMA = {
 }
 
 
-def _form_schema() -> dict:
+def _form_schema(settings: Settings) -> dict:
     properties: dict[str, dict] = {FILE_FIELD: {
         "type": "string", "format": "binary", "contentMediaType": "audio/wav",
         "description": "The WAV to separate (any WAV flavour: PCM, float, μ-law/A-law, ADPCM, "
@@ -206,8 +207,26 @@ def _form_schema() -> dict:
         if field.default is not None:
             schema["default"] = int(field.default) if schema.get("type") == "integer" else field.default
         properties[field.name] = schema
+    offered = _stems_by_model(settings)
+    properties["model"]["enum"] = list(offered)
+    properties["stems"]["enum"] = list(dict.fromkeys(stem for stems in offered.values() for stem in stems))
     return {"type": "object", "required": [FILE_FIELD], "properties": properties,
-            "allOf": _FORM_RULES}
+            "allOf": _FORM_RULES + _model_stems_rules(settings, offered)}
+
+
+def _stems_by_model(settings: Settings) -> dict[str, tuple[str, ...]]:
+    """Each served model's stems, as far as the model folders and the built-in list tell
+    (a Demucs model of one's own: the four sources until a worker has loaded it)."""
+    return {name: describe_model(settings, name).stem_choices for name in settings.served_models}
+
+
+def _model_stems_rules(settings: Settings, offered: tp.Mapping[str, tp.Sequence[str]]) -> list[dict]:
+    """`stems` must be one the chosen model (no `model`: the default one) offers."""
+    rules = [{"if": {"required": ["model"], "properties": {"model": {"const": name}}},
+              "then": {"properties": {"stems": {"enum": list(stems)}}}} for name, stems in offered.items()]
+    rules.append({"if": {"not": {"required": ["model"]}},
+                  "then": {"properties": {"stems": {"enum": list(offered[settings.default_model])}}}})
+    return rules
 
 
 def _when_format(fmt: str, then: dict) -> dict:
@@ -408,7 +427,7 @@ def build_spec(url_map: tp.Any, settings: Settings, keys_required: bool) -> dict
                                                    "(never need a key)."}],
         "paths": paths,
         "components": {
-            "schemas": {"Job": JOB_SCHEMA, "JobRequest": _form_schema(), "Error": ERROR_SCHEMA,
+            "schemas": {"Job": JOB_SCHEMA, "JobRequest": _form_schema(settings), "Error": ERROR_SCHEMA,
                         "Model": {"type": "object", "required": list(MODEL_FIELDS), "properties": MODEL_FIELDS,
                                   "additionalProperties": False}},
             "responses": {
