@@ -191,6 +191,9 @@ def test_demix_models_add_pull_and_list(tmp_path, tiny_drumsep):
         assert "mel_band_roformer_kim (mel_band_roformer: vocals) is ready" in pulled.stdout
         again = run_cli("pull", "mel_band_roformer_kim", "--if-missing", data_dir=data)
         assert "already in" in again.stdout and len(server.requests) == 2
+    verified = run_cli("verify", "drumsep", data_dir=data)
+    assert verified.returncode == 0, verified.stderr
+    assert "separates into kick, snare, cymbals" in verified.stdout
     listed = run_cli("list", data_dir=data)
     assert "drumsep" in listed.stdout and "the author's own terms" in listed.stdout
     assert f"sha256 {sha256_file(published)}" in listed.stdout and "No licence is stated" in listed.stdout
