@@ -202,3 +202,25 @@ def test_a_roformer_job_reports_progress_can_be_cancelled_and_is_handed_back_by_
     job = deployment.finished(handed)
     assert (job["status"], job["attempts"], list(job["outputs"])) == ("succeeded", 2, ["vocals", "no_vocals"])
     assert deployment.job(cancelled)["status"] == "cancelled"
+
+
+def test_a_roformer_job_whose_worker_is_killed_is_requeued_on_its_models_queue(deployment, tmp_path):
+    """kill -9 of the only worker serving the model: the other worker's sweeps requeue the
+    job (its lease expired) on the model's queue and forget the dead processes, so the job
+    says it waits; a new worker for the model finishes it."""
+    if "vocals" not in deployment.workers:
+        deployment.start_worker("vocals", TINY_VOCALS)
+    wait_for(lambda: deployment.models()[TINY_VOCALS]["available"], "the vocals worker", log=deployment.logs)
+    job_id = deployment.submit(write_wav(tmp_path / "long.wav", 44100, 2, seconds=60.0), model=TINY_VOCALS).json()["id"]
+    wait_for(lambda: (lambda job: job["status"] == "running" and job["progress"] > 0)(deployment.job(job_id)),
+             "the job mid-run", log=deployment.logs)
+    process = deployment.workers.pop("vocals")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(60)
+    job = wait_for(lambda: (lambda job: job if job["status"] == "queued" and job["waiting_for"] else None)(
+        deployment.job(job_id)), "the job requeued, waiting for a worker of its model", log=deployment.logs)
+    assert (job["attempts"], job["queue_position"]) == (1, 1)
+    assert not deployment.models()[TINY_VOCALS]["available"]
+    deployment.start_worker("vocals", TINY_VOCALS)
+    job = deployment.finished(job_id)
+    assert (job["status"], job["attempts"], list(job["outputs"])) == ("succeeded", 2, ["vocals", "no_vocals"])
