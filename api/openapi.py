@@ -342,8 +342,11 @@ OPERATIONS: tuple[Operation, ...] = (
         tags=("service",),
         responses={
             "200": _json({"type": "object", "required": ["status", "redis"], "properties": {
-                "status": {"const": "ok"}, "redis": {"const": "ok"}, "queue_length": {"type": "integer"},
-                "model": {"type": "string"}}}, "Healthy."),
+                "status": {"const": "ok"}, "redis": {"const": "ok"},
+                "queue_length": {"type": "integer", "description": "Jobs waiting, in every model's queue."},
+                "model": {"type": "string", "description": "The default model."},
+                "models": {"type": "array", "items": {"type": "string"}, "description": "The served models."}}},
+                "Healthy."),
             "503": _json({"type": "object", "required": ["status", "redis"], "properties": {
                 "status": {"const": "degraded"}, "redis": {"type": "string"}}}, "Redis is unreachable.")}),
     Operation(

@@ -116,6 +116,8 @@ def test_the_catalogue_lists_every_served_model_and_who_serves_it(deployment):
         ("mel_band_roformer", ["all", "vocals"], f"{QUEUE}.{TINY_VOCALS}")
     assert [m["available"] for m in models.values()] == [True, True, False]
     assert [m["workers"] for m in models.values()] == [1, 1, 0]
+    health = requests.get(f"{deployment.url}/healthz", timeout=30).json()
+    assert (health["model"], health["models"]) == (TINY_MODEL, MODELS.split(","))
 
 
 def test_a_job_for_a_roformer_separates_with_it(deployment, tmp_path):
@@ -163,6 +165,7 @@ def test_a_job_for_a_model_no_worker_serves_waits_in_its_queue_until_one_does(de
     song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=1.0)
     first, second = (deployment.submit(song, model=TINY_VOCALS, stems="vocals").json() for _ in range(2))
     assert (first["status"], first["queue_position"], second["queue_position"]) == ("queued", 1, 2)
+    assert requests.get(f"{deployment.url}/healthz", timeout=30).json()["queue_length"] == 2  # every model's queue
     assert first["waiting_for"] == (f"no worker serves model '{TINY_VOCALS}' yet; the job waits in queue "
                                     f"'{QUEUE}.{TINY_VOCALS}' until one does (`demix worker --models {TINY_VOCALS}`)")
     # The other worker keeps serving its own models meanwhile.
