@@ -39,10 +39,11 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     app.extensions["demix"] = services
     app.teardown_request(discard_unclaimed_uploads)
 
-    from . import auth, docs, errors, health, jobs, metrics, web
+    from . import auth, docs, errors, health, jobs, metrics, models, web
     errors.register(app)
     auth.register(app)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(models.bp)
     app.register_blueprint(health.bp)
     app.extensions["demix_metrics"] = metrics.make_registry(app.extensions["demix"])
     app.register_blueprint(metrics.bp)

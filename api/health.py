@@ -1,4 +1,4 @@
-"""`/healthz`: is the API up, can it reach Redis, how long is the queue."""
+"""`/healthz`: is the API up, can it reach Redis, how long are the queues (all models')."""
 from __future__ import annotations
 
 from flask import Blueprint, current_app
@@ -14,7 +14,10 @@ def healthz():
     client = services.jobs.redis
     try:
         client.ping()
-        queued = sum(client.llen(key) for key in keys.queue_keys(services.settings.queue))
+        settings = services.settings
+        queued = sum(client.llen(key) for model in settings.served_models
+                     for key in keys.queue_keys(settings.queue_for(model)))
     except Exception as exc:  # report, don't raise: health checks want a body either way
         return {"status": "degraded", "redis": f"unreachable: {type(exc).__name__}"}, 503
-    return {"status": "ok", "redis": "ok", "queue_length": queued, "model": services.settings.model}
+    return {"status": "ok", "redis": "ok", "queue_length": queued, "model": settings.default_model,
+            "models": list(settings.served_models)}

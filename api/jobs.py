@@ -8,6 +8,7 @@ import zipfile
 
 from flask import Blueprint, Response, current_app, request, send_file, stream_with_context, url_for
 
+from shared.catalogue import warm_model_notes
 from shared.errors import BadRequest, IllegalTransition, JobFinished, JobNotFinished, JobNotFound
 from shared.estimates import queue_position
 from shared.idempotency import ANONYMOUS_OWNER, HEADER as IDEMPOTENCY_HEADER, parse_key
@@ -16,6 +17,7 @@ from shared.jobs import Job, JobStatus
 from shared.job_request import FILE_FIELD, URL_FIELD
 from shared.lifecycle import cancel_job, delete_job
 from shared.output import OutputOptions
+from shared.readiness import ready_workers
 from shared.submission import IdempotentSubmit, find_existing_job, submit_upload, submit_url
 from shared.uploads import ensure_room_for_upload
 
@@ -44,9 +46,11 @@ def job_json(job: Job) -> dict:
         # A worker took it between reading the record and its rank: show it as it is now.
         job = services.jobs.get(job.id)
         position = queue_position(services.jobs.redis, job)
+    served = job.model in warm_model_notes(ready_workers(services.jobs.redis)) \
+        if job.status is JobStatus.QUEUED else None
     return public_job_json(job, url_for("jobs.get_job", job_id=job.id, _external=True),
                            retention_s=services.settings.retention_s,
-                           queue_position=position, now=time.time())
+                           queue_position=position, now=time.time(), model_served=served)
 
 
 def idempotency_owner() -> str:
@@ -64,9 +68,9 @@ def _job_response(job: Job, status: int):
 
 @bp.post("")
 def create_job():
-    """Accept an upload (`file`) or an http(s) `url` to fetch it from, the `stems` choice,
-    output options and an optional `callback_url`; answer 202 with the queued job, or 200
-    with the job an earlier submit with the same `Idempotency-Key` created."""
+    """Accept an upload (`file`) or an http(s) `url` to fetch it from, the `model` and `stems`
+    choice, output options and an optional `callback_url`; answer 202 with the queued job,
+    or 200 with the job an earlier submit with the same `Idempotency-Key` created."""
     services = _services()
     key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
     idempotent = IdempotentSubmit(idempotency_owner(), key) if key is not None else None

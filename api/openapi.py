@@ -22,13 +22,13 @@ import re
 import typing as tp
 
 from shared import errors
+from shared.catalogue import describe_model
 from shared.config import Settings
 from shared.idempotency import HEADER as IDEMPOTENCY_HEADER, KEY_PATTERN, MAX_KEY_LENGTH
 from shared.job_request import FILE_FIELD, FORM_FIELDS, URL_FIELD
 from shared.outbound import MAX_URL_LENGTH
 from shared.jobs import JobStatus
 from shared.output import CHANNEL_MODES, CLIP_MODES, FORMATS, MIME_TYPES, MP3_SAMPLERATES, SAMPLE_FORMATS
-from shared.stems import STEM_CHOICES
 
 from .auth import PROTECTED_PREFIX
 
@@ -77,8 +77,8 @@ ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
           "output option that cannot be written, a `url` or `callback_url` that is not an http(s) URL "
           "or is on a private range (`DEMIX_ALLOW_PRIVATE_URLS`), an invalid "
           "`Idempotency-Key` header.",
-          ("missing_file", "file_and_url", "invalid_stems", "invalid_output", "invalid_callback_url",
-           "invalid_url", errors.AddressNotAllowed.code,
+          ("missing_file", "file_and_url", "unknown_model", "invalid_stems", "invalid_output",
+           "invalid_callback_url", "invalid_url", errors.AddressNotAllowed.code,
            errors.InvalidIdempotencyKey.code, "bad_request")),
     401: ("API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
           (errors.Unauthorized.code,)),
@@ -137,8 +137,8 @@ JOB_FIELDS: dict[str, dict] = {
     "attempts": {"type": "integer", "minimum": 0,
                  "description": "Runs started so far (a run whose worker was lost is redone, up to "
                                 "`DEMIX_MAX_ATTEMPTS`)."},
-    "stems": {"type": "string", "enum": list(STEM_CHOICES)},
-    "model": {"type": "string"},
+    "stems": {"type": "string", "description": "`all` or one of the model's sources (see `GET /v1/models`)."},
+    "model": {"type": "string", "description": "The model that separates it (one of `GET /v1/models`)."},
     "created_at": {"type": "string", "format": "date-time"},
     "started_at": _TIMESTAMP,
     "finished_at": _TIMESTAMP,
@@ -175,6 +175,9 @@ JOB_FIELDS: dict[str, dict] = {
     "queue_position": {"type": ["integer", "null"], "minimum": 1,
                        "description": "While queued: the job's place in the queue, 1 = the next to start. "
                                       "Null otherwise."},
+    "waiting_for": {"type": ["string", "null"],
+                    "description": "While queued and no warm worker serves the job's model: says so (the "
+                                   "job waits in its model's queue until one does). Null otherwise."},
     "eta_s": {"type": ["number", "null"], "minimum": 0,
               "description": "While running: estimated seconds left, from its progress and the time "
                              "since `started_at`. Null otherwise, and while too little is done to tell."},
@@ -185,6 +188,28 @@ JOB_FIELDS: dict[str, dict] = {
 }
 """Every field of the job JSON (`api.jobs.job_json`); the last two only once it succeeded."""
 
+MODEL_FIELDS: dict[str, dict] = {
+    "name": {"type": "string"},
+    "default": {"type": "boolean", "description": "Whether jobs without `model` get this one."},
+    "architecture": {"type": "string", "enum": ["demucs", "bs_roformer", "mel_band_roformer", "unknown"]},
+    "stems": {"type": "array", "items": {"type": "string"},
+              "description": "The `stems` values a job for this model may ask for."},
+    "sources": {"type": "array", "items": {"type": "string"},
+                "description": "The model's outputs, in order; empty until known (a Demucs model of "
+                               "your own: until a worker has loaded it)."},
+    "samplerate": {"type": ["integer", "null"], "description": "The rate the model runs at, Hz."},
+    "origin": {"type": "string", "description": "Where its weights came from."},
+    "licence": {"type": "string", "description": "What is known of the weights' licence."},
+    "sha256": {"type": ["string", "null"], "description": "The checkpoint's sha256, when it was "
+               "added or pulled with `demix models`."},
+    "queue": {"type": "string", "description": "The Celery queue of its jobs."},
+    "workers": {"type": "integer", "minimum": 0,
+                "description": "Warm worker processes serving it now."},
+    "available": {"type": "boolean", "description": "Whether a warm worker serves it now; if not, "
+                  "its jobs wait in its queue."},
+}
+"""Every field of a model in `GET /v1/models` (`shared.catalogue.catalogue`)."""
+
 JOB_SCHEMA = {
     "type": "object",
     "required": [name for name in JOB_FIELDS if name not in ("result_url", "zip_url")],
@@ -193,7 +218,7 @@ JOB_SCHEMA = {
 }
 
 
-def _form_schema() -> dict:
+def _form_schema(settings: Settings) -> dict:
     properties: dict[str, dict] = {FILE_FIELD: {
         "type": "string", "format": "binary", "contentMediaType": "audio/*",
         "description": "The audio to separate: any WAV flavour (PCM, float, μ-law/A-law, ADPCM, "
@@ -213,8 +238,27 @@ def _form_schema() -> dict:
         if field.default is not None:
             schema["default"] = int(field.default) if schema.get("type") == "integer" else field.default
         properties[field.name] = schema
+    offered = _stems_by_model(settings)
+    properties["model"]["enum"] = list(offered)
+    properties["stems"]["enum"] = list(dict.fromkeys(stem for stems in offered.values() for stem in stems))
     return {"type": "object", "properties": properties,
-            "oneOf": [{"required": [FILE_FIELD]}, {"required": [URL_FIELD]}], "allOf": _FORM_RULES}
+            "oneOf": [{"required": [FILE_FIELD]}, {"required": [URL_FIELD]}],
+            "allOf": _FORM_RULES + _model_stems_rules(settings, offered)}
+
+
+def _stems_by_model(settings: Settings) -> dict[str, tuple[str, ...]]:
+    """Each served model's stems, as far as the model folders and the built-in list tell
+    (a Demucs model of one's own: the four sources until a worker has loaded it)."""
+    return {name: describe_model(settings, name).stem_choices for name in settings.served_models}
+
+
+def _model_stems_rules(settings: Settings, offered: tp.Mapping[str, tp.Sequence[str]]) -> list[dict]:
+    """`stems` must be one the chosen model (no `model`: the default one) offers."""
+    rules = [{"if": {"required": ["model"], "properties": {"model": {"const": name}}},
+              "then": {"properties": {"stems": {"enum": list(stems)}}}} for name, stems in offered.items()]
+    rules.append({"if": {"not": {"required": ["model"]}},
+                  "then": {"properties": {"stems": {"enum": list(offered[settings.default_model])}}}})
+    return rules
 
 
 def _when_format(fmt: str, then: dict) -> dict:
@@ -288,7 +332,8 @@ OPERATIONS: tuple[Operation, ...] = (
         responses={"204": {"description": "Deleted."}, "404": _error_codes(404), "503": _error_codes(503)}),
     Operation(
         "jobs.get_result", "get", "All stems as JSON: stem name → base64 of a complete file",
-        description="Streamed. `drums`, `bass`, `other`, `vocals` for `all`; `X` and `no_X` for one stem.",
+        description="Streamed. Every source of the job's model for `all` (`drums`, `bass`, `other`, "
+                    "`vocals` for htdemucs); `X` and `no_X` for one stem.",
         parameters=(_JOB_ID,),
         responses={"200": _json({"type": "object", "additionalProperties": {
                        "type": "string", "contentEncoding": "base64"}}, "Every stem, base64-encoded."),
@@ -315,12 +360,25 @@ OPERATIONS: tuple[Operation, ...] = (
                    "416": {"description": "The requested range is not satisfiable."},
                    "503": _error_codes(503)}),
     Operation(
+        "models.list_models", "get", "The models this service serves",
+        description="Each served model (the default first, the one `POST /v1/jobs` uses without "
+                    "`model`): its architecture, the `stems` values it offers, its sample rate, where "
+                    "its weights came from, their licence note, its queue, and how many warm worker "
+                    "processes serve it now.",
+        tags=("models",),
+        responses={"200": _json({"type": "object", "required": ["models"], "properties": {
+            "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}}, "The catalogue."),
+            "503": _error_codes(503)}),
+    Operation(
         "health.healthz", "get", "Is the API up, can it reach Redis, how long is the queue",
         tags=("service",),
         responses={
             "200": _json({"type": "object", "required": ["status", "redis"], "properties": {
-                "status": {"const": "ok"}, "redis": {"const": "ok"}, "queue_length": {"type": "integer"},
-                "model": {"type": "string"}}}, "Healthy."),
+                "status": {"const": "ok"}, "redis": {"const": "ok"},
+                "queue_length": {"type": "integer", "description": "Jobs waiting, in every model's queue."},
+                "model": {"type": "string", "description": "The default model."},
+                "models": {"type": "array", "items": {"type": "string"}, "description": "The served models."}}},
+                "Healthy."),
             "503": _json({"type": "object", "required": ["status", "redis"], "properties": {
                 "status": {"const": "degraded"}, "redis": {"type": "string"}}}, "Redis is unreachable.")}),
     Operation(
@@ -399,11 +457,14 @@ def build_spec(url_map: tp.Any, settings: Settings, keys_required: bool) -> dict
             "license": {"name": "MIT", "identifier": "MIT"},
         },
         "tags": [{"name": "jobs", "description": "Submit, poll, fetch stems."},
+                 {"name": "models", "description": "The models a job may choose."},
                  {"name": "service", "description": "The web page, health, metrics and this description "
                                                    "(never need a key)."}],
         "paths": paths,
         "components": {
-            "schemas": {"Job": JOB_SCHEMA, "JobRequest": _form_schema(), "Error": ERROR_SCHEMA},
+            "schemas": {"Job": JOB_SCHEMA, "JobRequest": _form_schema(settings), "Error": ERROR_SCHEMA,
+                        "Model": {"type": "object", "required": list(MODEL_FIELDS), "properties": MODEL_FIELDS,
+                                  "additionalProperties": False}},
             "responses": {
                 f"Error{status}": _json(
                     {"allOf": [{"$ref": "#/components/schemas/Error"},

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template
 
+from shared.catalogue import catalogue
 from shared.output import CLIP_MODES, CHANNEL_MODES, FORMATS, MP3_BITRATES, MP3_SAMPLERATES, SAMPLE_FORMATS
-from shared.stems import STEM_CHOICES
+from shared.readiness import ready_workers
 
 bp = Blueprint("web", __name__)
 
@@ -23,10 +24,17 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data: blob:; medi
 
 @bp.get("/")
 def index():
-    settings = current_app.extensions["demix"].settings
+    services = current_app.extensions["demix"]
+    settings = services.settings
+    try:
+        ready = ready_workers(services.jobs.redis)
+    except Exception:  # Redis down: the page still loads; submitting will say what is wrong
+        ready = {}
+    models = catalogue(settings, ready)
     response = current_app.make_response(render_template(
         "index.html",
-        stem_choices=STEM_CHOICES,
+        models=models,
+        stem_choices=models[0]["stems"],  # the default model's; the page swaps them with the model
         formats=FORMATS,
         sample_formats=SAMPLE_FORMATS,
         samplerates=OFFERED_SAMPLERATES,

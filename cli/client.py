@@ -3,7 +3,8 @@
     from cli.client import Client
 
     with Client("http://127.0.0.1:8000", api_key=None) as demix:
-        job = demix.submit("song.wav", stems="vocals", format="flac")
+        models = demix.models()                                # [{"name": "htdemucs", "stems": [...]}, ...]
+        job = demix.submit("song.wav", stems="vocals", format="flac")   # model=... to choose one
         job = demix.wait(job["id"], progress=lambda job: print(f"{job['progress']:.0%}"))
         paths = demix.download(job["id"], "separated/song")   # {"vocals": Path(...), ...}
         stems = demix.result(job["id"])                        # {"vocals": b"<flac bytes>", ...}
@@ -96,14 +97,22 @@ class Client:
     def close(self) -> None:
         self.session.close()
 
+    def models(self) -> list[dict]:
+        """The service's models (`GET /v1/models`), the default first: each one's `name`,
+        `architecture`, `stems` choices, `samplerate`, `origin`, `licence`, `available`."""
+        response = self._get("/v1/models")
+        _raise_for_error(response)
+        return response.json()["models"]
+
     def submit(self, path: tp.Union[str, os.PathLike], stems: str = "all", *,
-               callback_url: tp.Optional[str] = None, idempotency_key: tp.Optional[str] = None,
+               model: tp.Optional[str] = None, callback_url: tp.Optional[str] = None, idempotency_key: tp.Optional[str] = None,
                on_upload: tp.Optional[tp.Callable[[int, int], None]] = None, **output_options: tp.Any) -> dict:
         """Upload a song (any format the service reads) as a new job; returns the queued job's JSON.
 
         Args:
             path: the audio file, streamed from disk.
-            stems: `all`, `drums`, `bass`, `vocals` or `other`.
+            stems: `all`, or one source of the model (htdemucs: `drums`, `bass`, `vocals`, `other`).
+            model: one of `models()`; None: the service's default.
             callback_url: an http(s) URL the service POSTs the finished job to.
             idempotency_key: sent as `Idempotency-Key`; a fresh one per call when not given.
             on_upload: called as the upload goes with (bytes of the file sent, file size);
@@ -116,6 +125,8 @@ class Client:
         fields = {"stems": stems, **{k: str(v) for k, v in output_options.items() if v is not None}}
         if callback_url:
             fields["callback_url"] = callback_url
+        if model:
+            fields["model"] = model
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
 
         def send() -> requests.Response:
@@ -320,17 +331,18 @@ def output_name(item: tp.Union[str, os.PathLike]) -> str:
     return Path(item).stem
 
 
-def submit_with_progress(client: Client, path: tp.Union[Path, str], stems: str) -> dict:
+def submit_with_progress(client: Client, path: tp.Union[Path, str], stems: str,
+                         model: tp.Optional[str] = None) -> dict:
     """Upload one song with a progress bar (or, for a URL, have the service fetch it);
     returns the queued job."""
     if is_url(path):
-        return client.submit_url(str(path), stems)
+        return client.submit_url(str(path), stems, model=model)
     with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"upload {path.name}", leave=False) as bar:
         def on_upload(sent: int, _size: int) -> None:
             bar.update(sent - bar.n)  # negative when a retried upload starts again
 
-        return client.submit(path, stems, on_upload=on_upload)
+        return client.submit(path, stems, model=model, on_upload=on_upload)
 
 
 def wait_and_download(client: Client, submitted: list[Submitted], out_dir: Path) -> int:
@@ -375,13 +387,13 @@ def _stage_text(job: dict) -> str:
 
 
 def run_separate(server: str, files: tp.Sequence[tp.Union[str, Path]], stems: str, out_dir: Path,
-                 api_key: tp.Optional[str] = None) -> int:
+                 api_key: tp.Optional[str] = None, model: tp.Optional[str] = None) -> int:
     """Submit all files, then wait for all; returns a process exit code."""
     with Client(server, api_key=api_key) as client:
         submitted = []
         for path in (item if is_url(item) else Path(item) for item in files):
             try:
-                submitted.append(Submitted(path, submit_with_progress(client, path, stems)))
+                submitted.append(Submitted(path, submit_with_progress(client, path, stems, model)))
             except (ClientError, requests.RequestException, OSError) as exc:
                 print(f"demix: upload of {path}: {exc}", file=sys.stderr)
         if not submitted:

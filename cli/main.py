@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="serve the HTTP API under gunicorn")
     api.add_argument("--workers", type=int, help="gunicorn worker processes (DEMIX_API_WORKERS)")
     worker = commands.add_parser("worker", help="run a Celery worker that separates jobs")
+    worker.add_argument("--models", help="comma-separated models to serve, each loaded and warmed once; "
+                                         "the worker consumes only their queues (DEMIX_WORKER_MODELS; "
+                                         "default: all of DEMIX_MODELS)")
     worker.add_argument("--concurrency", type=int, help="jobs at once (DEMIX_WORKER_CONCURRENCY)")
     worker.add_argument("--loglevel", default="INFO")
     commands.add_parser("grpc", help="serve the original gRPC interface (demixing.proto) on DEMIX_GRPC_PORT")
@@ -29,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "service fetch http(s) URLs, and download their stems")
     separate.add_argument("files", nargs="+", metavar="SONG_OR_URL",
                           help="audio files, or http(s) addresses the service fetches")
-    separate.add_argument("--stems", default="all", help="all (default), drums, bass, vocals or other")
+    separate.add_argument("--stems", default="all", help="all (default), or one source of the model "
+                                                         "(htdemucs: drums, bass, vocals or other)")
+    separate.add_argument("--model", help="one of the service's models (`GET /v1/models`); default: its default")
     separate.add_argument("--server", help="service URL (default: http://DEMIX_HOST:DEMIX_PORT)")
     separate.add_argument("--api-key", help="API key sent as `Authorization: Bearer` (default: DEMIX_API_KEY)")
     separate.add_argument("-o", "--out", type=Path, default=Path("separated"),
@@ -50,6 +55,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if args.command == "api":
         _replace_process(api_argv(settings, args.workers))
     if args.command == "worker":
+        if args.models is not None:
+            try:
+                settings = Settings.from_env(worker_models=args.models)
+                check_worker_models(settings)
+            except ValueError as exc:
+                print(f"demix worker: {exc}", file=sys.stderr)
+                return 2
+            os.environ["DEMIX_WORKER_MODELS"] = args.models  # the Celery worker reads its settings anew
         _replace_process(worker_argv(settings, args.concurrency, args.loglevel))
     if args.command == "grpc":
         from grpc_api.server import serve
@@ -58,7 +71,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         from .client import run_separate
         server = args.server or f"http://{settings.host}:{settings.port}"
         return run_separate(server, args.files, args.stems, args.out,
-                            api_key=args.api_key or settings.api_key or None)
+                            api_key=args.api_key or settings.api_key or None, model=args.model)
     if args.command == "models":
         return models.run(args, settings)
     if args.command == "config":
@@ -90,10 +103,23 @@ def api_argv(settings: Settings, workers: tp.Optional[int] = None) -> list[str]:
             "api:create_app()"]
 
 
+def check_worker_models(settings: Settings) -> None:
+    """Raises ValueError when the worker would serve a model DEMIX_MODELS does not name."""
+    unknown = [name for name in settings.worker_served_models if name not in settings.served_models]
+    if unknown:
+        raise ValueError(f"--models/DEMIX_WORKER_MODELS names {', '.join(unknown)}, which DEMIX_MODELS "
+                         f"({', '.join(settings.served_models)}) does not serve")
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    """The queues of the models the worker serves (`DEMIX_WORKER_MODELS`, else all)."""
+    return [settings.queue_for(name) for name in settings.worker_served_models]
+
+
 def worker_argv(settings: Settings, concurrency: tp.Optional[int] = None, loglevel: str = "INFO") -> list[str]:
-    """The command running a Celery worker on the separation queue, with task events for Flower."""
+    """The command running a Celery worker on its models' queues, with task events for Flower."""
     return [sys.executable, "-m", "celery", "--app", "shared.celery_app", "worker",
-            "--queues", settings.queue,
+            "--queues", ",".join(worker_queues(settings)),
             "--concurrency", str(concurrency or settings.worker_concurrency),
             "--prefetch-multiplier", "1",
             "--task-events",

@@ -350,17 +350,18 @@ class Service:
             self._ensure_model(say)
 
     def _ensure_model(self, say: tp.Callable[[str], None]) -> None:
-        """Fetch the model into the local cache before the first job needs it, with a
-        progress bar here rather than a silent wait inside the worker."""
-        pull = popen_child([sys.executable, "-m", "cli.main", "models", "pull", "--if-missing"],
-                           env=self._child_env())
-        try:
-            returncode = pull.wait()
-        finally:
-            stop_process(pull, timeout=5)  # on Ctrl-C mid-download
-        if returncode != 0:
-            say(f"warning: model {self.settings.model!r} is not available yet; jobs will fail "
-                "with a message saying how to provide weights")
+        """Fetch every served model (`DEMIX_MODELS`) into the local cache before the first
+        job needs it, with a progress bar here rather than a silent wait inside the worker."""
+        for name in self.settings.served_models:
+            pull = popen_child([sys.executable, "-m", "cli.main", "models", "pull", name, "--if-missing"],
+                               env=self._child_env())
+            try:
+                returncode = pull.wait()
+            finally:
+                stop_process(pull, timeout=5)  # on Ctrl-C mid-download
+            if returncode != 0:
+                say(f"warning: model {name!r} is not available yet; its jobs will fail "
+                    "with a message saying how to provide weights")
 
     def _child_env(self) -> dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # log lines reach us as they happen

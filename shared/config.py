@@ -36,7 +36,14 @@ class Settings:
     max_upload_mb: int = _setting(500, "Largest accepted upload, in MiB; larger ones get 413.")
     max_duration_s: int = _setting(
         3 * 3600, "Longest accepted input, in seconds; longer uploads get 422.")
-    model: str = _setting("htdemucs", "Demucs model (or bag of models) name.")
+    model: str = _setting("htdemucs", "Demucs model (or bag of models) name; the one model served when "
+                                      "DEMIX_MODELS is empty.")
+    models: str = _setting(
+        "", "Models this deployment serves, comma-separated (`GET /v1/models`); the first is the "
+            "default of `POST /v1/jobs`. Empty: DEMIX_MODEL alone.")
+    worker_models: str = _setting(
+        "", "Models a worker serves (`demix worker --models`), comma-separated: it loads and warms "
+            "each and consumes only their queues. Empty: all of DEMIX_MODELS.")
     model_repo: str = _setting(
         "", "Local folder in demucs' repo format (`<sig>-<sha8>.th`, `<name>.yaml`); empty: "
             "fetch the model the way demucs does.")
@@ -53,7 +60,9 @@ class Settings:
     api_workers: int = _setting(2, "Gunicorn worker processes serving the API.")
     flower_port: int = _setting(
         5555, "Port `demix up` serves Flower (Celery monitoring) on, at DEMIX_HOST; 0: no Flower.")
-    queue: str = _setting("demix", "Celery queue the separation tasks go to.")
+    queue: str = _setting(
+        "demix", "Celery queue of the default model's jobs; each other model M of DEMIX_MODELS has "
+                 "the queue `<DEMIX_QUEUE>.M`.")
     job_timeout_s: int = _setting(
         6 * 3600, "Longest a job may run before the broker hands it to another worker, in seconds.")
     retention_s: int = _setting(
@@ -113,6 +122,26 @@ class Settings:
         return self.min_free_mb * 1024 * 1024
 
     @property
+    def served_models(self) -> tuple[str, ...]:
+        """The models this deployment serves, the default first (`DEMIX_MODELS`, else `DEMIX_MODEL`)."""
+        return _names(self.models) or (self.model,)
+
+    @property
+    def default_model(self) -> str:
+        """The model a job gets when it names none."""
+        return self.served_models[0]
+
+    @property
+    def worker_served_models(self) -> tuple[str, ...]:
+        """The models a worker with these settings serves (`DEMIX_WORKER_MODELS`, else all)."""
+        return _names(self.worker_models) or self.served_models
+
+    def queue_for(self, model: str) -> str:
+        """The Celery queue of `model`'s jobs: `DEMIX_QUEUE` for the default model (so a
+        deployment of one model keeps its one queue), `<DEMIX_QUEUE>.<model>` for the others."""
+        return self.queue if model == self.default_model else f"{self.queue}.{model}"
+
+    @property
     def models_dir(self) -> Path:
         """The local model cache (demucs repository format) that `demix models pull` fills."""
         return self.data_dir / "models"
@@ -159,6 +188,11 @@ class Settings:
 
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names, blanks and repeats dropped, order kept."""
+    return tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
 
 SECRET_FILE_PREFIXES = ("/", "./", "../", "~")
 """A secret setting starting with one of these names a file holding the secrets."""

@@ -1,5 +1,5 @@
-"""The one parser of a job request: the form fields of `POST /v1/jobs` in, the stems
-choice, the resolved output options and the webhook's `callback_url` out.
+"""The one parser of a job request: the form fields of `POST /v1/jobs` in, the model,
+its stems choice, the resolved output options and the webhook's `callback_url` out.
 
 The API parses every submission here; the OpenAPI description lists `FORM_FIELDS`;
 the worker asks `default_output` for records written before output options existed.
@@ -11,9 +11,11 @@ import dataclasses
 import typing as tp
 
 from .audio import AudioInfo
+from .catalogue import ModelInfo, check_model, describe_model
+from .config import Settings, get_settings
 from .output import (CHANNEL_MODES, CLIP_MODES, FORMATS, MAX_SAMPLERATE, MIN_SAMPLERATE, MP3_BITRATES,
                      SAMPLE_FORMATS, OutputOptions, resolve_output)
-from .stems import ALL, STEM_CHOICES, check_stems
+from .stems import ALL, SOURCES, check_stems
 from .webhooks import MAX_CALLBACK_URL_LENGTH, validate_callback_url
 
 FILE_FIELD = "file"
@@ -34,8 +36,12 @@ class FormField:
 
 
 FORM_FIELDS: tp.Tuple[FormField, ...] = (
-    FormField("stems", "`all` for the four sources, or one source `X` for `X` and `no_X` "
-              "(the input minus `X`).", STEM_CHOICES, ALL),
+    FormField("model", "One of the served models (`GET /v1/models`). Default: the first of DEMIX_MODELS.",
+              schema={"type": "string"}),
+    FormField("stems", "`all` for every source of the model (a one-source model: it and its "
+              "complement), or one source `X` for `X` and `no_X` (the input minus `X`); the model's "
+              "`stems` in `GET /v1/models` lists them (the 4-stem Demucs: all, drums, bass, other, vocals).",
+              schema={"type": "string"}, default=ALL),
     FormField("format", "Container and codec of the stems. Default: `flac` for a FLAC input, "
               "`wav` for every other.", FORMATS),
     FormField("sample_format", "Sample format of WAV/FLAC stems (FLAC: integers only; not for MP3). "
@@ -63,28 +69,47 @@ FORM_FIELDS: tp.Tuple[FormField, ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class JobRequest:
-    """A validated submission: what to separate into and how to write it."""
+    """A validated submission: which model, what to separate into and how to write it."""
     stems: str
     output: OutputOptions
+    model: str = ""
     callback_url: tp.Optional[str] = None
     """Where to POST the job when it finishes (webhook), if anywhere."""
 
 
-def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo) -> JobRequest:
-    """Validate the form fields against the input's `info` and resolve every default.
+def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo, settings: tp.Optional[Settings] = None,
+                      reported: tp.Mapping[str, tp.Mapping[str, tp.Any]] = {}) -> JobRequest:
+    """Validate the form fields against the input's `info` and the served models of
+    `settings` (default: the process's), and resolve every default.
 
-    Values are matched case-insensitively and a blank field means its default.
+    Values are matched case-insensitively (but a model name exactly) and a blank field
+    means its default. `reported`: per model, what a warm worker said of it (its sources).
 
     Raises:
-        BadRequest: `invalid_stems` for an unknown stems choice, `invalid_output` for an
-            output option that cannot be written (the message says what would work),
-            `invalid_callback_url` for a callback_url that is not an http(s) URL.
+        BadRequest: `unknown_model` for a model the service does not serve (the message
+            lists those it does), `invalid_stems` for a stems choice the model does not
+            offer (the message lists those it does), `invalid_output` for an output option
+            that cannot be written (the message says what would work), `invalid_callback_url`
+            for a callback_url that is not an http(s) URL.
     """
-    stems = check_stems((form.get("stems") or ALL).strip().lower() or ALL)
-    return JobRequest(stems=stems, output=resolve_output(form, info),
+    model = chosen_model(form, settings or get_settings(), reported)
+    stems = check_stems((form.get("stems") or ALL).strip().lower() or ALL, model.sources or SOURCES,
+                        model=model.name)
+    return JobRequest(stems=stems, output=resolve_output(form, info), model=model.name,
                       callback_url=validate_callback_url(form.get("callback_url")))
+
+
+def chosen_model(form: tp.Mapping[str, str], settings: Settings,
+                 reported: tp.Mapping[str, tp.Mapping[str, tp.Any]] = {}) -> ModelInfo:
+    """The form's `model` (blank: the default one), described by the catalogue.
+
+    Raises:
+        BadRequest: (`unknown_model`) the service does not serve it.
+    """
+    name = check_model(settings, (form.get("model") or "").strip() or settings.default_model)
+    return describe_model(settings, name, reported.get(name))
 
 
 def default_output(info: AudioInfo) -> OutputOptions:
     """The output options of a request that set none: the input's own format, rate and channels."""
-    return parse_job_request({}, info).output
+    return resolve_output({}, info)

@@ -1,10 +1,13 @@
 """Which worker processes are ready: model loaded and warmed, so a job starts at once.
 
 Each worker process writes one entry when its warm-up ends and removes it when it exits;
-`demix up` waits for an entry written after it started the worker. An entry is JSON:
-`ready_at` (Unix time), `model`, `device`, `precision`, `load_s`, `warmup_s`, and
-`error` when the model could not be loaded (jobs then fail with that message, as they
-would without a warm-up).
+`demix up` waits for an entry written after it started the worker, and the model
+catalogue (`shared.catalogue`) counts them as the workers serving each model. An entry
+is JSON: `ready_at` (Unix time), `model` (its first model), `device`, `precision`, and
+`models`: per model its `architecture`, `sources`, `samplerate`, `load_s`, `warmup_s`,
+or `error` when it could not be loaded (its jobs then fail with that message, as they
+would without a warm-up). A process killed outright cannot remove its entry: every
+worker's maintenance loop removes those of its own host's processes that are gone.
 """
 from __future__ import annotations
 
@@ -39,3 +42,27 @@ def ready_workers(client: redis.Redis, since: float = 0.0) -> dict[str, dict[str
     entries = {key.decode() if isinstance(key, bytes) else key: json.loads(value)
                for key, value in client.hgetall(warm_workers_key()).items()}
     return {worker: note for worker, note in entries.items() if note.get("ready_at", 0) >= since}
+
+
+def forget_dead_processes(client: redis.Redis, host: str = "") -> list[str]:
+    """Remove the entries of processes on `host` (default: this one) that no longer exist
+    (killed outright, they could not remove their own); returns their names."""
+    host = host or socket.gethostname()
+    removed = []
+    for key in client.hkeys(warm_workers_key()):
+        name = key.decode() if isinstance(key, bytes) else key
+        entry_host, _, pid = name.rpartition(":")
+        if entry_host == host and pid.isdigit() and not _process_exists(int(pid)):
+            client.hdel(warm_workers_key(), name)
+            removed.append(name)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True

@@ -9,6 +9,7 @@ import typing as tp
 from pathlib import Path
 
 from .audio import AudioInfo
+from .catalogue import warm_model_notes
 from .errors import JobNotFound, ServiceUnavailable, TooManyActiveJobs
 from .idempotency import IdempotencyKeys
 from .intake import inspect_upload
@@ -16,6 +17,7 @@ from .jobs import Job, JobStatus, new_job_id
 from .job_request import URL_FIELD, JobRequest, parse_job_request
 from .lifecycle import enqueue_job
 from .outbound import check_public_url, check_url_syntax
+from .readiness import ready_workers
 from .services import Services
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,16 @@ def submit_upload(upload: Path, fields: tp.Mapping[str, str], services: Services
     return _queue_once(queue, services, idempotent)
 
 
+def reported_models(services: Services) -> dict[str, dict]:
+    """Per model, what one warm worker process said of it when it loaded it (its sources)."""
+    try:
+        notes = warm_model_notes(ready_workers(services.jobs.redis))
+    except Exception as exc:  # Redis down: the submit fails at the record with the right error
+        log.warning("could not read the warm workers: %s", exc)
+        return {}
+    return {name: entries[0] for name, entries in notes.items()}
+
+
 def submit_url(url: str, fields: tp.Mapping[str, str], services: Services, owner: str = "",
                idempotent: tp.Optional[IdempotentSubmit] = None) -> tuple[Job, bool]:
     """Queue a job whose input a worker fetches from `url` (http or https) before it
@@ -96,8 +108,9 @@ def submit_url(url: str, fields: tp.Mapping[str, str], services: Services, owner
     job_request = _checked_request(fields, URL_INPUT_PLACEHOLDER, services)
 
     def queue(job_id: str) -> Job:
-        job = Job(id=job_id, status=JobStatus.QUEUED, stems=job_request.stems, model=services.settings.model,
-                  samplerate=0, channels=0, frames=0, created_at=time.time(), queue=services.settings.queue,
+        model = job_request.model or services.settings.default_model
+        job = Job(id=job_id, status=JobStatus.QUEUED, stems=job_request.stems, model=model,
+                  samplerate=0, channels=0, frames=0, created_at=time.time(), queue=services.settings.queue_for(model),
                   owner=owner, callback_url=job_request.callback_url, source_url=url,
                   request_fields={name: str(value) for name, value in fields.items() if name != URL_FIELD})
         return queue_new_job(job, services)
@@ -106,7 +119,7 @@ def submit_url(url: str, fields: tp.Mapping[str, str], services: Services, owner
 
 
 def _checked_request(fields: tp.Mapping[str, str], info: AudioInfo, services: Services) -> JobRequest:
-    job_request = parse_job_request(fields, info)
+    job_request = parse_job_request(fields, info, services.settings, reported_models(services))
     if job_request.callback_url:
         check_public_url(job_request.callback_url, "callback_url", services.settings.allow_private_urls)
     return job_request
@@ -139,11 +152,12 @@ def _queue_once(queue: tp.Callable[[str], Job], services: Services,
 def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services: Services, owner: str = "",
                job_id: tp.Optional[str] = None) -> Job:
     """Store the upload as a new job's input, record the job (as `owner`'s) and enqueue it
-    (all or nothing, as `queue_new_job`)."""
+    on its model's queue (all or nothing, as `queue_new_job`)."""
+    model = job_request.model or services.settings.default_model
     job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems,
-              model=services.settings.model, samplerate=info.samplerate, channels=info.channels,
+              model=model, samplerate=info.samplerate, channels=info.channels,
               frames=info.frames, created_at=time.time(), input_format=info.input_format,
-              output=job_request.output.to_dict(), queue=services.settings.queue, owner=owner,
+              output=job_request.output.to_dict(), queue=services.settings.queue_for(model), owner=owner,
               callback_url=job_request.callback_url)
     return queue_new_job(job, services, upload)
 
@@ -166,7 +180,7 @@ def queue_new_job(job: Job, services: Services, upload: tp.Optional[Path] = None
         if job.owner:
             # After the record exists, so pruning finished jobs can never drop this one.
             services.limits.reserve(job.owner, job.id)
-        enqueue_job(services.celery, job.id, services.settings.queue)
+        enqueue_job(services.celery, job.id, job.queue)
     except TooManyActiveJobs:
         _roll_back(job.id, services)
         raise
@@ -176,10 +190,10 @@ def queue_new_job(job: Job, services: Services, upload: tp.Optional[Path] = None
         raise ServiceUnavailable("the job queue (Redis) is unreachable; nothing was kept, "
                                  "try again shortly") from exc
     if job.source_url:
-        log.info("queued job %s (%s, from a URL)", job.id, job.stems)
+        log.info("queued job %s (%s %s, from a URL) on %s", job.id, job.model, job.stems, job.queue)
     else:
-        log.info("queued job %s (%s, %.1fs, %d Hz, %d ch)", job.id, job.stems, job.duration,
-                 job.samplerate, job.channels)
+        log.info("queued job %s (%s %s, %.1fs, %d Hz, %d ch) on %s", job.id, job.model, job.stems,
+                 job.duration, job.samplerate, job.channels, job.queue)
     return job
 
 

@@ -52,10 +52,17 @@ def test_page_has_the_stable_test_hooks(page):
     assert page.find("audio")
 
 
+def test_the_model_choice_lists_the_served_models_with_their_stems(page, settings):
+    (model,) = page.find("option", value=settings.default_model)
+    assert model["data-stems"] == ",".join(STEM_CHOICES)  # not loaded by a worker yet: the 4-stem default
+    assert page.find("select", name="model") and page.find("label", for_="model")
+
+
 def test_stem_and_output_choices_come_from_the_service(page):
     (stems,) = page.find("select", name="stems")
     options = [attrs["value"] for tag, attrs in page.elements if tag == "option"]
-    assert options[:len(STEM_CHOICES)] == list(STEM_CHOICES)
+    first = options.index("all")  # after the model choice
+    assert options[first:first + len(STEM_CHOICES)] == list(STEM_CHOICES)
     assert stems["id"] == "stems"
     for field in ("format", "sample_format", "samplerate", "bitrate", "clip", "channels"):
         assert page.find("select", name=field), field

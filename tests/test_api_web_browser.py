@@ -514,3 +514,34 @@ def test_progress_line_and_time_left(idle_page):
     assert result["third"] == "Queued — position 3 in the queue"
     assert result["next"] == "Queued — next in line"
     assert result["done"] == {"percent": 100, "text": "Done — 100%"}
+
+
+@pytest.fixture
+def two_model_page(browser, redis_server, settings, tmp_path):
+    """The page of an API serving the tiny model and the 6-stem HT-Demucs, no worker for either."""
+    import dataclasses
+
+    from api import create_app
+    from tests.conftest import UNCONSUMED_QUEUE, LiveServer
+
+    two = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE, models=f"{settings.model},htdemucs_6s",
+                              data_dir=tmp_path / "data")
+    with LiveServer(create_app({"SETTINGS": two})) as server, watched_page(browser, server.url) as page:
+        yield page
+
+
+def test_the_stems_offered_follow_the_chosen_model_and_a_job_waits_for_its_worker(two_model_page, tmp_path):
+    page = two_model_page
+    open_page(page)
+    stems = lambda: page.eval_on_selector_all("select[name=stems] option", "options => options.map(o => o.value)")
+    assert stems() == ["all", "drums", "bass", "other", "vocals"]
+    page.select_option("select[name=model]", "htdemucs_6s")
+    assert stems() == ["all", "drums", "bass", "other", "vocals", "guitar", "piano"]
+    page.select_option("select[name=stems]", "guitar")
+    page.set_input_files("input[type=file][name=file]", str(write_wav(tmp_path / "g.wav", 22050, 1, seconds=0.5)))
+    with page.expect_response(lambda response: response.url.endswith("/v1/jobs")) as submitted:
+        page.click("button[type=submit]")
+    job = submitted.value.json()
+    assert (job["model"], job["stems"]) == ("htdemucs_6s", "guitar")
+    page.wait_for_function("() => document.querySelector('[data-role=status]').textContent.includes("
+                           "'no worker serves model htdemucs_6s yet')")

@@ -185,3 +185,20 @@ def test_separate_sends_the_api_key_from_the_option_or_the_environment(live_serv
         hooks.remove(record)
     assert from_option and set(from_option) == {"Bearer k-option"}
     assert seen and set(seen) == {"Bearer k-env"}
+
+
+def test_models_lists_the_catalogue_and_submit_chooses_one(redis_server, settings, tmp_path):
+    two = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE, models=f"{settings.model},htdemucs_6s",
+                              data_dir=tmp_path / "data")
+    with LiveServer(create_app({"SETTINGS": two})) as server, Client(server.url) as demix:
+        models = demix.models()
+        assert [(m["name"], m["default"]) for m in models] == [(settings.model, True), ("htdemucs_6s", False)]
+        assert models[1]["stems"] == ["all", "drums", "bass", "other", "vocals", "guitar", "piano"]
+        song = write_wav(tmp_path / "a.wav", 8000, 1, seconds=0.1)
+        job = demix.submit(song, stems="piano", model="htdemucs_6s")
+        assert (job["model"], job["stems"], job["status"]) == ("htdemucs_6s", "piano", "queued")
+        assert job["waiting_for"].startswith("no worker serves model 'htdemucs_6s' yet")
+        with pytest.raises(ClientError) as unknown:
+            demix.submit(song, model="htdemucs_ft")
+        assert (unknown.value.code, unknown.value.http_status) == ("unknown_model", 400)
+        demix.delete(job["id"])

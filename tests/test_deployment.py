@@ -199,3 +199,19 @@ def test_the_dashboard_shows_what_an_operator_watches():
             "Requeues by reason", "Disk free"} <= titles
     panel_ids = [panel["id"] for panel in dashboard()["panels"]]
     assert len(panel_ids) == len(set(panel_ids))
+
+
+def test_a_worker_consumes_the_queues_of_the_models_it_serves():
+    settings = Settings.from_env({"DEMIX_MODELS": "htdemucs,htdemucs_6s,mel_band_roformer_kim"})
+    every = worker_argv(settings)
+    assert every[every.index("--queues") + 1] == "demix,demix.htdemucs_6s,demix.mel_band_roformer_kim"
+    some = worker_argv(Settings.from_env({"DEMIX_MODELS": "htdemucs,htdemucs_6s,mel_band_roformer_kim",
+                                          "DEMIX_WORKER_MODELS": "mel_band_roformer_kim"}))
+    assert some[some.index("--queues") + 1] == "demix.mel_band_roformer_kim"
+
+
+def test_demix_worker_refuses_models_the_deployment_does_not_serve(capsys):
+    from cli.main import main
+
+    assert main(["worker", "--models", "htdemucs_ft"]) == 2
+    assert "names htdemucs_ft, which DEMIX_MODELS" in capsys.readouterr().err

@@ -41,7 +41,7 @@ CLIENT = textwrap.dedent("""
     import demixing_pb2, demixing_pb2_grpc
 
     address, wav, sounds, timeout = sys.argv[1:5]
-    metadata = [("authorization", f"Bearer {sys.argv[5]}")] if len(sys.argv) > 5 else None
+    metadata = [tuple(entry) for entry in json.loads(sys.argv[5])] or None
     limit = 1 << 30
     with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", limit),
                                                  ("grpc.max_send_message_length", limit)]) as channel:
@@ -70,10 +70,12 @@ def grpc_client_dir(tmp_path_factory) -> Path:
 
 
 def call(client_dir: Path, address: str, audio: Path, sounds: str, timeout: float = 300,
-         api_key: tp.Optional[str] = None) -> dict:
+         api_key: tp.Optional[str] = None, model: tp.Optional[str] = None) -> dict:
     """Run the generated client in its own process; returns its answer or its error."""
+    metadata = ([("authorization", f"Bearer {api_key}")] if api_key else []) + \
+        ([("demix-model", model)] if model else [])
     done = subprocess.run([sys.executable, str(client_dir / "client.py"), address, str(audio), sounds,
-                           str(timeout), *([api_key] if api_key else [])],
+                           str(timeout), json.dumps(metadata)],
                           cwd=client_dir, capture_output=True, text=True, timeout=600, check=True)
     return json.loads(done.stdout)
 
@@ -258,3 +260,29 @@ def test_the_grpc_server_does_not_load_flask():
          "print(sorted({m.split('.')[0] for m in sys.modules} & {'flask', 'werkzeug', 'api', 'worker', 'torch'}))"],
         capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_a_demix_model_metadata_entry_chooses_the_model_and_its_queue(grpc_client_dir, redis_server, settings,
+                                                                       tmp_path):
+    """The proto has no model field: the `demix-model` metadata entry names one, else the default."""
+    two = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE, models=f"{settings.model},htdemucs_6s")
+    services = build_services(two)
+    server, port = make_server(two, services=services, address="127.0.0.1:0")
+    server.start()
+    try:
+        song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.2)
+        answer = call(grpc_client_dir, f"127.0.0.1:{port}", song, "all", timeout=30, model="htdemucs_ft")
+        assert answer["code"] == "INVALID_ARGUMENT", answer
+        assert answer["details"] == f"unknown model 'htdemucs_ft'; this service serves {settings.model}, htdemucs_6s"
+        # The 6-stem model offers guitar; no worker consumes its queue, so the call waits out its deadline.
+        answer = call(grpc_client_dir, f"127.0.0.1:{port}", song, "guitar", timeout=3, model="htdemucs_6s")
+        assert answer["code"] == "DEADLINE_EXCEEDED", answer
+        job = services.jobs.get(answer["metadata"]["demix-job-id"])
+        assert (job.model, job.stems, job.queue) == ("htdemucs_6s", "guitar", f"{UNCONSUMED_QUEUE}.htdemucs_6s")
+        answer = call(grpc_client_dir, f"127.0.0.1:{port}", song, "all", timeout=3)
+        assert answer["code"] == "DEADLINE_EXCEEDED", answer
+        job = services.jobs.get(answer["metadata"]["demix-job-id"])
+        assert (job.model, job.queue) == (settings.model, UNCONSUMED_QUEUE)
+    finally:
+        server.stop(grace=None).wait()
+        services.jobs.redis.close()

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pytest
 
+import dataclasses
+
 from shared.audio import AudioInfo
+from shared.config import Settings
 from shared.errors import BadRequest
 from shared.job_request import FORM_FIELDS, JobRequest, default_output, parse_job_request
 from shared.output import OutputOptions
@@ -14,9 +17,9 @@ def info(subtype: str = "PCM_24", samplerate: int = 48000, channels: int = 1) ->
     return AudioInfo(samplerate=samplerate, channels=channels, frames=1000, subtype=subtype, container="WAV")
 
 
-def test_an_empty_form_asks_for_all_stems_in_the_inputs_own_format():
+def test_an_empty_form_asks_the_default_model_for_all_stems_in_the_inputs_own_format(settings):
     request = parse_job_request({}, info())
-    assert request == JobRequest(stems="all", output=OutputOptions(
+    assert request == JobRequest(stems="all", model=settings.default_model, output=OutputOptions(
         format="wav", sample_format="pcm24", samplerate=48000, channels=1, channel_mode="input",
         bitrate=320, clip="clamp"))
     assert default_output(info()) == request.output
@@ -65,9 +68,58 @@ def test_every_mp3_bitrate_in_the_fields_schema_is_accepted():
 
 def test_documented_defaults_are_what_the_parser_fills_in():
     defaults = {f.name: f.default for f in FORM_FIELDS if f.default is not None}
+    assert "model" not in defaults  # its default is a setting, not a constant
     parsed = parse_job_request({}, info())
     resolved = {"stems": parsed.stems, "bitrate": str(parsed.output.bitrate),
                 "clip": parsed.output.clip, "channels": parsed.output.channel_mode,
                 "samplerate": "input" if parsed.output.samplerate == info().samplerate else None}
     assert defaults == resolved
     assert parse_job_request(defaults, info()) == parsed
+
+
+SERVING = Settings.from_env({}, models="htdemucs, htdemucs_6s,mel_band_roformer_kim")
+"""A deployment of a 4-stem and a 6-stem Demucs and a one-source (vocals) RoFormer."""
+
+
+def test_the_first_served_model_is_the_default_and_others_are_chosen_by_name():
+    assert parse_job_request({}, info(), SERVING).model == "htdemucs"
+    assert parse_job_request({"model": " htdemucs_6s "}, info(), SERVING).model == "htdemucs_6s"
+
+
+def test_an_unknown_model_is_unknown_model_listing_the_served_ones():
+    with pytest.raises(BadRequest) as caught:
+        parse_job_request({"model": "htdemucs_ft"}, info(), SERVING)
+    assert caught.value.code == "unknown_model" and caught.value.http_status == 400
+    assert caught.value.message == ("unknown model 'htdemucs_ft'; this service serves htdemucs, htdemucs_6s, "
+                                    "mel_band_roformer_kim")
+
+
+@pytest.mark.parametrize("model,offered", [
+    ("htdemucs", ["all", "drums", "bass", "other", "vocals"]),
+    ("htdemucs_6s", ["all", "drums", "bass", "other", "vocals", "guitar", "piano"]),
+    ("mel_band_roformer_kim", ["all", "vocals"]),
+])
+def test_stems_are_checked_against_the_chosen_models_own_sources(model, offered):
+    for stems in offered:
+        assert parse_job_request({"model": model, "stems": stems}, info(), SERVING).stems == stems
+    refused = "piano" if model != "htdemucs_6s" else "kick"
+    with pytest.raises(BadRequest) as caught:
+        parse_job_request({"model": model, "stems": refused}, info(), SERVING)
+    assert caught.value.code == "invalid_stems"
+    assert caught.value.message == f"unknown stems value {refused!r}; model {model!r} offers {', '.join(offered)}"
+
+
+def test_a_model_of_ones_own_offers_what_its_warm_worker_reported():
+    mine = dataclasses.replace(SERVING, models="drumsep")
+    # Not loaded anywhere yet: taken to be a 4-stem Demucs, as before models were chosen.
+    assert parse_job_request({"stems": "bass"}, info(), mine).stems == "bass"
+    reported = {"drumsep": {"architecture": "demucs", "sources": ["kick", "snare", "toms"], "samplerate": 44100}}
+    assert parse_job_request({"stems": "snare"}, info(), mine, reported).stems == "snare"
+    with pytest.raises(BadRequest, match="model 'drumsep' offers all, kick, snare, toms"):
+        parse_job_request({"stems": "bass"}, info(), mine, reported)
+
+
+def test_one_source_models_give_the_source_and_its_complement_for_all():
+    assert output_names("all", ("vocals",)) == ["vocals", "no_vocals"]
+    assert output_names("vocals", ("vocals",)) == ["vocals", "no_vocals"]
+    assert output_names("all", ("vocals", "other")) == ["vocals", "other"]

@@ -8,6 +8,10 @@ the engine converts the input to the model's 44.1 kHz stereo and every stem back
 the input's rate, channel count and length (`worker.mix_io`), and runs the network in
 the job's device and precision (`worker.forward`).
 
+A RoFormer (`worker.roformer`) takes the same path around a different core: no
+normalisation, and MSST's windowed demix (`worker.roformer.inference`) in place of
+`StreamingSeparator`; it reads the input once through the model.
+
 Nothing holds the whole track: the input is streamed twice (once for its mean and
 standard deviation, once through the model) and, for one stem `X`, a third time in
 step with the output to write `no_X`. Stems are written block by block as soon as no
@@ -27,12 +31,14 @@ from shared.audio import AudioReader, AudioWriter, dequantize, quantize, read_in
 from shared.errors import SeparationFailed
 from shared.job_request import default_output
 from shared.output import OutputOptions
-from shared.stems import output_names
+from shared.stems import ALL, output_names
 
 from .channels import channel_groups, downmix_matrix
 from .forward import ModelForward, batch_segments
 from .mix_io import (BLOCK_FRAMES, MODEL_CHANNELS, MixReader, MixStats, ProgressFn, StemOutput,
                      measure_mix, model_rate_blocks)
+from .roformer import is_roformer
+from .roformer.inference import estimate_blocks
 from .streaming import StreamingSeparator
 
 STATS_SHARE = 0.05
@@ -130,12 +136,11 @@ def stem_layout(model: torch.nn.Module, input_path: Path, stems: str,
     Raises:
         SeparationFailed: the model has no such source.
     """
-    names = output_names(stems)
-    sources = [name for name in names if not name.startswith("no_")]
-    missing = [name for name in sources if name not in model.sources]
-    if missing:
-        raise SeparationFailed(f"model has no source {missing[0]!r}; it separates "
+    if stems != ALL and stems not in model.sources:
+        raise SeparationFailed(f"model has no source {stems!r}; it separates "
                                f"{', '.join(model.sources)}", code="unknown_source")
+    names = output_names(stems, model.sources)
+    sources = [name for name in names if not name.startswith("no_")]
     info = read_info(input_path)
     output = output or default_output(info)
     frames = info.frames if output.samplerate == info.samplerate \
@@ -154,6 +159,12 @@ def _separate_channels(model: torch.nn.Module, input_path: Path, names: list[str
                        matrix: tp.Optional[np.ndarray] = None) -> None:
     """Separate the input's `channels` (or `input @ matrix`, with `channels` columns; at
     most two) into closed, unpublished stems in `sink`."""
+    if is_roformer(model):
+        estimates = estimate_blocks(model, input_path, sources, options.device, options.precision, matrix,
+                                    progress=lambda value: report((STATS_SHARE + MODEL_SHARE) * value))
+        write_stems(estimates, None, model.samplerate, input_path, names, sources, sink, output, frames,
+                    channels, matrix)
+        return
     stats = measure_mix(input_path, model.samplerate, matrix,
                         progress=lambda value: report(STATS_SHARE * value))
     windows_done = 0
@@ -173,12 +184,12 @@ def _separate_channels(model: torch.nn.Module, input_path: Path, names: list[str
                 channels, matrix)
 
 
-def write_stems(estimates: tp.Iterable[torch.Tensor], stats: MixStats, model_samplerate: int,
+def write_stems(estimates: tp.Iterable[torch.Tensor], stats: tp.Optional[MixStats], model_samplerate: int,
                 input_path: Path, names: list[str], sources: list[str], sink: StemSink,
                 output: OutputOptions, frames: int, channels: int,
                 matrix: tp.Optional[np.ndarray] = None) -> None:
     """De-normalise the model's normalised `[sources, channels, frames]` estimate blocks
-    (in order, covering the mix) and write them as closed, unpublished stems in `sink`
+    (in order, covering the mix; `stats` None: they are not normalised) and write them as closed, unpublished stems in `sink`
     at the output's rate, channels and length; `no_X` from the input alongside."""
     subtype = output.grid_subtype
     outputs = {name: StemOutput(model_samplerate, output.samplerate, channels, frames, subtype)
@@ -189,7 +200,8 @@ def write_stems(estimates: tp.Iterable[torch.Tensor], stats: MixStats, model_sam
             writers[name] = sink.open_stem(name, output.samplerate, channels, subtype, frames)
         with MixReader(input_path, output.samplerate, matrix) as original:
             for estimate in estimates:
-                _write_block(stats.denormalise(estimate), outputs, writers, original)
+                _write_block(estimate if stats is None else stats.denormalise(estimate), outputs, writers,
+                             original)
             _write_block(torch.zeros(len(sources), MODEL_CHANNELS, 0), outputs, writers, original,
                          last=True)
     finally:

@@ -1,7 +1,10 @@
-"""Finding and loading Demucs models, once per worker process.
+"""Finding and loading models, once per worker process.
 
-Models always load through `demucs.pretrained.get_model`, the loader `demucs` itself
-uses, from one of these sources:
+A model whose manifest (`shared.catalogue`, written by `demix models add|pull`) names a
+RoFormer architecture loads through `worker.roformer` from the checkpoint and MSST config
+beside the manifest, after its sha256 is checked against the manifest's. Demucs models
+always load through `demucs.pretrained.get_model`, the loader `demucs` itself uses, from
+one of these sources:
 
 1. `DEMIX_MODEL_REPO`, when set: a demucs-format folder, and then the only source;
 2. the local cache `<DEMIX_DATA_DIR>/models` (where `demix models pull` writes);
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from shared.catalogue import KNOWN_MODELS, MANIFEST_SUFFIX, ROFORMER_ARCHITECTURES, ModelInfo
 from shared.errors import ModelUnavailable
 
 from .model_repo import repo_has_model, save_bag
@@ -76,6 +80,14 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
         ModelUnavailable: no source has the weights; the message says where the loader
             looked and how to provide weights.
     """
+    manifest = find_manifest(spec)
+    if manifest is not None and manifest[0].architecture in ROFORMER_ARCHITECTURES:
+        return load_roformer(*manifest).to(spec.device).eval()
+    known = KNOWN_MODELS.get(spec.name)
+    if known is not None and known.architecture in ROFORMER_ARCHITECTURES:
+        raise ModelUnavailable(f"model {spec.name!r} ({known.architecture}) is not in the model folders "
+                               f"yet; run `demix models pull {spec.name}`, or `demix models add "
+                               f"{spec.name} --checkpoint PATH --config PATH` with a copy you have")
     if spec.repo:
         repo = Path(spec.repo).expanduser()
         if not repo.is_dir():
@@ -90,6 +102,42 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
             pull_model(spec.name, cache, source="auto", log=log.info)
         model = _load_from_repo(spec.name, cache, f"the local cache ({cache})")
     return model.to(spec.device).eval()
+
+
+def find_manifest(spec: ModelSpec) -> tp.Optional[tuple[ModelInfo, Path]]:
+    """The manifest of `spec.name` and its folder: `DEMIX_MODEL_REPO` first, then the cache."""
+    import json
+
+    for folder in (Path(spec.repo).expanduser() if spec.repo else None,
+                   Path(spec.cache).expanduser() if spec.cache else None):
+        if folder is not None and (path := folder / f"{spec.name}{MANIFEST_SUFFIX}").is_file():
+            return ModelInfo.from_manifest(json.loads(path.read_text())), folder
+    return None
+
+
+def load_roformer(info: ModelInfo, folder: Path) -> torch.nn.Module:
+    """The RoFormer of manifest `info` in `folder`, its checkpoint's sha256 checked first.
+
+    Raises:
+        ModelUnavailable: a file is missing or changed, or does not build the network.
+    """
+    from .roformer import RoformerCheckpointError, RoformerConfigError, load_model as load_network
+    from .weights.download import sha256_file
+
+    checkpoint, config = folder / info.checkpoint, folder / info.config
+    for path in (checkpoint, config):
+        if not info.checkpoint or not info.config or not path.is_file():
+            raise ModelUnavailable(f"model {info.name!r}: {path} is missing; add it again with "
+                                   f"`demix models add {info.name} --checkpoint PATH --config PATH`")
+    if info.sha256 and (actual := sha256_file(checkpoint)) != info.sha256:
+        raise ModelUnavailable(f"model {info.name!r}: {checkpoint.name} has sha256 {actual}, not the "
+                               f"{info.sha256} recorded when it was added; add or pull it again")
+    try:
+        model = load_network(checkpoint, config, info.architecture)
+    except (RoformerConfigError, RoformerCheckpointError) as exc:
+        raise ModelUnavailable(f"model {info.name!r}: {exc}") from None
+    log.info("model %s: %s loaded from %s", info.name, info.architecture, folder)
+    return model
 
 
 def _load_from_repo(name: str, repo: Path, where: str) -> torch.nn.Module:

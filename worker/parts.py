@@ -33,7 +33,7 @@ from shared.storage import disk_full_error
 from .engine import MODEL_SHARE, STATS_SHARE, StemLayout, stem_layout
 from .models import resolve_device
 from .runner import (AttemptLease, JobInterrupted, WorkerContext, _record, _retry_while_redis_is_down,
-                     lease_holder, model_spec, separation_options)
+                     job_model_spec, lease_holder, separation_options)
 from .split import SplitPlan, merge_split, part_windows_total, prepare_split, run_part, single_pass
 from .stem_files import JobStemSink
 
@@ -204,8 +204,8 @@ def _start_unit(job_id: str, attempt: int, unit: str, context: WorkerContext, wo
 def _load(job_id: str, attempt: int, context: WorkerContext) -> tuple[torch.nn.Module, StemLayout, SplitPlan, tp.Any]:
     settings, storage = context.settings, context.storage
     device = resolve_device(settings.device)
-    model = context.models.get(model_spec(settings, device))
     job = context.jobs.get(job_id)
+    model = context.models.get(job_model_spec(job, settings, device))
     input_path = storage.input_path(job_id)
     layout = stem_layout(model, input_path, job.stems, OutputOptions.from_dict(job.output) if job.output else None)
     plan = SplitPlan.from_dict(json.loads((storage.split_dir(job_id, attempt) / PLAN_FILE).read_text()))

@@ -23,12 +23,15 @@ import typing as tp
 import warnings
 
 import redis
+import torch
 
 from shared import keys
 from shared.audio import read_info
 from shared.celery_app import celery_app
+from shared.catalogue import DEMUCS
 from shared.config import Settings, get_settings
-from shared.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed, StaleAttempt
+from shared.errors import (DemixError, IllegalTransition, JobNotFound, ModelUnavailable, SeparationFailed,
+                           StaleAttempt)
 from shared.job_request import default_output
 from shared.jobs import Job, JobStatus, JobStore
 from shared.lifecycle import hand_back_job, recover_lost_job
@@ -89,9 +92,25 @@ def _configure_process(settings: Settings) -> None:
     torch.set_num_threads(threads)
 
 
-def model_spec(settings: Settings, device: str) -> ModelSpec:
-    """The model the settings ask for, on `device`."""
-    return ModelSpec(settings.model, settings.model_repo, device, cache=str(settings.models_dir))
+def model_spec(settings: Settings, device: str, model: tp.Optional[str] = None) -> ModelSpec:
+    """Model `model` (default: the settings' default model), on `device`."""
+    return ModelSpec(model or settings.default_model, settings.model_repo, device,
+                     cache=str(settings.models_dir))
+
+
+def job_model_spec(job: Job, settings: Settings, device: str) -> ModelSpec:
+    """The model of `job` (a record from before models were chosen per job: the default).
+
+    Raises:
+        ModelUnavailable: this worker does not serve the job's model (its queue belongs to
+            another model: DEMIX_MODELS differs between the API and this worker).
+    """
+    name = job.model or settings.default_model
+    if name not in settings.worker_served_models:
+        raise ModelUnavailable(f"this job's model {name!r} is not served by the worker that took it from "
+                               f"queue {job.queue!r} (it serves {', '.join(settings.worker_served_models)}); "
+                               "DEMIX_MODELS must be the same for the API and every worker")
+    return model_spec(settings, device, name)
 
 
 def separation_options(settings: Settings, device: str) -> SeparationOptions:
@@ -101,21 +120,42 @@ def separation_options(settings: Settings, device: str) -> SeparationOptions:
 
 
 def warm_up(context: WorkerContext) -> dict:
-    """Load the model and run it once, as jobs will, then record this process as ready
-    (`shared.readiness`); returns what was recorded.
+    """Load each model this worker serves (`DEMIX_WORKER_MODELS`) and run it once, as jobs
+    will, then record this process as ready (`shared.readiness`); returns what was recorded.
 
     Called when a worker process starts, so that its first job pays neither the load nor
-    the first forward's one-time costs. A model that cannot be loaded is recorded with its
-    error (jobs then fail saying how to provide weights) instead of stopping the worker.
+    the first forward's one-time costs. The entry says, per model, its architecture,
+    sources and sample rate (the catalogue shows them) and the load and warm-up times. A
+    model that cannot be loaded is recorded with its error (its jobs then fail saying how
+    to provide weights) instead of stopping the worker.
     """
     settings = context.settings
-    note: dict = {"model": settings.model, "precision": settings.precision}
+    served = settings.worker_served_models
+    note: dict = {"model": served[0], "precision": settings.precision, "models": {}}
+    try:
+        note["device"] = device = resolve_device(settings.device)
+    except DemixError as exc:
+        note["error"] = exc.message
+        note["models"] = {name: {"error": exc.message} for name in served}
+        log.warning("worker %s: no device: %s", process_id(), exc.message)
+        mark_ready(context.jobs.redis, note)
+        return note
+    for name in served:
+        note["models"][name] = warm_one(context, name, device)
+    if all("error" in model_note for model_note in note["models"].values()):
+        note["error"] = note["models"][served[0]]["error"]
+    mark_ready(context.jobs.redis, note)
+    return note
+
+
+def warm_one(context: WorkerContext, name: str, device: str) -> dict:
+    """Load and warm model `name`; what the readiness entry says of it."""
+    settings = context.settings
     started = time.monotonic()
     try:
-        device = resolve_device(settings.device)
-        note["device"] = device
-        model = context.models.get(model_spec(settings, device))
-        note["load_s"] = round(time.monotonic() - started, 3)
+        model = context.models.get(model_spec(settings, device, name))
+        note: dict = {"architecture": model_architecture(model), "sources": list(model.sources),
+                      "samplerate": int(model.samplerate), "load_s": round(time.monotonic() - started, 3)}
         options = separation_options(settings, device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -124,13 +164,18 @@ def warm_up(context: WorkerContext) -> dict:
             log.warning("warm-up: %s", warning.message)
         note["warmup_s"] = round(time.monotonic() - started - note["load_s"], 3)
         log.info("worker %s: model %s warm on %s in %s (load %.1fs, first forward %.1fs)",
-                 process_id(), settings.model, device, settings.precision, note["load_s"],
-                 note["warmup_s"])
+                 process_id(), name, device, settings.precision, note["load_s"], note["warmup_s"])
     except DemixError as exc:
-        note["error"] = exc.message
-        log.warning("worker %s: model %s not loaded: %s", process_id(), settings.model, exc.message)
-    mark_ready(context.jobs.redis, note)
+        note = {"error": exc.message}
+        log.warning("worker %s: model %s not loaded: %s", process_id(), name, exc.message)
     return note
+
+
+def model_architecture(model: torch.nn.Module) -> str:
+    """The catalogue's name of a loaded model's architecture."""
+    from .roformer import is_roformer
+
+    return model.config.architecture if is_roformer(model) else DEMUCS
 
 
 class JobInterrupted(Exception):
@@ -241,7 +286,7 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
     if job.awaits_input:
         job = fetch_input(job, context, lease)
     device = resolve_device(settings.device)
-    model = context.models.get(model_spec(settings, device))
+    model = context.models.get(job_model_spec(job, settings, device))
     lease.check()
     options = separation_options(settings, device)
     input_path = storage.input_path(job.id)

@@ -19,7 +19,7 @@ from shared.jobs import JobStore
 from shared.services import redis_client
 from shared.lifecycle import hand_back_worker_jobs
 
-from .maintenance import MaintenanceStep
+from .maintenance import SWEEPS, MaintenanceStep, Sweep, lease_sweep_interval
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,17 @@ def worker_identity(node: str) -> str:
 
 
 celery_app.steps["worker"].add(MaintenanceStep)
+
+
+def _forget_dead_pool_processes(context: tp.Any) -> list[str]:
+    from shared.readiness import forget_dead_processes
+
+    return forget_dead_processes(context.jobs.redis)
+
+
+# A pool process killed outright leaves its readiness entry: without this sweep the model
+# catalogue would count it as serving its models, and jobs would not say they wait.
+SWEEPS.append(Sweep("dead workers' readiness", _forget_dead_pool_processes, lease_sweep_interval))
 
 
 @celery_app.task(name=SEPARATE_TASK, ignore_result=True, bind=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from shared.intake import inspect_upload
 from shared.jobs import Job
-from shared.job_request import parse_job_request
+from shared.output import resolve_output
 from shared.uploads import ensure_room_for_upload
 from shared.url_input import fetch_url
 
@@ -49,7 +49,8 @@ def fetch_input(job: Job, context, lease) -> Job:
             received = fetch_url(job.source_url, file, settings, progress)
         lease.confirm()
         info = inspect_upload(path, settings)
-        job_request = parse_job_request(job.request_fields, info)
+        # The model and stems were checked at submission; what the input decides is the output.
+        output = resolve_output(job.request_fields, info)
         storage.accept_upload(path, job.id)
     finally:
         path.unlink(missing_ok=True)  # already moved into the job's folder when accepted
@@ -57,5 +58,5 @@ def fetch_input(job: Job, context, lease) -> Job:
              time.monotonic() - started, info.duration)
     return context.jobs.update_running(
         job.id, attempt, samplerate=info.samplerate, channels=info.channels, frames=info.frames,
-        input_format=info.input_format, output=job_request.output.to_dict(),
+        input_format=info.input_format, output=output.to_dict(),
         download={"received_bytes": received, "total_bytes": received})

@@ -157,6 +157,23 @@ constrainOptions();
 let submissionKey = null;
 ui.form.addEventListener("change", () => { submissionKey = null; });
 
+// Each model offers its own stems (`data-stems` of its option): the stems list follows the model.
+const modelSelect = $("#model");
+const stemsSelect = $("#stems");
+function offerModelStems() {
+  const chosen = modelSelect.selectedOptions[0];
+  if (!chosen) return;
+  const previous = stemsSelect.value;
+  stemsSelect.replaceChildren(...chosen.dataset.stems.split(",").map((stem) => {
+    const option = document.createElement("option");
+    option.value = stem;
+    option.textContent = stem === "all" ? "all stems" : `${stem} + no_${stem}`;
+    return option;
+  }));
+  if ([...stemsSelect.options].some((option) => option.value === previous)) stemsSelect.value = previous;
+}
+modelSelect.addEventListener("change", offerModelStems);
+
 function jobForm(file) {
   const data = new FormData();
   data.append("file", file, file.name);

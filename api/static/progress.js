@@ -57,7 +57,8 @@ export function describeJob(job, etaSeconds) {
       const where = typeof job.queue_position === "number"
         ? (job.queue_position <= 1 ? "next in line" : `position ${job.queue_position} in the queue`)
         : "waiting for a worker";
-      return { percent: 0, text: `Queued — ${where}` };
+      const served = job.waiting_for ? ` · no worker serves model ${job.model} yet` : "";
+      return { percent: 0, text: `Queued — ${where}${served}` };
     }
     case "running": {
       const left = etaSeconds == null ? "estimating time left…" : `${formatTimeLeft(etaSeconds)} left`;

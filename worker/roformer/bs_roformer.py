@@ -1,0 +1,65 @@
+"""BS-RoFormer (Lu et al., "Music Source Separation with Band-Split RoPE Transformer"):
+the spectrum cut into fixed bands of consecutive bins, axial transformers over time and
+bands, and a complex mask per stem."""
+from __future__ import annotations
+
+import typing as tp
+
+import torch
+
+from .layers import BandSplit, MaskEstimator, RMSNorm
+from .network import RoformerNetwork
+
+DEFAULT_FREQS_PER_BANDS = (
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
+    12, 12, 12, 12, 12, 12, 12, 12,
+    24, 24, 24, 24, 24, 24, 24, 24,
+    48, 48, 48, 48, 48, 48, 48, 48,
+    128, 129,
+)
+"""Bins per band for a 2048-point STFT (62 bands over 1025 bins), MSST's default."""
+
+
+class BSRoformer(RoformerNetwork):
+    """BS-RoFormer with MSST's constructor keywords and `state_dict` layout."""
+
+    def __init__(self, dim: int, *, depth: int, stereo: bool = False, num_stems: int = 1,
+                 time_transformer_depth: int = 2, freq_transformer_depth: int = 2,
+                 linear_transformer_depth: int = 0,
+                 freqs_per_bands: tp.Sequence[int] = DEFAULT_FREQS_PER_BANDS,
+                 dim_head: int = 64, heads: int = 8, stft_n_fft: int = 2048, stft_hop_length: int = 512,
+                 stft_win_length: int = 2048, stft_normalized: bool = False, stft_window_fn: tp.Any = None,
+                 zero_dc: bool = True, mask_estimator_depth: int = 2, mlp_expansion_factor: int = 4,
+                 skip_connection: bool = False, use_pope: bool = False, **training_only: tp.Any):
+        super().__init__(
+            dim, depth=depth, stereo=stereo, num_stems=num_stems, time_transformer_depth=time_transformer_depth,
+            freq_transformer_depth=freq_transformer_depth, linear_transformer_depth=linear_transformer_depth,
+            dim_head=dim_head, heads=heads, stft_n_fft=stft_n_fft, stft_hop_length=stft_hop_length,
+            stft_win_length=stft_win_length, stft_normalized=stft_normalized, zero_dc=zero_dc,
+            skip_connection=skip_connection, use_pope=use_pope, stft_window_fn=stft_window_fn,
+            transformer_norm_output=False, **training_only)
+        bins = stft_n_fft // 2 + 1
+        freqs_per_bands = tuple(freqs_per_bands)
+        if len(freqs_per_bands) < 2 or sum(freqs_per_bands) != bins:
+            raise ValueError(f"freqs_per_bands must split the STFT's {bins} bins into at least two "
+                             f"bands; they add up to {sum(freqs_per_bands)}")
+        band_inputs = tuple(2 * bins_in_band * self.audio_channels for bins_in_band in freqs_per_bands)
+        self.final_norm = RMSNorm(dim)
+        self.band_split = BandSplit(dim, band_inputs)
+        # MSST's BS-RoFormer builds `mask_estimator_depth - 1` hidden layers.
+        self.mask_estimators = torch.nn.ModuleList(
+            MaskEstimator(dim, band_inputs, mask_estimator_depth - 1, mlp_expansion_factor)
+            for _ in range(num_stems))
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """`[batch, channels, time]` -> `[batch, stems, channels, time]`."""
+        self.check_channels(audio)
+        spectrum = self.stft(audio)  # b (f s) t c
+        x = self.band_split(spectrum.transpose(1, 2).flatten(2))  # b t bands d
+        x = self.final_norm(self.axial_transform(x))
+        masks = torch.stack([estimate(x) for estimate in self.mask_estimators], dim=1)  # b n t (f c)
+        masks = masks.unflatten(-1, (-1, 2)).transpose(2, 3).float()  # b n f t c
+        product = torch.view_as_complex(spectrum.contiguous()).unsqueeze(1) * torch.view_as_complex(
+            masks.contiguous())
+        return self.istft(product, audio.shape[-1])
