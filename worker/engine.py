@@ -190,8 +190,9 @@ def write_stems(estimates: tp.Iterable[torch.Tensor], stats: tp.Optional[MixStat
                 output: OutputOptions, frames: int, channels: int,
                 matrix: tp.Optional[np.ndarray] = None) -> None:
     """De-normalise the model's normalised `[sources, channels, frames]` estimate blocks
-    (in order, covering the mix; `stats` None: they are not normalised) and write them as closed, unpublished stems in `sink`
-    at the output's rate, channels and length; `no_X` from the input alongside."""
+    (in order, covering the mix; with `stats` None they are not normalised) and write
+    them as closed, unpublished stems in `sink` at the output's rate, channels and
+    length; `no_X` from the input alongside."""
     subtype = output.grid_subtype
     outputs = {name: StemOutput(model_samplerate, output.samplerate, channels, frames, subtype)
                for name in sources}
