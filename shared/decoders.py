@@ -371,13 +371,27 @@ class _FFmpegStream:
         return "; ".join(said[-3:]) or getattr(exc, "strerror", None) or str(exc)
 
     def blocks(self) -> tp.Iterator[np.ndarray]:
-        integer = self.facts.decoded_subtype != "FLOAT"
+        """Decoded frames gathered into blocks of up to `DECODE_BLOCK_FRAMES` (codec frames
+        are ~1000 samples: handing each on alone would cost more than decoding it). The
+        block's buffer is reused: each must be consumed before the next is asked for."""
+        block: tp.Optional[np.ndarray] = None
+        filled = 0
         try:
             with self._logs:
                 for packet in self._input.demux(self._stream):
                     for frame in packet.decode():
                         self._check_frame(frame)
-                        yield _frame_samples(frame, self.facts.channels, integer)
+                        dtype = _block_dtype(frame, integer=self.facts.decoded_subtype != "FLOAT")
+                        if block is not None and (filled + frame.samples > len(block) or block.dtype != dtype):
+                            yield block[:filled]
+                            filled = 0
+                        if block is None or block.dtype != dtype or frame.samples > len(block):
+                            block = np.empty((max(DECODE_BLOCK_FRAMES, frame.samples), self.facts.channels),
+                                             dtype=dtype)
+                        _copy_frame(frame, block[filled:filled + frame.samples])
+                        filled += frame.samples
+            if block is not None and filled:
+                yield block[:filled]
         except DECODER_ERRORS as exc:
             raise _corrupt(self._container, self._reason(exc)) from None
 
@@ -406,25 +420,31 @@ SAMPLE_DTYPES = {"s16": np.int16, "s32": np.int32, "flt": np.float32, "dbl": np.
 """numpy types of FFmpeg's sample formats (planar ones end in `p`) a decoder here gives."""
 
 
-def _frame_samples(frame: tp.Any, channels: int, integer: bool) -> np.ndarray:
-    """A decoded frame as `[frames, channels]`: float32, or integers left-aligned in int16/int32
-    (FFmpeg keeps 20- and 24-bit samples in the top bits of s32, as libsndfile takes them).
+def _block_dtype(frame: tp.Any, integer: bool) -> np.dtype:
+    """The type a frame's samples are kept as: float32 for lossy codecs, else the decoder's
+    int16 or int32 (FFmpeg keeps 20- and 24-bit samples in the top bits of s32, as
+    libsndfile takes them)."""
+    source = SAMPLE_DTYPES.get(frame.format.name.rstrip("p"))
+    if source is None or (integer and source not in (np.int16, np.int32)):
+        raise CorruptAudio(f"the decoder gave samples in a format the service does not read "
+                           f"({frame.format.name})")
+    return np.dtype(source if integer else np.float32)
+
+
+def _copy_frame(frame: tp.Any, out: np.ndarray) -> None:
+    """Copy a decoded frame into `out` (`[frame.samples, channels]`), converting to its type.
 
     Read plane by plane, never with `to_ndarray`: PyAV counts a ninth plane in an 8-channel
     planar frame (it reads past FFmpeg's 8 data pointers) and crashes reading it.
     """
-    dtype = SAMPLE_DTYPES.get(frame.format.name.rstrip("p"))
-    if dtype is None or (integer and dtype not in (np.int16, np.int32)):
-        raise CorruptAudio(f"the decoder gave samples in a format the service does not read "
-                           f"({frame.format.name})")
+    source = SAMPLE_DTYPES[frame.format.name.rstrip("p")]
+    samples, channels = out.shape
     planes = frame.planes
     if frame.format.is_planar:
-        samples = np.stack([np.frombuffer(planes[index], dtype=dtype, count=frame.samples)
-                            for index in range(channels)], axis=1)
+        for channel in range(channels):
+            out[:, channel] = np.frombuffer(planes[channel], dtype=source, count=samples)
     else:
-        samples = np.frombuffer(planes[0], dtype=dtype, count=frame.samples * channels).reshape(-1, channels)
-    # A copy either way: FFmpeg reuses the frame's buffers for the next one.
-    return samples.astype(np.float32) if not integer else samples.copy()
+        out[:] = np.frombuffer(planes[0], dtype=source, count=samples * channels).reshape(samples, channels)
 
 
 def _lossless_bits(path: Path, codec: str, context: tp.Any) -> int:
