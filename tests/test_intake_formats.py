@@ -384,3 +384,22 @@ def test_stray_bytes_between_an_id3_tag_and_the_first_frame_are_skipped(tmp_path
     info = inspect_upload(upload, SETTINGS)
     assert info.input_format == "MP3/MPEG_LAYER_III"
     assert_matches_ffmpeg(upload, with_junk, lossless=False)
+
+
+def test_the_ffmpeg_options_refuse_to_open_anything_but_the_upload(tmp_path):
+    """Defence in depth behind the magic bytes: even a playlist demuxer, handed the upload
+    with the options intake uses, cannot open the file the playlist names (without them,
+    FFmpeg reads it)."""
+    import av
+
+    song = FORMATS["mp3 cbr (lame)"].write(tmp_path, "elsewhere")
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:5\n#EXTINF:5,\nfile://{song}\n#EXT-X-ENDLIST\n")
+
+    def frames_read(options: dict) -> int:
+        with open(playlist, "rb") as file, av.open(file, format="hls", options=dict(options)) as opened:
+            return sum(frame.samples for frame in opened.decode(audio=0))
+
+    assert frames_read({}) > 0  # the danger is real: FFmpeg follows the playlist by default
+    with pytest.raises(av.FFmpegError):
+        frames_read(decoders.FFMPEG_OPTIONS)
