@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -42,10 +41,10 @@ ENCODINGS = {
 """How each format is made from the WAV: the encoders users' files come from."""
 
 
-def rss_now() -> int:
-    """This process's resident set size in bytes."""
+def memory_status(field: str) -> int:
+    """A field of this process's /proc status in bytes: VmRSS (resident now), VmHWM (its peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -56,25 +55,28 @@ def run_child(upload: Path) -> None:
     from shared.config import Settings
     from shared.intake import inspect_upload
 
-    before = rss_now()
+    # The imports' own transient peak is not the probe's: start the peak count afresh.
+    Path("/proc/self/clear_refs").write_text("5")
+    before = memory_status("VmRSS")
     started = time.monotonic()
     info = inspect_upload(upload, Settings())
     print(json.dumps({"wall_s": time.monotonic() - started, "rss_before": before, "frames": info.frames,
-                      "input_format": info.input_format}))
+                      "peak_rss": memory_status("VmHWM"), "input_format": info.input_format}))
 
 
 def measure_intake(upload: Path) -> dict:
-    """One intake in a fresh subprocess: its JSON plus the process's peak RSS."""
-    process = subprocess.Popen([sys.executable, __file__, "--child-intake", str(upload)],
-                               stdout=subprocess.PIPE, text=True)
-    output = process.stdout.read()
-    # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix all children).
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    """One intake of a copy of `upload` (intake replaces what it decodes) in a fresh
+    subprocess: its JSON, with the peak RSS while probing (VmHWM, reset after the imports)."""
+    copy = upload.with_name("upload")
+    shutil.copyfile(upload, copy)
+    try:
+        done = subprocess.run([sys.executable, __file__, "--child-intake", str(copy)], stdout=subprocess.PIPE,
+                              text=True)
+    finally:
+        copy.unlink(missing_ok=True)
+    if done.returncode != 0:
         raise SystemExit(f"intake of {upload.name} failed")
-    result = json.loads(output.strip().splitlines()[-1])
-    result["peak_rss"] = usage.ru_maxrss * 1024  # Linux reports kilobytes
-    return result
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure_separation(track: Path, args: argparse.Namespace) -> float:
@@ -96,19 +98,23 @@ def main() -> None:
     parser.add_argument("--model", default=TINY, help="a model name, or 'tiny' (default)")
     parser.add_argument("--model-repo", default="", help="demucs-format folder holding --model")
     parser.add_argument("--workdir", default=None, help="where the files go (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the track and its encodings in --workdir, and reuse those found there")
     parser.add_argument("--child-intake", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_intake:
         run_child(args.child_intake)
         return
 
-    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
-        args.workdir = workdir
-        folder = Path(workdir)
-        track = folder / "track.wav"
-        write_long_wav(track, args.minutes)
-        excerpt = folder / "excerpt.wav"
-        write_long_wav(excerpt, min(args.minutes, args.separation_minutes))
+    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
+        folder = Path(args.workdir) if args.keep and args.workdir else Path(scratch)
+        args.workdir = scratch
+        track = folder / f"track-{args.minutes:g}min.wav"
+        if not track.exists():
+            write_long_wav(track, args.minutes)
+        excerpt = folder / f"excerpt-{args.separation_minutes:g}min.wav"
+        if not excerpt.exists():
+            write_long_wav(excerpt, min(args.minutes, args.separation_minutes))
         print(f"track: {args.minutes:g} min, 44.1 kHz stereo, music-like; model {args.model}", flush=True)
 
         separation = measure_separation(excerpt, args) * args.minutes / min(args.minutes,
@@ -118,20 +124,17 @@ def main() -> None:
 
         rows = {}
         for name in args.formats:
-            encoded = folder / f"track.{name}"
-            started = time.monotonic()
-            subprocess.run(ENCODINGS[name](track, encoded), check=True)
-            size = encoded.stat().st_size
-            print(f"encoded {name}: {size / 2 ** 20:.1f} MiB in {time.monotonic() - started:.0f} s", flush=True)
-            rows[name] = measure_intake(encoded) | {"size": size}
-            encoded.unlink(missing_ok=True)  # intake replaced it with the decoded WAV
-        upload = folder / "upload.wav"
-        shutil.copyfile(track, upload)
-        rows["wav (reference)"] = measure_intake(upload) | {"size": track.stat().st_size}
-        upload.unlink()
+            encoded = track.with_suffix(f".{name}")
+            if not encoded.exists():
+                started = time.monotonic()
+                subprocess.run(ENCODINGS[name](track, encoded), check=True)
+                print(f"encoded {name} in {time.monotonic() - started:.0f} s", flush=True)
+            rows[name] = measure_intake(encoded) | {"size": encoded.stat().st_size}
+        rows["wav (reference)"] = measure_intake(track) | {"size": track.stat().st_size}
 
         print(f"\n{'input':<16}{'format':<22}{'MiB':>8}{'intake s':>10}{'peak RSS MiB':>14}"
               f"{'RSS before':>12}{'peak/before':>13}{'intake/separation':>19}")
+        # peak RSS: the API process's while probing; RSS before: after its imports, at rest.
         for name, row in rows.items():
             print(f"{name:<16}{row['input_format']:<22}{row['size'] / 2 ** 20:8.1f}{row['wall_s']:10.2f}"
                   f"{row['peak_rss'] / 2 ** 20:14.0f}{row['rss_before'] / 2 ** 20:12.0f}"

@@ -10,12 +10,13 @@ everything is how the true length is learnt: headers are never believed, the fra
 are counted as they come, and decoding stops as soon as the count passes
 `DEMIX_MAX_DURATION_S`.
 
-Decoders: libsndfile (`soundfile`) for AIFF and Ogg Vorbis/Opus, where its decode
-matches FFmpeg's frame for frame; PyAV (FFmpeg) for MP4/M4A and Matroska/WebM, which
-libsndfile cannot read, and for MP3 and FLAC, where libsndfile disagrees with FFmpeg on
-damaged files (it pads a cut MP3 to the length its Xing header claims, and fails on a
-FLAC whose STREAMINFO holds no or a wrong total length, as `ffmpeg -f flac pipe:`
-writes). FFmpeg is only ever handed the upload as an open Python file (no protocol, no
+Decoders: libsndfile (`soundfile`) for AIFF, where its decode matches FFmpeg's frame for
+frame, whatever the header claims; PyAV (FFmpeg) for MP4/M4A and Matroska/WebM, which
+libsndfile cannot read, and for MP3, FLAC and Ogg, where libsndfile believes headers that
+FFmpeg (the reference) does not: it pads a cut MP3 out to the length its Xing header
+claims, fails on a FLAC whose STREAMINFO holds no or a wrong total length (as
+`ffmpeg -f flac pipe:` writes), and cuts an Ogg Vorbis/Opus stream at the length its last
+page's granule position claims. FFmpeg is only ever handed the upload as an open Python file (no protocol, no
 URL) with the one demuxer the magic bytes named, so playlists, `concat` and URLs inside
 a file cannot make it read anything else.
 """
@@ -63,7 +64,7 @@ class Container:
 CONTAINERS = {
     "MP3": Container("MP3", "mp3", {"mp3float": "MPEG_LAYER_III", "mp3": "MPEG_LAYER_III"}),
     "FLAC": Container("FLAC", "flac", {"flac": "FLAC"}),
-    "OGG": Container("OGG", None, {"VORBIS": "VORBIS", "OPUS": "OPUS"}),
+    "OGG": Container("OGG", "ogg", {"vorbis": "VORBIS", "opus": "OPUS"}),
     "AIFF": Container("AIFF", None, {}),
     "AIFF-C": Container("AIFF-C", None, {}),
     "MP4": Container("MP4", "mov", {"aac": "AAC", "alac": "ALAC"}),
@@ -270,19 +271,8 @@ def _open_stream(path: Path, container: Container) -> tp.ContextManager["Decoded
     return _FFmpegStream(path, container)
 
 
-VORBIS_TO_WAV_ORDER = {
-    3: (0, 2, 1),  # L C R -> L R C
-    5: (0, 2, 1, 3, 4),  # L C R BL BR -> L R C BL BR
-    6: (0, 2, 1, 5, 3, 4),  # L C R BL BR LFE -> L R C LFE BL BR
-    7: (0, 2, 1, 6, 5, 3, 4),  # L C R SL SR BC LFE -> L R C LFE BC SL SR
-    8: (0, 2, 1, 7, 5, 6, 3, 4),  # L C R SL SR BL BR LFE -> L R C LFE BL BR SL SR
-}
-"""Vorbis and Opus (mapping family 1) order surround channels differently from WAV, and
-libsndfile hands them over as stored; the worker, like FFmpeg, expects WAV's order."""
-
-
 class _SndfileStream:
-    """libsndfile's decode of AIFF and Ogg Vorbis/Opus."""
+    """libsndfile's decode of AIFF and AIFF-C."""
 
     LOSSLESS_SUBTYPES = {"PCM_S8": "PCM_16", "PCM_U8": "PCM_16", "PCM_16": "PCM_16", "PCM_24": "PCM_24",
                          "PCM_32": "PCM_32", "ULAW": "PCM_16", "ALAW": "PCM_16", "IMA_ADPCM": "PCM_16",
@@ -295,16 +285,10 @@ class _SndfileStream:
         except sf.LibsndfileError as exc:
             raise _corrupt(container, exc.error_string) from None
         subtype = self._file.subtype
-        if container.name == "OGG":
-            if subtype not in container.codecs:
-                self._file.close()
-                raise UnsupportedCodec(f"the Ogg file holds {subtype}; in Ogg only Vorbis and Opus are "
-                                       "supported")
-            decoded, lossy = "FLOAT", True
-        else:  # AIFF: integers stay integers of the same width; float stays float
-            decoded, lossy = self.LOSSLESS_SUBTYPES.get(subtype, "FLOAT"), False
-        self.facts = StreamFacts(codec=subtype, samplerate=self._file.samplerate,
-                                 channels=self._file.channels, decoded_subtype=decoded, lossy=lossy)
+        # Integers stay integers of the same width (narrower and companded ones become 16-bit);
+        # float stays float.
+        self.facts = StreamFacts(codec=subtype, samplerate=self._file.samplerate, channels=self._file.channels,
+                                 decoded_subtype=self.LOSSLESS_SUBTYPES.get(subtype, "FLOAT"), lossy=False)
 
     def blocks(self) -> tp.Iterator[np.ndarray]:
         dtype = "float32" if self.facts.decoded_subtype == "FLOAT" else "int32"
@@ -317,8 +301,6 @@ class _SndfileStream:
                 raise _corrupt(self._container, exc.error_string) from None
             if count == 0:
                 return
-            if self._container.name == "OGG" and self.facts.channels in VORBIS_TO_WAV_ORDER:
-                block = block[:, VORBIS_TO_WAV_ORDER[self.facts.channels]]
             yield block[:count]
 
     def __enter__(self) -> "_SndfileStream":
@@ -389,17 +371,38 @@ class _FFmpegStream:
         return "; ".join(said[-3:]) or getattr(exc, "strerror", None) or str(exc)
 
     def blocks(self) -> tp.Iterator[np.ndarray]:
-        integer = self.facts.decoded_subtype != "FLOAT"
+        """Decoded frames gathered into blocks of up to `DECODE_BLOCK_FRAMES` (codec frames
+        are ~1000 samples: handing each on alone would cost more than decoding it). The
+        block's buffer is reused: each must be consumed before the next is asked for."""
+        block: tp.Optional[np.ndarray] = None
+        filled = 0
         try:
             with self._logs:
                 for packet in self._input.demux(self._stream):
                     for frame in packet.decode():
-                        if frame.sample_rate != self.facts.samplerate:
-                            raise CorruptAudio(f"the {self._container.name} stream changes its sample rate "
-                                               f"from {self.facts.samplerate} to {frame.sample_rate} Hz")
-                        yield _frame_samples(frame, integer)
+                        self._check_frame(frame)
+                        dtype = _block_dtype(frame, integer=self.facts.decoded_subtype != "FLOAT")
+                        if block is not None and (filled + frame.samples > len(block) or block.dtype != dtype):
+                            yield block[:filled]
+                            filled = 0
+                        if block is None or block.dtype != dtype or frame.samples > len(block):
+                            block = np.empty((max(DECODE_BLOCK_FRAMES, frame.samples), self.facts.channels),
+                                             dtype=dtype)
+                        _copy_frame(frame, block[filled:filled + frame.samples])
+                        filled += frame.samples
+            if block is not None and filled:
+                yield block[:filled]
         except DECODER_ERRORS as exc:
             raise _corrupt(self._container, self._reason(exc)) from None
+
+    def _check_frame(self, frame: tp.Any) -> None:
+        name, facts = self._container.name, self.facts
+        if frame.sample_rate != facts.samplerate:
+            raise CorruptAudio(f"the {name} stream changes its sample rate from {facts.samplerate} "
+                               f"to {frame.sample_rate} Hz")
+        if len(frame.layout.channels) != facts.channels:
+            raise CorruptAudio(f"the {name} stream changes from {facts.channels} to "
+                               f"{len(frame.layout.channels)} channels")
 
     def close(self) -> None:
         if self._input is not None:
@@ -413,17 +416,35 @@ class _FFmpegStream:
         self.close()
 
 
-def _frame_samples(frame: tp.Any, integer: bool) -> np.ndarray:
-    """A decoded frame as `[frames, channels]`: float32, or integers left-aligned in int16/int32
-    (FFmpeg keeps 20- and 24-bit samples in the top bits of s32, as libsndfile takes them)."""
-    samples = frame.to_ndarray()
-    channels = len(frame.layout.channels)
-    samples = samples.T if frame.format.is_planar else samples.reshape(-1, channels)
-    if integer:
-        if samples.dtype not in (np.int16, np.int32):
-            raise CorruptAudio(f"the lossless decoder gave {frame.format.name} samples")
-        return np.ascontiguousarray(samples)
-    return np.ascontiguousarray(samples, dtype=np.float32)
+SAMPLE_DTYPES = {"s16": np.int16, "s32": np.int32, "flt": np.float32, "dbl": np.float64}
+"""numpy types of FFmpeg's sample formats (planar ones end in `p`) a decoder here gives."""
+
+
+def _block_dtype(frame: tp.Any, integer: bool) -> np.dtype:
+    """The type a frame's samples are kept as: float32 for lossy codecs, else the decoder's
+    int16 or int32 (FFmpeg keeps 20- and 24-bit samples in the top bits of s32, as
+    libsndfile takes them)."""
+    source = SAMPLE_DTYPES.get(frame.format.name.rstrip("p"))
+    if source is None or (integer and source not in (np.int16, np.int32)):
+        raise CorruptAudio(f"the decoder gave samples in a format the service does not read "
+                           f"({frame.format.name})")
+    return np.dtype(source if integer else np.float32)
+
+
+def _copy_frame(frame: tp.Any, out: np.ndarray) -> None:
+    """Copy a decoded frame into `out` (`[frame.samples, channels]`), converting to its type.
+
+    Read plane by plane, never with `to_ndarray`: PyAV counts a ninth plane in an 8-channel
+    planar frame (it reads past FFmpeg's 8 data pointers) and crashes reading it.
+    """
+    source = SAMPLE_DTYPES[frame.format.name.rstrip("p")]
+    samples, channels = out.shape
+    planes = frame.planes
+    if frame.format.is_planar:
+        for channel in range(channels):
+            out[:, channel] = np.frombuffer(planes[channel], dtype=source, count=samples)
+    else:
+        out[:] = np.frombuffer(planes[0], dtype=source, count=samples * channels).reshape(samples, channels)
 
 
 def _lossless_bits(path: Path, codec: str, context: tp.Any) -> int:

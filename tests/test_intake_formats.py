@@ -4,6 +4,7 @@ with a clean 4xx naming what is wrong."""
 from __future__ import annotations
 
 import shutil
+import struct
 import tracemalloc
 from pathlib import Path
 
@@ -144,6 +145,53 @@ def test_a_header_claiming_three_hours_on_seconds_of_audio_is_not_believed(tmp_p
     info = inspect_upload(upload, SETTINGS)
     assert info.frames == round(1.5 * 44100) == sf.info(str(upload)).frames
     assert_matches_ffmpeg(upload, real, lossless=True)
+
+
+def ogg_crc(page: bytes) -> int:
+    """The Ogg page checksum: CRC-32, polynomial 0x04C11DB7, not reflected, starting at 0."""
+    crc = 0
+    for byte in page:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) & 0xFFFFFFFF if crc & 0x80000000 else (crc << 1) & 0xFFFFFFFF
+    return crc
+
+
+def ogg_with_last_granule_scaled(path: Path, factor: float) -> bytes:
+    """The Ogg file with its last page's granule position (which states the stream's
+    length) multiplied by `factor`, its checksum made valid again."""
+    data = bytearray(path.read_bytes())
+    start = position = 0
+    while position < len(data):
+        start = position
+        segments = data[position + 26]
+        position += 27 + segments + sum(data[position + 27:position + 27 + segments])
+    page = slice(start, position)
+    granule = struct.unpack_from("<q", data, start + 6)[0]
+    struct.pack_into("<qI", data, start + 6, int(granule * factor), 0)
+    struct.pack_into("<I", data, start + 18, 0)
+    struct.pack_into("<I", data, start + 22, ogg_crc(bytes(data[page])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("case", ["ogg vorbis (oggenc)", "opus (opusenc)"])
+@pytest.mark.parametrize("factor", [0.5, 100])
+def test_an_ogg_length_claim_is_not_believed(tmp_path, case, factor):
+    """Its last granule position is all an Ogg file says of its length. FFmpeg, the
+    reference, at most trims the last page's audio by it, and never pads: a claim of half
+    the audio does not cut the rest (libsndfile would stop there), a claim of a hundred
+    times adds nothing."""
+    real = FORMATS[case].write(tmp_path, "real")
+    real_frames = len(ffmpeg_decode(real).samples)
+    liar = tmp_path / "liar.ogg"
+    liar.write_bytes(ogg_with_last_granule_scaled(real, factor))
+    upload = upload_copy(liar, tmp_path)
+    info = inspect_upload(upload, SETTINGS)
+    assert info.frames == len(ffmpeg_decode(liar).samples)
+    assert info.frames <= real_frames  # never padded out to a claim
+    if factor < 1:
+        assert info.frames > real_frames * factor  # nor cut where a claim says
+    assert_matches_ffmpeg(upload, liar, lossless=False)
 
 
 def test_a_cut_mp3_is_accepted_up_to_its_last_whole_frame(tmp_path):
@@ -336,3 +384,22 @@ def test_stray_bytes_between_an_id3_tag_and_the_first_frame_are_skipped(tmp_path
     info = inspect_upload(upload, SETTINGS)
     assert info.input_format == "MP3/MPEG_LAYER_III"
     assert_matches_ffmpeg(upload, with_junk, lossless=False)
+
+
+def test_the_ffmpeg_options_refuse_to_open_anything_but_the_upload(tmp_path):
+    """Defence in depth behind the magic bytes: even a playlist demuxer, handed the upload
+    with the options intake uses, cannot open the file the playlist names (without them,
+    FFmpeg reads it)."""
+    import av
+
+    song = FORMATS["mp3 cbr (lame)"].write(tmp_path, "elsewhere")
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:5\n#EXTINF:5,\nfile://{song}\n#EXT-X-ENDLIST\n")
+
+    def frames_read(options: dict) -> int:
+        with open(playlist, "rb") as file, av.open(file, format="hls", options=dict(options)) as opened:
+            return sum(frame.samples for frame in opened.decode(audio=0))
+
+    assert frames_read({}) > 0  # the danger is real: FFmpeg follows the playlist by default
+    with pytest.raises(av.FFmpegError):
+        frames_read(decoders.FFMPEG_OPTIONS)
