@@ -50,13 +50,15 @@ def service_url(tiny_model_repo, tmp_path_factory):
 @contextlib.contextmanager
 def watched_page(browser, base_url: str):
     """A fresh browser context's page; fails the test if the page throws or logs an error
-    (a Content-Security-Policy violation, say) other than an HTTP error status it handles."""
+    (a Content-Security-Policy violation, say) other than an HTTP error status it handles
+    (a test that causes another one adds its start to `page.expected_console_errors`)."""
     context = browser.new_context(base_url=base_url, accept_downloads=True)
     page = context.new_page()
     problems: list = []
+    page.expected_console_errors = ["Failed to load resource: the server responded with a status of"]
     page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
     page.on("console", lambda message: message.type == "error"
-            and not message.text.startswith("Failed to load resource: the server responded with a status of")
+            and not message.text.startswith(tuple(page.expected_console_errors))
             and problems.append(f"console: {message.text}"))
     page.set_default_timeout(30_000)
     yield page
@@ -315,7 +317,7 @@ def test_several_files_at_once_make_a_card_each(page, tmp_path):
     """Three files chosen at once, one of them not audio: a card each, in order. The two songs
     each get their own mixer whose stems last as long as their own input, playing one pauses
     the other; the bogus file's card shows the service's message while the others go on."""
-    songs = {"short.wav": 2.0, "long.wav": 3.0}
+    songs = {"short.wav": 3.0, "long.wav": 4.5}
     for name, seconds in songs.items():
         write_wav(tmp_path / name, INPUT_RATE, 2, seconds=seconds, seed=len(name))
     bogus = tmp_path / "cover.mp3"  # a picture, named like a song
@@ -357,12 +359,15 @@ def test_several_files_at_once_make_a_card_each(page, tmp_path):
     assert bad.locator("audio[data-stem]").count() == 0
     assert page.locator("[data-role=recent] li").count() == 2
 
-    # Each card plays its own stems together; starting one pauses the other.
+    # Each card plays its own stems together; starting one pauses the other where it is.
     spreads = play_and_measure_spread(page, cards["short.wav"])
     assert max(spreads) < 0.15, spreads
+    cards["short.wav"].locator("[data-role=seek]").evaluate(
+        "el => { el.value = '0.5'; el.dispatchEvent(new Event('input')); }")  # far from its end
     spreads = play_and_measure_spread(page, cards["long.wav"])
     assert max(spreads) < 0.15, spreads
-    assert all(state["paused"] for state in stem_state(cards["short.wav"]))
+    for state in stem_state(cards["short.wav"]):
+        assert state["paused"] and 0.5 <= state["time"] < songs["short.wav"], state  # not at its end
     assert cards["short.wav"].locator("[data-action=play]").get_attribute("aria-label") == "Play"
     cards["long.wav"].locator("[data-action=play]").click()  # pause
     assert all(state["paused"] for state in stem_state(page))
@@ -538,6 +543,37 @@ def test_the_same_submission_again_reuses_its_idempotency_key(idle_page, tmp_pat
     first, again, changed = (request.headers["idempotency-key"] for request in submitted)
     assert first == again != changed
     assert idle_page.locator("[data-role=job]").count() == 2
+
+
+def test_an_upload_cut_off_can_be_tried_again_with_its_key(idle_page, tmp_path):
+    """The first try's connection is cut (simulated): its card says so and offers to try
+    again, which sends the same Idempotency-Key and then follows the job."""
+    path = write_wav(tmp_path / "flaky.wav", 22050, 1, seconds=0.5)
+    tries: list = []
+
+    def cut_the_first(route):
+        tries.append(route.request.headers["idempotency-key"])
+        if len(tries) == 1:
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    idle_page.expected_console_errors.append("Failed to load resource: net::ERR_CONNECTION_RESET")
+    idle_page.route("**/v1/jobs", lambda route: cut_the_first(route) if route.request.method == "POST"
+                    else route.continue_())
+    open_page(idle_page)
+    idle_page.set_input_files("input[type=file][name=file]", str(path))
+    idle_page.click("button[type=submit]")
+    card = job_card(idle_page, "flaky.wav")
+    card.locator("[data-action=retry]").wait_for()
+    assert card.locator("[data-role=error]").text_content().startswith("The upload was cut off.")
+    assert card.get_attribute("data-state") == "not-sent"
+    card.locator("[data-action=retry]").click()
+    card.locator("[data-role=status]", has_text=re.compile("^Queued — ")).wait_for()
+    assert card.locator("[data-role=error]").is_hidden()
+    assert card.locator("[data-action=retry]").is_hidden()
+    assert len(tries) == 2 and tries[0] == tries[1]
+    assert idle_page.locator("[data-role=job]").count() == 1
 
 
 def test_a_file_over_the_limit_is_refused_before_it_is_sent(idle_page, tmp_path):
