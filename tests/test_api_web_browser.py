@@ -195,11 +195,6 @@ def test_upload_progress_playback_and_zip(page, song, tmp_path):
     for name in archive.namelist():
         assert sf.info(io.BytesIO(archive.read(name))).frames == INPUT_SECONDS * INPUT_RATE
 
-    screenshot = os.environ.get("WEB_PAGE_SCREENSHOT")  # not DEMIX_*: conftest clears those
-    if screenshot:  # how docs/screenshot.png is made (README)
-        page.set_viewport_size({"width": 1100, "height": 900})
-        page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=screenshot, full_page=True)
 
 
 def test_with_an_api_key_everything_is_fetched_with_it(page, song):
@@ -329,7 +324,7 @@ def test_several_files_at_once_make_a_card_each(page, tmp_path):
     page.set_input_files("input[type=file][name=file]",
                          [str(tmp_path / "short.wav"), str(bogus), str(tmp_path / "long.wav")])
     assert page.text_content("[data-role=file-name]").startswith("3 files (")
-    page.click("button[type=submit]")
+    page.click("button[type=submit]")  # all four stems
     assert page.locator("[data-role=job] [data-role=job-title]").all_text_contents() == \
         ["short.wav", "cover.mp3", "long.wav"]
 
@@ -380,6 +375,12 @@ def test_several_files_at_once_make_a_card_each(page, tmp_path):
         assert sorted(archive.namelist()) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
         for member in archive.namelist():
             assert sf.info(io.BytesIO(archive.read(member))).frames == round(seconds * INPUT_RATE)
+
+    screenshot = os.environ.get("WEB_PAGE_SCREENSHOT")  # not DEMIX_*: conftest clears those
+    if screenshot:  # how docs/screenshot.png is made (README)
+        page.set_viewport_size({"width": 1100, "height": 900})
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=screenshot, full_page=True)
 
 
 # ---- against the API alone (`idle_server`: a 1 MiB upload limit, a queue no worker takes) ----
