@@ -187,73 +187,73 @@ ui.form.addEventListener("submit", (event) => {
   }
   const fields = formFields();
   const batch = { madeCurrent: false };
-  const rows = files.map((file) => new JobRow(file.name));
-  ui.jobs.prepend(...rows.map((row) => row.element));
+  const newCards = files.map((file) => new JobCard(file.name));
+  ui.jobs.prepend(...newCards.map((card) => card.element));
   showWelcome();
   files.forEach((file, index) => {
-    const row = rows[index];
+    const card = newCards[index];
     const problem = sizeProblem(file);
     if (problem) {
-      row.setState("not-sent");
-      row.renderProgress(0, "Not sent");
-      row.showError(problem);
+      card.setState("not-sent");
+      card.renderProgress(0, "Not sent");
+      card.showError(problem);
       return;
     }
-    row.setState("waiting");
-    row.renderProgress(0, files.length > 1 ? `Waiting to upload (${index + 1} of ${files.length})` : "Waiting to upload");
-    row.upload = { file, fields, fingerprint: submissionFingerprint(file, fields) };
-    uploadQueue = uploadQueue.then(() => submitRow(row, batch));
+    card.setState("waiting");
+    card.renderProgress(0, files.length > 1 ? `Waiting to upload (${index + 1} of ${files.length})` : "Waiting to upload");
+    card.upload = { file, fields, fingerprint: submissionFingerprint(file, fields) };
+    uploadQueue = uploadQueue.then(() => submitCard(card, batch));
   });
 });
 
-/** Upload a row's file and follow the job it creates; its problems show in the row. */
-async function submitRow(row, batch) {
-  if (row.closed) return;
-  const { file, fields, fingerprint } = row.upload;
-  row.clearError();
-  row.setState("uploading");
-  row.renderProgress(0, `Uploading ${file.name} — 0%`);
+/** Upload a card's file and follow the job it creates; its problems show in the card. */
+async function submitCard(card, batch) {
+  if (card.closed) return;
+  const { file, fields, fingerprint } = card.upload;
+  card.clearError();
+  card.setState("uploading");
+  card.renderProgress(0, `Uploading ${file.name} — 0%`);
   if (!submissionKeys.has(fingerprint)) submissionKeys.set(fingerprint, newIdempotencyKey());
   let job;
   try {
     job = await upload("/v1/jobs", jobForm(file, fields), (fraction) => {
       const percent = Math.round(fraction * 100);
-      row.renderProgress(percent, percent < 100 ? `Uploading ${file.name} — ${percent}%`
+      card.renderProgress(percent, percent < 100 ? `Uploading ${file.name} — ${percent}%`
                                                 : `Uploaded ${file.name}; the service is checking it…`);
     }, { "Idempotency-Key": submissionKeys.get(fingerprint) });
   } catch (error) {
-    row.setState("not-sent");
-    row.renderProgress(0, error.status ? "Refused by the service" : "Not sent");
-    row.showError(messageOf(error));
+    card.setState("not-sent");
+    card.renderProgress(0, error.status ? "Refused by the service" : "Not sent");
+    card.showError(messageOf(error));
     // Worth trying again (with the same key): the connection, a busy or failing service.
-    row.retry.hidden = !(error.status === 0 || error.status === 429 || error.status >= 500);
+    card.retry.hidden = !(error.status === 0 || error.status === 429 || error.status >= 500);
     return;
   }
   rememberJob({ id: job.id, name: file.name, stems: job.stems, submittedAt: Date.now(), status: job.status });
-  const existing = rows.get(job.id);
-  if (existing && existing !== row) {  // the same file and options again: the job it already has
-    row.remove();
+  const existing = cardsByJob.get(job.id);
+  if (existing && existing !== card) {  // the same file and options again: the job it already has
+    card.remove();
     existing.focus();
     return;
   }
-  if (row.closed) { renderRecent(); return; }
-  row.fingerprint = fingerprint;
-  row.setJob(job.id);
-  if (!batch.madeCurrent) { batch.madeCurrent = true; makeCurrent(row); }
+  if (card.closed) { renderRecent(); return; }
+  card.fingerprint = fingerprint;
+  card.setJob(job.id);
+  if (!batch.madeCurrent) { batch.madeCurrent = true; makeCurrent(card); }
   renderRecent();
-  row.follow(job);
+  card.follow(job);
 }
 
 // ---- the jobs' cards ----------------------------------------------------------------
 
-const rows = new Map();  // job id -> its card on the page
+const cardsByJob = new Map();  // job id -> its card on the page
 const cardsOnPage = new Set();
 let current = null;      // the card the address (#job=) and the space bar refer to
 let capabilities = null;
 let cardCount = 0;
 
 /** One job's card: title, meta, progress, its errors, cancel/delete, and its own mixer. */
-class JobRow {
+class JobCard {
   constructor(title) {
     this.element = ui.jobTemplate.content.firstElementChild.cloneNode(true);
     const part = (selector) => $(selector, this.element);
@@ -288,7 +288,7 @@ class JobRow {
     this.delete.addEventListener("click", () => this.deleteJob());
     this.retry.addEventListener("click", () => {
       this.retry.hidden = true;
-      uploadQueue = uploadQueue.then(() => submitRow(this, { madeCurrent: true }));
+      uploadQueue = uploadQueue.then(() => submitCard(this, { madeCurrent: true }));
     });
     this.close.addEventListener("click", () => this.remove());
     this.zip.addEventListener("click", (event) => this.downloadZip(event));
@@ -301,7 +301,7 @@ class JobRow {
   setJob(id) {
     this.id = id;
     this.element.dataset.jobId = id;
-    rows.set(id, this);
+    cardsByJob.set(id, this);
   }
 
   renderProgress(percent, text) {
@@ -330,7 +330,7 @@ class JobRow {
   }
 
   onPlay(playing) {
-    for (const row of cards()) if (row.mixer !== playing && row.mixer.playing) row.mixer.pause();
+    for (const other of cards()) if (other.mixer !== playing && other.mixer.playing) other.mixer.pause();
     if (current !== this) makeCurrent(this);
   }
 
@@ -478,7 +478,7 @@ class JobRow {
     cardsOnPage.delete(this);
     this.mixer.dispose();
     this.element.remove();
-    if (this.id && rows.get(this.id) === this) rows.delete(this.id);
+    if (this.id && cardsByJob.get(this.id) === this) cardsByJob.delete(this.id);
     if (current === this) {
       current = null;
       history.replaceState(null, "", location.pathname);
@@ -492,9 +492,9 @@ function cards() {
   return [...cardsOnPage];
 }
 
-function makeCurrent(row) {
-  current = row;
-  if (row.id && location.hash !== `#job=${row.id}`) history.replaceState(null, "", `#job=${row.id}`);
+function makeCurrent(card) {
+  current = card;
+  if (card.id && location.hash !== `#job=${card.id}`) history.replaceState(null, "", `#job=${card.id}`);
   renderRecent();
 }
 
@@ -526,31 +526,31 @@ async function probeCapabilities(jobId) {
 }
 
 /** Probe if not known yet, then show every card's buttons. */
-function offerLifecycle(row) {
+function offerLifecycle(card) {
   if (capabilities) return;
-  probeCapabilities(row.id).then((known) => {
+  probeCapabilities(card.id).then((known) => {
     if (!known) return;
-    for (const card of cards()) if (card.lastJob) card.render(card.lastJob);
+    for (const shown of cards()) if (shown.lastJob) shown.render(shown.lastJob);
   });
 }
 
 /** Show a job's card (making one if the page has none for it) and follow the job. */
 function openJob(id) {
-  const existing = rows.get(id);
+  const existing = cardsByJob.get(id);
   if (existing) { existing.focus(); return; }
   const remembered = findRecent(id);
-  const row = new JobRow(remembered ? remembered.name : `Job ${id.slice(0, 8)}`);
-  row.setJob(id);
-  ui.jobs.prepend(row.element);
+  const card = new JobCard(remembered ? remembered.name : `Job ${id.slice(0, 8)}`);
+  card.setJob(id);
+  ui.jobs.prepend(card.element);
   showWelcome();
-  row.focus();
-  row.follow();
+  card.focus();
+  card.follow();
 }
 
 // The space bar plays or pauses the job that is playing, else the current one.
 document.addEventListener("keydown", (event) => {
   if (event.code !== "Space" || event.target.closest("input, select, textarea, button, a, summary")) return;
-  const mixer = cards().map((row) => row.mixer).find((candidate) => candidate.playing)
+  const mixer = cards().map((card) => card.mixer).find((candidate) => candidate.playing)
     || (current && !current.closed ? current.mixer : null);
   if (mixer && mixer.ready) {
     event.preventDefault();
