@@ -58,6 +58,31 @@ def test_the_model_choice_lists_the_served_models_with_their_stems(page, setting
     assert page.find("select", name="model") and page.find("label", for_="model")
 
 
+def test_the_file_input_takes_several_files_of_the_accepted_formats(page):
+    (picker,) = page.find("input", type="file", name="file")
+    assert "multiple" in picker
+    accepted = set(picker["accept"].split(","))
+    for extension in (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aif", ".aiff", ".aifc", ".m4a", ".mp4",
+                      ".webm", ".mka", ".mkv"):
+        assert extension in accepted, extension
+    assert {"audio/mpeg", "audio/flac", "audio/ogg", "audio/mp4", "video/mp4", "video/webm"} <= accepted
+
+
+def test_each_job_card_comes_from_a_template_with_its_own_hooks(client):
+    """A card per job: the roles and actions scripts and tests rely on sit inside the
+    job template, once each, so they can be found within one job's card."""
+    html = client.get("/").get_data(as_text=True)
+    template = re.search(r'<template id="job-template">(.*?)</template>', html, re.S).group(1)
+    card = _Page()
+    card.feed(template)
+    assert card.elements[0][1]["data-role"] == "job"
+    for role in ("job-title", "job-meta", "progressbar", "status", "error", "mixer", "stems", "seek", "zip"):
+        assert len([tag for tag, attrs in card.elements if attrs.get("data-role") == role]) == 1, role
+    for action in ("cancel", "delete", "close", "play"):
+        assert len(card.find("button", **{"data-action": action})) == 1, action
+    assert not [attrs for _, attrs in card.elements if "id" in attrs]  # ids would repeat across cards
+
+
 def test_stem_and_output_choices_come_from_the_service(page):
     (stems,) = page.find("select", name="stems")
     options = [attrs["value"] for tag, attrs in page.elements if tag == "option"]

@@ -1,4 +1,5 @@
-// The page: upload form, job progress, the stem mixer, recent jobs, errors, API key prompt.
+// The page: the upload form (several files at once, one job each), a card per job with its
+// own progress and stem mixer, recent jobs, errors, the API key prompt.
 
 import {
   ApiError, allowedMethods, apiFetch, apiJson, newIdempotencyKey, onKeyNeeded, storeKey, storedKey, upload,
@@ -23,7 +24,6 @@ const ui = {
   file: $("input[type=file][name=file]"),
   fileName: $('[data-role="file-name"]'),
   dropzone: $('[data-role="dropzone"]'),
-  submit: $("#job-form button[type=submit]"),
   format: $("#format"),
   sampleFormat: $("#sample_format"),
   samplerate: $("#samplerate"),
@@ -31,27 +31,18 @@ const ui = {
   error: $('[data-role="error"]'),
   keyForm: $('[data-role="api-key"]'),
   keyReason: $('[data-role="api-key-reason"]'),
-  job: $('[data-role="job"]'),
-  jobTitle: $('[data-role="job-title"]'),
-  jobMeta: $('[data-role="job-meta"]'),
-  bar: $('[data-role="progressbar"]'),
-  status: $('[data-role="status"]'),
-  cancel: $('[data-action="cancel"]'),
-  delete: $('[data-action="delete"]'),
-  mixer: $('[data-role="mixer"]'),
-  zip: $('[data-role="zip"]'),
+  jobs: $('[data-role="jobs"]'),
   recent: $('[data-role="recent"]'),
   recentEmpty: $('[data-role="recent-empty"]'),
+  jobTemplate: $("#job-template"),
   stemTemplate: $("#stem-template"),
 };
-const mixer = new Mixer(ui.mixer);
 
 // ---- errors -------------------------------------------------------------------------
 
-/** Show a message in the error box; `source` "job" marks one the next good poll may clear. */
-function showError(message, source = "page") {
+/** Show a message in the form's error box (a job's own problems show in its card). */
+function showError(message) {
   ui.error.textContent = message;
-  ui.error.dataset.source = source;
   ui.error.hidden = false;
 }
 
@@ -96,27 +87,31 @@ function formatBytes(bytes) {
   return bytes >= 1024 * 1024 ? `${(bytes / 1024 / 1024).toFixed(1)} MiB` : `${Math.ceil(bytes / 1024)} KiB`;
 }
 
-function chosenFile() {
-  return ui.file.files && ui.file.files[0];
+function chosenFiles() {
+  return ui.file.files ? [...ui.file.files] : [];
 }
 
-function fileProblem(file) {
-  if (!file) return "Choose a song first.";
+/** Why `file` is not worth sending (the service would refuse it), or null. */
+function sizeProblem(file) {
   if (file.size > limits.uploadBytes) {
     return `${file.name} is ${formatBytes(file.size)}; this service accepts files up to ${limits.uploadMb} MiB.`;
   }
   return null;
 }
 
-function onFileChosen() {
-  const file = chosenFile();
-  ui.fileName.textContent = file ? `${file.name} (${formatBytes(file.size)})` : "Drop a song here";
-  ui.dropzone.classList.toggle("has-file", Boolean(file));
-  const problem = file && fileProblem(file);
-  if (problem) showError(problem); else clearError();
+function onFilesChosen() {
+  const files = chosenFiles();
+  const total = files.reduce((sum, file) => sum + file.size, 0);
+  ui.fileName.textContent = files.length === 0 ? "Drop audio files here"
+    : files.length === 1 ? `${files[0].name} (${formatBytes(total)})`
+    : `${files.length} files (${formatBytes(total)}): ${files.map((file) => file.name).join(", ")}`;
+  ui.dropzone.classList.toggle("has-file", files.length > 0);
+  // Said now, before anything is sent; submitting still sends the others.
+  const problems = files.map(sizeProblem).filter(Boolean);
+  if (problems.length) showError(problems.join(" ")); else clearError();
 }
 
-ui.file.addEventListener("change", onFileChosen);
+ui.file.addEventListener("change", onFilesChosen);
 for (const type of ["dragenter", "dragover"]) {
   ui.dropzone.addEventListener(type, (event) => { event.preventDefault(); ui.dropzone.classList.add("dragging"); });
 }
@@ -127,7 +122,7 @@ ui.dropzone.addEventListener("drop", (event) => {
   event.preventDefault();
   if (event.dataTransfer && event.dataTransfer.files.length) {
     ui.file.files = event.dataTransfer.files;
-    onFileChosen();
+    onFilesChosen();
   }
 });
 
@@ -151,11 +146,12 @@ function constrainOptions() {
 ui.format.addEventListener("change", constrainOptions);
 constrainOptions();
 
-// One Idempotency-Key per file and options: sending the same again (after a 401, or an
-// upload whose answer was lost) gets the job the first try created where the service
-// supports the header, instead of a second job. Choosing anything else starts a new key.
-let submissionKey = null;
-ui.form.addEventListener("change", () => { submissionKey = null; });
+/** The job options as the form has them now: every enabled <select> with a value. */
+function formFields() {
+  return [...ui.form.elements]
+    .filter((element) => element.tagName === "SELECT" && !element.disabled && element.value !== "")
+    .map((element) => [element.name, element.value]);
+}
 
 // Each model offers its own stems (`data-stems` of its option): the stems list follows the model.
 const modelSelect = $("#model");
@@ -174,70 +170,360 @@ function offerModelStems() {
 }
 modelSelect.addEventListener("change", offerModelStems);
 
-function jobForm(file) {
+function jobForm(file, fields) {
   const data = new FormData();
   data.append("file", file, file.name);
-  for (const element of ui.form.elements) {
-    if (element.tagName === "SELECT" && !element.disabled && element.value !== "") {
-      data.append(element.name, element.value);
-    }
-  }
+  for (const [name, value] of fields) data.append(name, value);
   return data;
 }
 
-ui.form.addEventListener("submit", async (event) => {
+// One Idempotency-Key per file and options: sending the same again (after a 401, an upload
+// whose answer was lost, or pressing Separate twice) gets the job the first try created
+// where the service supports the header, instead of a second job. Deleting the job lets
+// the same file and options make a new one.
+const submissionKeys = new Map();  // fingerprint of file + options -> key
+
+function submissionFingerprint(file, fields) {
+  return JSON.stringify([file.name, file.size, file.lastModified, fields]);
+}
+
+// Uploads go one after another: they share the one connection, so the first file is
+// queued (and the worker starts on it) while the next is still on its way, instead of all
+// of them arriving late together; and a key prompt or per-key job limit meets one upload
+// at a time.
+let uploadQueue = Promise.resolve();
+
+ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
   clearError();
-  const file = chosenFile();
-  const problem = fileProblem(file);
-  if (problem) { showError(problem); ui.file.focus(); return; }
-  ui.submit.disabled = true;
-  stopFollowing();
-  showJobSection(file.name);
-  renderProgress(0, `Uploading ${file.name} — 0%`);
-  try {
-    submissionKey ??= newIdempotencyKey();
-    const job = await upload("/v1/jobs", jobForm(file), (fraction) => {
-      const percent = Math.round(fraction * 100);
-      renderProgress(percent, percent < 100 ? `Uploading ${file.name} — ${percent}%`
-                                            : `Uploaded ${file.name}; the service is checking it…`);
-    }, { "Idempotency-Key": submissionKey });
-    rememberJob({ id: job.id, name: file.name, stems: job.stems, submittedAt: Date.now(), status: job.status });
-    renderRecent();
-    openJob(job.id, job);
-  } catch (error) {
-    ui.job.hidden = true;
-    showError(messageOf(error));
-  } finally {
-    ui.submit.disabled = false;
+  const files = chosenFiles();
+  if (!files.length) {
+    showError("Choose one or more audio files first.");
+    ui.file.focus();
+    return;
   }
+  const fields = formFields();
+  const batch = { madeCurrent: false };
+  const newCards = files.map((file) => new JobCard(file.name));
+  ui.jobs.prepend(...newCards.map((card) => card.element));
+  showWelcome();
+  files.forEach((file, index) => {
+    const card = newCards[index];
+    const problem = sizeProblem(file);
+    if (problem) {
+      card.setState("not-sent");
+      card.renderProgress(0, "Not sent");
+      card.showError(problem);
+      return;
+    }
+    card.setState("waiting");
+    card.renderProgress(0, files.length > 1 ? `Waiting to upload (${index + 1} of ${files.length})` : "Waiting to upload");
+    card.upload = { file, fields, fingerprint: submissionFingerprint(file, fields) };
+    uploadQueue = uploadQueue.then(() => submitCard(card, batch));
+  });
 });
 
-// ---- one job ------------------------------------------------------------------------
+/** Upload a card's file and follow the job it creates; its problems show in the card. */
+async function submitCard(card, batch) {
+  if (card.closed) return;
+  const { file, fields, fingerprint } = card.upload;
+  card.clearError();
+  card.setState("uploading");
+  card.renderProgress(0, `Uploading ${file.name} — 0%`);
+  if (!submissionKeys.has(fingerprint)) submissionKeys.set(fingerprint, newIdempotencyKey());
+  let job;
+  try {
+    job = await upload("/v1/jobs", jobForm(file, fields), (fraction) => {
+      const percent = Math.round(fraction * 100);
+      card.renderProgress(percent, percent < 100 ? `Uploading ${file.name} — ${percent}%`
+                                                : `Uploaded ${file.name}; the service is checking it…`);
+    }, { "Idempotency-Key": submissionKeys.get(fingerprint) });
+  } catch (error) {
+    card.setState("not-sent");
+    card.renderProgress(0, error.status ? "Refused by the service" : "Not sent");
+    card.showError(messageOf(error));
+    // Worth trying again (with the same key): the connection, a busy or failing service.
+    card.retry.hidden = !(error.status === 0 || error.status === 429 || error.status >= 500);
+    return;
+  }
+  rememberJob({ id: job.id, name: file.name, stems: job.stems, submittedAt: Date.now(), status: job.status });
+  const existing = cardsByJob.get(job.id);
+  if (existing && existing !== card) {  // the same file and options again: the job it already has
+    card.remove();
+    existing.focus();
+    return;
+  }
+  if (card.closed) { renderRecent(); return; }
+  card.fingerprint = fingerprint;
+  card.setJob(job.id);
+  if (!batch.madeCurrent) { batch.madeCurrent = true; makeCurrent(card); }
+  renderRecent();
+  card.follow(job);
+}
 
-let following = null;  // {id, estimator, stemsLoaded, lastJob} of the job on screen
+// ---- the jobs' cards ----------------------------------------------------------------
+
+const cardsByJob = new Map();  // job id -> its card on the page
+const cardsOnPage = new Set();
+let current = null;      // the card the address (#job=) and the space bar refer to
 let capabilities = null;
+let cardCount = 0;
 
-function stopFollowing() {
-  following = null;
-  mixer.clear();
-  ui.mixer.hidden = true;
-  ui.cancel.hidden = true;
-  ui.delete.hidden = true;
-  resetDeleteButton();
+/** One job's card: title, meta, progress, its errors, cancel/delete, and its own mixer. */
+class JobCard {
+  constructor(title) {
+    this.element = ui.jobTemplate.content.firstElementChild.cloneNode(true);
+    const part = (selector) => $(selector, this.element);
+    this.title = part('[data-role="job-title"]');
+    this.meta = part('[data-role="job-meta"]');
+    this.bar = part('[data-role="progressbar"]');
+    this.status = part('[data-role="status"]');
+    this.error = part('[data-role="error"]');
+    this.cancel = part('[data-action="cancel"]');
+    this.delete = part('[data-action="delete"]');
+    this.retry = part('[data-action="retry"]');
+    this.close = part('[data-action="close"]');
+    this.mixerElement = part('[data-role="mixer"]');
+    this.zip = part('[data-role="zip"]');
+    this.mixer = new Mixer(this.mixerElement, { onPlay: (playing) => this.onPlay(playing) });
+    this.id = null;
+    this.closed = false;
+    this.estimator = new EtaEstimator();
+    this.stemsLoaded = false;
+    this.lastJob = null;
+    cardsOnPage.add(this);
+
+    cardCount += 1;
+    this.title.id = `job-${cardCount}-title`;
+    this.status.id = `job-${cardCount}-status`;
+    this.element.setAttribute("aria-labelledby", this.title.id);
+    this.bar.setAttribute("aria-labelledby", this.status.id);
+    this.title.textContent = title;
+    this.close.setAttribute("aria-label", `Close ${title} (the job stays under Recent jobs)`);
+
+    this.cancel.addEventListener("click", () => this.cancelJob());
+    this.delete.addEventListener("click", () => this.deleteJob());
+    this.retry.addEventListener("click", () => {
+      this.retry.hidden = true;
+      uploadQueue = uploadQueue.then(() => submitCard(this, { madeCurrent: true }));
+    });
+    this.close.addEventListener("click", () => this.remove());
+    this.zip.addEventListener("click", (event) => this.downloadZip(event));
+  }
+
+  setState(state) {
+    this.element.dataset.state = state;
+  }
+
+  setJob(id) {
+    this.id = id;
+    this.element.dataset.jobId = id;
+    cardsByJob.set(id, this);
+  }
+
+  renderProgress(percent, text) {
+    this.bar.setAttribute("aria-valuenow", String(percent));
+    this.bar.setAttribute("aria-valuetext", text);
+    this.bar.style.setProperty("--percent", `${percent}%`);
+    this.status.textContent = text;
+  }
+
+  /** Show a problem of this job; `source` "poll" marks one the next good poll clears. */
+  showError(message, source = "job") {
+    this.error.textContent = message;
+    this.error.dataset.source = source;
+    this.error.hidden = false;
+  }
+
+  clearError() {
+    this.error.textContent = "";
+    this.error.hidden = true;
+  }
+
+  focus() {
+    makeCurrent(this);
+    this.element.scrollIntoView({ block: "nearest" });
+    this.title.focus({ preventScroll: true });
+  }
+
+  onPlay(playing) {
+    for (const other of cards()) if (other.mixer !== playing && other.mixer.playing) other.mixer.pause();
+    if (current !== this) makeCurrent(this);
+  }
+
+  /** Poll the job and show it until it is finished or the card is closed. */
+  async follow(job = null) {
+    while (!this.closed) {
+      if (!job) {
+        try {
+          job = await apiJson(`/v1/jobs/${this.id}`);
+        } catch (error) {
+          if (this.closed) return;
+          if (error.status === 404) { this.gone(error); return; }
+          this.showError(messageOf(error), "poll");
+          await sleep(POLL_RETRY_MS);
+          continue;
+        }
+        if (this.closed) return;
+      }
+      this.render(job);
+      offerLifecycle(this);
+      if (FINISHED.has(job.status)) return;
+      await sleep(job.status === "queued" ? POLL_QUEUED_MS : POLL_RUNNING_MS);
+      job = null;
+    }
+  }
+
+  gone(error) {
+    forgetJob(this.id);
+    renderRecent();
+    this.setState("gone");
+    this.renderProgress(0, "Gone");
+    this.cancel.hidden = true;
+    this.delete.hidden = true;
+    this.showError(`That job is gone (deleted or expired) or belongs to another API key: ${error.message}`);
+    if (current === this) history.replaceState(null, "", location.pathname);
+  }
+
+  render(job) {
+    this.lastJob = job;
+    this.setState(job.status);
+    const { percent, text } = describeJob(job, this.estimator.observe(job, Date.now()));
+    this.renderProgress(percent, text);
+    const output = job.output || {};
+    this.meta.textContent = [
+      `${Number(job.duration).toFixed(2)} s`, `${job.samplerate} Hz`,
+      `${job.channels} channel${job.channels === 1 ? "" : "s"}`, `stems: ${job.stems}`,
+      output.format ? `out: ${output.format.toUpperCase()} ${output.format === "mp3" ? output.bitrate + " kbit/s" : output.sample_format}, ${output.samplerate} Hz` : "",
+      job.expires_at ? `kept until ${new Date(job.expires_at).toLocaleString()}` : "",
+    ].filter(Boolean).join(" · ");
+    this.cancel.hidden = !(capabilities && capabilities.cancel) || FINISHED.has(job.status);
+    this.delete.hidden = !(capabilities && capabilities.delete);
+    if (findRecent(job.id)?.status !== job.status) {  // rebuilding the list on every poll would steal focus
+      updateRecent(job.id, { status: job.status });
+      renderRecent();
+    }
+    if (job.status === "failed") {
+      this.showError(`The separation failed: ${job.error ? job.error.message : "no reason given"}`);
+    } else if (!this.error.hidden && this.error.dataset.source === "poll") {
+      this.clearError();
+    }
+    if (job.status === "succeeded" && !this.stemsLoaded) {
+      this.stemsLoaded = true;
+      this.loadStems(job).catch((error) => !this.closed && this.showError(messageOf(error)));
+    }
+  }
+
+  async loadStems(job) {
+    this.mixerElement.hidden = false;
+    this.zip.href = job.zip_url;
+    this.zip.download = `${job.id}_stems.zip`;
+    const inMemory = job.duration <= WAVEFORM_MAX_SECONDS || Boolean(storedKey());
+    const tracks = Object.entries(job.outputs).map(([name, url]) => {
+      const element = ui.stemTemplate.content.firstElementChild.cloneNode(true);
+      const track = this.mixer.addTrack(element, name);
+      return { track, url, filename: `${job.id}_${url.split("/").pop()}` };
+    });
+    this.mixer.applyMix();
+    await Promise.all(tracks.map(({ track, url, filename }) => track.attach(url, filename, inMemory ? fetchBlob : null)));
+    if (job.duration > WAVEFORM_MAX_SECONDS) {
+      for (const { track } of tracks) track.element.classList.add("no-waveform");
+      return;
+    }
+    for (const { track } of tracks) {
+      if (this.closed) return;
+      await track.drawWaveform();
+    }
+  }
+
+  // A plain link cannot carry the API key: with a key, download the zip through fetch.
+  async downloadZip(event) {
+    if (!storedKey()) return;
+    event.preventDefault();
+    try {
+      const url = URL.createObjectURL(await fetchBlob(this.zip.href));
+      const link = Object.assign(document.createElement("a"), { href: url, download: this.zip.download });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    } catch (error) {
+      this.showError(messageOf(error));
+    }
+  }
+
+  async cancelJob() {
+    this.cancel.disabled = true;
+    try {
+      const job = await apiJson(`/v1/jobs/${this.id}/cancel`, { method: "POST" });
+      if (job && !this.closed) this.render(job);
+    } catch (error) {
+      this.showError(messageOf(error));
+    } finally {
+      this.cancel.disabled = false;
+    }
+  }
+
+  // Deleting takes two clicks: the first asks.
+  resetDeleteButton() {
+    this.delete.textContent = "Delete";
+    delete this.delete.dataset.armed;
+  }
+
+  async deleteJob() {
+    if (!this.delete.dataset.armed) {
+      this.delete.dataset.armed = "1";
+      this.delete.textContent = "Really delete?";
+      setTimeout(() => this.resetDeleteButton(), 4000);
+      return;
+    }
+    this.resetDeleteButton();
+    try {
+      await apiFetch(`/v1/jobs/${this.id}`, { method: "DELETE" });
+    } catch (error) {
+      this.showError(messageOf(error));
+      return;
+    }
+    forgetJob(this.id);
+    if (this.fingerprint) submissionKeys.delete(this.fingerprint);  // the same file may make a new job
+    this.remove();
+  }
+
+  /** Take the card off the page (its job stays on the service and under Recent jobs). */
+  remove() {
+    this.closed = true;
+    cardsOnPage.delete(this);
+    this.mixer.dispose();
+    this.element.remove();
+    if (this.id && cardsByJob.get(this.id) === this) cardsByJob.delete(this.id);
+    if (current === this) {
+      current = null;
+      history.replaceState(null, "", location.pathname);
+    }
+    showWelcome();
+    renderRecent();
+  }
 }
 
-function showJobSection(title) {
-  ui.job.hidden = false;
-  ui.jobTitle.textContent = title;
-  ui.jobMeta.textContent = "";
+function cards() {
+  return [...cardsOnPage];
 }
 
-function renderProgress(percent, text) {
-  ui.bar.setAttribute("aria-valuenow", String(percent));
-  ui.bar.setAttribute("aria-valuetext", text);
-  ui.bar.style.setProperty("--percent", `${percent}%`);
-  ui.status.textContent = text;
+function makeCurrent(card) {
+  current = card;
+  if (card.id && location.hash !== `#job=${card.id}`) history.replaceState(null, "", `#job=${card.id}`);
+  renderRecent();
+}
+
+/** The welcome card explains the page while no job is on it. */
+function showWelcome() {
+  document.body.classList.toggle("has-jobs", cardsOnPage.size > 0);
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function fetchBlob(url) {
+  return (await apiFetch(url)).blob();
 }
 
 /** Whether this service has the cancel and delete endpoints (probed once it can tell, never prompting). */
@@ -256,163 +542,36 @@ async function probeCapabilities(jobId) {
   return probing;
 }
 
-/** Probe if not known yet, then show the job's buttons. */
-function offerLifecycle(state) {
+/** Probe if not known yet, then show every card's buttons. */
+function offerLifecycle(card) {
   if (capabilities) return;
-  probeCapabilities(state.id).then((known) => known && following === state && state.lastJob
-                                   && renderJob(state, state.lastJob));
-}
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Show a job and follow it until it is finished. */
-async function openJob(id, job = null) {
-  stopFollowing();
-  clearError();
-  const state = { id, estimator: new EtaEstimator(), stemsLoaded: false };
-  following = state;
-  if (location.hash !== `#job=${id}`) history.replaceState(null, "", `#job=${id}`);
-  const remembered = findRecent(id);
-  showJobSection(remembered ? remembered.name : `Job ${id.slice(0, 8)}`);
-  renderRecent();
-  while (following === state) {
-    if (!job) {
-      try {
-        job = await apiJson(`/v1/jobs/${id}`);
-      } catch (error) {
-        if (following !== state) return;
-        if (error.status === 404) {
-          forgetJob(id);
-          renderRecent();
-          ui.job.hidden = true;
-          following = null;
-          history.replaceState(null, "", location.pathname);
-          showError(`That job is gone (deleted or expired) or belongs to another API key: ${error.message}`);
-          return;
-        }
-        showError(messageOf(error), "job");
-        await sleep(POLL_RETRY_MS);
-        continue;
-      }
-      if (following !== state) return;
-    }
-    renderJob(state, job);
-    offerLifecycle(state);
-    if (FINISHED.has(job.status)) return;
-    await sleep(job.status === "queued" ? POLL_QUEUED_MS : POLL_RUNNING_MS);
-    job = null;
-  }
-}
-
-function renderJob(state, job) {
-  state.lastJob = job;
-  const { percent, text } = describeJob(job, state.estimator.observe(job, Date.now()));
-  renderProgress(percent, text);
-  const output = job.output || {};
-  ui.jobMeta.textContent = [
-    `${Number(job.duration).toFixed(2)} s`, `${job.samplerate} Hz`,
-    `${job.channels} channel${job.channels === 1 ? "" : "s"}`, `stems: ${job.stems}`,
-    output.format ? `out: ${output.format.toUpperCase()} ${output.format === "mp3" ? output.bitrate + " kbit/s" : output.sample_format}, ${output.samplerate} Hz` : "",
-    job.expires_at ? `kept until ${new Date(job.expires_at).toLocaleString()}` : "",
-  ].filter(Boolean).join(" · ");
-  ui.cancel.hidden = !(capabilities && capabilities.cancel) || FINISHED.has(job.status);
-  ui.delete.hidden = !(capabilities && capabilities.delete);
-  if (findRecent(job.id)?.status !== job.status) {  // rebuilding the list on every poll would steal focus
-    updateRecent(job.id, { status: job.status });
-    renderRecent();
-  }
-  if (job.status === "failed") {
-    showError(`The separation failed: ${job.error ? job.error.message : "no reason given"}`, "job");
-  } else if (!ui.error.hidden && ui.error.dataset.source === "job") {
-    clearError();
-  }
-  if (job.status === "succeeded" && !state.stemsLoaded) {
-    state.stemsLoaded = true;
-    loadStems(state, job).catch((error) => following === state && showError(messageOf(error)));
-  }
-}
-
-async function fetchBlob(url) {
-  return (await apiFetch(url)).blob();
-}
-
-async function loadStems(state, job) {
-  ui.mixer.hidden = false;
-  ui.zip.href = job.zip_url;
-  ui.zip.download = `${job.id}_stems.zip`;
-  const inMemory = job.duration <= WAVEFORM_MAX_SECONDS || Boolean(storedKey());
-  const tracks = Object.entries(job.outputs).map(([name, url]) => {
-    const element = ui.stemTemplate.content.firstElementChild.cloneNode(true);
-    const track = mixer.addTrack(element, name);
-    return { track, url, filename: `${job.id}_${url.split("/").pop()}` };
+  probeCapabilities(card.id).then((known) => {
+    if (!known) return;
+    for (const shown of cards()) if (shown.lastJob) shown.render(shown.lastJob);
   });
-  mixer.applyMix();
-  await Promise.all(tracks.map(({ track, url, filename }) => track.attach(url, filename, inMemory ? fetchBlob : null)));
-  if (job.duration > WAVEFORM_MAX_SECONDS) {
-    for (const { track } of tracks) track.element.classList.add("no-waveform");
-    return;
-  }
-  for (const { track } of tracks) {
-    if (following !== state) return;
-    await track.drawWaveform();
-  }
 }
 
-// A plain link cannot carry the API key: with a key, download the zip through fetch.
-ui.zip.addEventListener("click", async (event) => {
-  if (!storedKey()) return;
-  event.preventDefault();
-  try {
-    const url = URL.createObjectURL(await fetchBlob(ui.zip.href));
-    const link = Object.assign(document.createElement("a"), { href: url, download: ui.zip.download });
-    document.body.append(link);
-    link.click();
-    link.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 60_000);
-  } catch (error) {
-    showError(messageOf(error));
-  }
-});
-
-ui.cancel.addEventListener("click", async () => {
-  const state = following;
-  if (!state) return;
-  ui.cancel.disabled = true;
-  try {
-    const job = await apiJson(`/v1/jobs/${state.id}/cancel`, { method: "POST" });
-    if (job && following === state) renderJob(state, job);
-  } catch (error) {
-    showError(messageOf(error));
-  } finally {
-    ui.cancel.disabled = false;
-  }
-});
-
-// Deleting takes two clicks: the first asks.
-function resetDeleteButton() {
-  ui.delete.textContent = "Delete";
-  delete ui.delete.dataset.armed;
+/** Show a job's card (making one if the page has none for it) and follow the job. */
+function openJob(id) {
+  const existing = cardsByJob.get(id);
+  if (existing) { existing.focus(); return; }
+  const remembered = findRecent(id);
+  const card = new JobCard(remembered ? remembered.name : `Job ${id.slice(0, 8)}`);
+  card.setJob(id);
+  ui.jobs.prepend(card.element);
+  showWelcome();
+  card.focus();
+  card.follow();
 }
 
-ui.delete.addEventListener("click", async () => {
-  const state = following;
-  if (!state) return;
-  if (!ui.delete.dataset.armed) {
-    ui.delete.dataset.armed = "1";
-    ui.delete.textContent = "Really delete?";
-    setTimeout(resetDeleteButton, 4000);
-    return;
-  }
-  resetDeleteButton();
-  try {
-    await apiFetch(`/v1/jobs/${state.id}`, { method: "DELETE" });
-    forgetJob(state.id);
-    stopFollowing();
-    ui.job.hidden = true;
-    history.replaceState(null, "", location.pathname);
-    renderRecent();
-  } catch (error) {
-    showError(messageOf(error));
+// The space bar plays or pauses the job that is playing, else the current one.
+document.addEventListener("keydown", (event) => {
+  if (event.code !== "Space" || event.target.closest("input, select, textarea, button, a, summary")) return;
+  const mixer = cards().map((card) => card.mixer).find((candidate) => candidate.playing)
+    || (current && !current.closed ? current.mixer : null);
+  if (mixer && mixer.ready) {
+    event.preventDefault();
+    mixer.toggle();
   }
 });
 
@@ -428,7 +587,7 @@ function renderRecent() {
     open.type = "button";
     open.className = "open";
     open.dataset.action = "open";
-    if (following && following.id === entry.id) open.setAttribute("aria-current", "true");
+    if (current && current.id === entry.id) open.setAttribute("aria-current", "true");
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = entry.name || entry.id;
@@ -469,7 +628,7 @@ async function refreshRecent() {
 
 function openFromHash() {
   const match = /^#job=([0-9a-f]{32})$/.exec(location.hash);
-  if (match && (!following || following.id !== match[1])) openJob(match[1]);
+  if (match && (!current || current.id !== match[1])) openJob(match[1]);
 }
 
 window.addEventListener("hashchange", openFromHash);

@@ -152,30 +152,35 @@ class Track {
   }
 }
 
-/** All stems of one job behind one transport: play/pause, seek and time move every stem together. */
+/**
+ * All stems of one job behind one transport: play/pause, seek and time move every stem together.
+ * `onPlay(mixer)` is called when it starts playing (the page pauses the other jobs' mixers).
+ */
 export class Mixer {
-  constructor(root) {
+  constructor(root, { onPlay = () => {} } = {}) {
     this.root = root;
     this.list = root.querySelector('[data-role="stems"]');
     this.playButton = root.querySelector('[data-action="play"]');
     this.seekInput = root.querySelector('[data-role="seek"]');
     this.timeLabel = root.querySelector('[data-role="time"]');
+    this.onPlay = onPlay;
     this.tracks = [];
     this.playing = false;
     this.position = 0;
     this.duration = 0;
     this.frame = null;
+    this.redraw = () => this.drawAll();
 
-    this.playButton.addEventListener("click", () => (this.playing ? this.pause() : this.play()));
+    this.playButton.addEventListener("click", () => this.toggle());
     this.seekInput.addEventListener("input", () => this.seek(Number(this.seekInput.value)));
-    window.addEventListener("resize", () => this.drawAll());
-    document.addEventListener("keydown", (event) => {
-      const typing = event.target.closest("input, select, textarea, button, a, summary");
-      if (event.code === "Space" && !typing && !this.root.hidden && this.tracks.length) {
-        event.preventDefault();
-        this.playing ? this.pause() : this.play();
-      }
-    });
+    window.addEventListener("resize", this.redraw);
+  }
+
+  /** Whether there is something to play. */
+  get ready() { return this.tracks.length > 0 && this.duration > 0; }
+
+  toggle() {
+    return this.playing ? this.pause() : this.play();
   }
 
   /**
@@ -209,6 +214,12 @@ export class Mixer {
     this.updateTransport();
   }
 
+  /** Stop and let go of everything: the mixer's element is leaving the page. */
+  dispose() {
+    this.clear();
+    window.removeEventListener("resize", this.redraw);
+  }
+
   trackReady() {
     const durations = this.tracks.map((track) => track.audio.duration).filter((d) => isFinite(d));
     this.duration = durations.length ? Math.max(...durations) : 0;
@@ -230,6 +241,7 @@ export class Mixer {
     if (this.position >= this.duration) this.position = 0;
     for (const track of this.tracks) track.audio.currentTime = this.position;
     this.playing = true;
+    this.onPlay(this);
     this.updateTransport();
     try {
       await Promise.all(this.tracks.map((track) => track.audio.play()));
@@ -274,9 +286,8 @@ export class Mixer {
   }
 
   updateTransport() {
-    const ready = this.tracks.length > 0 && this.duration > 0;
-    this.playButton.disabled = !ready;
-    this.seekInput.disabled = !ready;
+    this.playButton.disabled = !this.ready;
+    this.seekInput.disabled = !this.ready;
     this.playButton.classList.toggle("playing", this.playing);
     this.playButton.setAttribute("aria-label", this.playing ? "Pause" : "Play");
     this.seekInput.max = String(this.duration || 0);
