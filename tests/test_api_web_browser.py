@@ -284,7 +284,7 @@ def test_output_options_mute_solo_and_recent_jobs_on_a_phone(page, song):
 
 @pytest.mark.parametrize("name, content, expected", [
     ("notes.txt", b"these are my lyrics, not audio\n", "its first bytes"),
-    ("song.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(2000), "an MP3 file (it starts with an ID3 tag)"),
+    ("song.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(2000), "it starts with an ID3 tag, but no MP3 frame follows it"),
     ("broken.wav", b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00" + bytes(8), "422"),
 ])
 def test_bad_upload_shows_the_services_message(page, tmp_path, name, content, expected):
