@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from tests.audio_factory import write_wav
-from tests.test_cli_up import demix_up
+from testkit.synthetic_audio import write_wav
+from tests.support.demix_up import demix_up
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 NO_CHROMIUM = ("no Chromium found: the browser tests need Debian's chromium package "

@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -24,9 +23,9 @@ import requests
 
 from cli.processes import popen_child, stop_process
 from cli.redis_server import RedisServer, free_port
-from tests.audio_factory import write_wav
-from tests.test_api_jobs import decode_result
-from tests.test_cli_up import DEMIX, demix_up, processes_with_marker
+from testkit.synthetic_audio import write_wav
+from tests.support.http_api import decode_result
+from tests.support.demix_up import DEMIX, demix_up, processes_with_marker
 
 pytestmark = pytest.mark.timeout(1200)
 

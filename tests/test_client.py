@@ -15,9 +15,10 @@ from cli.client import Client, ClientError, JobFailed
 from cli.main import main
 from shared.atomic import is_temporary
 from cli.redis_server import RedisServer, free_port
-from tests.audio_factory import write_wav
-from tests.conftest import UNCONSUMED_QUEUE, LiveServer
-from tests.file_server import FileServer
+from testkit.synthetic_audio import write_wav
+from tests.support.environment import UNCONSUMED_QUEUE
+from tests.support.live import LiveServer
+from tests.support.file_server import FileServer
 
 
 def test_separate_uploads_a_batch_and_downloads_every_stem(live_server, tmp_path, capsys):

@@ -25,8 +25,8 @@ from grpc_api.server import DemixingServicer, grpc_status_for, make_server
 from shared.services import build_services
 from shared.errors import DemixError
 from shared.jobs import JobStatus
-from tests.audio_factory import write_wav
-from tests.conftest import UNCONSUMED_QUEUE
+from testkit.synthetic_audio import write_wav
+from tests.support.environment import UNCONSUMED_QUEUE
 
 ORIGINAL_PROTO = """\
 syntax = "proto3";

@@ -163,7 +163,7 @@ def test_a_job_the_sweep_fails_as_lost_sends_its_webhook(settings, redis_server)
     """The sweeps' job store is built like every other (`shared.services`): a job they fail
     with `worker_lost` is finished like one a worker finishes, webhook included."""
     from shared.webhooks import WebhookQueue, WebhookSender
-    from tests.webhook_receiver import WebhookReceiver
+    from tests.support.webhook_receiver import WebhookReceiver
     from worker.maintenance import maintenance_context
 
     # Database 1: the session's worker runs its own sender on database 0.

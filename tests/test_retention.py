@@ -16,8 +16,8 @@ from shared.jobs import JobStore
 from shared.retention import (ORPHAN_AGE_S, sweep_expired_jobs, sweep_orphaned_job_folders,
                               sweep_orphaned_uploads)
 from shared.storage import JobStorage
-from tests.audio_factory import wav_bytes
-from tests.conftest import wait_for_job
+from testkit.synthetic_audio import wav_bytes
+from tests.support.live import wait_for_job
 
 DAY = 86400
 

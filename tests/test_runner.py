@@ -15,9 +15,9 @@ from shared.lifecycle import delete_job
 from shared.output import resolve_output
 from shared.readiness import process_id, ready_workers
 from shared.storage import JobStorage
-from tests.audio_factory import write_wav
-from tests.conftest import UNCONSUMED_QUEUE
-from tests.small_disk import mounted_tmpfs
+from testkit.synthetic_audio import write_wav
+from tests.support.environment import UNCONSUMED_QUEUE
+from tests.support.small_disk import mounted_tmpfs
 from worker import forward
 from worker.models import ModelCache
 from worker.runner import AttemptLease, WorkerContext, run_job, warm_up

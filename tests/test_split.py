@@ -12,9 +12,9 @@ from demucs.apply import BagOfModels
 
 from shared.audio import read_info
 from shared.output import resolve_output
-from tests.audio_factory import write_wav
-from tests.conftest import make_tiny_htdemucs
-from tests.test_engine import MemorySink
+from testkit.synthetic_audio import write_wav
+from testkit.tiny_models import make_tiny_htdemucs
+from tests.support.memory_sink import MemorySink
 from worker.engine import SeparationOptions, separate_file, stem_layout
 from worker.split import (merge_split, plan_parts, prepare_split, run_part, single_pass, stream_windows)
 

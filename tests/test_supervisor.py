@@ -251,7 +251,7 @@ def test_with_a_private_redis_the_other_parts_wait_for_it_and_only_flower_and_gr
 def test_demix_up_refuses_at_once_when_the_api_port_is_taken(tmp_path):
     import socket
 
-    from tests.test_cli_up import DEMIX
+    from tests.support.demix_up import DEMIX
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

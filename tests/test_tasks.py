@@ -23,8 +23,8 @@ from shared.config import Settings
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.lifecycle import enqueue_job
 from shared.storage import JobStorage
-from tests.audio_factory import write_wav
-from tests.waiting import wait_for
+from testkit.synthetic_audio import write_wav
+from tests.support.waiting import wait_for
 
 SIDE_QUEUE = "demix-tests-side-worker"
 """The queue only the subprocess worker consumes, so it (not the test worker) starts the job."""
