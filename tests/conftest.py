@@ -46,17 +46,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _no_process_unless_marked(request, monkeypatch) -> None:
-    """A test without the `processes` marker that starts one fails, so the fast set stays fast."""
-    if request.node.get_closest_marker("processes") is not None:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: tp.Optional[pytest.Item]):
+    """A test without the `processes` marker that starts a process (in the test or in any
+    fixture it sets up) fails saying so: the fast set stays fast."""
+    if item.get_closest_marker("processes") is not None:
+        yield
         return
 
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"{request.node.nodeid} starts a process ({args[1] if len(args) > 1 else kwargs}): "
+    def refuse(popen, args=None, *rest, **kwargs):
+        raise AssertionError(f"{item.nodeid} starts a process ({args!r:.200}): "
                              "mark it (or its module) `pytest.mark.processes`")
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", refuse)
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

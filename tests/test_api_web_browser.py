@@ -17,6 +17,8 @@ import soundfile as sf
 from testkit.synthetic_audio import write_wav
 from tests.support.demix_up import demix_up
 
+pytestmark = pytest.mark.processes
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 NO_CHROMIUM = ("no Chromium found: the browser tests need Debian's chromium package "
                "(apt-get install -y chromium, which .ci/run does)")

@@ -27,7 +27,7 @@ from testkit.synthetic_audio import write_wav
 from tests.support.http_api import decode_result
 from tests.support.demix_up import DEMIX, demix_up, processes_with_marker
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.processes]
 
 LEASE_S = "3"
 """Short leases: a lost worker's job is requeued within seconds."""

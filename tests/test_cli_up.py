@@ -23,6 +23,8 @@ from tests.support.http_api import decode_result
 from tests.support.demix_up import demix_up, processes_with_marker
 from tests.support.webhook_receiver import WebhookReceiver
 
+pytestmark = pytest.mark.processes
+
 def test_demix_up_serves_a_job_and_ctrl_c_stops_everything(tiny_model_repo, tmp_path):
     grpc_port = free_port()
     with demix_up(tmp_path, DEMIX_GRPC_PORT=str(grpc_port)) as (url, output, marker), \

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from cli.main import api_argv, build_parser, worker_argv
+from cli.argv import api_argv, worker_argv
+from cli.main import build_parser
 from shared.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

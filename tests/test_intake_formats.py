@@ -19,6 +19,8 @@ from shared.intake import inspect_upload
 from tests.support.encoded_audio import FORMATS, Encoded, ffmpeg, ffmpeg_decode, require_encoders, run
 from tests.support.small_disk import mounted_tmpfs
 
+pytestmark = pytest.mark.processes
+
 SETTINGS = Settings()
 
 

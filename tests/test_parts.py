@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cli.main import worker_argv
+from cli.argv import worker_argv
 from cli.processes import popen_child, stop_process
 from shared import keys
 from shared.audio import read_info
@@ -32,6 +32,8 @@ from shared.storage import JobStorage
 from tests.support import waiting
 from testkit.synthetic_audio import write_wav
 from tests.support.memory_sink import MemorySink
+
+pytestmark = pytest.mark.processes
 
 SPLIT_QUEUE = "demix-tests-split"
 SPLIT_S = 6

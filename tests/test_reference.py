@@ -11,6 +11,8 @@ from tests.support.live import wait_for_job
 from tests.support.reference import demucs_separate
 from tests.support.http_api import decode_result, submit
 
+pytestmark = pytest.mark.processes
+
 TOLERANCE = 1e-4  # max abs difference at fp32
 
 

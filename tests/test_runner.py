@@ -22,6 +22,8 @@ from worker import forward
 from worker.models import ModelCache
 from worker.runner import AttemptLease, WorkerContext, run_job, warm_up
 
+pytestmark = pytest.mark.processes
+
 
 def queued_job(context: WorkerContext, tmp_path, stems: str = "all", seconds: float = 0.5,
                output_form: dict | None = None) -> str:

@@ -24,6 +24,8 @@ from cli.redis_server import RedisServer, free_port
 from cli.supervisor import Part, RestartPolicy, Service, ServiceFailed, Supervisor, describe_exit
 from shared.config import Settings
 
+pytestmark = pytest.mark.processes
+
 FAST = RestartPolicy(initial_delay_s=0.05, max_delay_s=0.4, healthy_after_s=1.0, max_failed_starts=3)
 
 SERVE_FOREVER = """
