@@ -16,6 +16,7 @@ from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.lifecycle import recover_lost_job
 from shared.storage import JobStorage
 from worker.maintenance import SWEEPS, LostJobSweep, MaintenanceContext, MaintenanceLoop, Sweep
+from tests.support.waiting import wait_for
 
 QUEUE = "demix-tests-maintenance"
 
@@ -150,9 +151,7 @@ def test_the_loop_runs_each_sweep_at_start_and_then_periodically_surviving_failu
                                      Sweep("broken", broken, lambda s: 0.1)])
     loop.start()
     try:
-        deadline = time.monotonic() + 60
-        while min(runs.values()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: min(runs.values()) >= 3, "both sweeps run three times, the broken one too", timeout=60)
     finally:
         loop.stop()
     assert runs["steady"] >= 3 and runs["broken"] >= 3

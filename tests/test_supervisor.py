@@ -23,6 +23,7 @@ from cli.processes import popen_child
 from cli.redis_server import RedisServer, free_port
 from cli.supervisor import Part, RestartPolicy, Service, ServiceFailed, Supervisor, describe_exit
 from shared.config import Settings
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -52,11 +53,14 @@ def answers(process: subprocess.Popen) -> bool:
 
 
 def tick_until(supervisor: Supervisor, condition: tp.Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
+    """Tick the supervisor until `condition` holds."""
+    def ticked() -> bool:
+        if condition():
+            return True
         supervisor.tick()
-        time.sleep(0.02)
+        return False
+
+    wait_for(ticked, "the supervisor reaching the condition", timeout=timeout, every=0.02)
 
 
 def pid_of(supervisor: Supervisor, name: str) -> tp.Optional[int]:
