@@ -1,4 +1,4 @@
-"""The original gRPC interface: a real gRPC server over the real queue and worker, called
+"""grpc_api.server, the original gRPC interface: a real gRPC server over the real queue and worker, called
 by a client generated from the proto by grpcio-tools in its own process, as an existing
 client of the original service would be."""
 from __future__ import annotations
