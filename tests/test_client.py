@@ -142,6 +142,7 @@ def test_retries_are_bounded_and_then_say_why(tmp_path):
     assert error.value.code == "unreachable" and error.value.http_status is None
 
 
+@pytest.mark.processes  # its own redis-server, stopped and started again
 def test_503_is_retried_until_redis_is_back(settings, tmp_path):
     """The API answers 503 while its Redis is down; the client backs off and tries again."""
     port = free_port()

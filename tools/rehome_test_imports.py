@@ -81,6 +81,14 @@ MOVED_NAMES: dict[str, dict[str, str | None]] = {
         "MemorySink": "tests.support.memory_sink",
         "MemoryWriter": "tests.support.memory_sink",
     },
+    "tests.test_split": {
+        "unsplit_run": "tests.support.memory_sink",
+        "max_difference": "tests.support.memory_sink",
+    },
+    "tests.test_weights_download": {
+        "serve": "tests.support.http_routes",
+        "handler": "tests.support.http_routes",
+    },
     "cli.main": {  # the process commands left cli.main, so cli.supervisor need not import it back
         "api_argv": "cli.argv",
         "worker_argv": "cli.argv",

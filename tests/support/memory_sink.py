@@ -1,11 +1,16 @@
-"""A stem sink that keeps the stems in memory, for the engine's tests."""
+"""A stem sink that keeps the stems in memory, and the engine run into one, for the engine's tests."""
 from __future__ import annotations
 
 import collections
+import typing as tp
+from pathlib import Path
 
 import numpy as np
+from demucs.apply import BagOfModels
 
-from shared.audio import dequantize
+from shared.audio import dequantize, read_info
+from shared.output import resolve_output
+from worker.engine import SeparationOptions, separate_file
 
 class MemorySink:
     """Collects each stem's blocks and records the order of opens, closes and publishes."""
@@ -41,3 +46,17 @@ class MemoryWriter:
 
     def close(self) -> None:
         self.sink.events.append(("close", self.name))
+
+
+def unsplit_run(model: BagOfModels, path: Path, stems: str, form: tp.Optional[dict] = None) -> MemorySink:
+    """The stems of the whole file separated in one run (no parts)."""
+    sink = MemorySink()
+    output = resolve_output(form or {"sample_format": "float32"}, read_info(path))
+    separate_file(model, path, stems, sink, SeparationOptions(), output=output)
+    return sink
+
+
+def max_difference(a: MemorySink, b: MemorySink) -> float:
+    """The largest sample difference between the same stems of two runs."""
+    assert a.formats == b.formats
+    return max(float(np.abs(a.stem(name) - b.stem(name)).max()) for name in a.formats)
