@@ -88,8 +88,9 @@ def test_a_killed_part_is_restarted_and_the_log_says_what_died_and_why(out):
     supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers)], FAST, out=out)
     try:
         # The part's own "serving" line can come before the supervisor's readiness probe has seen it answer;
-        # a kill in between would (rightly) be logged as a failed start, so wait for the probe.
-        tick_until(supervisor, lambda: supervisor.is_answering("server"))
+        # a kill in between would (rightly) be logged as a failed start, so wait for the probe. And wait
+        # for its line to be relayed: a loaded machine may take longer to start Python than to kill it.
+        tick_until(supervisor, lambda: supervisor.is_answering("server") and "server | serving" in out.getvalue())
         first = pid_of(supervisor, "server")
         os.kill(first, signal.SIGKILL)
         tick_until(supervisor, lambda: supervisor.is_answering("server") and pid_of(supervisor, "server") != first)
