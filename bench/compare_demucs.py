@@ -251,8 +251,8 @@ def main() -> None:
         return child(args)
     args.precision = args.precision or ["bf16"]
 
-    from tests.audio_factory import write_wav
-    from tests.tiny_models import write_tiny_repo
+    from testkit.synthetic_audio import write_wav
+    from testkit.tiny_models import write_tiny_repo
 
     with tempfile.TemporaryDirectory(prefix="demix-bench-") as scratch:
         work = Path(scratch)

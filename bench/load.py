@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cli.redis_server import free_port  # noqa: E402
-from tests.audio_factory import music_like  # noqa: E402
-from tests.tiny_models import TINY_MODEL, write_tiny_repo  # noqa: E402
+from testkit.synthetic_audio import music_like  # noqa: E402
+from testkit.tiny_models import TINY_MODEL, write_tiny_repo  # noqa: E402
 
 POLL_INTERVAL_S = 0.5
 """Pause between two passes of a client over its unfinished jobs."""

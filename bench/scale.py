@@ -28,11 +28,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.main import worker_argv  # noqa: E402
+from cli.argv import worker_argv  # noqa: E402
 from cli.processes import popen_child, stop_process  # noqa: E402
 from cli.redis_server import RedisServer  # noqa: E402
-from tests.audio_factory import write_wav  # noqa: E402
-from tests.tiny_models import write_tiny_repo  # noqa: E402
+from testkit.synthetic_audio import write_wav  # noqa: E402
+from testkit.tiny_models import write_tiny_repo  # noqa: E402
 
 
 def run(scratch: Path, env: dict[str, str], workers: int, wav: Path, label: str) -> tuple[float, Path]:

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._live_service import running_service, time_job  # noqa: E402
-from tests.audio_factory import write_wav  # noqa: E402
-from tests.tiny_models import make_tiny_htdemucs, write_tiny_repo  # noqa: E402
+from testkit.synthetic_audio import write_wav  # noqa: E402
+from testkit.tiny_models import make_tiny_htdemucs, write_tiny_repo  # noqa: E402
 
 
 def model_alone(path: Path) -> float:

@@ -48,7 +48,7 @@ from bench._live_service import LiveService, running_service  # noqa: E402
 from bench.load import wav_upload  # noqa: E402
 from shared.storage import JobStorage  # noqa: E402
 # The tiny model is a test helper (tests/tiny_models.py), as in bench/load.py.
-from tests.tiny_models import TINY_MODEL, write_tiny_repo  # noqa: E402
+from testkit.tiny_models import TINY_MODEL, write_tiny_repo  # noqa: E402
 
 FINISHED = ("succeeded", "failed", "cancelled")
 POLL_INTERVAL_S = 2.0

@@ -28,6 +28,7 @@ import urllib.request
 
 from shared.config import Settings
 
+from .argv import flower_argv, worker_node_name
 from .processes import popen_child, stop_process
 from .redis_server import RedisServer, RedisUnavailable
 
@@ -414,15 +415,12 @@ class Service:
         return self._spawn(["worker"])
 
     def _spawn_flower(self) -> subprocess.Popen:
-        from .main import flower_argv
         return popen_child(flower_argv(self.settings), env=self._child_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def _worker_answers(self, process: subprocess.Popen) -> bool:
         """Whether this worker process (by its node name) answers a Celery ping and has
         loaded and warmed its model (`shared.readiness`), so its first job starts at once."""
-        from .main import worker_node_name
-
         if self._pinger is None:
             from shared.celery_app import make_celery
             self._pinger = make_celery(dataclasses.replace(self.settings, redis_url=self.redis_url))

@@ -1,58 +1,66 @@
 """Fixtures: a real redis-server on a free port, a tiny real HT-Demucs in a
 demucs-format model folder, a real Celery worker, and the real app over real HTTP.
 
-The environment is set here, at import, before any test module imports the service:
-the service reads its settings (and Celery its broker) from `DEMIX_*` variables once.
+The environment is set first (tests.support.environment, at import), before any test
+module imports the service: the service reads its settings from `DEMIX_*` variables once.
+
+Tests that start real processes (a redis-server, a Celery worker, `demix up`, any
+subprocess) carry the `processes` marker: the ones using the fixtures below get it here;
+the ones that start processes themselves declare it. The rest run alone in seconds with
+`pytest -m "not processes"`, and fail if they start a process all the same.
 """
 from __future__ import annotations
 
-import os
+from tests.support.environment import REDIS_PORT, SESSION_DIR, UNCONSUMED_QUEUE  # first: sets DEMIX_*
+
 import shutil
-import tempfile
-import threading
-import time
+import subprocess
 import typing as tp
 from pathlib import Path
 
 import pytest
 
-from cli.redis_server import RedisServer, free_port
-from tests.tiny_models import TINY_MODEL, TINY_SOURCES, make_tiny_htdemucs, write_tiny_repo  # noqa: F401
+from cli.redis_server import RedisServer
+from testkit.tiny_models import write_tiny_repo
+from tests.support.live import LiveServer
+from tests.support.service_state import files_under, job_count, queue_length
 
-SESSION_DIR = Path(tempfile.mkdtemp(prefix="demix-tests-"))
-REDIS_PORT = free_port()
-
-os.environ.update({
-    "DEMIX_REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
-    "DEMIX_DATA_DIR": str(SESSION_DIR / "data"),
-    "DEMIX_MODEL": TINY_MODEL,
-    "DEMIX_MODEL_REPO": str(SESSION_DIR / "models"),
-    "DEMIX_DEVICE": "cpu",
-    "DEMIX_TORCH_THREADS": "2",
-    # Short leases, so tests see lost workers recovered in seconds (the sweep runs every
-    # third of a lease); long enough that a loaded machine does not lose live ones.
-    "DEMIX_LEASE_S": "6",
-    # Every test server, webhook receiver and `url` input is on 127.0.0.1.
-    "DEMIX_ALLOW_PRIVATE_URLS": "1",
-})
-for _name in list(os.environ):  # a developer's own DEMIX_* settings must not leak in
-    if _name.startswith("DEMIX_") and _name not in {
-            "DEMIX_REDIS_URL", "DEMIX_DATA_DIR", "DEMIX_MODEL", "DEMIX_MODEL_REPO",
-            "DEMIX_DEVICE", "DEMIX_TORCH_THREADS", "DEMIX_LEASE_S", "DEMIX_TEST_CACHE",
-            "DEMIX_ALLOW_PRIVATE_URLS"}:
-        del os.environ[_name]
+PROCESS_FIXTURES = frozenset({"redis_server", "redis_client", "celery_worker", "live_server",
+                              "idle_server", "snapshot"})
+"""Fixtures that start real processes (directly or through another): their tests are `processes`."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`requires_cuda` tests run where torch sees a GPU, and are skipped (saying so) elsewhere."""
+    """Tests using a process fixture are marked `processes`; `requires_cuda` tests run where
+    torch sees a GPU, and are skipped (saying so) elsewhere."""
     import torch
 
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.processes)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
         if "requires_cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: tp.Optional[pytest.Item]):
+    """A test without the `processes` marker that starts a process (in the test or in any
+    fixture it sets up) fails saying so: the fast set stays fast."""
+    if item.get_closest_marker("processes") is not None:
+        yield
+        return
+
+    def refuse(popen, args=None, *rest, **kwargs):
+        raise AssertionError(f"{item.nodeid} starts a process ({args!r:.200}): "
+                             "mark it (or its module) `pytest.mark.processes`")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", refuse)
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -105,29 +113,6 @@ def celery_worker(redis_server, tiny_model_repo):
     celery_app.pool.force_close_all()
 
 
-class LiveServer:
-    """The app served over real HTTP by werkzeug in a background thread."""
-
-    def __init__(self, app):
-        from werkzeug.serving import make_server
-
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.server.shutdown()
-        self.thread.join(10)
-        self.server.server_close()
-        self.server.app.extensions["demix"].jobs.redis.close()
-        # Not the Celery app's connection pool: kombu shares it between every app with the
-        # same broker URL (the worker's included); the celery_worker fixture closes it.
-
-
 @pytest.fixture(scope="session")
 def live_server(redis_server, celery_worker) -> tp.Iterator[LiveServer]:
     """The API in front of a consuming worker: jobs run."""
@@ -135,9 +120,6 @@ def live_server(redis_server, celery_worker) -> tp.Iterator[LiveServer]:
 
     with LiveServer(create_app()) as server:
         yield server
-
-
-UNCONSUMED_QUEUE = "demix-tests-unconsumed"
 
 
 @pytest.fixture(scope="session")
@@ -155,17 +137,15 @@ def idle_server(redis_server, settings) -> tp.Iterator[LiveServer]:
         yield server
 
 
-def wait_for_job(base_url: str, job_id: str, timeout: float = 120.0,
-                 on_poll: tp.Optional[tp.Callable[[dict], None]] = None) -> dict:
-    """Poll a job until it is finished; returns its last JSON."""
-    import requests
+@pytest.fixture
+def snapshot(idle_server, redis_client) -> tp.Callable[[], bool]:
+    """The idle server's state before the request (queue, job index, data files); call it
+    after the request: True if nothing changed."""
+    data_dir = idle_server.settings.data_dir
+    before = (queue_length(redis_client), job_count(redis_client), files_under(data_dir))
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = requests.get(f"{base_url}/v1/jobs/{job_id}", timeout=10).json()
-        if on_poll is not None:
-            on_poll(job)
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish within {timeout}s: {job}")
+    def unchanged() -> bool:
+        after = (queue_length(redis_client), job_count(redis_client), files_under(data_dir))
+        return after == before
+
+    return unchanged

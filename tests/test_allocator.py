@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.processes
+
 # The same small network run over and over, as a worker runs one window after another:
 # prints the page faults of one pass once the passes are in a steady state.
 FAULTS_PER_PASS = """

@@ -20,8 +20,9 @@ from schemathesis import GenerationMode
 
 from api.openapi import OPERATIONS
 from shared import keys
-from tests.audio_factory import music_like, wav_bytes
-from tests.conftest import SESSION_DIR, LiveServer
+from testkit.synthetic_audio import music_like, wav_bytes
+from tests.support.environment import SESSION_DIR
+from tests.support.live import LiveServer
 
 EXAMPLES_PER_OPERATION = 20
 """Bounded, so the whole file runs in well under a minute on a loaded 2-core machine."""

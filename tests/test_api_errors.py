@@ -21,50 +21,12 @@ from flask import request
 
 from api import create_app
 from shared.uploads import CappedUploadFile
-from shared import keys
 from shared.errors import UploadTooLarge
-from tests.audio_factory import music_like, wav_bytes
-from tests.conftest import UNCONSUMED_QUEUE
-from tests.test_intake import (NOT_AUDIO, ODD_VALID_WAVS, SAMPLES, STREAMED, UNDECODABLE, chunk, data_header,
-                               fmt_chunk, riff)
-
-
-def queue_length(redis_client) -> int:
-    return sum(redis_client.llen(key) for key in keys.queue_keys(UNCONSUMED_QUEUE))
-
-
-def job_count(redis_client) -> int:
-    return redis_client.zcard(keys.jobs_index_key())
-
-
-def files_under(directory) -> set:
-    return {p for p in directory.rglob("*") if p.is_file()} if directory.exists() else set()
-
-
-@pytest.fixture
-def snapshot(idle_server, redis_client):
-    """State before the request, compared after it."""
-    data_dir = idle_server.settings.data_dir
-    before = (queue_length(redis_client), job_count(redis_client), files_under(data_dir))
-
-    def unchanged() -> bool:
-        after = (queue_length(redis_client), job_count(redis_client), files_under(data_dir))
-        return after == before
-
-    return unchanged
-
-
-def post(server, files=None, data=None) -> requests.Response:
-    return requests.post(f"{server.url}/v1/jobs", files=files, data=data, timeout=30)
-
-
-def assert_error(response: requests.Response, status: int, code: str, *message_parts: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"] == "application/json"
-    error = response.json()["error"]
-    assert error["code"] == code
-    for part in message_parts:
-        assert part in error["message"], error["message"]
+from testkit.synthetic_audio import music_like, wav_bytes
+from tests.support.http_api import assert_error, post
+from tests.support.service_state import files_under, job_count, queue_length
+from tests.support.wav_corpus import (NOT_AUDIO, ODD_VALID_WAVS, SAMPLES, STREAMED, UNDECODABLE, chunk,
+                                      data_header, fmt_chunk, riff)
 
 
 def zero_frames(tmp_path) -> bytes:

@@ -10,9 +10,9 @@ import pytest
 import requests
 import soundfile as sf
 
-from tests.audio_factory import music_like
-from tests.conftest import wait_for_job
-from tests.test_intake import ODD_VALID_WAVS, SAMPLES
+from testkit.synthetic_audio import music_like
+from tests.support.live import wait_for_job
+from tests.support.wav_corpus import ODD_VALID_WAVS, SAMPLES
 
 STEP = {"PCM_16": 1 / 2 ** 15, "PCM_24": 1 / 2 ** 23, "FLOAT": 1e-6}
 

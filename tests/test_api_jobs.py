@@ -3,15 +3,16 @@ running a tiny real HT-Demucs."""
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 import pytest
 import requests
 import soundfile as sf
 
-from tests.audio_factory import write_wav
-from tests.conftest import TINY_SOURCES, wait_for_job
+from testkit.synthetic_audio import write_wav
+from testkit.tiny_models import TINY_SOURCES
+from tests.support.http_api import decode_result, submit
+from tests.support.live import wait_for_job
 
 # (samplerate, channels, subtype, tolerance of X + no_X against the input)
 INPUTS = {
@@ -21,24 +22,6 @@ INPUTS = {
     "96k-stereo-float": (96000, 2, "FLOAT", 1e-6),
 }
 EXPECTED_SUBTYPE = {"PCM_16": "PCM_16", "PCM_24": "PCM_24", "FLOAT": "FLOAT"}
-
-
-def submit(base_url: str, path, stems: str | None = None) -> requests.Response:
-    data = {} if stems is None else {"stems": stems}
-    with open(path, "rb") as file:
-        return requests.post(f"{base_url}/v1/jobs", files={"file": ("song.wav", file, "audio/wav")},
-                         data=data, timeout=30)
-
-
-def decode_result(result: dict) -> dict[str, tuple[np.ndarray, int, str]]:
-    decoded = {}
-    for name, encoded in result.items():
-        raw = base64.b64decode(encoded, validate=True)
-        assert raw[:4] == b"RIFF" and raw[8:12] == b"WAVE", f"{name} is not a complete WAV"
-        info = sf.info(io.BytesIO(raw))
-        data, samplerate = sf.read(io.BytesIO(raw), dtype="float64", always_2d=True)
-        decoded[name] = (data, samplerate, info.subtype)
-    return decoded
 
 
 @pytest.mark.parametrize("stems", ["all", "vocals"])

@@ -9,9 +9,9 @@ import requests
 
 from shared import keys
 from shared.storage import JobStorage
-from tests.audio_factory import write_wav
-from tests.waiting import wait_for
-from tests.conftest import wait_for_job
+from testkit.synthetic_audio import write_wav
+from tests.support.waiting import wait_for
+from tests.support.live import wait_for_job
 
 LONG_SECONDS = 40.0
 """Long enough for the tiny model to still be running when the test acts (minutes on a

@@ -10,8 +10,8 @@ import pytest
 import requests
 import soundfile as sf
 
-from tests.audio_factory import music_like, write_wav
-from tests.conftest import wait_for_job
+from testkit.synthetic_audio import music_like, write_wav
+from tests.support.live import wait_for_job
 
 
 def run_job(server, path, **form) -> dict:

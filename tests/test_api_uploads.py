@@ -11,10 +11,11 @@ import requests
 
 import shared.storage
 from api import create_app
-from tests.audio_factory import wav_bytes
-from tests.conftest import LiveServer
-from tests.small_disk import mounted_tmpfs
-from tests.test_api_errors import assert_error, files_under, post, snapshot  # noqa: F401
+from testkit.synthetic_audio import wav_bytes
+from tests.support.live import LiveServer
+from tests.support.small_disk import mounted_tmpfs
+from tests.support.http_api import assert_error, post  # noqa: F401
+from tests.support.service_state import files_under  # noqa: F401
 
 MIB = 1024 * 1024
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from tests.audio_factory import write_wav
-from tests.test_cli_up import demix_up
+from testkit.synthetic_audio import write_wav
+from tests.support.demix_up import demix_up
+
+pytestmark = pytest.mark.processes
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 NO_CHROMIUM = ("no Chromium found: the browser tests need Debian's chromium package "
@@ -744,7 +746,8 @@ def two_model_page(browser, redis_server, settings, tmp_path):
     import dataclasses
 
     from api import create_app
-    from tests.conftest import UNCONSUMED_QUEUE, LiveServer
+    from tests.support.environment import UNCONSUMED_QUEUE
+    from tests.support.live import LiveServer
 
     two = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE, models=f"{settings.model},htdemucs_6s",
                               data_dir=tmp_path / "data")

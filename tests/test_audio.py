@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 
 from shared.audio import describe_non_wav, dequantize, quantize, read_info, write_audio
-from tests.audio_factory import music_like, write_wav
+from testkit.synthetic_audio import music_like, write_wav
 
 
 @pytest.mark.parametrize("head,expected", [

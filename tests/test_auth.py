@@ -16,8 +16,9 @@ from shared.api_keys import load_api_keys, owner_id
 from shared import keys
 from shared.errors import SeparationFailed
 from shared.jobs import JobStore, new_job_id
-from tests.audio_factory import wav_bytes
-from tests.conftest import SESSION_DIR, LiveServer
+from testkit.synthetic_audio import wav_bytes
+from tests.support.environment import SESSION_DIR
+from tests.support.live import LiveServer
 
 KEYS = ("key-alpha-1c2d", "key-beta-9f8e", "key-gamma-77aa", "key-delta-0b0b")
 LIMIT_KEY, RACE_KEY = "key-limit-5e5e", "key-race-4d4d"  # each used by one test only

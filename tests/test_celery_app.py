@@ -10,8 +10,8 @@ import requests
 from cli.redis_server import RedisServer
 from shared import keys
 from shared.celery_app import SEPARATE_TASK, make_celery
-from tests.audio_factory import write_wav
-from tests.conftest import LiveServer
+from testkit.synthetic_audio import write_wav
+from tests.support.live import LiveServer
 
 
 def test_create_app_sends_tasks_to_the_redis_its_settings_name(redis_server, redis_client, settings,

@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -24,11 +23,12 @@ import requests
 
 from cli.processes import popen_child, stop_process
 from cli.redis_server import RedisServer, free_port
-from tests.audio_factory import write_wav
-from tests.test_api_jobs import decode_result
-from tests.test_cli_up import DEMIX, demix_up, processes_with_marker
+from testkit.synthetic_audio import write_wav
+from tests.support.http_api import decode_result
+from tests.support.demix_up import DEMIX, demix_up, processes_with_marker
+from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.processes]
 
 LEASE_S = "3"
 """Short leases: a lost worker's job is requeued within seconds."""
@@ -70,17 +70,15 @@ def get_job(url: str, job_id: str) -> dict:
 
 def poll(condition: tp.Callable[[], tp.Any], what: str, timeout: float = RECOVERY_TIMEOUT_S,
          interval: float = 0.1) -> tp.Any:
-    """The first truthy value of `condition()`, polled until `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The first truthy value of `condition()`, polled until `timeout`; an API that does not
+    answer (it is restarting) counts as not yet."""
+    def answered() -> tp.Any:
         try:
-            value = condition()
+            return condition()
         except (requests.ConnectionError, requests.Timeout):
-            value = None  # a restarting API
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            return None
+
+    return wait_for(answered, what, timeout=timeout, every=interval)
 
 
 def wait_mid_run(url: str, job_id: str) -> dict:

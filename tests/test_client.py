@@ -15,9 +15,10 @@ from cli.client import Client, ClientError, JobFailed
 from cli.main import main
 from shared.atomic import is_temporary
 from cli.redis_server import RedisServer, free_port
-from tests.audio_factory import write_wav
-from tests.conftest import UNCONSUMED_QUEUE, LiveServer
-from tests.file_server import FileServer
+from testkit.synthetic_audio import write_wav
+from tests.support.environment import UNCONSUMED_QUEUE
+from tests.support.live import LiveServer
+from tests.support.file_server import FileServer
 
 
 def test_separate_uploads_a_batch_and_downloads_every_stem(live_server, tmp_path, capsys):
@@ -141,6 +142,7 @@ def test_retries_are_bounded_and_then_say_why(tmp_path):
     assert error.value.code == "unreachable" and error.value.http_status is None
 
 
+@pytest.mark.processes  # its own redis-server, stopped and started again
 def test_503_is_retried_until_redis_is_back(settings, tmp_path):
     """The API answers 503 while its Redis is down; the client backs off and tries again."""
     port = free_port()

@@ -12,7 +12,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.main import api_argv, build_parser, worker_argv
+from cli.argv import api_argv, worker_argv
+from cli.main import build_parser
 from shared.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

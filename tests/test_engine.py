@@ -13,10 +13,11 @@ import soxr
 import torch
 from demucs.apply import BagOfModels, apply_model
 
-from shared.audio import AudioReader, AudioWriter, dequantize, quantize
+from shared.audio import AudioReader, AudioWriter, quantize
 from shared.errors import SeparationFailed
-from tests.audio_factory import music_like, write_wav
-from tests.conftest import make_tiny_htdemucs
+from testkit.synthetic_audio import music_like, write_wav
+from testkit.tiny_models import make_tiny_htdemucs
+from tests.support.memory_sink import MemorySink
 from worker import forward as forward_module
 from worker.engine import SeparationOptions, separate_file
 from worker.forward import ModelForward
@@ -29,42 +30,6 @@ SEGMENT = 44100  # the test model's segment: 1 s at 44.1 kHz
 def model() -> BagOfModels:
     """The tiny HT-Demucs with a 1 s segment, so many segments run in seconds."""
     return BagOfModels([make_tiny_htdemucs()], segment=SEGMENT / 44100)
-
-
-class MemorySink:
-    """Collects each stem's blocks and records the order of opens, closes and publishes."""
-
-    def __init__(self) -> None:
-        self.blocks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-        self.formats: dict[str, tuple[int, int, str, int]] = {}
-        self.events: list[tuple[str, str]] = []
-
-    def open_stem(self, name: str, samplerate: int, channels: int, subtype: str,
-                  frames: int) -> "MemoryWriter":
-        self.formats[name] = (samplerate, channels, subtype, frames)
-        self.events.append(("open", name))
-        return MemoryWriter(self, name)
-
-    def publish(self, name: str) -> None:
-        self.events.append(("publish", name))
-
-    def written(self, name: str) -> int:
-        return sum(len(block) for block in self.blocks[name])
-
-    def stem(self, name: str) -> np.ndarray:
-        """The stem as a reader of its file would see it (float32)."""
-        return dequantize(np.concatenate(self.blocks[name]), self.formats[name][2])
-
-
-class MemoryWriter:
-    def __init__(self, sink: MemorySink, name: str):
-        self.sink, self.name = sink, name
-
-    def write(self, samples: np.ndarray) -> None:
-        self.sink.blocks[self.name].append(samples)
-
-    def close(self) -> None:
-        self.sink.events.append(("close", self.name))
 
 
 def separate(model: torch.nn.Module, path, stems: str = "all", **options: tp.Any) -> MemorySink:

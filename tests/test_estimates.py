@@ -10,8 +10,9 @@ import requests
 from shared import keys
 from shared.estimates import MIN_PROGRESS_FOR_ETA, eta_seconds, queue_position, remaining_seconds
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
-from tests.audio_factory import wav_bytes
-from tests.conftest import UNCONSUMED_QUEUE, wait_for_job
+from testkit.synthetic_audio import wav_bytes
+from tests.support.environment import UNCONSUMED_QUEUE
+from tests.support.live import wait_for_job
 
 
 def make_job(queue: str = "estimates-test", status: JobStatus = JobStatus.QUEUED, **fields) -> Job:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from worker import forward as forward_module
-from tests.tiny_models import make_tiny_htdemucs
+from testkit.tiny_models import make_tiny_htdemucs
 from worker.forward import BlockwiseAttention, ModelForward, autocast_dtype, batch_segments, cpu_bf16_copy
 
 

@@ -14,8 +14,9 @@ from shared.idempotency import IdempotencyKeys
 from shared.jobs import JobStore
 from shared.retention import sweep_expired_jobs
 from shared.storage import JobStorage
-from tests.audio_factory import wav_bytes
-from tests.test_api_errors import assert_error, job_count, queue_length, snapshot  # noqa: F401
+from testkit.synthetic_audio import wav_bytes
+from tests.support.http_api import assert_error  # noqa: F401
+from tests.support.service_state import job_count, queue_length  # noqa: F401
 
 
 def submit(server, body: bytes, key: str | None) -> requests.Response:

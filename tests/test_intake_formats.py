@@ -17,8 +17,10 @@ from shared.config import Settings
 from shared.errors import (CorruptAudio, InsufficientStorage, InvalidAudio, NoAudioStream, UnsupportedCodec,
                            UnsupportedMediaType)
 from shared.intake import inspect_upload
-from tests.encoded_audio import FORMATS, Encoded, ffmpeg, ffmpeg_decode, require_encoders, run
-from tests.small_disk import mounted_tmpfs
+from tests.support.encoded_audio import FORMATS, Encoded, ffmpeg, ffmpeg_decode, require_encoders, run
+from tests.support.small_disk import mounted_tmpfs
+
+pytestmark = pytest.mark.processes
 
 SETTINGS = Settings()
 

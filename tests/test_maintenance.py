@@ -25,10 +25,10 @@ from shared.celery_app import celery_app
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.lifecycle import enqueue_job, recover_lost_job, resend_lost_message
 from shared.storage import JobStorage
-from tests.audio_factory import write_wav
-from tests.conftest import LiveServer, wait_for_job
-from tests.test_cli_up import DEMIX
-from tests.waiting import wait_for
+from testkit.synthetic_audio import write_wav
+from tests.support.live import LiveServer, wait_for_job
+from tests.support.demix_up import DEMIX
+from tests.support.waiting import wait_for
 from worker.maintenance import (SWEEPS, LostJobSweep, LostMessageSweep, MaintenanceContext, MaintenanceLoop,
                                 Sweep, lost_message_sweep_interval)
 
@@ -172,9 +172,7 @@ def test_the_loop_runs_each_sweep_at_start_and_then_periodically_surviving_failu
                                      Sweep("broken", broken, lambda s: 0.1)])
     loop.start()
     try:
-        deadline = time.monotonic() + 60
-        while min(runs.values()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: min(runs.values()) >= 3, "both sweeps run three times, the broken one too", timeout=60)
     finally:
         loop.stop()
     assert runs["steady"] >= 3 and runs["broken"] >= 3
@@ -185,7 +183,7 @@ def test_a_job_the_sweep_fails_as_lost_sends_its_webhook(settings, redis_server)
     """The sweeps' job store is built like every other (`shared.services`): a job they fail
     with `worker_lost` is finished like one a worker finishes, webhook included."""
     from shared.webhooks import WebhookQueue, WebhookSender
-    from tests.webhook_receiver import WebhookReceiver
+    from tests.support.webhook_receiver import WebhookReceiver
     from worker.maintenance import maintenance_context
 
     # Database 1: the session's worker runs its own sender on database 0.

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.errors import InvalidAudio
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
-from tests.audio_factory import write_wav
-from tests.conftest import wait_for_job
+from testkit.synthetic_audio import write_wav
+from tests.support.live import wait_for_job
 
 
 def scrape(base_url: str) -> dict[tuple[str, tuple], float]:

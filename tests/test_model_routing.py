@@ -21,13 +21,13 @@ import requests
 
 from cli.processes import popen_child, stop_process
 from cli.redis_server import RedisServer, free_port
-from tests.audio_factory import write_wav
-from tests.conftest import LiveServer
-from tests.test_api_jobs import decode_result
-from tests.test_cli_up import DEMIX
-from tests.tiny_models import TINY_DRUM_PARTS, TINY_DRUMSEP, TINY_MODEL, TINY_SOURCES, TINY_VOCALS, \
-    write_tiny_repo, write_tiny_roformer
-from tests.waiting import wait_for
+from testkit.synthetic_audio import write_wav
+from tests.support.live import LiveServer
+from tests.support.http_api import decode_result
+from tests.support.demix_up import DEMIX
+from testkit.tiny_models import (TINY_DRUM_PARTS, TINY_DRUMSEP, TINY_MODEL, TINY_SOURCES, TINY_VOCALS,
+                                 write_tiny_repo, write_tiny_roformer)
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(900)
 

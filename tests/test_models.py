@@ -8,7 +8,7 @@ import torch
 
 from cli.main import main
 from shared.errors import ModelUnavailable
-from tests.conftest import make_tiny_htdemucs, write_tiny_repo
+from testkit.tiny_models import make_tiny_htdemucs, write_tiny_repo
 from worker import models
 from worker.model_repo import list_repo, repo_has_model, save_bag
 from worker.models import ModelCache, ModelSpec, load_model, pull_model

@@ -13,7 +13,7 @@ from openapi_spec_validator import validate
 from api import create_app
 from api.openapi import OPERATIONS, UNDESCRIBED_ENDPOINTS, openapi_path
 from shared.job_request import FILE_FIELD, FORM_FIELDS, URL_FIELD
-from tests.audio_factory import wav_bytes
+from testkit.synthetic_audio import wav_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 

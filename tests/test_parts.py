@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cli.main import worker_argv
+from cli.argv import worker_argv
 from cli.processes import popen_child, stop_process
 from shared import keys
 from shared.audio import read_info
@@ -29,9 +29,11 @@ from shared.lifecycle import cancel_job, enqueue_job
 from shared.output import resolve_output
 from shared.splits import SplitStore
 from shared.storage import JobStorage
-from tests import waiting
-from tests.audio_factory import write_wav
-from tests.test_engine import MemorySink
+from tests.support import waiting
+from testkit.synthetic_audio import write_wav
+from tests.support.memory_sink import MemorySink
+
+pytestmark = pytest.mark.processes
 
 SPLIT_QUEUE = "demix-tests-split"
 SPLIT_S = 6
@@ -203,7 +205,7 @@ def test_cancelling_a_split_job_stops_every_part_and_removes_their_files(setting
 def test_splitting_applies_to_long_single_pass_jobs_unless_switched_off(settings, tmp_path):
     from demucs.apply import BagOfModels
 
-    from tests.tiny_models import make_tiny_htdemucs
+    from testkit.tiny_models import make_tiny_htdemucs
     from worker.engine import stem_layout
     from worker.parts import should_split
 

@@ -1,8 +1,12 @@
+"""cli.redis_server: a private redis-server (or the bundled valkey-server) on a free port."""
 from __future__ import annotations
 
+import pytest
 import redis
 
 from cli.redis_server import RedisServer, find_redis_server
+
+pytestmark = pytest.mark.processes
 
 
 def test_the_bundled_valkey_server_is_used_when_redis_is_not_on_path(monkeypatch, tmp_path):

@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 import requests
 
-from tests.audio_factory import write_wav
-from tests.conftest import TINY_MODEL, wait_for_job
-from tests.reference import demucs_separate
-from tests.test_api_jobs import decode_result, submit
+from testkit.synthetic_audio import write_wav
+from testkit.tiny_models import TINY_MODEL
+from tests.support.live import wait_for_job
+from tests.support.reference import demucs_separate
+from tests.support.http_api import decode_result, submit
+
+pytestmark = pytest.mark.processes
 
 TOLERANCE = 1e-4  # max abs difference at fp32
 

@@ -16,8 +16,9 @@ from shared.jobs import JobStore
 from shared.retention import (ORPHAN_AGE_S, sweep_expired_jobs, sweep_orphaned_job_folders,
                               sweep_orphaned_uploads)
 from shared.storage import JobStorage
-from tests.audio_factory import wav_bytes
-from tests.conftest import wait_for_job
+from testkit.synthetic_audio import wav_bytes
+from tests.support.live import wait_for_job
+from tests.support.waiting import wait_for
 
 DAY = 86400
 
@@ -151,10 +152,8 @@ def test_the_worker_maintenance_loop_deletes_jobs_once_their_retention_time_is_o
     loop = MaintenanceLoop(maintenance_context(celery_app, short), SWEEPS)
     loop.start()
     try:
-        deadline = time.monotonic() + 60
-        while requests.get(job["url"], timeout=10).status_code != 404:
-            assert time.monotonic() < deadline, "the maintenance loop did not delete the expired job"
-            time.sleep(0.1)
+        wait_for(lambda: requests.get(job["url"], timeout=10).status_code == 404,
+                 "the maintenance loop deleting the expired job", timeout=60, every=0.1)
     finally:
         loop.stop()
     assert not JobStorage(settings.data_dir).job_dir(job["id"]).exists()

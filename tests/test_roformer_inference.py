@@ -14,7 +14,7 @@ import torch
 
 from shared.audio import AudioReader, dequantize, quantize
 from shared.errors import SeparationFailed
-from tests.audio_factory import write_wav
+from testkit.synthetic_audio import write_wav
 from tests.roformer_fixtures import ARCHITECTURES, reference_arrays, reference_model, small_config_path
 from worker import forward as forward_module
 from worker import mix_io

@@ -15,12 +15,15 @@ from shared.lifecycle import delete_job
 from shared.output import resolve_output
 from shared.readiness import process_id, ready_workers
 from shared.storage import JobStorage
-from tests.audio_factory import write_wav
-from tests.conftest import UNCONSUMED_QUEUE
-from tests.small_disk import mounted_tmpfs
+from testkit.synthetic_audio import write_wav
+from tests.support.environment import UNCONSUMED_QUEUE
+from tests.support.small_disk import mounted_tmpfs
+from tests.support.waiting import wait_for
 from worker import forward
 from worker.models import ModelCache
 from worker.runner import AttemptLease, WorkerContext, run_job, warm_up
+
+pytestmark = pytest.mark.processes
 
 
 def queued_job(context: WorkerContext, tmp_path, stems: str = "all", seconds: float = 0.5,
@@ -155,23 +158,20 @@ def test_a_run_outlives_a_redis_outage_longer_than_its_lease_and_records_its_out
         job_id = queued_job(context, tmp_path, stems="vocals", seconds=120.0)
         runner = threading.Thread(target=run_job, args=(job_id, context))
         runner.start()
-        deadline = time.monotonic() + 300
-        while context.jobs.get(job_id).progress == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: context.jobs.get(job_id).progress > 0, "the job under way", timeout=300, every=0.02)
         os.killpg(server.process.pid, signal.SIGKILL)  # Redis dies mid-job
         server.process.wait()
         down_since = time.monotonic()
         stems = context.storage.stems_dir(job_id, 1)
         # The run carries on without Redis and finishes its stems; it then waits for Redis
         # to record the outcome. The outage outlasts the lease.
-        while not ((stems / "vocals.wav").exists() and (stems / "no_vocals.wav").exists()) \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: (stems / "vocals.wav").exists() and (stems / "no_vocals.wav").exists(),
+                 "both stems written while Redis is down", timeout=300)
         time.sleep(max(0.0, 2 * context.settings.lease_s - (time.monotonic() - down_since)))
         assert runner.is_alive()
         server = RedisServer(server.data_dir, port=server.port, persist=True).start()
-        runner.join(120)
-        assert not runner.is_alive()
+        wait_for(lambda: not runner.is_alive(), "the run recording its outcome once Redis is back",
+                 timeout=120, every=0.1)
         job = context.jobs.get(job_id)
         assert job.status is JobStatus.SUCCEEDED and job.attempts == 1
         assert job.outputs == ["vocals", "no_vocals"]

@@ -6,16 +6,15 @@ from __future__ import annotations
 import typing as tp
 from pathlib import Path
 
-import numpy as np
 import pytest
 from demucs.apply import BagOfModels
 
 from shared.audio import read_info
 from shared.output import resolve_output
-from tests.audio_factory import write_wav
-from tests.conftest import make_tiny_htdemucs
-from tests.test_engine import MemorySink
-from worker.engine import SeparationOptions, separate_file, stem_layout
+from testkit.synthetic_audio import write_wav
+from testkit.tiny_models import make_tiny_htdemucs
+from tests.support.memory_sink import MemorySink, max_difference, unsplit_run
+from worker.engine import SeparationOptions, stem_layout
 from worker.split import (merge_split, plan_parts, prepare_split, run_part, single_pass, stream_windows)
 
 SEGMENT = 44100  # the test model's segment: 1 s at 44.1 kHz
@@ -40,18 +39,6 @@ def split_run(model: BagOfModels, path: Path, stems: str, part_seconds: float, f
     merge_split(model, path, layout, plan, folder, sink)
     sink.plan = plan
     return sink
-
-
-def unsplit_run(model: BagOfModels, path: Path, stems: str, form: tp.Optional[dict] = None) -> MemorySink:
-    sink = MemorySink()
-    output = resolve_output(form or {"sample_format": "float32"}, read_info(path))
-    separate_file(model, path, stems, sink, SeparationOptions(), output=output)
-    return sink
-
-
-def max_difference(a: MemorySink, b: MemorySink) -> float:
-    assert a.formats == b.formats
-    return max(float(np.abs(a.stem(name) - b.stem(name)).max()) for name in a.formats)
 
 
 @pytest.mark.parametrize("seconds, part_seconds, parts", [

@@ -12,7 +12,7 @@ import pytest
 import torch
 from demucs.apply import BagOfModels, apply_model
 
-from tests.conftest import make_tiny_htdemucs
+from testkit.tiny_models import make_tiny_htdemucs
 from worker.streaming import StreamingSeparator, segment_length
 
 SEGMENT_S = 1.0

@@ -23,6 +23,9 @@ from cli.processes import popen_child
 from cli.redis_server import RedisServer, free_port
 from cli.supervisor import Part, RestartPolicy, Service, ServiceFailed, Supervisor, describe_exit
 from shared.config import Settings
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.processes
 
 FAST = RestartPolicy(initial_delay_s=0.05, max_delay_s=0.4, healthy_after_s=1.0, max_failed_starts=3)
 
@@ -50,11 +53,14 @@ def answers(process: subprocess.Popen) -> bool:
 
 
 def tick_until(supervisor: Supervisor, condition: tp.Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
+    """Tick the supervisor until `condition` holds."""
+    def ticked() -> bool:
+        if condition():
+            return True
         supervisor.tick()
-        time.sleep(0.02)
+        return False
+
+    wait_for(ticked, "the supervisor reaching the condition", timeout=timeout, every=0.02)
 
 
 def pid_of(supervisor: Supervisor, name: str) -> tp.Optional[int]:
@@ -82,8 +88,9 @@ def test_a_killed_part_is_restarted_and_the_log_says_what_died_and_why(out):
     supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers)], FAST, out=out)
     try:
         # The part's own "serving" line can come before the supervisor's readiness probe has seen it answer;
-        # a kill in between would (rightly) be logged as a failed start, so wait for the probe.
-        tick_until(supervisor, lambda: supervisor.is_answering("server"))
+        # a kill in between would (rightly) be logged as a failed start, so wait for the probe. And wait
+        # for its line to be relayed: a loaded machine may take longer to start Python than to kill it.
+        tick_until(supervisor, lambda: supervisor.is_answering("server") and "server | serving" in out.getvalue())
         first = pid_of(supervisor, "server")
         os.kill(first, signal.SIGKILL)
         tick_until(supervisor, lambda: supervisor.is_answering("server") and pid_of(supervisor, "server") != first)
@@ -251,7 +258,7 @@ def test_with_a_private_redis_the_other_parts_wait_for_it_and_only_flower_and_gr
 def test_demix_up_refuses_at_once_when_the_api_port_is_taken(tmp_path):
     import socket
 
-    from tests.test_cli_up import DEMIX
+    from tests.support.demix_up import DEMIX
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

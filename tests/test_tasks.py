@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import worker_argv
+from cli.argv import worker_argv
 from cli.processes import popen_child, stop_process
 from shared import keys
 from shared.celery_app import celery_app
@@ -23,8 +23,10 @@ from shared.config import Settings
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.lifecycle import enqueue_job
 from shared.storage import JobStorage
-from tests.audio_factory import write_wav
-from tests.waiting import wait_for
+from testkit.synthetic_audio import write_wav
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.processes
 
 SIDE_QUEUE = "demix-tests-side-worker"
 """The queue only the subprocess worker consumes, so it (not the test worker) starts the job."""

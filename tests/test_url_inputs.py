@@ -16,11 +16,11 @@ from shared.errors import AddressNotAllowed, FetchFailed, UploadTooLarge
 from shared.outbound import check_public_url, is_public_address, outbound_session
 from shared.url_input import fetch_url
 from shared.webhooks import Delivery, post_delivery
-from tests.audio_factory import write_wav
-from tests.conftest import LiveServer, wait_for_job
-from tests.file_server import FileServer
-from tests.waiting import wait_for
-from tests.webhook_receiver import WebhookReceiver
+from testkit.synthetic_audio import write_wav
+from tests.support.live import LiveServer, wait_for_job
+from tests.support.file_server import FileServer
+from tests.support.waiting import wait_for
+from tests.support.webhook_receiver import WebhookReceiver
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_the_session_ignores_proxies_from_the_environment(monkeypatch, files):
 def strict_server(redis_server, settings):
     """The API with the rule on, in front of a queue no worker consumes."""
     from api import create_app
-    from tests.conftest import SESSION_DIR, UNCONSUMED_QUEUE
+    from tests.support.environment import SESSION_DIR, UNCONSUMED_QUEUE
 
     strict_settings = dataclasses.replace(settings, allow_private_urls=False, queue=UNCONSUMED_QUEUE,
                                           data_dir=SESSION_DIR / "strict-data")

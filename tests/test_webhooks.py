@@ -18,9 +18,9 @@ from shared.errors import BadRequest
 from shared.job_request import parse_job_request
 from shared.jobs import Job, JobStatus, new_job_id
 from shared.webhooks import WebhookQueue, WebhookSender, validate_callback_url, verify_signature
-from tests.audio_factory import wav_bytes
-from tests.webhook_receiver import HANG, WebhookReceiver
-from tests.waiting import wait_for
+from testkit.synthetic_audio import wav_bytes
+from tests.support.webhook_receiver import HANG, WebhookReceiver
+from tests.support.waiting import wait_for
 
 SECRET = "s3cret-for-tests"
 

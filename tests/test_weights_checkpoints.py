@@ -14,8 +14,8 @@ import pytest
 
 from shared.catalogue import Download, ModelInfo, describe_model, manifest_path
 from shared.config import Settings
-from tests.test_weights_download import serve
-from tests.tiny_models import TINY_DRUM_PARTS, write_tiny_roformer
+from tests.support.http_routes import serve
+from testkit.tiny_models import TINY_DRUM_PARTS, write_tiny_roformer
 from worker.models import ModelSpec, load_model
 from worker.weights.checkpoints import CheckpointError, add_checkpoint, pull_checkpoint
 from worker.weights.download import sha256_file

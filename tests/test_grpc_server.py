@@ -1,4 +1,4 @@
-"""The original gRPC interface: a real gRPC server over the real queue and worker, called
+"""grpc_api.server, the original gRPC interface: a real gRPC server over the real queue and worker, called
 by a client generated from the proto by grpcio-tools in its own process, as an existing
 client of the original service would be."""
 from __future__ import annotations
@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 import typing as tp
 from pathlib import Path
 
@@ -25,8 +24,9 @@ from grpc_api.server import DemixingServicer, grpc_status_for, make_server
 from shared.services import build_services
 from shared.errors import DemixError
 from shared.jobs import JobStatus
-from tests.audio_factory import write_wav
-from tests.conftest import UNCONSUMED_QUEUE
+from testkit.synthetic_audio import write_wav
+from tests.support.environment import UNCONSUMED_QUEUE
+from tests.support.waiting import wait_for
 
 ORIGINAL_PROTO = """\
 syntax = "proto3";
@@ -195,10 +195,8 @@ def test_a_call_past_its_deadline_cancels_its_job(grpc_client_dir, redis_server,
         answer = call(grpc_client_dir, f"127.0.0.1:{port}", song, "all", timeout=3)
         assert answer["code"] == "DEADLINE_EXCEEDED"
         job_id = answer["metadata"]["demix-job-id"]
-        deadline = time.monotonic() + 60
-        while services.jobs.get(job_id).status is not JobStatus.CANCELLED:
-            assert time.monotonic() < deadline, services.jobs.get(job_id)
-            time.sleep(0.1)
+        wait_for(lambda: services.jobs.get(job_id).status is JobStatus.CANCELLED,
+                 f"job {job_id} cancelled once its caller's deadline passed", timeout=60, every=0.1)
     finally:
         server.stop(grace=None).wait()
         services.jobs.redis.close()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import threading
-import time
 import typing as tp
+
+from tests.support.waiting import wait_for
 
 HANG = "hang"
 """A scripted answer: keep the connection open without answering until the receiver stops."""
@@ -62,10 +63,9 @@ class WebhookReceiver:
 
     def wait_for(self, count: int, timeout: float = 60.0) -> list[Received]:
         """Wait until at least `count` requests arrived; returns them."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def arrived() -> tp.Optional[list[Received]]:
             with self._lock:
-                if len(self.requests) >= count:
-                    return list(self.requests)
-            time.sleep(0.02)
-        raise AssertionError(f"expected {count} webhook requests within {timeout}s, got {len(self.requests)}")
+                return list(self.requests) if len(self.requests) >= count else None
+
+        return wait_for(arrived, f"{count} webhook request(s)",
+                        timeout=timeout, every=0.02)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.audio_factory import write_wav
+from testkit.synthetic_audio import write_wav
 
 ENCODERS = ("ffmpeg", "ffprobe", "lame", "flac", "opusenc", "oggenc")
 

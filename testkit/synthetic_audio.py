@@ -1,4 +1,4 @@
-"""Generated test audio: deterministic music-like signals written with soundfile."""
+"""Deterministic music-like audio for tests and benchmarks, written with soundfile."""
 from __future__ import annotations
 
 import typing as tp
