@@ -19,8 +19,9 @@ from tests.audio_factory import write_wav
 from tests.conftest import UNCONSUMED_QUEUE
 from tests.small_disk import mounted_tmpfs
 from worker import forward
+from worker.attempt import AttemptLease, WorkerContext
 from worker.models import ModelCache
-from worker.runner import AttemptLease, WorkerContext, run_job, warm_up
+from worker.runner import run_job, warm_up
 
 
 def queued_job(context: WorkerContext, tmp_path, stems: str = "all", seconds: float = 0.5,

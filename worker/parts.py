@@ -32,8 +32,8 @@ from shared.storage import disk_full_error
 
 from .engine import MODEL_SHARE, STATS_SHARE, StemLayout, stem_layout
 from .models import resolve_device
-from .runner import (AttemptLease, JobInterrupted, WorkerContext, _record, _retry_while_redis_is_down,
-                     lease_holder, model_spec, separation_options)
+from .attempt import (AttemptLease, JobInterrupted, WorkerContext, lease_holder, model_spec, record_outcome,
+                      retry_while_redis_is_down, separation_options)
 from .split import SplitPlan, merge_split, part_windows_total, prepare_split, run_part, single_pass
 from .stem_files import JobStemSink
 
@@ -133,7 +133,7 @@ def run_part_unit(job_id: str, attempt: int, index: int, context: WorkerContext,
             model, layout, plan, options = _load(job_id, attempt, context)
             run_part(model, layout, plan, index, folder, options, on_windows=count_windows)
             lease.flush(windows_done)
-        _retry_while_redis_is_down(lambda: lease.splits.finish(job_id, attempt, unit))
+        retry_while_redis_is_down(lambda: lease.splits.finish(job_id, attempt, unit))
     except JobInterrupted as stop:
         _abandon_unit(job_id, attempt, unit, stop, context, message)
         return False
@@ -176,7 +176,7 @@ def run_merge_unit(job_id: str, attempt: int, context: WorkerContext, worker: st
         if _fail(job_id, attempt, MERGE, exc, context):
             raise
         return
-    if _record(job_id, attempt, context, lambda: context.jobs.mark_succeeded(job_id, outputs, attempt)):
+    if record_outcome(job_id, attempt, context, lambda: context.jobs.mark_succeeded(job_id, outputs, attempt)):
         storage.clear_other_attempts(job_id, keep=attempt)
         log.info("job %s succeeded on attempt %d from %d parts", job_id, attempt, len(plan.parts))
     storage.clear_split(job_id, attempt)
@@ -225,7 +225,7 @@ def _abandon_unit(job_id: str, attempt: int, unit: str, stop: JobInterrupted, co
             queue = job_queue(context.jobs.get(job_id), context)
             send_unit(context.celery, queue, job_id, attempt, unit, sent or message)
         try:
-            _retry_while_redis_is_down(hand_back)
+            retry_while_redis_is_down(hand_back)
         except (JobNotFound, IllegalTransition):
             pass
     else:
@@ -248,6 +248,6 @@ def _fail(job_id: str, attempt: int, unit: str, exc: Exception, context: WorkerC
         error, unexpected = SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"), True
     context.storage.clear_split(job_id, attempt)
     context.storage.clear_stems(job_id, attempt)
-    _record(job_id, attempt, context, lambda: context.jobs.mark_failed(job_id, error, attempt))
+    record_outcome(job_id, attempt, context, lambda: context.jobs.mark_failed(job_id, error, attempt))
     SplitStore(context.jobs.redis).drop(job_id)
     return unexpected
