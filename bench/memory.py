@@ -91,11 +91,11 @@ def run_child(approach: str, input_path: Path, out_dir: Path, model_name: str, m
         if split_s <= 0 or info.duration <= split_s or single_pass(model, layout.sources) is None:
             separate_file(model, input_path, "all", sink, output=output)
         else:
-            folder = storage.make_split_dir("bench", 1)
-            plan = prepare_split(model, input_path, layout, 0.25, int(split_s * model.samplerate), folder)
+            files = storage.begin_split("bench", 1)
+            plan = prepare_split(model, input_path, layout, 0.25, int(split_s * model.samplerate), files)
             for index in range(len(plan.parts)):
-                run_part(model, layout, plan, index, folder, SeparationOptions())
-            merge_split(model, input_path, layout, plan, folder, sink)
+                run_part(model, layout, plan, index, files, SeparationOptions())
+            merge_split(model, input_path, layout, plan, files, sink)
     elif approach == "streaming":
         from shared.audio import read_info
         from shared.job_request import default_output

@@ -166,3 +166,37 @@ def wait_for_job(base_url: str, job_id: str, timeout: float = 120.0,
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish within {timeout}s: {job}")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> tp.Iterator[tp.Any]:
+    """A real S3-compatible server (SeaweedFS `weed mini`) on 127.0.0.1, started on first use."""
+    from tests.s3_server import S3Server
+
+    server = S3Server(SESSION_DIR / "s3").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demix-tests", "AWS_SECRET_ACCESS_KEY": "demix-tests-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+"""Dummy credentials: the test server accepts any (boto3 still needs some to sign)."""
+
+
+@pytest.fixture
+def s3_settings(s3_server, settings, tmp_path, monkeypatch):
+    """Settings whose storage is a fresh bucket on the test S3 server (and whose local
+    folder is this test's own); the AWS variables are set for boto3 in this process."""
+    import dataclasses
+    import uuid
+
+    import boto3
+
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"demix-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url).create_bucket(Bucket=bucket)
+    return dataclasses.replace(settings, storage=f"s3://{bucket}/tests", s3_endpoint_url=s3_server.endpoint_url,
+                               data_dir=tmp_path / "local")

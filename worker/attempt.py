@@ -21,7 +21,7 @@ from shared.celery_app import celery_app
 from shared.config import Settings
 from shared.errors import IllegalTransition, JobNotFound, StaleAttempt
 from shared.jobs import Job, JobStore
-from shared.storage import JobStorage
+from shared.storage import Storage
 
 from .engine import SeparationOptions
 from .models import ModelCache, ModelSpec
@@ -49,7 +49,7 @@ class WorkerContext:
     """What a worker process builds once and reuses for every job."""
     settings: Settings
     jobs: JobStore
-    storage: JobStorage
+    storage: Storage
     models: ModelCache
     celery: tp.Any = celery_app
 

@@ -22,10 +22,11 @@ from shared.config import Settings, get_settings
 from shared.errors import DemixError, JobNotFound, WorkerLost
 from shared.jobs import JobStatus, JobStore
 from shared.lifecycle import recover_lost_job
-from shared.retention import sweep_expired_jobs, sweep_orphaned_job_folders, sweep_orphaned_uploads
+from shared.retention import (sweep_abandoned_uploads, sweep_expired_jobs, sweep_orphaned_job_folders,
+                              sweep_orphaned_uploads)
 from shared.splits import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
 from shared.services import build_services
-from shared.storage import JobStorage
+from shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class MaintenanceContext:
     """What sweeps work with."""
     settings: Settings
     jobs: JobStore
-    storage: JobStorage
+    storage: Storage
     celery: tp.Any
 
 
@@ -161,6 +162,8 @@ SWEEPS += [
     Sweep("orphaned uploads", lambda context: sweep_orphaned_uploads(context.storage),
           retention_sweep_interval),
     Sweep("orphaned job folders", lambda context: sweep_orphaned_job_folders(context.jobs, context.storage),
+          retention_sweep_interval),
+    Sweep("abandoned object uploads", lambda context: sweep_abandoned_uploads(context.storage),
           retention_sweep_interval),
 ]
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import typing as tp
+from pathlib import Path
 
 import torch
 from celery import chord
 
-from shared.atomic import atomic_open
 from shared.celery_app import MERGE_PARTS_TASK, SEPARATE_PART_TASK
 from shared.config import Settings
 from shared.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed
@@ -51,15 +51,15 @@ def should_split(job: Job, settings: Settings, model: torch.nn.Module, layout: S
 
 
 def start_split(job: Job, attempt: int, context: WorkerContext, lease: AttemptLease,
-                model: torch.nn.Module, layout: StemLayout) -> None:
-    """The first pass, the plan, the split record, then the chord of parts and merge."""
+                model: torch.nn.Module, layout: StemLayout, input_path: Path) -> None:
+    """The first pass over the job's input (a local file), the plan, the split record,
+    then the chord of parts and merge."""
     try:
-        folder = context.storage.make_split_dir(job.id, attempt)
-        plan = prepare_split(model, context.storage.input_path(job.id), layout, context.settings.overlap,
-                             int(context.settings.split_s * model.samplerate), folder,
+        files = context.storage.begin_split(job.id, attempt)
+        plan = prepare_split(model, input_path, layout, context.settings.overlap,
+                             int(context.settings.split_s * model.samplerate), files,
                              progress=lambda value: lease.report_progress(STATS_SHARE * value))
-        with atomic_open(folder / PLAN_FILE, "w") as file:
-            file.write(json.dumps(plan.to_dict()))
+        files.write_text(PLAN_FILE, json.dumps(plan.to_dict()))
         lease.check()
         SplitStore(context.jobs.redis).create(job.id, attempt, len(plan.parts),
                                               part_windows_total(model, layout, plan))
@@ -120,7 +120,7 @@ def run_part_unit(job_id: str, attempt: int, index: int, context: WorkerContext,
     lease = _start_unit(job_id, attempt, unit, context, worker, message)
     if lease is None:
         return False
-    folder = context.storage.split_dir(job_id, attempt)
+    files = context.storage.split_files(job_id, attempt)
     windows_done = 0
 
     def count_windows(count: int) -> None:
@@ -131,7 +131,7 @@ def run_part_unit(job_id: str, attempt: int, index: int, context: WorkerContext,
     try:
         with lease:
             model, layout, plan, options = _load(job_id, attempt, context)
-            run_part(model, layout, plan, index, folder, options, on_windows=count_windows)
+            run_part(model, layout, plan, index, files, options, on_windows=count_windows)
             lease.flush(windows_done)
         retry_while_redis_is_down(lambda: lease.splits.finish(job_id, attempt, unit))
     except JobInterrupted as stop:
@@ -162,8 +162,8 @@ def run_merge_unit(job_id: str, attempt: int, context: WorkerContext, worker: st
             model, layout, plan, _options = _load(job_id, attempt, context)
             lease.check()
             sink = JobStemSink(storage, job_id, layout.output, attempt)
-            outputs = merge_split(model, storage.input_path(job_id), layout, plan,
-                                  storage.split_dir(job_id, attempt), sink)
+            with storage.input_file(job_id) as input_path:
+                outputs = merge_split(model, input_path, layout, plan, storage.split_files(job_id, attempt), sink)
             lease.check()
     except JobInterrupted as stop:
         _abandon_unit(job_id, attempt, MERGE, stop, context, message)
@@ -206,9 +206,10 @@ def _load(job_id: str, attempt: int, context: WorkerContext) -> tuple[torch.nn.M
     device = resolve_device(settings.device)
     model = context.models.get(model_spec(settings, device))
     job = context.jobs.get(job_id)
-    input_path = storage.input_path(job_id)
-    layout = stem_layout(model, input_path, job.stems, OutputOptions.from_dict(job.output) if job.output else None)
-    plan = SplitPlan.from_dict(json.loads((storage.split_dir(job_id, attempt) / PLAN_FILE).read_text()))
+    plan = SplitPlan.from_dict(json.loads(storage.split_files(job_id, attempt).read_text(PLAN_FILE)))
+    with storage.input_file(job_id) as input_path:
+        layout = stem_layout(model, input_path, job.stems,
+                             OutputOptions.from_dict(job.output) if job.output else None)
     return model, layout, plan, separation_options(settings, device)
 
 

@@ -188,17 +188,16 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
     model = context.models.get(model_spec(settings, device))
     lease.check()
     options = separation_options(settings, device)
-    input_path = storage.input_path(job.id)
-    if not input_path.exists():
-        lease.confirm()  # a job deleted or cancelled meanwhile has no input any more
-    # Records written before output options existed mean the input's own format.
-    output = OutputOptions.from_dict(job.output) if job.output else default_output(read_info(input_path))
-    layout = stem_layout(model, input_path, job.stems, output)
-    if should_split(job, settings, model, layout):
-        start_split(job, attempt, context, lease, model, layout)
-        return None
-    return separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
-                         options=options, progress=lease.report_progress, output=output)
+    # A job deleted or cancelled meanwhile has no input any more: the caller confirms why.
+    with storage.input_file(job.id) as input_path:
+        # Records written before output options existed mean the input's own format.
+        output = OutputOptions.from_dict(job.output) if job.output else default_output(read_info(input_path))
+        layout = stem_layout(model, input_path, job.stems, output)
+        if should_split(job, settings, model, layout):
+            start_split(job, attempt, context, lease, model, layout, input_path)
+            return None
+        return separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
+                             options=options, progress=lease.report_progress, output=output)
 
 
 def _abandon(job_id: str, attempt: int, stop: JobInterrupted, context: WorkerContext) -> None:

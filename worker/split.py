@@ -33,7 +33,7 @@ import torch
 from demucs.apply import BagOfModels
 from demucs.utils import center_trim
 
-from shared.atomic import PendingFile
+from shared.storage import PendingWrite, SplitFiles
 
 from .engine import SeparationOptions, StemLayout, StemSink, write_stems
 from .forward import Forward, ModelForward, batch_segments, plain_forward
@@ -117,9 +117,8 @@ class MixFileWriter:
     """Keeps the model-rate mix of the first pass (`measure_mix`'s `on_block`), under a
     temporary name until `close(complete=True)` publishes it."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._pending = PendingFile(path)
+    def __init__(self, pending: PendingWrite):
+        self._pending = pending
         self._file = open(self._pending.temporary, "wb")
 
     def __call__(self, block: np.ndarray) -> None:
@@ -133,10 +132,10 @@ class MixFileWriter:
             self._pending.discard()
 
 
-def read_mix(path: Path, start: int, stop: int) -> tp.Iterator[np.ndarray]:
-    """Mix positions `[start, stop)` of a mix file as float32 `[frames, 2]` blocks, read
+def read_mix(files: SplitFiles, start: int, stop: int) -> tp.Iterator[np.ndarray]:
+    """Mix positions `[start, stop)` of the mix file as float32 `[frames, 2]` blocks, read
     a block at a time (a memory map would keep every page read resident)."""
-    with open(path, "rb") as file:
+    with files.open(MIX_FILE) as file:
         yield from read_frames(file, start, stop, MODEL_CHANNELS)
 
 
@@ -155,16 +154,16 @@ def read_frames(file: tp.BinaryIO, start: int, stop: int, width: int,
         yield np.frombuffer(data, dtype=np.float32).reshape(frames, width)
 
 
-def part_paths(folder: Path, index: int) -> tuple[Path, Path]:
+def part_names(index: int) -> tuple[str, str]:
     """A finished part's files: weighted sums `[frames, sources * 2]` and weights `[frames]`."""
-    return folder / f"part-{index}.sum.f32", folder / f"part-{index}.weight.f32"
+    return f"part-{index}.sum.f32", f"part-{index}.weight.f32"
 
 
 class _PartFiles:
-    """A part's sums and weights, appended in order under hidden names, renamed when complete."""
+    """A part's sums and weights, appended in order under hidden names, published when complete."""
 
-    def __init__(self, folder: Path, index: int):
-        self._pending = [PendingFile(path) for path in part_paths(folder, index)]
+    def __init__(self, files: SplitFiles, index: int):
+        self._pending = [files.pending(name) for name in part_names(index)]
         self._files = [open(pending.temporary, "wb") for pending in self._pending]
 
     def write(self, sums: torch.Tensor, weights: torch.Tensor) -> None:
@@ -184,14 +183,14 @@ class _PartFiles:
 
 @torch.inference_mode()
 def separate_part(chosen: SinglePass, part: Part, length: int, overlap: float, stats: MixStats,
-                  mix_path: Path, folder: Path, *, forward: Forward = plain_forward, batch_segments: int = 1,
+                  files: SplitFiles, *, forward: Forward = plain_forward, batch_segments: int = 1,
                   device: str = "cpu", on_windows: tp.Optional[tp.Callable[[int], None]] = None) -> None:
     """Run a part's windows over the normalised mix and write its weighted sums and
-    weights (`part_paths(folder, part.index)`), as `worker.streaming._Pass` accumulates
+    weights (`part_names(part.index)`), as `worker.streaming._Pass` accumulates
     them before dividing."""
     model = chosen.model
     windows = part_windows(model, length, overlap, part)
-    blocks = (stats.normalise(block) for block in read_mix(mix_path, part.read_start, part.read_stop))
+    blocks = (stats.normalise(block) for block in read_mix(files, part.read_start, part.read_stop))
     mix = MixBuffer(blocks, length, MODEL_CHANNELS, start=part.read_start)
     weight = triangular_weight(segment_length(model), torch.device(device))
     # The sums and weights are held only from the first position not yet written to the
@@ -199,7 +198,7 @@ def separate_part(chosen: SinglePass, part: Part, length: int, overlap: float, s
     sums = torch.zeros(len(chosen.source_indices), model.audio_channels, 0)
     weights = torch.zeros(0)
     written = 0  # part positions already handed to the files (`sums[..., 0]` is this one)
-    files = _PartFiles(folder, part.index)
+    part_files = _PartFiles(files, part.index)
     complete = False
     try:
         position = 0
@@ -223,7 +222,7 @@ def separate_part(chosen: SinglePass, part: Part, length: int, overlap: float, s
                 weights[lo:lo + n] += weight[:n].cpu()
             # Positions before the next window are complete for this part.
             done = windows[position].offset - part.start if position < len(windows) else part.frames
-            files.write(sums[..., :done - written], weights[:done - written])
+            part_files.write(sums[..., :done - written], weights[:done - written])
             sums, weights = sums[..., done - written:].clone(), weights[done - written:].clone()
             written = done
             if position < len(windows):
@@ -232,11 +231,11 @@ def separate_part(chosen: SinglePass, part: Part, length: int, overlap: float, s
                 on_windows(len(batch))
         complete = True
     finally:
-        files.close(complete)
+        part_files.close(complete)
 
 
 @torch.inference_mode()
-def merge_parts(chosen: SinglePass, parts: tp.Sequence[Part], length: int, folder: Path,
+def merge_parts(chosen: SinglePass, parts: tp.Sequence[Part], length: int, files: SplitFiles,
                 block_frames: int = BLOCK_FRAMES) -> tp.Iterator[torch.Tensor]:
     """The normalised estimate `[sources, 2, frames]`, in blocks covering the mix in
     order, from the parts' files: sums and weights added where parts overlap, divided,
@@ -248,9 +247,9 @@ def merge_parts(chosen: SinglePass, parts: tp.Sequence[Part], length: int, folde
         # once, front to back, never mapped or held whole.
         readers = []
         for part in parts:
-            sums_path, weights_path = part_paths(folder, part.index)
-            readers.append((part, read_frames(opened.enter_context(open(sums_path, "rb")), 0, part.frames, width),
-                            read_frames(opened.enter_context(open(weights_path, "rb")), 0, part.frames, 1)))
+            sums_name, weights_name = part_names(part.index)
+            readers.append((part, read_frames(opened.enter_context(files.open(sums_name)), 0, part.frames, width),
+                            read_frames(opened.enter_context(files.open(weights_name)), 0, part.frames, 1)))
         pending = {part.index: (np.zeros((0, width), np.float32), np.zeros((0, 1), np.float32)) for part in parts}
         for start in range(0, length, block_frames):
             stop = min(length, start + block_frames)
@@ -302,14 +301,14 @@ class SplitPlan:
 
 
 def prepare_split(model: torch.nn.Module, input_path: Path, layout: StemLayout, overlap: float,
-                  part_frames: int, folder: Path,
+                  part_frames: int, files: SplitFiles,
                   progress: tp.Optional[tp.Callable[[float], None]] = None) -> SplitPlan:
-    """The first pass over the whole input: keep the model-rate mix in `folder` (which
-    must exist: `JobStorage.make_split_dir`) and
-    measure its mean and deviation; then cut the windows into parts."""
+    """The first pass over the whole input: keep the model-rate mix in `files`
+    (`Storage.begin_split`) and measure its mean and deviation; then cut the windows
+    into parts."""
     chosen = single_pass(model, layout.sources)
     assert chosen is not None and not layout.by_pairs, "not a splittable job"
-    keeper = MixFileWriter(folder / MIX_FILE)
+    keeper = MixFileWriter(files.pending(MIX_FILE))
     complete = False
     try:
         stats = measure_mix(input_path, model.samplerate, layout.matrix, progress=progress, on_block=keeper)
@@ -319,25 +318,25 @@ def prepare_split(model: torch.nn.Module, input_path: Path, layout: StemLayout, 
     return SplitPlan(stats, overlap, plan_parts(chosen.model, stats.length, overlap, part_frames))
 
 
-def run_part(model: torch.nn.Module, layout: StemLayout, plan: SplitPlan, index: int, folder: Path,
+def run_part(model: torch.nn.Module, layout: StemLayout, plan: SplitPlan, index: int, files: SplitFiles,
              options: SeparationOptions, on_windows: tp.Optional[tp.Callable[[int], None]] = None) -> None:
-    """Run part `index` of a prepared split into `folder`, in the job's device and precision."""
+    """Run part `index` of a prepared split into `files`, in the job's device and precision."""
     chosen = single_pass(model, layout.sources)
     assert chosen is not None
     model.to(options.device)
-    separate_part(chosen, plan.parts[index], plan.stats.length, plan.overlap, plan.stats, folder / MIX_FILE,
-                  folder, forward=ModelForward(options.device, options.precision),
+    separate_part(chosen, plan.parts[index], plan.stats.length, plan.overlap, plan.stats, files,
+                  forward=ModelForward(options.device, options.precision),
                   batch_segments=batch_segments(options.batch_segments, options.device),
                   device=options.device, on_windows=on_windows)
 
 
 def merge_split(model: torch.nn.Module, input_path: Path, layout: StemLayout, plan: SplitPlan,
-                folder: Path, sink: StemSink) -> list[str]:
-    """Merge the finished parts in `folder` and write and publish the job's stems through
+                files: SplitFiles, sink: StemSink) -> list[str]:
+    """Merge the finished parts in `files` and write and publish the job's stems through
     `sink`, as the unsplit run would; returns the names written."""
     chosen = single_pass(model, layout.sources)
     assert chosen is not None
-    estimates = merge_parts(chosen, plan.parts, plan.stats.length, folder)
+    estimates = merge_parts(chosen, plan.parts, plan.stats.length, files)
     write_stems(estimates, plan.stats, model.samplerate, input_path, layout.names, layout.sources, sink,
                 layout.output, layout.frames, layout.channels, layout.matrix)
     for name in layout.names:
