@@ -12,7 +12,6 @@ import dataclasses
 import io
 import os
 import signal
-import time
 import typing as tp
 from pathlib import Path
 

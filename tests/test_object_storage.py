@@ -4,7 +4,6 @@ appear only complete, reads stream with ranges, a job's deletion leaves nothing 
 stems, and a store that is down fails with `storage_unavailable`."""
 from __future__ import annotations
 
-import dataclasses
 import time
 import typing as tp
 from pathlib import Path

@@ -24,7 +24,7 @@ from shared.celery_app import celery_app
 from shared.config import Settings, get_settings
 from shared.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed
 from shared.job_request import default_output
-from shared.jobs import Job, JobStatus, JobStore
+from shared.jobs import Job, JobStatus
 from shared.lifecycle import hand_back_job, recover_lost_job
 from shared.output import OutputOptions
 from shared.readiness import mark_ready, process_id
