@@ -15,7 +15,7 @@ COPY worker ./worker
 COPY shared ./shared
 COPY cli ./cli
 COPY grpc_api ./grpc_api
-RUN pip install .
+RUN pip install ".[s3]"
 
 EXPOSE 8000 5555 50051
 CMD ["demix", "up"]

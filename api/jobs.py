@@ -6,7 +6,7 @@ import time
 import typing as tp
 import zipfile
 
-from flask import Blueprint, Response, current_app, request, send_file, stream_with_context, url_for
+from flask import Blueprint, Response, current_app, request, stream_with_context, url_for
 
 from shared.catalogue import warm_model_notes
 from shared.errors import BadRequest, IllegalTransition, JobFinished, JobNotFinished, JobNotFound
@@ -19,9 +19,11 @@ from shared.lifecycle import cancel_job, delete_job
 from shared.output import OutputOptions
 from shared.readiness import ready_workers
 from shared.submission import IdempotentSubmit, find_existing_job, submit_upload, submit_url
+from shared.storage import StoredFile
 from shared.uploads import ensure_room_for_upload
 
 from .auth import request_owner
+from .downloads import send_stored_file
 from .uploads import upload_path
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -147,21 +149,21 @@ def get_result(job_id: str):
     Streamed piece by piece, so a long track's stems never sit in memory whole.
     """
     job = _succeeded_job(job_id)
-    return Response(stream_with_context(_result_json(_stem_paths(job))), mimetype="application/json")
+    return Response(stream_with_context(_result_json(_stem_files(job))), mimetype="application/json")
 
 
 @bp.get("/<job_id>/stems.zip")
 def get_stems_zip(job_id: str):
     """All stems of a job in one zip, streamed as it is built."""
     job = _succeeded_job(job_id)
-    response = Response(stream_with_context(_zip_stream(_stem_paths(job))), mimetype="application/zip")
+    response = Response(stream_with_context(_zip_stream(_stem_files(job))), mimetype="application/zip")
     response.headers["Content-Disposition"] = f'attachment; filename="{job.id}_stems.zip"'
     return response
 
 
-def _stem_paths(job: Job) -> list[tuple[str, tp.Any]]:
+def _stem_files(job: Job) -> list[tuple[str, StoredFile]]:
     extension = _output(job).extension
-    return [(name, _services().storage.stem_path(job.id, name, extension, job.attempts))
+    return [(name, _services().storage.stem(job.id, name, extension, job.attempts))
             for name in job.outputs]
 
 
@@ -192,23 +194,23 @@ class _Pipe:
         return data
 
 
-def _zip_stream(paths: tp.Sequence[tuple[str, tp.Any]]) -> tp.Iterator[bytes]:
+def _zip_stream(files: tp.Sequence[tuple[str, StoredFile]]) -> tp.Iterator[bytes]:
     pipe = _Pipe()
     # Stored, not deflated: audio barely compresses, and the stream starts at once.
     with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_STORED) as archive:  # type: ignore[arg-type]
-        for name, path in paths:
-            with open(path, "rb") as source, archive.open(path.name, "w", force_zip64=True) as target:
+        for name, stored in files:
+            with stored.open() as source, archive.open(stored.name, "w", force_zip64=True) as target:
                 while piece := source.read(ZIP_CHUNK_BYTES):
                     target.write(piece)
                     yield pipe.drain()
     yield pipe.drain()
 
 
-def _result_json(paths: tp.Sequence[tuple[str, tp.Any]]) -> tp.Iterator[bytes]:
+def _result_json(files: tp.Sequence[tuple[str, StoredFile]]) -> tp.Iterator[bytes]:
     yield b"{"
-    for index, (name, path) in enumerate(paths):
+    for index, (name, stored) in enumerate(files):
         yield (", " if index else "").encode() + f'"{name}": "'.encode()
-        with open(path, "rb") as file:
+        with stored.open() as file:
             while piece := file.read(BASE64_CHUNK_BYTES):
                 yield base64.b64encode(piece)
         yield b'"'
@@ -222,9 +224,8 @@ def get_stem(job_id: str, name: str, extension: str):
     if name not in job.outputs or extension != output.extension:
         raise JobNotFound(f"job {job_id} has no stem {name}.{extension}; it has "
                           + ", ".join(f"{stem}.{output.extension}" for stem in job.outputs))
-    path = _services().storage.stem_path(job.id, name, extension, job.attempts)
-    return send_file(path, mimetype=output.mime_type, as_attachment=True,
-                     download_name=f"{job.id}_{name}.{extension}", conditional=True)
+    stored = _services().storage.stem(job.id, name, extension, job.attempts)
+    return send_stored_file(stored, mimetype=output.mime_type, download_name=f"{job.id}_{name}.{extension}")
 
 
 def _succeeded_job(job_id: str) -> Job:

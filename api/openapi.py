@@ -98,8 +98,8 @@ ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
            "non_finite_samples", "too_long", "too_many_channels", "unsupported_samplerate")),
     429: ("The API key already has `DEMIX_MAX_ACTIVE_JOBS_PER_KEY` jobs queued or running.",
           (errors.TooManyActiveJobs.code,)),
-    503: ("Redis (the job store and queue) is unreachable; nothing was kept.",
-          (errors.ServiceUnavailable.code,)),
+    503: ("Redis (the job store and queue), or the object store (`DEMIX_STORAGE=s3://...`), is "
+          "unreachable; nothing was kept.", (errors.ServiceUnavailable.code, errors.StorageUnavailable.code)),
     507: ("Less than `DEMIX_MIN_FREE_MB` is free under `DEMIX_DATA_DIR`, or the disk filled up while "
           "the upload streamed in; nothing was kept.", (errors.InsufficientStorage.code,)),
 }
@@ -108,7 +108,8 @@ ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
 JOB_ERROR_CODES = (errors.ModelUnavailable.code, errors.SeparationFailed.code, "unknown_source",
                    "invalid_stems", "undecodable_wav", errors.WorkerLost.code, errors.DiskFull.code,
                    errors.FetchFailed.code, errors.AddressNotAllowed.code, errors.UploadTooLarge.code,
-                   "too_long", errors.UnsupportedMediaType.code, errors.InvalidAudio.code)
+                   "too_long", errors.UnsupportedMediaType.code, errors.InvalidAudio.code,
+                   errors.StorageUnavailable.code)
 """`error.code` values of a failed job (the worker's errors)."""
 
 _TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
@@ -355,6 +356,9 @@ OPERATIONS: tuple[Operation, ...] = (
                      "schema": {"type": "string", "enum": list(FORMATS)},
                      "description": "The job's output `format`."}),
         responses={"200": _STEM_FILE, "206": {**_STEM_FILE, "description": "The requested byte range."},
+                   "302": {"description": "With `DEMIX_S3_PRESIGN=1` (stems in a bucket): a redirect to a "
+                                          "presigned URL of the stem, valid for an hour.",
+                           "headers": {"Location": {"schema": {"type": "string"}}}},
                    "304": {"description": "Not modified (conditional request)."},
                    "404": _error_codes(404), "409": _error_codes(409),
                    "416": {"description": "The requested range is not satisfiable."},

@@ -164,14 +164,17 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
         if job.status is not JobStatus.SUCCEEDED:
             raise JobAborted(f"job {job.id} was {job.status.value} before it finished")
         storage = self.services.storage
-        paths = {name: storage.stem_path(job.id, name, "wav", job.attempts) for name in job.outputs}
-        encoded_bytes = sum(4 * -(-p.stat().st_size // 3) + len(name) + 8 for name, p in paths.items())
+        stems = {name: storage.stem(job.id, name, "wav", job.attempts) for name in job.outputs}
+        encoded_bytes = sum(4 * -(-stored.size() // 3) + len(name) + 8 for name, stored in stems.items())
         if encoded_bytes > MAX_ANSWER_BYTES:
             raise AnswerTooLarge(
                 f"the answer would be {encoded_bytes / 2**20:.0f} MiB, over the 2 GiB a gRPC "
                 f"message can hold; fetch the stems over HTTP: GET /v1/jobs/{job.id}/stems.zip")
-        return json.dumps({name: base64.b64encode(p.read_bytes()).decode("ascii")
-                           for name, p in paths.items()})
+        answer = {}
+        for name, stored in stems.items():
+            with stored.open() as file:
+                answer[name] = base64.b64encode(file.read()).decode("ascii")
+        return json.dumps(answer)
 
 
 def _job_failure_status(error: DemixError) -> tp.Optional[grpc.StatusCode]:

@@ -33,6 +33,15 @@ class Settings:
     data_dir: Path = _setting(
         Path(platformdirs.user_data_dir("demix")),
         "Folder holding uploads and stems (one sub-folder per job) and the private Redis data.")
+    storage: str = _setting(
+        "", "Where job inputs, split files and stems live: empty for DEMIX_DATA_DIR, or "
+            "s3://BUCKET/PREFIX for an S3-compatible bucket (then each machine keeps only a local "
+            "scratch folder under DEMIX_DATA_DIR; credentials from the standard AWS variables).")
+    s3_endpoint_url: str = _setting(
+        "", "Endpoint of the S3-compatible server (e.g. http://minio:9000); empty: AWS S3.")
+    s3_presign: int = _setting(
+        0, "1: stem links redirect to presigned bucket URLs (valid for an hour) instead of "
+           "streaming through the API.")
     max_upload_mb: int = _setting(500, "Largest accepted upload, in MiB; larger ones get 413.")
     max_duration_s: int = _setting(
         3 * 3600, "Longest accepted input, in seconds; longer uploads get 422.")

@@ -120,6 +120,12 @@ class ServiceUnavailable(DemixError):
     http_status = 503
 
 
+class StorageUnavailable(ServiceUnavailable):
+    """The object store (`DEMIX_STORAGE=s3://...`) could not be reached or refused a request
+    after its retries; nothing half-written was published."""
+    code = "storage_unavailable"
+
+
 class InsufficientStorage(DemixError):
     """Too little free space under `DEMIX_DATA_DIR` to accept an upload (`DEMIX_MIN_FREE_MB`)."""
     code = "insufficient_storage"

@@ -10,7 +10,7 @@ import typing as tp
 from .celery_app import SEPARATE_TASK
 from .errors import IllegalTransition, JobNotFound, WorkerLost
 from .jobs import Job, JobStatus, JobStore
-from .storage import JobStorage
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def enqueue_job(celery: tp.Any, job_id: str, queue: str) -> None:
     celery.send_task(SEPARATE_TASK, args=[job_id], task_id=job_id, queue=queue)
 
 
-def cancel_job(jobs: JobStore, storage: JobStorage, job_id: str) -> Job:
+def cancel_job(jobs: JobStore, storage: Storage, job_id: str) -> Job:
     """Cancel a queued or running job and remove its files; returns the cancelled job.
 
     A queued job is then never started; a running one stops at its next segment (its
@@ -36,7 +36,7 @@ def cancel_job(jobs: JobStore, storage: JobStorage, job_id: str) -> Job:
     return job
 
 
-def delete_job(jobs: JobStore, storage: JobStorage, job_id: str) -> None:
+def delete_job(jobs: JobStore, storage: Storage, job_id: str) -> None:
     """Delete a job whatever its state: cancel it if it is not finished, then remove its
     record and every file. A worker still running it stops and cleans up after itself.
 

@@ -16,7 +16,7 @@ from . import keys
 from .errors import JobNotFound
 from .jobs import Job, JobStore, is_valid_job_id
 from .lifecycle import delete_job
-from .storage import JobStorage
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def expires_at(job: Job, retention_s: int) -> tp.Optional[str]:
     return datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
-def sweep_expired_jobs(store: JobStore, storage: JobStorage, retention_s: int,
+def sweep_expired_jobs(store: JobStore, storage: Storage, retention_s: int,
                        now: tp.Optional[float] = None) -> list[str]:
     """Delete every job that finished more than `retention_s` ago; returns their ids.
 
@@ -73,7 +73,7 @@ def sweep_expired_jobs(store: JobStore, storage: JobStorage, retention_s: int,
     return deleted
 
 
-def sweep_orphaned_uploads(storage: JobStorage, now: tp.Optional[float] = None,
+def sweep_orphaned_uploads(storage: Storage, now: tp.Optional[float] = None,
                            max_age_s: float = ORPHAN_AGE_S) -> list[str]:
     """Delete uploads left in `incoming/` by a crash mid-request (untouched for `max_age_s`);
     returns their names. An upload still streaming in is written to, so it stays young."""
@@ -99,7 +99,16 @@ def sweep_orphaned_uploads(storage: JobStorage, now: tp.Optional[float] = None,
     return removed
 
 
-def sweep_orphaned_job_folders(store: JobStore, storage: JobStorage, now: tp.Optional[float] = None,
+def sweep_abandoned_uploads(storage: Storage, max_age_s: float = ORPHAN_AGE_S) -> int:
+    """Abort multipart uploads into the object store that a crash left unfinished for
+    `max_age_s` (a local folder has none); returns how many."""
+    aborted = storage.sweep_abandoned_uploads(max_age_s)
+    if aborted:
+        log.info("retention: aborted %d unfinished object upload(s)", aborted)
+    return aborted
+
+
+def sweep_orphaned_job_folders(store: JobStore, storage: Storage, now: tp.Optional[float] = None,
                                max_age_s: float = ORPHAN_AGE_S) -> list[str]:
     """Delete job folders that have no job record and were untouched for `max_age_s`;
     returns their job ids.
@@ -111,18 +120,10 @@ def sweep_orphaned_job_folders(store: JobStore, storage: JobStorage, now: tp.Opt
     """
     now = time.time() if now is None else now
     removed = []
-    try:
-        folders = list((storage.root / "jobs").iterdir())
-    except FileNotFoundError:
-        return []
-    for folder in folders:
-        job_id = folder.name
+    for job_id, last_modified in storage.stored_jobs():
         if not is_valid_job_id(job_id) or store.redis.exists(keys.job_key(job_id)):
             continue
-        try:
-            if now - _last_modified(folder) < max_age_s:
-                continue
-        except FileNotFoundError:
+        if now - last_modified < max_age_s:
             continue
         # Checked again just before deleting: the record must still be absent.
         if store.redis.exists(keys.job_key(job_id)):
@@ -133,13 +134,3 @@ def sweep_orphaned_job_folders(store: JobStore, storage: JobStorage, now: tp.Opt
         log.info("retention: deleted %d job folder(s) without a job record", len(removed))
     return removed
 
-
-def _last_modified(folder) -> float:
-    """Latest modification time of a folder and everything in it."""
-    latest = folder.lstat().st_mtime
-    for path in folder.rglob("*"):
-        try:
-            latest = max(latest, path.lstat().st_mtime)
-        except FileNotFoundError:
-            continue
-    return latest

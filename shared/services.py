@@ -13,7 +13,7 @@ from .celery_app import make_celery
 from .config import Settings
 from .jobs import JobStore
 from .limits import ActiveJobLimit
-from .storage import JobStorage
+from .storage import Storage, make_storage
 from .webhooks import WebhookQueue
 
 REDIS_CONNECT_TIMEOUT_S = 5
@@ -34,7 +34,7 @@ class Services:
     """What the doors (HTTP, gRPC) and the workers work with, built once per process."""
     settings: Settings
     jobs: JobStore
-    storage: JobStorage
+    storage: Storage
     celery: tp.Any
     limits: ActiveJobLimit
 
@@ -59,7 +59,7 @@ def build_services(settings: Settings, celery: tp.Any = None) -> Services:
     return Services(
         settings=settings,
         jobs=JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished]),
-        storage=JobStorage(settings.data_dir),
+        storage=make_storage(settings),
         celery=celery if celery is not None else make_celery(settings),
         limits=ActiveJobLimit(client, settings.max_active_jobs_per_key),
     )

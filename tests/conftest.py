@@ -11,7 +11,7 @@ the ones that start processes themselves declare it. The rest run alone in secon
 """
 from __future__ import annotations
 
-from tests.support.environment import REDIS_PORT, SESSION_DIR, UNCONSUMED_QUEUE  # first: sets DEMIX_*
+from tests.support.environment import REDIS_PORT, S3_CREDENTIALS, SESSION_DIR, UNCONSUMED_QUEUE  # first: sets DEMIX_*
 
 import shutil
 import subprocess
@@ -149,3 +149,32 @@ def snapshot(idle_server, redis_client) -> tp.Callable[[], bool]:
         return after == before
 
     return unchanged
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> tp.Iterator[tp.Any]:
+    """A real S3-compatible server (SeaweedFS `weed mini`) on 127.0.0.1, started on first use."""
+    from tests.support.s3_server import S3Server
+
+    server = S3Server(SESSION_DIR / "s3").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_settings(s3_server, settings, tmp_path, monkeypatch):
+    """Settings whose storage is a fresh bucket on the test S3 server (and whose local
+    folder is this test's own); the AWS variables are set for boto3 in this process."""
+    import dataclasses
+    import uuid
+
+    import boto3
+
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"demix-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url).create_bucket(Bucket=bucket)
+    return dataclasses.replace(settings, storage=f"s3://{bucket}/tests", s3_endpoint_url=s3_server.endpoint_url,
+                               data_dir=tmp_path / "local")

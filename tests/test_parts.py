@@ -134,14 +134,15 @@ def test_a_long_job_runs_as_parts_on_two_workers_and_equals_the_unsplit_stems(
             return job if job.status.is_finished else None
 
         job = wait_for(finished, "the split job finished", log=tmp_path)
+        # The merge removes the parts' files and record just after recording the success
+        # (waited for while the workers still run: stopping them could come in between).
+        wait_for(lambda: not storage.split_dir(job_id, job.attempts).exists() and not splits.get(job_id),
+                 "the split folder and record removed", timeout=60)
     assert job.status is JobStatus.SUCCEEDED, job.error
     assert seen_parts == {parts}
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert len(set(progress)) > parts  # it moved part by part, not in one jump
     assert len(holders) == 2, "both workers ran parts"
-    # The merge removes the parts' files and record just after recording the success.
-    wait_for(lambda: not storage.split_dir(job_id, job.attempts).exists() and not splits.get(job_id),
-             "the split folder and record removed", timeout=60)
     reference = unsplit_stems(settings, job_id)
     assert job.outputs == list(reference.formats)
     for name in job.outputs:

@@ -20,8 +20,9 @@ from tests.support.environment import UNCONSUMED_QUEUE
 from tests.support.small_disk import mounted_tmpfs
 from tests.support.waiting import wait_for
 from worker import forward
+from worker.attempt import AttemptLease, WorkerContext
 from worker.models import ModelCache
-from worker.runner import AttemptLease, WorkerContext, run_job, warm_up
+from worker.runner import run_job, warm_up
 
 pytestmark = pytest.mark.processes
 

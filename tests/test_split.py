@@ -11,10 +11,11 @@ from demucs.apply import BagOfModels
 
 from shared.audio import read_info
 from shared.output import resolve_output
+from shared.storage import FolderSplitFiles
 from testkit.synthetic_audio import write_wav
 from testkit.tiny_models import make_tiny_htdemucs
 from tests.support.memory_sink import MemorySink, max_difference, unsplit_run
-from worker.engine import SeparationOptions, stem_layout
+from worker.engine import SeparationOptions, separate_file, stem_layout
 from worker.split import (merge_split, plan_parts, prepare_split, run_part, single_pass, stream_windows)
 
 SEGMENT = 44100  # the test model's segment: 1 s at 44.1 kHz
@@ -31,12 +32,13 @@ def split_run(model: BagOfModels, path: Path, stems: str, part_seconds: float, f
     """Prepare, run every part (in `part_order`), merge: as the service's tasks do."""
     output = resolve_output(form or {"sample_format": "float32"}, read_info(path))
     layout = stem_layout(model, path, stems, output)
-    folder.mkdir()  # as `JobStorage.make_split_dir` does
-    plan = prepare_split(model, path, layout, 0.25, int(part_seconds * model.samplerate), folder)
+    folder.mkdir()  # as `JobStorage.begin_split` does
+    files = FolderSplitFiles(folder)
+    plan = prepare_split(model, path, layout, 0.25, int(part_seconds * model.samplerate), files)
     for index in part_order or range(len(plan.parts)):
-        run_part(model, layout, plan, index, folder, SeparationOptions())
+        run_part(model, layout, plan, index, files, SeparationOptions())
     sink = MemorySink()
-    merge_split(model, path, layout, plan, folder, sink)
+    merge_split(model, path, layout, plan, files, sink)
     sink.plan = plan
     return sink
 

@@ -23,10 +23,11 @@ from shared.config import Settings, get_settings
 from shared.errors import DemixError, JobNotFound, WorkerLost
 from shared.jobs import JobStatus, JobStore
 from shared.lifecycle import recover_lost_job, resend_lost_message
-from shared.retention import sweep_expired_jobs, sweep_orphaned_job_folders, sweep_orphaned_uploads
+from shared.retention import (sweep_abandoned_uploads, sweep_expired_jobs, sweep_orphaned_job_folders,
+                              sweep_orphaned_uploads)
 from shared.splits import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
 from shared.services import build_services
-from shared.storage import JobStorage
+from shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class MaintenanceContext:
     """What sweeps work with."""
     settings: Settings
     jobs: JobStore
-    storage: JobStorage
+    storage: Storage
     celery: tp.Any
 
 
@@ -121,18 +122,21 @@ class LostMessageSweep:
         # Read the queued jobs before the messages: a job taken by a worker in between is
         # running by the next sweep, so it never stays suspect.
         now = time.time()
-        candidates = jobs.queued_before(settings.queue, now - settings.lost_message_s / 2)
         suspects: set[tuple[str, float]] = set()
         resent = []
-        if candidates:
-            with_message = waiting_job_ids(jobs.redis, settings.queue) | \
+        # Every served model's queue: a job waits in its own model's.
+        for queue in dict.fromkeys(settings.queue_for(model) for model in settings.served_models):
+            candidates = jobs.queued_before(queue, now - settings.lost_message_s / 2)
+            if not candidates:
+                continue
+            with_message = waiting_job_ids(jobs.redis, queue) | \
                 delivered_job_ids(jobs.redis, now - settings.lost_message_s)
             for job_id, queued_since in candidates.items():
                 if job_id in with_message:
                     continue
                 if (job_id, queued_since) not in self._suspects:
                     suspects.add((job_id, queued_since))
-                elif resend_lost_message(jobs, context.celery, settings.queue, job_id, queued_since):
+                elif resend_lost_message(jobs, context.celery, queue, job_id, queued_since):
                     resent.append(job_id)
         self._suspects = suspects
         return resent
@@ -214,6 +218,8 @@ SWEEPS += [
     Sweep("orphaned uploads", lambda context: sweep_orphaned_uploads(context.storage),
           retention_sweep_interval),
     Sweep("orphaned job folders", lambda context: sweep_orphaned_job_folders(context.jobs, context.storage),
+          retention_sweep_interval),
+    Sweep("abandoned object uploads", lambda context: sweep_abandoned_uploads(context.storage),
           retention_sweep_interval),
 ]
 

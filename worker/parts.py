@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import typing as tp
+from pathlib import Path
 
 import torch
 from celery import chord
 
-from shared.atomic import atomic_open
 from shared.celery_app import MERGE_PARTS_TASK, SEPARATE_PART_TASK
 from shared.config import Settings
 from shared.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed
@@ -32,9 +32,9 @@ from shared.storage import disk_full_error
 
 from .engine import MODEL_SHARE, STATS_SHARE, StemLayout, stem_layout
 from .models import resolve_device
+from .attempt import (AttemptLease, JobInterrupted, WorkerContext, job_model_spec, lease_holder, record_outcome,
+                      retry_while_redis_is_down, separation_options)
 from .roformer import is_roformer
-from .runner import (AttemptLease, JobInterrupted, WorkerContext, _record, _retry_while_redis_is_down,
-                     job_model_spec, lease_holder, separation_options)
 from .split import SplitPlan, merge_split, part_windows_total, prepare_split, run_part, single_pass
 from .stem_files import JobStemSink
 
@@ -53,15 +53,15 @@ def should_split(job: Job, settings: Settings, model: torch.nn.Module, layout: S
 
 
 def start_split(job: Job, attempt: int, context: WorkerContext, lease: AttemptLease,
-                model: torch.nn.Module, layout: StemLayout) -> None:
-    """The first pass, the plan, the split record, then the chord of parts and merge."""
+                model: torch.nn.Module, layout: StemLayout, input_path: Path) -> None:
+    """The first pass over the job's input (a local file), the plan, the split record,
+    then the chord of parts and merge."""
     try:
-        folder = context.storage.make_split_dir(job.id, attempt)
-        plan = prepare_split(model, context.storage.input_path(job.id), layout, context.settings.overlap,
-                             int(context.settings.split_s * model.samplerate), folder,
+        files = context.storage.begin_split(job.id, attempt)
+        plan = prepare_split(model, input_path, layout, context.settings.overlap,
+                             int(context.settings.split_s * model.samplerate), files,
                              progress=lambda value: lease.report_progress(STATS_SHARE * value))
-        with atomic_open(folder / PLAN_FILE, "w") as file:
-            file.write(json.dumps(plan.to_dict()))
+        files.write_text(PLAN_FILE, json.dumps(plan.to_dict()))
         lease.check()
         SplitStore(context.jobs.redis).create(job.id, attempt, len(plan.parts),
                                               part_windows_total(model, layout, plan))
@@ -122,7 +122,7 @@ def run_part_unit(job_id: str, attempt: int, index: int, context: WorkerContext,
     lease = _start_unit(job_id, attempt, unit, context, worker, message)
     if lease is None:
         return False
-    folder = context.storage.split_dir(job_id, attempt)
+    files = context.storage.split_files(job_id, attempt)
     windows_done = 0
 
     def count_windows(count: int) -> None:
@@ -133,9 +133,9 @@ def run_part_unit(job_id: str, attempt: int, index: int, context: WorkerContext,
     try:
         with lease:
             model, layout, plan, options = _load(job_id, attempt, context)
-            run_part(model, layout, plan, index, folder, options, on_windows=count_windows)
+            run_part(model, layout, plan, index, files, options, on_windows=count_windows)
             lease.flush(windows_done)
-        _retry_while_redis_is_down(lambda: lease.splits.finish(job_id, attempt, unit))
+        retry_while_redis_is_down(lambda: lease.splits.finish(job_id, attempt, unit))
     except JobInterrupted as stop:
         _abandon_unit(job_id, attempt, unit, stop, context, message)
         return False
@@ -164,8 +164,8 @@ def run_merge_unit(job_id: str, attempt: int, context: WorkerContext, worker: st
             model, layout, plan, _options = _load(job_id, attempt, context)
             lease.check()
             sink = JobStemSink(storage, job_id, layout.output, attempt)
-            outputs = merge_split(model, storage.input_path(job_id), layout, plan,
-                                  storage.split_dir(job_id, attempt), sink)
+            with storage.input_file(job_id) as input_path:
+                outputs = merge_split(model, input_path, layout, plan, storage.split_files(job_id, attempt), sink)
             lease.check()
     except JobInterrupted as stop:
         _abandon_unit(job_id, attempt, MERGE, stop, context, message)
@@ -178,7 +178,7 @@ def run_merge_unit(job_id: str, attempt: int, context: WorkerContext, worker: st
         if _fail(job_id, attempt, MERGE, exc, context):
             raise
         return
-    if _record(job_id, attempt, context, lambda: context.jobs.mark_succeeded(job_id, outputs, attempt)):
+    if record_outcome(job_id, attempt, context, lambda: context.jobs.mark_succeeded(job_id, outputs, attempt)):
         storage.clear_other_attempts(job_id, keep=attempt)
         log.info("job %s succeeded on attempt %d from %d parts", job_id, attempt, len(plan.parts))
     storage.clear_split(job_id, attempt)
@@ -208,9 +208,10 @@ def _load(job_id: str, attempt: int, context: WorkerContext) -> tuple[torch.nn.M
     device = resolve_device(settings.device)
     job = context.jobs.get(job_id)
     model = context.models.get(job_model_spec(job, settings, device))
-    input_path = storage.input_path(job_id)
-    layout = stem_layout(model, input_path, job.stems, OutputOptions.from_dict(job.output) if job.output else None)
-    plan = SplitPlan.from_dict(json.loads((storage.split_dir(job_id, attempt) / PLAN_FILE).read_text()))
+    plan = SplitPlan.from_dict(json.loads(storage.split_files(job_id, attempt).read_text(PLAN_FILE)))
+    with storage.input_file(job_id) as input_path:
+        layout = stem_layout(model, input_path, job.stems,
+                             OutputOptions.from_dict(job.output) if job.output else None)
     return model, layout, plan, separation_options(settings, device)
 
 
@@ -227,7 +228,7 @@ def _abandon_unit(job_id: str, attempt: int, unit: str, stop: JobInterrupted, co
             queue = job_queue(context.jobs.get(job_id), context)
             send_unit(context.celery, queue, job_id, attempt, unit, sent or message)
         try:
-            _retry_while_redis_is_down(hand_back)
+            retry_while_redis_is_down(hand_back)
         except (JobNotFound, IllegalTransition):
             pass
     else:
@@ -250,6 +251,6 @@ def _fail(job_id: str, attempt: int, unit: str, exc: Exception, context: WorkerC
         error, unexpected = SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"), True
     context.storage.clear_split(job_id, attempt)
     context.storage.clear_stems(job_id, attempt)
-    _record(job_id, attempt, context, lambda: context.jobs.mark_failed(job_id, error, attempt))
+    record_outcome(job_id, attempt, context, lambda: context.jobs.mark_failed(job_id, error, attempt))
     SplitStore(context.jobs.redis).drop(job_id)
     return unexpected

@@ -12,67 +12,39 @@ skip while Redis is unreachable, the final outcome is retried until it is record
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
-import socket
-import threading
 import time
 import typing as tp
 import warnings
 
-import redis
 import torch
 
-from shared import keys
 from shared.audio import read_info
 from shared.celery_app import celery_app
 from shared.catalogue import DEMUCS
 from shared.config import Settings, get_settings
-from shared.errors import (DemixError, IllegalTransition, JobNotFound, ModelUnavailable, SeparationFailed,
-                           StaleAttempt)
+from shared.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed
 from shared.job_request import default_output
-from shared.jobs import Job, JobStatus, JobStore
+from shared.jobs import Job, JobStatus
 from shared.lifecycle import hand_back_job, recover_lost_job
 from shared.output import OutputOptions
 from shared.readiness import mark_ready, process_id
 from shared.services import build_services
-from shared.storage import JobStorage, disk_full_error
+from shared.storage import disk_full_error
 
 from .allocator import keep_freed_memory_for_reuse
-from .engine import SeparationOptions, separate_file, stem_layout
+from .attempt import (AttemptLease, JobInterrupted, WorkerContext, job_model_spec, lease_holder, model_spec, record_outcome,
+                      retry_while_redis_is_down, separation_options)
+from .engine import separate_file, stem_layout
 from .forward import batch_segments, warm_model
-from .models import ModelCache, ModelSpec, resolve_device
+from .models import ModelCache, resolve_device
+from .parts import should_split, start_split
 from .stem_files import JobStemSink
 from .url_inputs import fetch_input
 
 log = logging.getLogger(__name__)
-
-PROGRESS_INTERVAL_S = 0.5
-"""Least time between two progress writes (each also a cancel check) for one job."""
-
-HEARTBEATS_PER_LEASE = 3
-"""The heartbeat renews a lease this many times per lease period, so one or two missed
-beats (a busy machine, a Redis hiccup) do not lose it."""
-
-REDIS_RETRY_S = 1.0
-"""Wait between two tries of a write while Redis is unreachable."""
-
-FINAL_WRITE_PATIENCE_S = 600.0
-"""How long a finished run keeps trying to record its outcome while Redis is down."""
-
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
-
-@dataclasses.dataclass
-class WorkerContext:
-    """What a worker process builds once and reuses for every job."""
-    settings: Settings
-    jobs: JobStore
-    storage: JobStorage
-    models: ModelCache
-    celery: tp.Any = celery_app
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,33 +62,6 @@ def _configure_process(settings: Settings) -> None:
     keep_freed_memory_for_reuse()
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency)
     torch.set_num_threads(threads)
-
-
-def model_spec(settings: Settings, device: str, model: tp.Optional[str] = None) -> ModelSpec:
-    """Model `model` (default: the settings' default model), on `device`."""
-    return ModelSpec(model or settings.default_model, settings.model_repo, device,
-                     cache=str(settings.models_dir))
-
-
-def job_model_spec(job: Job, settings: Settings, device: str) -> ModelSpec:
-    """The model of `job` (a record from before models were chosen per job: the default).
-
-    Raises:
-        ModelUnavailable: this worker does not serve the job's model (its queue belongs to
-            another model: DEMIX_MODELS differs between the API and this worker).
-    """
-    name = job.model or settings.default_model
-    if name not in settings.worker_served_models:
-        raise ModelUnavailable(f"this job's model {name!r} is not served by the worker that took it from "
-                               f"queue {job.queue!r} (it serves {', '.join(settings.worker_served_models)}); "
-                               "DEMIX_MODELS must be the same for the API and every worker")
-    return model_spec(settings, device, name)
-
-
-def separation_options(settings: Settings, device: str) -> SeparationOptions:
-    """How the settings ask jobs to run the model on `device`."""
-    return SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device,
-                             precision=settings.precision, batch_segments=settings.batch_segments)
 
 
 def warm_up(context: WorkerContext) -> dict:
@@ -178,15 +123,6 @@ def model_architecture(model: torch.nn.Module) -> str:
     return model.config.architecture if is_roformer(model) else DEMUCS
 
 
-class JobInterrupted(Exception):
-    """The running attempt must stop at once; `reason` is cancelled, deleted, superseded
-    or stopping (its worker shuts down)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 def run_job(job_id: str, context: WorkerContext, worker: str = "") -> None:
     """Run one attempt of job `job_id` and record the outcome in its job record.
 
@@ -204,7 +140,7 @@ def run_job(job_id: str, context: WorkerContext, worker: str = "") -> None:
         _run_attempt(job, context, lease)
 
 
-def _run_attempt(job: Job, context: WorkerContext, lease: "AttemptLease") -> None:
+def _run_attempt(job: Job, context: WorkerContext, lease: AttemptLease) -> None:
     job_id, attempt = job.id, job.attempts
     started = time.monotonic()
     unexpected: tp.Optional[Exception] = None
@@ -233,14 +169,14 @@ def _run_attempt(job: Job, context: WorkerContext, lease: "AttemptLease") -> Non
             log.exception("job %s attempt %d failed unexpectedly", job_id, attempt)
             error, unexpected = SeparationFailed(f"separation failed: {type(exc).__name__}: {exc}"), exc
     else:
-        if _record(job_id, attempt, context,
+        if record_outcome(job_id, attempt, context,
                    lambda: context.jobs.mark_succeeded(job_id, outputs, attempt)):
             context.storage.clear_other_attempts(job_id, keep=attempt)
             log.info("job %s succeeded on attempt %d in %.1fs (%.1fs of audio)", job_id, attempt,
                      time.monotonic() - started, job.duration)
         return
     context.storage.clear_stems(job_id, attempt)
-    recorded = _record(job_id, attempt, context, lambda: context.jobs.mark_failed(job_id, error, attempt))
+    recorded = record_outcome(job_id, attempt, context, lambda: context.jobs.mark_failed(job_id, error, attempt))
     if unexpected is not None and recorded:  # else it came from the job vanishing under it
         raise unexpected
 
@@ -273,13 +209,8 @@ def _claim(job_id: str, context: WorkerContext, worker: str) -> tp.Optional[Job]
         return None
 
 
-def lease_holder(worker: str) -> str:
-    """How a lease names its holder: the worker and the process running the job."""
-    return f"{worker or socket.gethostname()} process {os.getpid()}"
-
-
 def _separate(job: Job, attempt: int, context: WorkerContext,
-              lease: "AttemptLease") -> tp.Optional[list[str]]:
+              lease: AttemptLease) -> tp.Optional[list[str]]:
     """Separate the job's stems into its attempt folder and return their names, or
     (a long job) prepare its parts, send them and return None."""
     settings, storage = context.settings, context.storage
@@ -289,19 +220,16 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
     model = context.models.get(job_model_spec(job, settings, device))
     lease.check()
     options = separation_options(settings, device)
-    input_path = storage.input_path(job.id)
-    if not input_path.exists():
-        lease.confirm()  # a job deleted or cancelled meanwhile has no input any more
-    # Records written before output options existed mean the input's own format.
-    output = OutputOptions.from_dict(job.output) if job.output else default_output(read_info(input_path))
-    from .parts import should_split, start_split  # parts builds on this module
-
-    layout = stem_layout(model, input_path, job.stems, output)
-    if should_split(job, settings, model, layout):
-        start_split(job, attempt, context, lease, model, layout)
-        return None
-    return separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
-                         options=options, progress=lease.report_progress, output=output)
+    # A job deleted or cancelled meanwhile has no input any more: the caller confirms why.
+    with storage.input_file(job.id) as input_path:
+        # Records written before output options existed mean the input's own format.
+        output = OutputOptions.from_dict(job.output) if job.output else default_output(read_info(input_path))
+        layout = stem_layout(model, input_path, job.stems, output)
+        if should_split(job, settings, model, layout):
+            start_split(job, attempt, context, lease, model, layout, input_path)
+            return None
+        return separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
+                             options=options, progress=lease.report_progress, output=output)
 
 
 def _abandon(job_id: str, attempt: int, stop: JobInterrupted, context: WorkerContext) -> None:
@@ -313,119 +241,8 @@ def _abandon(job_id: str, attempt: int, stop: JobInterrupted, context: WorkerCon
     else:
         storage.clear_stems(job_id, attempt)
     if stop.reason == "stopping":
-        _retry_while_redis_is_down(lambda: hand_back_job(context.jobs, context.celery,
+        retry_while_redis_is_down(lambda: hand_back_job(context.jobs, context.celery,
                                                          context.settings.queue, job_id, attempt))
     log.info("job %s attempt %d stopped: %s", job_id, attempt, stop)
 
 
-def _record(job_id: str, attempt: int, context: WorkerContext, write: tp.Callable[[], Job]) -> bool:
-    """Record a run's outcome; False when the job was cancelled, deleted or taken over
-    meanwhile (the run's files are then removed: they are nobody's)."""
-    try:
-        _retry_while_redis_is_down(write)
-        return True
-    except (IllegalTransition, JobNotFound) as exc:
-        log.warning("job %s attempt %d: outcome discarded: %s", job_id, attempt, exc.message)
-        gone = isinstance(exc, JobNotFound) or (not isinstance(exc, StaleAttempt)
-                                                and exc.details.get("status") == "cancelled")
-        if gone:
-            context.storage.delete_job(job_id)
-        else:
-            context.storage.clear_stems(job_id, attempt)
-        return False
-
-
-T = tp.TypeVar("T")
-
-
-def _retry_while_redis_is_down(write: tp.Callable[[], T], patience: float = FINAL_WRITE_PATIENCE_S) -> T:
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            return write()
-        except REDIS_DOWN as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("Redis unreachable (%s); retrying in %.0fs", exc, REDIS_RETRY_S)
-            time.sleep(REDIS_RETRY_S)
-
-
-class AttemptLease:
-    """One attempt's hold on its job while it runs.
-
-    A heartbeat thread renews the lease every `lease_s / HEARTBEATS_PER_LEASE`;
-    `report_progress` (the engine's progress callback) writes progress at most every
-    `PROGRESS_INTERVAL_S`, which renews the lease too. Either one learns when the attempt
-    must stop (job cancelled, deleted or taken over; the worker shutting down), and
-    `report_progress`/`check` then raise `JobInterrupted`. Redis being unreachable is not
-    a reason to stop: the writes are skipped until it is back.
-    """
-
-    def __init__(self, context: WorkerContext, job_id: str, attempt: int, worker: str,
-                 interval: float = PROGRESS_INTERVAL_S):
-        self.jobs, self.job_id, self.attempt, self.worker = context.jobs, job_id, attempt, worker
-        self.lease_s = context.settings.lease_s
-        self.holder = lease_holder(worker)
-        self.interval = interval
-        self._last_write = -float("inf")
-        self._interrupted: tp.Optional[JobInterrupted] = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id[:8]}", daemon=True)
-
-    def __enter__(self) -> "AttemptLease":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def check(self) -> None:
-        """Raise `JobInterrupted` if the attempt must stop."""
-        if self._interrupted is not None:
-            raise self._interrupted
-
-    def confirm(self) -> None:
-        """Renew the lease now and raise `JobInterrupted` if the attempt must stop."""
-        self._renew(None)
-        self.check()
-
-    def report_progress(self, progress: float) -> None:
-        """Record progress (rate-limited) and stop the run if it must stop."""
-        self.check()
-        now = time.monotonic()
-        if now - self._last_write >= self.interval:
-            self._last_write = now
-            self._renew(progress)
-            self.check()
-
-    def _beat(self) -> None:
-        # Beats on after learning that the run must stop: until the run reaches its next
-        # segment and hands the job back, the job is still its own.
-        period = self.lease_s / HEARTBEATS_PER_LEASE
-        while not self._done.wait(period):
-            self._renew(None)
-
-    def _renew(self, progress: tp.Optional[float]) -> None:
-        try:
-            self._write(progress)
-            if self.worker and self.jobs.redis.exists(keys.worker_stopping_key(self.worker)):
-                self._interrupt("stopping", f"worker {self.worker} is shutting down")
-        except REDIS_DOWN as exc:
-            log.warning("job %s: Redis unreachable, lease not renewed (%s)", self.job_id, exc)
-        except JobNotFound:
-            self._interrupt("deleted", "the job was deleted")
-        except StaleAttempt as exc:
-            self._interrupt("superseded", exc.message)
-        except IllegalTransition as exc:
-            status = exc.details.get("status")
-            self._interrupt("cancelled" if status == "cancelled" else "superseded",
-                            f"the job is {status}")
-
-    def _write(self, progress: tp.Optional[float]) -> None:
-        """Renew the lease and record `progress` (None: none), fenced by the attempt."""
-        self.jobs.heartbeat(self.job_id, self.attempt, self.lease_s, self.holder, progress=progress)
-
-    def _interrupt(self, reason: str, message: str) -> None:
-        if self._interrupted is None:
-            self._interrupted = JobInterrupted(reason, message)

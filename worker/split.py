@@ -17,13 +17,14 @@ operation (at most two windows overlap at 25% overlap, so even the rounding agre
 
 Splitting applies to one model pass: no shifts (each shift pass would need its own
 parts) and one sub-model with weight for the wanted sources (`single_pass`). Memory
-stays flat: parts hold about a segment of mix and of sums; files are read by memmap.
+stays flat: parts hold about a segment of mix and of sums; files are read and written
+a block at a time, never mapped or held whole.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import os
 import typing as tp
 from pathlib import Path
 
@@ -32,13 +33,15 @@ import torch
 from demucs.apply import BagOfModels
 from demucs.utils import center_trim
 
-from shared.atomic import PendingFile
+from shared.storage import PendingWrite, SplitFiles
 
 from .engine import SeparationOptions, StemLayout, StemSink, write_stems
 from .forward import Forward, ModelForward, batch_segments, plain_forward
 from .mix_io import BLOCK_FRAMES, MODEL_CHANNELS, MixStats, measure_mix
 from .roformer import is_roformer
 from .streaming import MixBuffer, Window, segment_length, stream_windows, triangular_weight, window_count
+
+FLOAT32_BYTES = 4
 
 MIX_FILE = "mix.f32"
 """The model-rate mix, raw float32 `[frames, 2]`, written once by the first pass."""
@@ -115,9 +118,8 @@ class MixFileWriter:
     """Keeps the model-rate mix of the first pass (`measure_mix`'s `on_block`), under a
     temporary name until `close(complete=True)` publishes it."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._pending = PendingFile(path)
+    def __init__(self, pending: PendingWrite):
+        self._pending = pending
         self._file = open(self._pending.temporary, "wb")
 
     def __call__(self, block: np.ndarray) -> None:
@@ -131,24 +133,38 @@ class MixFileWriter:
             self._pending.discard()
 
 
-def read_mix(path: Path, start: int, stop: int) -> tp.Iterator[np.ndarray]:
-    """Mix positions `[start, stop)` of a mix file as float32 `[frames, 2]` blocks."""
-    frames = os.path.getsize(path) // (4 * MODEL_CHANNELS)
-    mix = np.memmap(path, dtype=np.float32, mode="r", shape=(frames, MODEL_CHANNELS))
-    for first in range(start, stop, BLOCK_FRAMES):
-        yield np.array(mix[first:min(stop, first + BLOCK_FRAMES)])
+def read_mix(files: SplitFiles, start: int, stop: int) -> tp.Iterator[np.ndarray]:
+    """Mix positions `[start, stop)` of the mix file as float32 `[frames, 2]` blocks, read
+    a block at a time (a memory map would keep every page read resident)."""
+    with files.open(MIX_FILE) as file:
+        yield from read_frames(file, start, stop, MODEL_CHANNELS)
 
 
-def part_paths(folder: Path, index: int) -> tuple[Path, Path]:
+def read_frames(file: tp.BinaryIO, start: int, stop: int, width: int,
+                block_frames: int = BLOCK_FRAMES) -> tp.Iterator[np.ndarray]:
+    """Rows `[start, stop)` of a raw float32 file of `width`-wide rows, as `[frames, width]`
+    blocks of at most `block_frames` rows."""
+    row_bytes = FLOAT32_BYTES * width
+    file.seek(start * row_bytes)
+    for first in range(start, stop, block_frames):
+        frames = min(stop, first + block_frames) - first
+        data = file.read(frames * row_bytes)
+        if len(data) != frames * row_bytes:
+            raise RuntimeError(f"{getattr(file, 'name', 'a split file')} ended at row "
+                               f"{first + len(data) // row_bytes}, before row {stop}")
+        yield np.frombuffer(data, dtype=np.float32).reshape(frames, width)
+
+
+def part_names(index: int) -> tuple[str, str]:
     """A finished part's files: weighted sums `[frames, sources * 2]` and weights `[frames]`."""
-    return folder / f"part-{index}.sum.f32", folder / f"part-{index}.weight.f32"
+    return f"part-{index}.sum.f32", f"part-{index}.weight.f32"
 
 
 class _PartFiles:
-    """A part's sums and weights, appended in order under hidden names, renamed when complete."""
+    """A part's sums and weights, appended in order under hidden names, published when complete."""
 
-    def __init__(self, folder: Path, index: int):
-        self._pending = [PendingFile(path) for path in part_paths(folder, index)]
+    def __init__(self, files: SplitFiles, index: int):
+        self._pending = [files.pending(name) for name in part_names(index)]
         self._files = [open(pending.temporary, "wb") for pending in self._pending]
 
     def write(self, sums: torch.Tensor, weights: torch.Tensor) -> None:
@@ -168,20 +184,22 @@ class _PartFiles:
 
 @torch.inference_mode()
 def separate_part(chosen: SinglePass, part: Part, length: int, overlap: float, stats: MixStats,
-                  mix_path: Path, folder: Path, *, forward: Forward = plain_forward, batch_segments: int = 1,
+                  files: SplitFiles, *, forward: Forward = plain_forward, batch_segments: int = 1,
                   device: str = "cpu", on_windows: tp.Optional[tp.Callable[[int], None]] = None) -> None:
     """Run a part's windows over the normalised mix and write its weighted sums and
-    weights (`part_paths(folder, part.index)`), as `worker.streaming._Pass` accumulates
+    weights (`part_names(part.index)`), as `worker.streaming._Pass` accumulates
     them before dividing."""
     model = chosen.model
     windows = part_windows(model, length, overlap, part)
-    blocks = (stats.normalise(block) for block in read_mix(mix_path, part.read_start, part.read_stop))
+    blocks = (stats.normalise(block) for block in read_mix(files, part.read_start, part.read_stop))
     mix = MixBuffer(blocks, length, MODEL_CHANNELS, start=part.read_start)
     weight = triangular_weight(segment_length(model), torch.device(device))
-    sums = torch.zeros(len(chosen.source_indices), model.audio_channels, part.frames)
-    weights = torch.zeros(part.frames)
-    written = 0  # part positions already handed to the files
-    files = _PartFiles(folder, part.index)
+    # The sums and weights are held only from the first position not yet written to the
+    # last one a window reached (about a segment), not over the whole part.
+    sums = torch.zeros(len(chosen.source_indices), model.audio_channels, 0)
+    weights = torch.zeros(0)
+    written = 0  # part positions already handed to the files (`sums[..., 0]` is this one)
+    part_files = _PartFiles(files, part.index)
     complete = False
     try:
         position = 0
@@ -196,13 +214,17 @@ def separate_part(chosen: SinglePass, part: Part, length: int, overlap: float, s
             outputs = forward(model, inputs)
             for window, out in zip(batch, outputs):
                 out = center_trim(out[chosen.source_indices], window.length)
-                lo, n = window.offset - part.start, window.length
+                lo, n = window.offset - part.start - written, window.length
+                if (grow := lo + n - weights.shape[0]) > 0:
+                    sums = torch.cat([sums, sums.new_zeros(*sums.shape[:-1], grow)], -1)
+                    weights = torch.cat([weights, weights.new_zeros(grow)])
                 # apply_model weights on the model's device, then accumulates on the mix's.
                 sums[..., lo:lo + n] += (weight[:n] * out).cpu()
                 weights[lo:lo + n] += weight[:n].cpu()
             # Positions before the next window are complete for this part.
             done = windows[position].offset - part.start if position < len(windows) else part.frames
-            files.write(sums[..., written:done], weights[written:done])
+            part_files.write(sums[..., :done - written], weights[:done - written])
+            sums, weights = sums[..., done - written:].clone(), weights[done - written:].clone()
             written = done
             if position < len(windows):
                 mix.release(windows[position].start)
@@ -210,40 +232,57 @@ def separate_part(chosen: SinglePass, part: Part, length: int, overlap: float, s
                 on_windows(len(batch))
         complete = True
     finally:
-        files.close(complete)
+        part_files.close(complete)
 
 
 @torch.inference_mode()
-def merge_parts(chosen: SinglePass, parts: tp.Sequence[Part], length: int, folder: Path,
+def merge_parts(chosen: SinglePass, parts: tp.Sequence[Part], length: int, files: SplitFiles,
                 block_frames: int = BLOCK_FRAMES) -> tp.Iterator[torch.Tensor]:
     """The normalised estimate `[sources, 2, frames]`, in blocks covering the mix in
     order, from the parts' files: sums and weights added where parts overlap, divided,
     and weighted as `StreamingSeparator` combines one pass."""
     sources = len(chosen.source_indices)
-    files = []
-    for part in parts:
-        sums_path, weights_path = part_paths(folder, part.index)
-        files.append((part, np.memmap(sums_path, dtype=np.float32, mode="r",
-                                      shape=(part.frames, sources * MODEL_CHANNELS)),
-                      np.memmap(weights_path, dtype=np.float32, mode="r", shape=(part.frames,))))
-    for start in range(0, length, block_frames):
-        stop = min(length, start + block_frames)
-        total = torch.zeros(sources, MODEL_CHANNELS, stop - start)
-        weight = torch.zeros(stop - start)
-        for part, sums, weights in files:
-            lo, hi = max(start, part.start), min(stop, part.stop)
-            if lo < hi:
-                piece = torch.from_numpy(np.array(sums[lo - part.start:hi - part.start]))
-                total[..., lo - start:hi - start] += piece.reshape(hi - lo, sources, MODEL_CHANNELS).permute(1, 2, 0)
-                weight[lo - start:hi - start] += torch.from_numpy(np.array(weights[lo - part.start:hi - part.start]))
-        out = total / weight
-        # StreamingSeparator._combine for a single pass, in the same order.
-        for k, source_weight in enumerate(chosen.weights):
-            out[k] *= source_weight
-        estimates = 0. + out
-        for k, source_total in enumerate(chosen.totals):
-            estimates[k] /= source_total
-        yield estimates
+    width = sources * MODEL_CHANNELS
+    with contextlib.ExitStack() as opened:
+        # Parts are read in order, a block at a time: each part's two files are streamed
+        # once, front to back, never mapped or held whole.
+        readers = []
+        for part in parts:
+            sums_name, weights_name = part_names(part.index)
+            readers.append((part, read_frames(opened.enter_context(files.open(sums_name)), 0, part.frames, width),
+                            read_frames(opened.enter_context(files.open(weights_name)), 0, part.frames, 1)))
+        pending = {part.index: (np.zeros((0, width), np.float32), np.zeros((0, 1), np.float32)) for part in parts}
+        for start in range(0, length, block_frames):
+            stop = min(length, start + block_frames)
+            total = torch.zeros(sources, MODEL_CHANNELS, stop - start)
+            weight = torch.zeros(stop - start)
+            for part, sums_blocks, weights_blocks in readers:
+                lo, hi = max(start, part.start), min(stop, part.stop)
+                if lo < hi:
+                    sums, weights = _take_rows(pending, part.index, sums_blocks, weights_blocks, hi - lo)
+                    piece = torch.from_numpy(sums)
+                    total[..., lo - start:hi - start] += piece.reshape(hi - lo, sources, MODEL_CHANNELS).permute(1, 2, 0)
+                    weight[lo - start:hi - start] += torch.from_numpy(weights[:, 0])
+            out = total / weight
+            # StreamingSeparator._combine for a single pass, in the same order.
+            for k, source_weight in enumerate(chosen.weights):
+                out[k] *= source_weight
+            estimates = 0. + out
+            for k, source_total in enumerate(chosen.totals):
+                estimates[k] /= source_total
+            yield estimates
+
+
+def _take_rows(pending: dict, index: int, sums_blocks: tp.Iterator[np.ndarray],
+               weights_blocks: tp.Iterator[np.ndarray], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next `rows` rows of part `index`'s sums and weights (blocks of the files do not
+    line up with the merge's blocks, so what is read beyond stays in `pending`)."""
+    sums, weights = pending[index]
+    while len(sums) < rows:
+        sums = np.concatenate([sums, next(sums_blocks)])
+        weights = np.concatenate([weights, next(weights_blocks)])
+    pending[index] = sums[rows:], weights[rows:]
+    return sums[:rows], weights[:rows]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,14 +302,14 @@ class SplitPlan:
 
 
 def prepare_split(model: torch.nn.Module, input_path: Path, layout: StemLayout, overlap: float,
-                  part_frames: int, folder: Path,
+                  part_frames: int, files: SplitFiles,
                   progress: tp.Optional[tp.Callable[[float], None]] = None) -> SplitPlan:
-    """The first pass over the whole input: keep the model-rate mix in `folder` (which
-    must exist: `JobStorage.make_split_dir`) and
-    measure its mean and deviation; then cut the windows into parts."""
+    """The first pass over the whole input: keep the model-rate mix in `files`
+    (`Storage.begin_split`) and measure its mean and deviation; then cut the windows
+    into parts."""
     chosen = single_pass(model, layout.sources)
     assert chosen is not None and not layout.by_pairs, "not a splittable job"
-    keeper = MixFileWriter(folder / MIX_FILE)
+    keeper = MixFileWriter(files.pending(MIX_FILE))
     complete = False
     try:
         stats = measure_mix(input_path, model.samplerate, layout.matrix, progress=progress, on_block=keeper)
@@ -280,25 +319,25 @@ def prepare_split(model: torch.nn.Module, input_path: Path, layout: StemLayout, 
     return SplitPlan(stats, overlap, plan_parts(chosen.model, stats.length, overlap, part_frames))
 
 
-def run_part(model: torch.nn.Module, layout: StemLayout, plan: SplitPlan, index: int, folder: Path,
+def run_part(model: torch.nn.Module, layout: StemLayout, plan: SplitPlan, index: int, files: SplitFiles,
              options: SeparationOptions, on_windows: tp.Optional[tp.Callable[[int], None]] = None) -> None:
-    """Run part `index` of a prepared split into `folder`, in the job's device and precision."""
+    """Run part `index` of a prepared split into `files`, in the job's device and precision."""
     chosen = single_pass(model, layout.sources)
     assert chosen is not None
     model.to(options.device)
-    separate_part(chosen, plan.parts[index], plan.stats.length, plan.overlap, plan.stats, folder / MIX_FILE,
-                  folder, forward=ModelForward(options.device, options.precision),
+    separate_part(chosen, plan.parts[index], plan.stats.length, plan.overlap, plan.stats, files,
+                  forward=ModelForward(options.device, options.precision),
                   batch_segments=batch_segments(options.batch_segments, options.device),
                   device=options.device, on_windows=on_windows)
 
 
 def merge_split(model: torch.nn.Module, input_path: Path, layout: StemLayout, plan: SplitPlan,
-                folder: Path, sink: StemSink) -> list[str]:
-    """Merge the finished parts in `folder` and write and publish the job's stems through
+                files: SplitFiles, sink: StemSink) -> list[str]:
+    """Merge the finished parts in `files` and write and publish the job's stems through
     `sink`, as the unsplit run would; returns the names written."""
     chosen = single_pass(model, layout.sources)
     assert chosen is not None
-    estimates = merge_parts(chosen, plan.parts, plan.stats.length, folder)
+    estimates = merge_parts(chosen, plan.parts, plan.stats.length, files)
     write_stems(estimates, plan.stats, model.samplerate, input_path, layout.names, layout.sources, sink,
                 layout.output, layout.frames, layout.channels, layout.matrix)
     for name in layout.names:

@@ -17,7 +17,7 @@ import soundfile as sf
 from shared.atomic import PendingFile
 from shared.audio import PCM_SCALES, AudioReader, AudioWriter, disk_full_as_os_error, quantize
 from shared.output import OutputOptions
-from shared.storage import JobStorage
+from shared.storage import Storage
 
 MP3_MAX_BITRATE = 320
 MP3_MIN_BITRATE = 32
@@ -77,7 +77,7 @@ class JobStemSink:
     """The engine's sink for one attempt of a job: temporary files in that attempt's stem
     folder, published (flushed and renamed, `shared.atomic`) only when complete."""
 
-    def __init__(self, storage: JobStorage, job_id: str, output: OutputOptions, attempt: int = 0):
+    def __init__(self, storage: Storage, job_id: str, output: OutputOptions, attempt: int = 0):
         self.storage, self.job_id, self.output, self.attempt = storage, job_id, output, attempt
         self.rescaling = output.clip == "rescale" and output.clips
         self._kept: dict[str, tuple[_PeakTrackingWriter, PendingFile, int, int, int]] = {}

@@ -38,3 +38,7 @@ for _name in list(os.environ):  # a developer's own DEMIX_* settings must not le
 
 UNCONSUMED_QUEUE = "demix-tests-unconsumed"
 """The queue the `idle_server` fixture's API sends jobs to and no worker consumes."""
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demix-tests", "AWS_SECRET_ACCESS_KEY": "demix-tests-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+"""Dummy credentials for the test S3 server: it accepts any (boto3 still needs some to sign)."""
