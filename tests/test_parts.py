@@ -218,3 +218,15 @@ def test_splitting_applies_to_long_single_pass_jobs_unless_switched_off(settings
     assert not should_split(job, dataclasses.replace(settings, split_s=2, shifts=1), model, layout)
     eight = write_wav(tmp_path / "eight.wav", 8000, 8, 3.0)
     assert not should_split(job, dataclasses.replace(settings, split_s=2), model, stem_layout(model, eight, "vocals"))
+
+
+def test_roformer_jobs_run_whole(settings, tmp_path):
+    from tests.roformer_fixtures import reference_model
+    from worker.engine import stem_layout
+    from worker.parts import should_split
+
+    model = reference_model("bs_roformer")
+    path = write_wav(tmp_path / "in.wav", 8000, 2, 3.0)
+    job = Job(id=new_job_id(), status=JobStatus.RUNNING, stems="vocals", model="tiny", samplerate=8000,
+              channels=2, frames=24000, created_at=0.0)
+    assert not should_split(job, dataclasses.replace(settings, split_s=2), model, stem_layout(model, path, "vocals"))

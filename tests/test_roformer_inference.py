@@ -224,3 +224,17 @@ def test_a_gpu_separates_close_to_the_cpu(model, tmp_path, precision):
         error = gpu.stem(name) - cpu.stem(name)
         snr = 10 * np.log10(np.sum(cpu.stem(name) ** 2) / max(np.sum(error ** 2), 1e-30))
         assert snr > (60 if precision == "fp32" else 20)
+
+
+def test_a_mono_network_separates_each_channel_on_its_own():
+    from worker.roformer import BSRoformer
+
+    torch.manual_seed(0)
+    mono = BSRoformer(16, depth=1, stereo=False, num_stems=2, freqs_per_bands=(64, 65), stft_n_fft=256,
+                      stft_hop_length=64, stft_win_length=256, dim_head=8, heads=2).eval()
+    part = torch.randn(2, 1280)
+    estimate = network_runner(mono, [1], plain_forward)(part)
+    with torch.inference_mode():
+        expected = torch.cat([mono(part[channel:channel + 1][None])[0, 1] for channel in range(2)])
+    assert estimate.shape == (1, 2, 1280)
+    assert torch.allclose(estimate[0], expected, atol=1e-6)

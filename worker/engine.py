@@ -10,7 +10,9 @@ the job's device and precision (`worker.forward`).
 
 A RoFormer (`worker.roformer`) takes the same path around a different core: no
 normalisation, and MSST's windowed demix (`worker.roformer.inference`) in place of
-`StreamingSeparator`; it reads the input once through the model.
+`StreamingSeparator`, so it reads the input once through the model. Its windows are its
+config's (`chunk_size`, `num_overlap`), one per forward: the options' `shifts`,
+`overlap` and `batch_segments` are Demucs' and do not apply to it.
 
 Nothing holds the whole track: the input is streamed twice (once for its mean and
 standard deviation, once through the model) and, for one stem `X`, a third time in
@@ -189,8 +191,9 @@ def write_stems(estimates: tp.Iterable[torch.Tensor], stats: tp.Optional[MixStat
                 output: OutputOptions, frames: int, channels: int,
                 matrix: tp.Optional[np.ndarray] = None) -> None:
     """De-normalise the model's normalised `[sources, channels, frames]` estimate blocks
-    (in order, covering the mix; `stats` None: they are not normalised) and write them as closed, unpublished stems in `sink`
-    at the output's rate, channels and length; `no_X` from the input alongside."""
+    (in order, covering the mix; with `stats` None they are not normalised) and write
+    them as closed, unpublished stems in `sink` at the output's rate, channels and
+    length; `no_X` from the input alongside."""
     subtype = output.grid_subtype
     outputs = {name: StemOutput(model_samplerate, output.samplerate, channels, frames, subtype)
                for name in sources}

@@ -32,6 +32,7 @@ from shared.storage import disk_full_error
 
 from .engine import MODEL_SHARE, STATS_SHARE, StemLayout, stem_layout
 from .models import resolve_device
+from .roformer import is_roformer
 from .runner import (AttemptLease, JobInterrupted, WorkerContext, _record, _retry_while_redis_is_down,
                      job_model_spec, lease_holder, separation_options)
 from .split import SplitPlan, merge_split, part_windows_total, prepare_split, run_part, single_pass
@@ -45,9 +46,10 @@ PLAN_FILE = "plan.json"
 def should_split(job: Job, settings: Settings, model: torch.nn.Module, layout: StemLayout) -> bool:
     """Whether the job runs as parts: longer than `DEMIX_SPLIT_S` (when set), one model
     pass (no shifts, one sub-model with weight for the stems), at most two channels (or
-    their stereo downmix)."""
+    their stereo downmix), a Demucs model (the split's plan is Demucs' segments and
+    normalisation; a RoFormer runs whole)."""
     return (settings.split_s > 0 and job.duration > settings.split_s and not layout.by_pairs
-            and single_pass(model, layout.sources, settings.shifts) is not None)
+            and not is_roformer(model) and single_pass(model, layout.sources, settings.shifts) is not None)
 
 
 def start_split(job: Job, attempt: int, context: WorkerContext, lease: AttemptLease,

@@ -160,7 +160,7 @@ def network_runner(model: RoformerNetwork, sources: tp.Sequence[int], forward: F
                 estimate = estimate[:, :, 0].transpose(0, 1)
             else:
                 estimate = forward(model, part[None])[0]
-            return estimate.index_select(0, chosen).float().cpu()
+            return estimate.index_select(0, chosen.to(estimate.device)).float().cpu()
 
     return run
 
