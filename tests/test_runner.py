@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import shutil
 import time
 
 import pytest
 
+from shared import keys
 from shared.atomic import is_temporary
 from shared.audio import AudioWriter, read_info
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
@@ -240,3 +242,15 @@ def test_a_run_whose_job_folder_disappears_mid_write_stops_without_recreating_it
     monkeypatch.setattr(AudioWriter, "write", delete_the_job_then_write)
     run_job(job_id, context)
     assert not context.storage.job_dir(job_id).exists()
+
+
+def test_a_job_of_a_model_this_worker_does_not_serve_fails_saying_why(context, tmp_path):
+    """Only when DEMIX_MODELS differs between the API and the worker can a job reach a
+    worker that does not serve its model: it fails at once instead of running another model."""
+    job_id = queued_job(context, tmp_path)
+    context.jobs.redis.hset(keys.job_key(job_id), "model", json.dumps("htdemucs_6s"))
+    run_job(job_id, context)
+    job = context.jobs.get(job_id)
+    assert job.status is JobStatus.FAILED and job.error["code"] == "model_unavailable"
+    assert "model 'htdemucs_6s' is not served by the worker" in job.error["message"]
+    assert context.models.loads == 0

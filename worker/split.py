@@ -38,7 +38,6 @@ from shared.storage import PendingWrite, SplitFiles
 from .engine import SeparationOptions, StemLayout, StemSink, write_stems
 from .forward import Forward, ModelForward, batch_segments, plain_forward
 from .mix_io import BLOCK_FRAMES, MODEL_CHANNELS, MixStats, measure_mix
-from .roformer import is_roformer
 from .streaming import MixBuffer, Window, segment_length, stream_windows, triangular_weight, window_count
 
 FLOAT32_BYTES = 4
@@ -59,7 +58,7 @@ class SinglePass:
 def single_pass(model: torch.nn.Module, sources: tp.Sequence[str], shifts: int = 0) -> tp.Optional[SinglePass]:
     """The single pass that makes `sources` of `model`, or None when there are several
     (shifts, or more than one sub-model with weight for them): those jobs run unsplit."""
-    if shifts or is_roformer(model):  # a RoFormer's windows are MSST's, not Demucs' segments
+    if shifts:
         return None
     if isinstance(model, BagOfModels):
         sub_models, bag_weights = list(model.models), model.weights
