@@ -35,7 +35,7 @@ from cli.argv import worker_argv  # noqa: E402
 from cli.processes import popen_child, stop_process  # noqa: E402
 from cli.redis_server import RedisServer  # noqa: E402
 from testkit.synthetic_audio import write_wav  # noqa: E402
-from tests.s3_server import S3Server  # noqa: E402
+from testkit.s3_server import S3Server  # noqa: E402
 from testkit.tiny_models import write_tiny_repo  # noqa: E402
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -53,7 +53,7 @@ def run(scratch: Path, env: dict[str, str], workers: int, wav: Path, label: str)
     from shared.jobs import Job, JobStatus, JobStore, new_job_id
     from shared.lifecycle import enqueue_job
     from shared.output import resolve_output
-    from shared.storage import make_storage
+    from shared.services import make_storage
 
     # Over S3 every process has its own data folder; on local disk they must share one.
     shared_nothing = bool(env.get("DEMIX_STORAGE"))

@@ -13,7 +13,7 @@ from .celery_app import make_celery
 from .config import Settings
 from .jobs import JobStore
 from .limits import ActiveJobLimit
-from .storage import Storage, make_storage
+from .storage import JobStorage, Storage
 from .webhooks import WebhookQueue
 
 REDIS_CONNECT_TIMEOUT_S = 5
@@ -63,3 +63,13 @@ def build_services(settings: Settings, celery: tp.Any = None) -> Services:
         celery=celery if celery is not None else make_celery(settings),
         limits=ActiveJobLimit(client, settings.max_active_jobs_per_key),
     )
+
+
+def make_storage(settings: tp.Any) -> Storage:
+    """The storage the settings name: `DEMIX_STORAGE=s3://bucket/prefix` for a bucket, else
+    the local folder `DEMIX_DATA_DIR`."""
+    location = getattr(settings, "storage", "") or ""
+    if location.startswith("s3://"):
+        from .object_storage import ObjectStorage  # boto3 is needed only then
+        return ObjectStorage.from_settings(settings)
+    return JobStorage(settings.data_dir)

@@ -404,16 +404,6 @@ def _last_modified(folder: Path) -> float:
     return latest
 
 
-def make_storage(settings: tp.Any) -> Storage:
-    """The storage the settings name: `DEMIX_STORAGE=s3://bucket/prefix` for a bucket, else
-    the local folder `DEMIX_DATA_DIR`."""
-    location = getattr(settings, "storage", "") or ""
-    if location.startswith("s3://"):
-        from .object_storage import ObjectStorage  # boto3 is needed only then
-        return ObjectStorage.from_settings(settings)
-    return JobStorage(settings.data_dir)
-
-
 def disk_free_bytes(path: Path) -> int:
     """Bytes an unprivileged process can still write on `path`'s filesystem."""
     return shutil.disk_usage(path).free

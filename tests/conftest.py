@@ -154,7 +154,7 @@ def snapshot(idle_server, redis_client) -> tp.Callable[[], bool]:
 @pytest.fixture(scope="session")
 def s3_server() -> tp.Iterator[tp.Any]:
     """A real S3-compatible server (SeaweedFS `weed mini`) on 127.0.0.1, started on first use."""
-    from tests.support.s3_server import S3Server
+    from testkit.s3_server import S3Server
 
     server = S3Server(SESSION_DIR / "s3").start()
     try:

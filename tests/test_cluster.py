@@ -26,7 +26,7 @@ from shared.config import Settings
 from shared.jobs import JobStore
 from shared.output import OutputOptions
 from shared.splits import SplitStore
-from shared.storage import make_storage
+from shared.services import make_storage
 from tests.support import waiting
 from testkit.synthetic_audio import write_wav
 from tests.support.environment import S3_CREDENTIALS

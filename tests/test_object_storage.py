@@ -18,7 +18,7 @@ from shared.object_storage import ObjectStorage, parse_location
 from shared.output import resolve_output
 from shared.audio import read_info
 from shared.retention import sweep_abandoned_uploads, sweep_orphaned_job_folders
-from shared.storage import make_storage
+from shared.services import make_storage
 from testkit.synthetic_audio import write_wav
 from tests.support.memory_sink import MemorySink
 from tests.support.memory_sink import max_difference, unsplit_run
@@ -166,7 +166,7 @@ def test_a_split_run_through_the_bucket_equals_the_unsplit_run(storage, tmp_path
 
 
 def test_a_store_that_stays_down_fails_with_storage_unavailable(storage, tmp_path):
-    from tests.s3_server import free_ports
+    from testkit.s3_server import free_ports
 
     down = ObjectStorage(boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_ports(1)[0]}",
                                       config=Config(retries={"max_attempts": 2, "mode": "standard"},
