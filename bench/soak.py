@@ -184,8 +184,12 @@ class Chaos:
     """
 
     def __init__(self, service: LiveService, period_s: float, redis_kills: int, seed: int = 0,
-                 for_s: tp.Optional[float] = None):
+                 for_s: tp.Optional[float] = None, every_jobs: int = 0,
+                 finished: tp.Callable[[], int] = lambda: 0):
         self.service, self.period_s, self.redis_kills, self.for_s = service, period_s, redis_kills, for_s
+        # every_jobs > 0: strike after every that many finished jobs instead of every period_s,
+        # so a short run meets its kills however fast the machine is.
+        self.every_jobs, self.finished = every_jobs, finished
         self.random = random.Random(seed)
         self.kills: collections.Counter = collections.Counter()
         self._stop = threading.Event()
@@ -199,15 +203,25 @@ class Chaos:
         self._stop.set()
         self._thread.join()
 
+    def _next_strike(self, strike: int) -> bool:
+        """Wait for the next strike's time (or job count); False once stopped."""
+        if not self.every_jobs:
+            return not self._stop.wait(self.period_s)
+        while self.finished() < (strike + 1) * self.every_jobs:
+            if self._stop.wait(0.1):
+                return False
+        return True
+
     def _loop(self) -> None:
         strike, started = 0, time.monotonic()
-        while not self._stop.wait(self.period_s):
+        while self._next_strike(strike):
             if self.for_s is not None and time.monotonic() - started > self.for_s:
                 print("  chaos: over; the backlog drains", flush=True)
                 return
             strike += 1
             self._kill_a_worker()
-            if strike % 3 == 2 and self.kills["redis"] < self.redis_kills and not self._stop.wait(self.period_s / 2):
+            if strike % 3 == 2 and self.kills["redis"] < self.redis_kills and \
+                    not self._stop.wait(0 if self.every_jobs else self.period_s / 2):
                 self._kill(redis_process(self.service), "redis")
 
     def _kill_a_worker(self) -> None:
@@ -293,7 +307,12 @@ def soak(service: LiveService, storage: JobStorage, args: argparse.Namespace) ->
     deadline = time.monotonic() + FINISH_TIMEOUT_S
     threads = [threading.Thread(target=client, args=(service.url, upload, numbers, lock, results, deadline),
                                 daemon=True) for _ in range(args.clients)]
-    with Chaos(service, args.kill_every, args.redis_kills, seed=args.seed, for_s=args.chaos_for) as chaos:
+    def finished_jobs() -> int:
+        with lock:
+            return sum(1 for s in results if s.final is not None)
+
+    with Chaos(service, args.kill_every, args.redis_kills, seed=args.seed, for_s=args.chaos_for,
+               every_jobs=args.kill_every_jobs, finished=finished_jobs) as chaos:
         for thread in threads:
             thread.start()
         while any(thread.is_alive() for thread in threads):
@@ -340,6 +359,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=1.0, help="length of each WAV")
     parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between two worker kills")
+    parser.add_argument("--kill-every-jobs", type=int, default=0,
+                        help="kill a worker after every N finished jobs instead of every --kill-every seconds")
     parser.add_argument("--redis-kills", type=int, default=1)
     parser.add_argument("--chaos-for", type=float, help="seconds of kills, then the backlog drains "
                         "(default: kills until every job finished)")

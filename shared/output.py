@@ -140,15 +140,15 @@ def resolve_output(form: tp.Mapping[str, str], info: AudioInfo) -> OutputOptions
             raise BadRequest(f"samplerate {samplerate} is outside {MIN_SAMPLERATE}..{MAX_SAMPLERATE} Hz",
                              code="invalid_output")
 
-    bitrate = 320
+    # Checked whatever the format (the spec says which values exist), used only by MP3.
+    try:
+        bitrate = int(field("bitrate", "320"))
+    except ValueError:
+        bitrate = -1
+    if bitrate not in MP3_BITRATES:
+        raise BadRequest(f"bitrate must be one of {', '.join(map(str, MP3_BITRATES))} (kbit/s)",
+                         code="invalid_output")
     if fmt == "mp3":
-        try:
-            bitrate = int(field("bitrate", "320"))
-        except ValueError:
-            bitrate = -1
-        if bitrate not in MP3_BITRATES:
-            raise BadRequest(f"bitrate must be one of {', '.join(map(str, MP3_BITRATES))} (kbit/s)",
-                             code="invalid_output")
         if samplerate not in MP3_SAMPLERATES:
             raise BadRequest(f"MP3 cannot store {samplerate} Hz; use one of "
                              f"{', '.join(map(str, MP3_SAMPLERATES))}", code="invalid_output")

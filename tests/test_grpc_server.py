@@ -152,6 +152,7 @@ def test_audio_over_the_upload_limit_is_resource_exhausted(grpc_client_dir, redi
         server.stop(grace=None).wait()
 
 
+@pytest.mark.processes
 def test_redis_down_is_unavailable(grpc_client_dir, settings, tmp_path):
     down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     services = build_services(down)
@@ -251,6 +252,7 @@ def test_with_api_keys_a_call_needs_one_and_its_job_is_the_keys(grpc_client_dir,
         services.jobs.redis.close()
 
 
+@pytest.mark.processes
 def test_the_grpc_server_does_not_load_flask():
     """Both doors stand on `shared` as equals: the gRPC server never imports the HTTP API."""
     loaded = subprocess.run(

@@ -29,7 +29,7 @@ from testkit.tiny_models import (TINY_DRUM_PARTS, TINY_DRUMSEP, TINY_MODEL, TINY
                                  write_tiny_repo, write_tiny_roformer)
 from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.processes]
 
 QUEUE = "routing"
 MODELS = f"{TINY_MODEL},{TINY_DRUMSEP},{TINY_VOCALS}"

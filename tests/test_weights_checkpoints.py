@@ -174,6 +174,7 @@ def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.processes
 def test_demix_models_add_pull_and_list(tmp_path, tiny_drumsep):
     checkpoint, config = tiny_drumsep
     data = tmp_path / "data"

