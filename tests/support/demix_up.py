@@ -33,7 +33,7 @@ def processes_with_marker(marker: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def demix_up(tmp_path: Path, ready_timeout: float = 120, stop_signal: int = signal.SIGINT,
+def demix_up(tmp_path: Path, ready_timeout: float = 300, stop_signal: int = signal.SIGINT,
              **settings: str) -> tp.Iterator[tuple[str, list, str]]:
     """Run `demix up` with a fresh data dir until the block ends, then Ctrl-C it (or send
     `stop_signal`) and check it exits 0 leaving no process behind. Yields (url, output
