@@ -1,29 +1,32 @@
 """Child processes that never outlive their parent."""
 from __future__ import annotations
 
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import typing as tp
+from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # Linux delivers SIGTERM to the child if the parent dies, even by SIGKILL.
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
+_TIE_TO_PARENT = Path(__file__).with_name("tie_to_parent.py")
 
 
 def popen_child(args: tp.Sequence[str], **kwargs: tp.Any) -> subprocess.Popen:
     """Start `args` in its own process group (a terminal's Ctrl-C reaches only us, and
-    we stop the children in order) and tied to our lifetime."""
-    return subprocess.Popen(list(args), start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
+    we stop the children in order) and, on Linux, tied to our lifetime: it gets SIGTERM
+    when we die, even by SIGKILL (`tie_to_parent.py` says how, and why not `preexec_fn`).
+
+    Raises:
+        FileNotFoundError: the program does not exist, as `subprocess.Popen` would.
+    """
+    args = list(args)
+    program = shutil.which(args[0], path=(kwargs.get("env") or os.environ).get("PATH"))
+    if program is None:
+        raise FileNotFoundError(f"no such program: {args[0]}")
+    if sys.platform.startswith("linux"):
+        args = [sys.executable, "-I", "-S", str(_TIE_TO_PARENT), str(os.getpid()), program, *args[1:]]
+    return subprocess.Popen(args, start_new_session=True, **kwargs)
 
 
 def stop_process(process: subprocess.Popen, timeout: float, sig: int = signal.SIGTERM) -> tp.Optional[int]:

@@ -107,7 +107,8 @@ class RedisServer:
         """Whether the server answers PING now."""
         import redis
 
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=1)
+        # The address it binds, not `localhost`, which may resolve to ::1 first.
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=1)
         try:
             return bool(client.ping())
         except redis.exceptions.RedisError:

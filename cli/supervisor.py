@@ -39,6 +39,10 @@ loading and warming its model)."""
 TICK_S = 0.5
 """How often the supervisor looks at its parts."""
 
+WAITING_NOTICE_S = 30.0
+"""While the service is not yet ready, how often `demix up` says what it still waits for
+(a worker loading a large model takes a while; silence would look like a hang)."""
+
 OUTPUT_TAIL_LINES = 15
 """Lines of a part's output kept to show why it keeps failing."""
 
@@ -182,13 +186,19 @@ class Supervisor:
         Raises:
             ServiceFailed: an essential part is broken, or the service did not answer in time.
         """
-        deadline = time.monotonic() + ready_timeout_s
+        started = time.monotonic()
+        deadline = started + ready_timeout_s
+        next_notice = started + WAITING_NOTICE_S
         announced = False
         while not stop.is_set():
             self.tick()
             if not announced and self.settled():
                 on_ready()
                 announced = True
+            elif not announced and time.monotonic() >= next_notice:
+                self.say(f"waiting for {' and '.join(self.waiting_for())} to answer "
+                         f"({time.monotonic() - started:.0f}s so far, at most {ready_timeout_s:.0f}s)")
+                next_notice += WAITING_NOTICE_S
             elif not announced and time.monotonic() > deadline:
                 missing = self.waiting_for()
                 if any(self.states[name].part.essential for name in missing):
