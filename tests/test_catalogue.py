@@ -73,24 +73,3 @@ def test_the_catalogue_counts_warm_workers_per_model_and_skips_failed_loads(tmp_
     assert entries["htdemucs_6s"]["stems"][-2:] == ["guitar", "piano"]
     assert entries["htdemucs"]["default"] and not entries["htdemucs_6s"]["default"]
     assert entries["mel_band_roformer_kim"]["queue"] == "demix.mel_band_roformer_kim"
-
-
-def test_entries_of_this_hosts_dead_processes_are_forgotten(redis_client):
-    import socket
-    import subprocess
-    import sys
-
-    from shared.keys import warm_workers_key
-    from shared.readiness import forget_dead_processes, mark_ready, process_id, ready_workers
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    host = socket.gethostname()
-    for worker in (f"{host}:{gone}", process_id(), f"elsewhere:{gone}"):
-        mark_ready(redis_client, {"model": "htdemucs"}, worker=worker)
-    try:
-        assert forget_dead_processes(redis_client) == [f"{host}:{gone}"]
-        assert {process_id(), f"elsewhere:{gone}"} <= set(ready_workers(redis_client))
-    finally:
-        for worker in (process_id(), f"elsewhere:{gone}"):
-            redis_client.hdel(warm_workers_key(), worker)
