@@ -16,8 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def enqueue_job(celery: tp.Any, job_id: str, queue: str) -> None:
-    """Send the job's separation task; only the id travels, the audio stays in storage."""
-    celery.send_task(SEPARATE_TASK, args=[job_id], task_id=job_id, queue=queue)
+    """Send the job's separation task; only the id travels, the audio stays in storage.
+
+    Its outcome is in the job record, never a Celery result: without `ignore_result` the
+    sender subscribes to the task's result (one subscription per job, kept for the
+    process's life) and, with the result store unreachable, blocks ~20 s retrying it.
+    """
+    celery.send_task(SEPARATE_TASK, args=[job_id], task_id=job_id, queue=queue, ignore_result=True)
 
 
 def cancel_job(jobs: JobStore, storage: Storage, job_id: str) -> Job:
