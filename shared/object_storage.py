@@ -135,10 +135,8 @@ class ObjectStorage(Storage):
         each process a prefork pool forks off gets its own."""
         return self.scratch_root / f"{this_host()}-{os.getpid()}"
 
-    def scratch_file(self, name: str, incoming_bytes: int = 0) -> Path:
-        """A fresh path in this process's scratch folder for a file called `name` (its
-        folder exists), once there is room for `incoming_bytes` (`ensure_scratch_room`)."""
-        self.ensure_scratch_room(incoming_bytes, name)
+    def scratch_file(self, name: str) -> Path:
+        """A fresh path in this process's scratch folder for a file called `name` (its folder exists)."""
         folder = self.scratch_dir / uuid.uuid4().hex
         folder.mkdir(parents=True)
         return folder / name
@@ -300,7 +298,8 @@ class ObjectStorage(Storage):
     @contextlib.contextmanager
     def input_file(self, job_id: str) -> tp.Iterator[Path]:
         key = f"{job_key(job_id)}/{INPUT_NAME}"
-        path = self.scratch_file(INPUT_NAME, incoming_bytes=self.size_of(key))
+        self.ensure_scratch_room(self.size_of(key), "the job's input")
+        path = self.scratch_file(INPUT_NAME)
         try:
             self.get_file(key, path)
             yield path
@@ -363,7 +362,9 @@ class PendingObject:
 
     def __init__(self, storage: ObjectStorage, key: str):
         self.storage, self.key = storage, key
-        self.temporary = storage.scratch_file(key.rsplit("/", 1)[-1])
+        name = key.rsplit("/", 1)[-1]
+        storage.ensure_scratch_room(0, name)  # its size is known only once written
+        self.temporary = storage.scratch_file(name)
 
     def commit(self) -> str:
         try:

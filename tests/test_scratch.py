@@ -101,7 +101,7 @@ def test_a_job_whose_input_does_not_fit_above_min_free_fails_with_disk_full(cont
         assert job.error["code"] == "disk_full", job.error
         message = job.error["message"]
         assert str(context.storage.scratch_dir) in message and "DEMIX_MIN_FREE_MB" in message, message
-        assert "2.4 MiB" in message, message  # the input's size, which did not fit
+        assert "the job's input (2.4 MiB)" in message, message  # its size, which did not fit
         assert list(context.storage.scratch_root.iterdir()) == []
 
 
