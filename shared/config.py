@@ -79,7 +79,9 @@ class Settings:
     sweep_interval_s: int = _setting(
         60, "Seconds between two maintenance sweeps (expired jobs, orphaned files) in each worker.")
     min_free_mb: int = _setting(
-        1024, "Free space (MiB) the data dir must keep; uploads get 507 below it (0: no check).")
+        1024, "Free space (MiB) the data dir must keep; uploads get 507 below it, and with s3 storage "
+              "a worker fetches a job's input into its scratch folder only when it fits above it, else "
+              "the job fails with disk_full (0: no check).")
     lease_s: int = _setting(
         30, "A running job's lease, in seconds: renewed every third of it while the job runs; "
             "a job whose lease expires (its worker died) is requeued.")

@@ -1,9 +1,16 @@
 """Jobs' files in an S3-compatible bucket (`DEMIX_STORAGE=s3://BUCKET/PREFIX`).
 
 The keys are `shared.storage`'s, under PREFIX. The API, the gRPC server and every worker
-then share nothing but Redis and the bucket: each keeps only a local scratch folder
-under `DEMIX_DATA_DIR` (uploads being received, the input of the attempt it runs, stems
-and part files being written), emptied after each use.
+then share nothing but Redis and the bucket: each keeps only local files under its
+`DEMIX_DATA_DIR`, all bounded:
+
+- `incoming/`: uploads being received (removed once sent to the bucket; those a killed
+  process left are swept after an hour, by the process staging the next upload).
+- `scratch/<host>-<pid>/`: one process's working files (the input of the attempt it
+  runs, the stems and part files being written), each removed once used, the whole
+  folder emptied at the start and end of every attempt, and removed by the maintenance
+  sweep once its process is gone (`sweep_dead_scratch`). A job's input is fetched only
+  when it fits above `DEMIX_MIN_FREE_MB`, else the job fails with `disk_full`.
 
 - An upload is received into a local staging file (probed there), then sent as a
   multipart upload in bounded parts; a stem or part file is written to scratch and
@@ -20,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -33,9 +41,12 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from .errors import StorageUnavailable
+from .errors import DiskFull, StorageUnavailable
+from .host_processes import is_gone_here, this_host
+from .retention import sweep_orphaned_uploads
 from .storage import (DEFAULT_EXTENSION, INPUT_NAME, SplitFiles, Storage, StoredFile, attempt_of, disk_free_bytes,
                       job_key, split_key, stem_key, stems_key)
+from .uploads import MIB
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,9 @@ DELETE_BATCH = 1000
 """Keys per DeleteObjects request (the S3 limit)."""
 
 STORE_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+INCOMING_SWEEP_INTERVAL_S = 60.0
+"""Least time between two sweeps of the staging folder by one process staging uploads."""
 
 
 def parse_location(location: str) -> tuple[str, str]:
@@ -83,10 +97,13 @@ def _unavailable(action: str, exc: BaseException) -> StorageUnavailable:
 class ObjectStorage(Storage):
     """Jobs' files as objects `PREFIX + key` in `bucket`, with a local scratch folder."""
 
-    def __init__(self, client: tp.Any, bucket: str, prefix: str, local_dir: Path, presign: bool = False):
+    def __init__(self, client: tp.Any, bucket: str, prefix: str, local_dir: Path, presign: bool = False,
+                 min_free_mb: int = 0):
         self.client, self.bucket, self.prefix = client, bucket, prefix
         self.local_dir = Path(local_dir)
         self.presign = presign
+        self.min_free_mb = min_free_mb
+        self._next_incoming_sweep = 0.0
 
     @classmethod
     def from_settings(cls, settings: tp.Any) -> "ObjectStorage":
@@ -95,7 +112,8 @@ class ObjectStorage(Storage):
             "s3", endpoint_url=settings.s3_endpoint_url or None,
             config=Config(retries={"max_attempts": RETRIES, "mode": "standard"}, connect_timeout=5,
                           read_timeout=60, signature_version="s3v4", s3={"addressing_style": "path"}))
-        return cls(client, bucket, prefix, settings.data_dir, presign=bool(settings.s3_presign))
+        return cls(client, bucket, prefix, settings.data_dir, presign=bool(settings.s3_presign),
+                   min_free_mb=settings.min_free_mb)
 
     # Keys and the scratch folder
 
@@ -107,14 +125,59 @@ class ObjectStorage(Storage):
         return self.local_dir / "incoming"
 
     @property
-    def scratch_dir(self) -> Path:
+    def scratch_root(self) -> Path:
+        """The scratch folders of every process using this data dir, one each."""
         return self.local_dir / "scratch"
 
+    @property
+    def scratch_dir(self) -> Path:
+        """This process's scratch folder, `scratch/<host>-<pid>`: named when used, so that
+        each process a prefork pool forks off gets its own."""
+        return self.scratch_root / f"{this_host()}-{os.getpid()}"
+
     def scratch_file(self, name: str) -> Path:
-        """A fresh path in the scratch folder for a file called `name` (its folder exists)."""
+        """A fresh path in this process's scratch folder for a file called `name` (its folder exists)."""
         folder = self.scratch_dir / uuid.uuid4().hex
         folder.mkdir(parents=True)
         return folder / name
+
+    def ensure_scratch_room(self, incoming_bytes: int, what: str) -> None:
+        """Refuse to start a scratch file when the free space on the scratch folder's disk,
+        less `incoming_bytes` to be written, is under `DEMIX_MIN_FREE_MB` (0: no check).
+
+        Raises:
+            DiskFull: not enough room (`disk_full`); the message names the folder and the setting.
+        """
+        if self.min_free_mb <= 0:
+            return
+        self.scratch_root.mkdir(parents=True, exist_ok=True)
+        free = disk_free_bytes(self.scratch_root)
+        if free - incoming_bytes >= self.min_free_mb * MIB:
+            return
+        needed = f" for {what} ({incoming_bytes / MIB:.1f} MiB)" if incoming_bytes else f" to write {what}"
+        raise DiskFull(
+            f"this worker's scratch folder {self.scratch_dir} has too little room{needed}: {free / MIB:.0f} MiB "
+            f"free, and it keeps at least {self.min_free_mb} MiB free (DEMIX_MIN_FREE_MB); nothing was kept. "
+            "Free some space under that worker's DEMIX_DATA_DIR, then submit the job again.",
+            details={"free_mb": free // MIB, "min_free_mb": self.min_free_mb, "needed_mb": -(-incoming_bytes // MIB)})
+
+    def clear_scratch(self) -> None:
+        shutil.rmtree(self.scratch_dir, ignore_errors=True)
+
+    def sweep_dead_scratch(self) -> list[str]:
+        # Only this machine's processes can be told dead; another machine sharing the folder
+        # sweeps its own. A live process's folder is never taken, whatever its age.
+        try:
+            folders = list(self.scratch_root.iterdir())
+        except FileNotFoundError:
+            return []
+        removed = []
+        for folder in folders:
+            host, _, pid = folder.name.rpartition("-")
+            if is_gone_here(host, pid):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        return removed
 
     def free_bytes(self) -> int:
         self.local_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +274,7 @@ class ObjectStorage(Storage):
 
     def open_upload(self) -> tp.BinaryIO:
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_incoming_now_and_then()
         return tp.cast(tp.BinaryIO, tempfile.NamedTemporaryFile(
             dir=self.incoming_dir, prefix="upload-", suffix=".part", delete=False))
 
@@ -220,11 +284,24 @@ class ObjectStorage(Storage):
         finally:
             Path(upload_path).unlink(missing_ok=True)
 
+    def _sweep_incoming_now_and_then(self) -> None:
+        """Remove the uploads a killed process left in `incoming/` (idle for an hour), at most
+        every `INCOMING_SWEEP_INTERVAL_S`. With a bucket, the API's and the gRPC server's
+        folders are their own (no worker's maintenance loop sweeps them): the processes
+        that stage uploads there sweep them, when they stage the next ones."""
+        now = time.monotonic()
+        if now < self._next_incoming_sweep:
+            return
+        self._next_incoming_sweep = now + INCOMING_SWEEP_INTERVAL_S
+        sweep_orphaned_uploads(self)
+
     @contextlib.contextmanager
     def input_file(self, job_id: str) -> tp.Iterator[Path]:
+        key = f"{job_key(job_id)}/{INPUT_NAME}"
+        self.ensure_scratch_room(self.size_of(key), "the job's input")
         path = self.scratch_file(INPUT_NAME)
         try:
-            self.get_file(f"{job_key(job_id)}/{INPUT_NAME}", path)
+            self.get_file(key, path)
             yield path
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)
@@ -285,7 +362,9 @@ class PendingObject:
 
     def __init__(self, storage: ObjectStorage, key: str):
         self.storage, self.key = storage, key
-        self.temporary = storage.scratch_file(key.rsplit("/", 1)[-1])
+        name = key.rsplit("/", 1)[-1]
+        storage.ensure_scratch_room(0, name)  # its size is known only once written
+        self.temporary = storage.scratch_file(name)
 
     def commit(self) -> str:
         try:

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import typing as tp
 
 import redis
 
+from .host_processes import process_is_gone, this_host
 from .keys import warm_workers_key
 
 
 def process_id() -> str:
     """This process's name in the readiness hash: `<host>:<pid>`."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{this_host()}:{os.getpid()}"
 
 
 def mark_ready(client: redis.Redis, note: dict[str, tp.Any], worker: str = "") -> None:
@@ -47,22 +47,13 @@ def ready_workers(client: redis.Redis, since: float = 0.0) -> dict[str, dict[str
 def forget_dead_processes(client: redis.Redis, host: str = "") -> list[str]:
     """Remove the entries of processes on `host` (default: this one) that no longer exist
     (killed outright, they could not remove their own); returns their names."""
-    host = host or socket.gethostname()
+    host = host or this_host()
     removed = []
     for key in client.hkeys(warm_workers_key()):
         name = key.decode() if isinstance(key, bytes) else key
         entry_host, _, pid = name.rpartition(":")
-        if entry_host == host and pid.isdigit() and not _process_exists(int(pid)):
+        if entry_host == host and pid.isdigit() and process_is_gone(int(pid)):
             client.hdel(warm_workers_key(), name)
             removed.append(name)
     return removed
 
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True

@@ -108,6 +108,17 @@ def sweep_abandoned_uploads(storage: Storage, max_age_s: float = ORPHAN_AGE_S) -
     return aborted
 
 
+def sweep_dead_scratch(storage: Storage) -> list[str]:
+    """Remove the local scratch folders of this machine's processes that are gone (a worker
+    killed mid-attempt leaves its job's input and the files it was writing); returns their
+    names. A live process's folder is never taken: it empties its own after each attempt."""
+    removed = storage.sweep_dead_scratch()
+    if removed:
+        log.info("retention: removed the scratch folder(s) of %d process(es) that are gone: %s",
+                 len(removed), ", ".join(removed))
+    return removed
+
+
 def sweep_orphaned_job_folders(store: JobStore, storage: Storage, now: tp.Optional[float] = None,
                                max_age_s: float = ORPHAN_AGE_S) -> list[str]:
     """Delete job folders that have no job record and were untouched for `max_age_s`;

@@ -240,6 +240,15 @@ class Storage(abc.ABC):
         (a local folder has none: its files are renamed into place whole)."""
         return 0
 
+    def clear_scratch(self) -> None:
+        """Empty this process's local scratch folder (called at the start and end of every
+        attempt; a local folder keeps none: its files are written in place)."""
+
+    def sweep_dead_scratch(self) -> list[str]:
+        """Remove the scratch folders of this machine's processes that are gone (killed
+        mid-attempt); returns their names (a local folder keeps none)."""
+        return []
+
 
 class _LocalFile(StoredFile):
     def __init__(self, path: Path):

@@ -26,7 +26,7 @@ from tests.support.live import LiveServer
 from tests.support.service_state import files_under, job_count, queue_length
 
 PROCESS_FIXTURES = frozenset({"redis_server", "redis_client", "celery_worker", "live_server",
-                              "idle_server", "snapshot"})
+                              "idle_server", "snapshot", "s3_server"})
 """Fixtures that start real processes (directly or through another): their tests are `processes`."""
 
 

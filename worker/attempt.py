@@ -6,6 +6,7 @@ build on this module; neither imports the other's internals.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -79,6 +80,20 @@ def separation_options(settings: Settings, device: str) -> SeparationOptions:
     """How the settings ask jobs to run the model on `device`."""
     return SeparationOptions(shifts=settings.shifts, overlap=settings.overlap, device=device,
                              precision=settings.precision, batch_segments=settings.batch_segments)
+
+
+@contextlib.contextmanager
+def attempt_scratch(storage: Storage) -> tp.Iterator[None]:
+    """This process's scratch folder, empty for the attempt (or unit) run in the block and
+    emptied after it, however it ends: nothing an earlier attempt of this process left (or a
+    dead process whose pid this one reuses) takes room, and nothing outlives the attempt.
+    A worker process runs one attempt at a time (Celery's prefork pool), so its folder is
+    the attempt's."""
+    storage.clear_scratch()
+    try:
+        yield
+    finally:
+        storage.clear_scratch()
 
 
 class JobInterrupted(Exception):

@@ -23,8 +23,8 @@ from shared.config import Settings, get_settings
 from shared.errors import DemixError, JobNotFound, WorkerLost
 from shared.jobs import JobStatus, JobStore
 from shared.lifecycle import recover_lost_job, resend_lost_message
-from shared.retention import (sweep_abandoned_uploads, sweep_expired_jobs, sweep_orphaned_job_folders,
-                              sweep_orphaned_uploads)
+from shared.retention import (sweep_abandoned_uploads, sweep_dead_scratch, sweep_expired_jobs,
+                              sweep_orphaned_job_folders, sweep_orphaned_uploads)
 from shared.splits import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
 from shared.services import build_services
 from shared.storage import Storage
@@ -220,6 +220,9 @@ SWEEPS += [
     Sweep("orphaned job folders", lambda context: sweep_orphaned_job_folders(context.jobs, context.storage),
           retention_sweep_interval),
     Sweep("abandoned object uploads", lambda context: sweep_abandoned_uploads(context.storage),
+          retention_sweep_interval),
+    # Run at the worker's start too: a worker killed outright is often restarted on its folder.
+    Sweep("dead processes' scratch", lambda context: sweep_dead_scratch(context.storage),
           retention_sweep_interval),
 ]
 

@@ -32,8 +32,8 @@ from shared.storage import disk_full_error
 
 from .engine import MODEL_SHARE, STATS_SHARE, StemLayout, stem_layout
 from .models import resolve_device
-from .attempt import (AttemptLease, JobInterrupted, WorkerContext, job_model_spec, lease_holder, record_outcome,
-                      retry_while_redis_is_down, separation_options)
+from .attempt import (AttemptLease, JobInterrupted, WorkerContext, attempt_scratch, job_model_spec, lease_holder,
+                      record_outcome, retry_while_redis_is_down, separation_options)
 from .roformer import is_roformer
 from .split import SplitPlan, merge_split, part_windows_total, prepare_split, run_part, single_pass
 from .stem_files import JobStemSink
@@ -131,7 +131,7 @@ def run_part_unit(job_id: str, attempt: int, index: int, context: WorkerContext,
         lease.report_progress(windows_done)
 
     try:
-        with lease:
+        with lease, attempt_scratch(context.storage):
             model, layout, plan, options = _load(job_id, attempt, context)
             run_part(model, layout, plan, index, files, options, on_windows=count_windows)
             lease.flush(windows_done)
@@ -160,7 +160,7 @@ def run_merge_unit(job_id: str, attempt: int, context: WorkerContext, worker: st
         return
     storage = context.storage
     try:
-        with lease:
+        with lease, attempt_scratch(context.storage):
             model, layout, plan, _options = _load(job_id, attempt, context)
             lease.check()
             sink = JobStemSink(storage, job_id, layout.output, attempt)

@@ -35,8 +35,8 @@ from shared.services import build_services
 from shared.storage import disk_full_error
 
 from .allocator import keep_freed_memory_for_reuse
-from .attempt import (AttemptLease, JobInterrupted, WorkerContext, job_model_spec, lease_holder, model_spec, record_outcome,
-                      retry_while_redis_is_down, separation_options)
+from .attempt import (AttemptLease, JobInterrupted, WorkerContext, attempt_scratch, job_model_spec, lease_holder,
+                      model_spec, record_outcome, retry_while_redis_is_down, separation_options)
 from .engine import separate_file, stem_layout
 from .forward import batch_segments, warm_model
 from .models import ModelCache, resolve_device
@@ -136,7 +136,7 @@ def run_job(job_id: str, context: WorkerContext, worker: str = "") -> None:
     if job is None:
         return
     # The lease is held until the outcome is recorded, which may wait out a Redis outage.
-    with AttemptLease(context, job_id, job.attempts, worker) as lease:
+    with AttemptLease(context, job_id, job.attempts, worker) as lease, attempt_scratch(context.storage):
         _run_attempt(job, context, lease)
 
 

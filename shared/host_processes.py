@@ -1,0 +1,42 @@
+"""Processes of this machine named by what they leave behind (a readiness entry, a scratch
+folder): `<host>` and a pid, so that a sweep can tell the leftovers of a dead process from
+the belongings of a live one."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def process_is_gone(pid: int) -> bool:
+    """Whether process `pid` of this machine has exited.
+
+    A zombie counts as gone: a worker killed with SIGKILL can leave its pool processes as
+    zombies of a parent that never reaps them, and they run nothing any more.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process: it exists
+        pass
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux), or it exited just now: say alive, the safe side
+        return False
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return bool(fields) and fields[0] in ("Z", "X")
+
+
+def is_gone_here(host: str, pid: str) -> bool:
+    """Whether `<host>`, `<pid>` (as a name spells them) is a process of this machine that
+    has exited; another machine's processes are never judged gone (their pids mean nothing here)."""
+    return host == this_host() and pid.isdigit() and process_is_gone(int(pid))
