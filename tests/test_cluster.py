@@ -28,7 +28,7 @@ from tests.support import waiting
 from testkit.synthetic_audio import write_wav
 from tests.support.environment import S3_CREDENTIALS
 from tests.support.live import LiveServer
-from tests.support.memory_sink import MemorySink
+from testkit.memory_sink import MemorySink
 from tests.support.workers import worker_processes
 
 QUEUE = "demix-tests-cluster"

@@ -27,7 +27,7 @@ from shared.splits import SplitStore
 from shared.storage import JobStorage
 from tests.support import waiting
 from testkit.synthetic_audio import write_wav
-from tests.support.memory_sink import MemorySink
+from testkit.memory_sink import MemorySink
 from tests.support.workers import worker_processes
 
 pytestmark = pytest.mark.processes
