@@ -6,6 +6,7 @@ the same for benches that time the workers alone, without the API: `scale.py` an
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import os
@@ -109,6 +110,24 @@ def time_job(url: str, path: Path, stems: str, out: Path, **output_options: tp.A
 # -- workers without the API -------------------------------------------------------------------
 # `scale.py` and `storage.py` time the workers alone: jobs go straight into Redis and the
 # queue (no upload over HTTP), so only the separation and its storage are measured.
+
+def add_track_and_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--seconds (the generated track's length), --model and --model-repo."""
+    parser.add_argument("--seconds", type=float, default=600.0, help="length of the generated track")
+    parser.add_argument("--model", default="tiny", help="tiny (the tests' HT-Demucs) or a demucs model name")
+    parser.add_argument("--model-repo", type=Path, help="demucs-format folder holding --model")
+
+
+def model_repo(parser: argparse.ArgumentParser, args: argparse.Namespace, scratch: Path) -> Path:
+    """The folder holding `--model`: the tiny model written under `scratch`, or `--model-repo`."""
+    from testkit.tiny_models import write_tiny_repo
+
+    if args.model == "tiny":
+        return write_tiny_repo(scratch / "models")
+    if args.model_repo is None:
+        parser.error("--model-repo is needed for a model other than tiny")
+    return args.model_repo
+
 
 def worker_environment(redis_url: str, data_dir: Path, model: str, model_repo: Path,
                        **settings: str) -> dict[str, str]:

@@ -23,25 +23,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._live_service import max_stem_difference, time_job_on_workers, worker_environment  # noqa: E402
+from bench._live_service import (add_track_and_model_arguments, max_stem_difference, model_repo,  # noqa: E402
+                                  time_job_on_workers, worker_environment)
 from cli.redis_server import RedisServer  # noqa: E402
 from testkit.synthetic_audio import write_wav  # noqa: E402
-from testkit.tiny_models import write_tiny_repo  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=600.0, help="length of the generated track")
-    parser.add_argument("--model", default="tiny", help="tiny (the tests' HT-Demucs) or a demucs model name")
-    parser.add_argument("--model-repo", type=Path, help="demucs-format folder holding --model")
+    add_track_and_model_arguments(parser)
     parser.add_argument("--workers", type=int, default=2, help="workers of the split run")
     parser.add_argument("--precision", default="fp32", help="DEMIX_PRECISION of both runs (fp32, bf16)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="demix-scale-") as tmp:
         scratch = Path(tmp)
-        repo = write_tiny_repo(scratch / "models") if args.model == "tiny" else args.model_repo
-        if repo is None:
-            parser.error("--model-repo is needed for a model other than tiny")
+        repo = model_repo(parser, args, scratch)
         wav = write_wav(scratch / "track.wav", 44100, 2, args.seconds)
         with RedisServer(scratch / "redis", persist=False) as server:
             env = worker_environment(server.url, scratch / "data", args.model, repo,

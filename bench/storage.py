@@ -25,29 +25,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._live_service import max_stem_difference, time_job_on_workers, worker_environment  # noqa: E402
+from bench._live_service import (add_track_and_model_arguments, max_stem_difference, model_repo,  # noqa: E402
+                                  time_job_on_workers, worker_environment)
 from cli.redis_server import RedisServer  # noqa: E402
 from testkit.synthetic_audio import write_wav  # noqa: E402
 from testkit.s3_server import S3Server  # noqa: E402
-from testkit.tiny_models import write_tiny_repo  # noqa: E402
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=600.0, help="length of the generated track")
-    parser.add_argument("--model", default="tiny", help="tiny (the tests' HT-Demucs) or a demucs model name")
-    parser.add_argument("--model-repo", type=Path, help="demucs-format folder holding --model")
+    add_track_and_model_arguments(parser)
     parser.add_argument("--workers", type=int, default=2, help="workers of the split run over S3")
     args = parser.parse_args()
     import boto3
 
     with tempfile.TemporaryDirectory(prefix="demix-storage-") as tmp:
         scratch = Path(tmp)
-        repo = write_tiny_repo(scratch / "models") if args.model == "tiny" else args.model_repo
-        if repo is None:
-            parser.error("--model-repo is needed for a model other than tiny")
+        repo = model_repo(parser, args, scratch)
         wav = write_wav(scratch / "track.wav", 44100, 2, args.seconds)
         s3 = S3Server(scratch / "s3").start()
         try:
