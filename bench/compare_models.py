@@ -6,7 +6,7 @@ architecture (`worker.weights.convert.build_htdemucs`, in a one-model bag as the
 service loads it), the BS-RoFormer is built from viperx's ep_317 config (dim 512,
 depth 12, 8 s windows overlapping by half; `tests/data/roformer/msst_configs/`). Each
 runs `worker.engine.separate_file` on one synthetic stereo 44.1 kHz clip (all stems,
-into a sink that discards them), in this process, rounds interleaved so that all see
+kept in memory for the SNR), in this process, rounds interleaved so that all see
 the same machine state; medians are printed, with the ratio to htdemucs fp32 and, for
 bf16, each model's stems' SNR against its own fp32 stems.
 
@@ -32,36 +32,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from testkit.memory_sink import MemorySink, separate, stems_snr_db  # noqa: E402
+
 VIPERX_CONFIG = ROOT / "tests" / "data" / "roformer" / "msst_configs" / "model_bs_roformer_ep_317_sdr_12.9755.yaml"
 SAMPLERATE = 44100
-
-
-class DiscardingSink:
-    """Keeps each stem in memory (for the SNR), writes nothing."""
-
-    def __init__(self) -> None:
-        self.stems: dict[str, list[np.ndarray]] = {}
-
-    def open_stem(self, name: str, samplerate: int, channels: int, subtype: str, frames: int) -> "_Writer":
-        self.stems[name] = []
-        return _Writer(self.stems[name])
-
-    def publish(self, name: str) -> None:
-        pass
-
-    def stem(self, name: str) -> np.ndarray:
-        return np.concatenate(self.stems[name]).astype(np.float64)
-
-
-class _Writer:
-    def __init__(self, blocks: list[np.ndarray]):
-        self.blocks = blocks
-
-    def write(self, samples: np.ndarray) -> None:
-        self.blocks.append(samples)
-
-    def close(self) -> None:
-        pass
 
 
 def synthetic_clip(path: Path, seconds: float) -> None:
@@ -108,17 +82,11 @@ def warm(model: tp.Any, precision: str) -> None:
         forward.warm_model(model, "cpu", precision)
 
 
-def separate_timed(model: tp.Any, clip: Path, precision: str) -> tuple[float, DiscardingSink]:
-    from worker.engine import SeparationOptions, separate_file
-
-    sink = DiscardingSink()
+def separate_timed(model: tp.Any, clip: Path, precision: str) -> tuple[float, MemorySink]:
+    """Seconds to separate `clip` into all stems (kept in memory, for the SNR), and the stems."""
     started = time.perf_counter()
-    separate_file(model, clip, "all", sink, SeparationOptions(precision=precision))
+    sink = separate(model, clip, "all", precision=precision)
     return time.perf_counter() - started, sink
-
-
-def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(reference ** 2) / max(np.sum((other - reference) ** 2), 1e-30)))
 
 
 def main() -> None:
@@ -151,7 +119,7 @@ def main() -> None:
 
     models = build_models(names)
     timings: dict[tuple[str, str], list[float]] = {(n, p): [] for n in names for p in precisions}
-    sinks: dict[tuple[str, str], DiscardingSink] = {}
+    sinks: dict[tuple[str, str], MemorySink] = {}
     with tempfile.TemporaryDirectory() as scratch:
         clip = Path(scratch) / "clip.wav"
         synthetic_clip(clip, args.seconds)
@@ -176,9 +144,8 @@ def main() -> None:
             per_minute = statistics.median(timings[name, precision]) / minutes
             snr = ""
             if precision != "fp32" and (name, "fp32") in sinks:
-                reference, other = sinks[name, "fp32"], sinks[name, precision]
-                snr = ", ".join(f"{stem} {snr_db(reference.stem(stem), other.stem(stem)):.1f}"
-                                for stem in reference.stems)
+                snrs = stems_snr_db(sinks[name, "fp32"], sinks[name, precision])
+                snr = ", ".join(f"{stem} {value:.1f}" for stem, value in snrs.items())
             print(f"{name:12s} {precision:9s} {per_minute:14.1f} {per_minute / baseline:19.2f}x {snr:>18s}")
 
 

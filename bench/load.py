@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import functools
 import io
 import os
 import re
@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import typing as tp
 from datetime import datetime
@@ -37,6 +36,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._clients import Clients, Submission  # noqa: E402
 from cli.redis_server import free_port  # noqa: E402
 from testkit.synthetic_audio import music_like  # noqa: E402
 from testkit.tiny_models import TINY_MODEL, write_tiny_repo  # noqa: E402
@@ -46,18 +46,6 @@ POLL_INTERVAL_S = 0.5
 
 READY_TIMEOUT_S = 300.0
 FINISH_TIMEOUT_S = 3600.0
-FINISHED = ("succeeded", "failed", "cancelled")
-
-
-@dataclasses.dataclass
-class Submission:
-    job_id: tp.Optional[str]
-    latency_s: float
-    http_status: int
-    answered_at: float
-    final: tp.Optional[dict] = None
-
-
 @contextlib.contextmanager
 def demix_up(scratch: Path) -> tp.Iterator[tuple[str, str, int]]:
     """`demix up` with the tiny model in `scratch`; yields (API URL, private Redis URL,
@@ -95,48 +83,19 @@ def wav_upload(seconds: float) -> bytes:
     return buffer.getvalue()
 
 
-def client(url: str, upload: bytes, stems: str, job_numbers: tp.Iterator[int], lock: threading.Lock,
-           results: list[Submission], deadline: float) -> None:
-    """Submit jobs while there are any left to take, then poll its own until they finish."""
-    session = requests.Session()
-    mine: list[Submission] = []
-    while True:
-        with lock:
-            number = next(job_numbers, None)
-        if number is None:
-            break
-        started = time.perf_counter()
-        try:
-            response = session.post(f"{url}/v1/jobs", files={"file": (f"load-{number}.wav", upload)},
-                                    data={"stems": stems}, timeout=120)
-            status = response.status_code
-            job_id = response.json()["id"] if status == 202 else None
-        except requests.RequestException:
-            status, job_id = 0, None  # no answer at all
-        answered_at = time.perf_counter()
-        submission = Submission(job_id, answered_at - started, status, answered_at)
-        mine.append(submission)
-        with lock:
-            results.append(submission)
-    pending = [submission for submission in mine if submission.job_id]
-    while pending and time.monotonic() < deadline:
-        still = []
-        for index, submission in enumerate(pending):
-            try:
-                response = session.get(f"{url}/v1/jobs/{submission.job_id}", timeout=60)
-            except requests.RequestException:
-                still = pending[index:]
-                break
-            job = response.json() if response.status_code in (200, 404) else None
-            if response.status_code == 404 or (job and job["status"] in FINISHED):
-                submission.final = job if response.status_code == 200 else {"status": "gone"}
-            else:
-                # Jobs finish roughly in submit order: the rest of the list is later still.
-                still = pending[index:]
-                break
-        pending = [submission for submission in still if submission.final is None]
-        if pending:
-            time.sleep(POLL_INTERVAL_S)
+def submit_once(url: str, upload: bytes, stems: str, session: requests.Session, submission: Submission) -> None:
+    """One try: the answer (or its absence) is what the bench measures."""
+    started = time.perf_counter()
+    submission.tries = 1
+    try:
+        response = session.post(f"{url}/v1/jobs", files={"file": (f"load-{submission.number}.wav", upload)},
+                                data={"stems": stems}, timeout=120)
+        submission.http_status = response.status_code
+        submission.job_id = response.json()["id"] if response.status_code == 202 else None
+    except requests.RequestException:
+        pass  # no answer at all: http_status stays 0
+    submission.answered_at = time.perf_counter()
+    submission.latency_s = submission.answered_at - started
 
 
 def _seconds_between(start: str, end: str) -> float:
@@ -164,22 +123,10 @@ def run(url: str, redis_url: tp.Optional[str], concurrency: int, args: argparse.
     records_before, counter_before = count_records(redis_url) if redis_url else (None, None)
     print(f"{args.jobs} jobs of {args.seconds:g} s (44.1 kHz stereo, {len(upload) / 1e3:.0f} kB, "
           f"stems={args.stems}) from {args.clients} clients against {url}", flush=True)
-    results: list[Submission] = []
-    lock = threading.Lock()
-    numbers = iter(range(args.jobs))
-    started = time.perf_counter()
-    deadline = time.monotonic() + FINISH_TIMEOUT_S
-    threads = [threading.Thread(target=client, args=(url, upload, args.stems, numbers, lock, results, deadline))
-               for _ in range(args.clients)]
-    for thread in threads:
-        thread.start()
-    while any(thread.is_alive() for thread in threads):
-        threads[0].join(30)
-        with lock:
-            finished = sum(1 for s in results if s.final is not None)
-            print(f"  {time.perf_counter() - started:.0f}s: {len(results)} submitted, {finished} finished",
-                  flush=True)
-    elapsed = time.perf_counter() - started
+    clients = Clients(url, args.jobs, args.clients, functools.partial(submit_once, url, upload, args.stems),
+                      POLL_INTERVAL_S, FINISH_TIMEOUT_S)
+    elapsed = clients.run()
+    results, started = clients.results, clients.started
 
     accepted = [s for s in results if s.job_id]
     latencies = sorted(s.latency_s for s in results)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import hashlib
 import os
 import random
@@ -44,13 +43,13 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._clients import FINISHED, Clients, Submission  # noqa: E402
 from bench._live_service import LiveService, running_service  # noqa: E402
 from bench.load import wav_upload  # noqa: E402
 from shared.storage import JobStorage  # noqa: E402
 # The tiny model is a test helper (tests/tiny_models.py), as in bench/load.py.
 from testkit.tiny_models import TINY_MODEL, write_tiny_repo  # noqa: E402
 
-FINISHED = ("succeeded", "failed", "cancelled")
 POLL_INTERVAL_S = 2.0
 """Pause between two passes of a client over its unfinished jobs."""
 RETRY_S = 0.5
@@ -72,15 +71,6 @@ SERVICE_SETTINGS = {
     # be. The soak measures loss and duplication, so it allows more lost runs per job.
     "DEMIX_MAX_ATTEMPTS": "10",
 }
-
-
-@dataclasses.dataclass
-class Submission:
-    number: int
-    job_id: tp.Optional[str] = None
-    latency_s: float = 0.0
-    tries: int = 0
-    final: tp.Optional[dict] = None
 
 
 # -- clients ------------------------------------------------------------------------------------
@@ -105,39 +95,6 @@ def submit(session: requests.Session, url: str, upload: bytes, submission: Submi
             pass  # no answer (the API or Redis restarting): try again
         time.sleep(RETRY_S)
     submission.latency_s = time.perf_counter() - started
-
-
-def client(url: str, upload: bytes, numbers: tp.Iterator[int], lock: threading.Lock,
-           results: list[Submission], deadline: float) -> None:
-    """Submit jobs while there are any left to take, then poll its own until they finish."""
-    session = requests.Session()
-    mine: list[Submission] = []
-    while True:
-        with lock:
-            number = next(numbers, None)
-        if number is None:
-            break
-        submission = Submission(number)
-        submit(session, url, upload, submission)
-        mine.append(submission)
-        with lock:
-            results.append(submission)
-    pending = [s for s in mine if s.job_id]
-    while pending and time.monotonic() < deadline:
-        for submission in pending:
-            try:
-                response = session.get(f"{url}/v1/jobs/{submission.job_id}", timeout=60)
-            except requests.RequestException:
-                break
-            if response.status_code == 404:
-                submission.final = {"status": "gone", "attempts": 0}
-            elif response.status_code == 200 and response.json()["status"] in FINISHED:
-                submission.final = response.json()
-            elif response.status_code == 200:
-                break  # jobs finish roughly in submit order: the rest are later still
-        pending = [s for s in pending if s.final is None]
-        if pending:
-            time.sleep(POLL_INTERVAL_S)
 
 
 # -- chaos --------------------------------------------------------------------------------------
@@ -300,28 +257,13 @@ def soak(service: LiveService, storage: JobStorage, args: argparse.Namespace) ->
     print(f"reference run done; {args.jobs} jobs of {args.seconds:g} s from {args.clients} clients, "
           f"kill -9 of a worker every {args.kill_every:g} s and of Redis {args.redis_kills} time(s)"
           + (f" for {args.chaos_for:g} s" if args.chaos_for else ""), flush=True)
-    results: list[Submission] = []
-    lock = threading.Lock()
-    numbers = iter(range(args.jobs))
-    started = time.perf_counter()
-    deadline = time.monotonic() + FINISH_TIMEOUT_S
-    threads = [threading.Thread(target=client, args=(service.url, upload, numbers, lock, results, deadline),
-                                daemon=True) for _ in range(args.clients)]
-    def finished_jobs() -> int:
-        with lock:
-            return sum(1 for s in results if s.final is not None)
-
+    clients = Clients(service.url, args.jobs, args.clients,
+                      lambda session, submission: submit(session, service.url, upload, submission),
+                      POLL_INTERVAL_S, FINISH_TIMEOUT_S)
     with Chaos(service, args.kill_every, args.redis_kills, seed=args.seed, for_s=args.chaos_for,
-               every_jobs=args.kill_every_jobs, finished=finished_jobs) as chaos:
-        for thread in threads:
-            thread.start()
-        while any(thread.is_alive() for thread in threads):
-            threads[0].join(30)
-            with lock:
-                finished = sum(1 for s in results if s.final is not None)
-                print(f"  {time.perf_counter() - started:.0f}s: {len(results)} submitted, {finished} finished",
-                      flush=True)
-    elapsed = time.perf_counter() - started
+               every_jobs=args.kill_every_jobs, finished=clients.finished) as chaos:
+        elapsed = clients.run()
+    results = clients.results
 
     output = service.output_text()
     successes = collections.Counter(re.findall(r"job ([0-9a-f]{32}) succeeded on attempt", output))

@@ -94,6 +94,14 @@ def _unavailable(action: str, exc: BaseException) -> StorageUnavailable:
     return StorageUnavailable(f"the object store failed to {action}: {exc}")
 
 
+def _read_failure(key: str, exc: BaseException) -> Exception:
+    """What a failed read of object `key` raises: FileNotFoundError when the store says there
+    is no such object (the caller's business), StorageUnavailable for any other failure."""
+    if _is_missing(exc):
+        return FileNotFoundError(f"no object {key}")
+    return _unavailable(f"read {key}", exc)
+
+
 class ObjectStorage(Storage):
     """Jobs' files as objects `PREFIX + key` in `bucket`, with a local scratch folder."""
 
@@ -189,9 +197,7 @@ class ObjectStorage(Storage):
         """Upload a complete local file as object `key` (multipart past `PART_BYTES`)."""
         try:
             self.client.upload_file(str(path), self.bucket, self.object_key(key), Config=TRANSFER)
-        except STORE_ERRORS as exc:
-            raise _unavailable(f"store {key}", exc) from exc
-        except boto3.exceptions.S3UploadFailedError as exc:
+        except (*STORE_ERRORS, boto3.exceptions.S3UploadFailedError) as exc:
             raise _unavailable(f"store {key}", exc) from exc
 
     def get_file(self, key: str, path: Path) -> None:
@@ -203,17 +209,13 @@ class ObjectStorage(Storage):
         try:
             self.client.download_file(self.bucket, self.object_key(key), str(path), Config=TRANSFER)
         except STORE_ERRORS as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(f"no object {key}") from exc
-            raise _unavailable(f"read {key}", exc) from exc
+            raise _read_failure(key, exc) from exc
 
     def size_of(self, key: str) -> int:
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))["ContentLength"])
         except STORE_ERRORS as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(f"no object {key}") from exc
-            raise _unavailable(f"read {key}", exc) from exc
+            raise _read_failure(key, exc) from exc
 
     def exists(self, key: str) -> bool:
         try:
@@ -464,10 +466,7 @@ class ObjectReader(io.RawIOBase):
                     Bucket=storage.bucket, Key=storage.object_key(self.key),
                     Range=f"bytes={self._position}-{self.size - 1}")["Body"]
             data = self._body.read(min(len(buffer), self.size - self._position))
-        except STORE_ERRORS as exc:
-            self._drop()
-            raise _unavailable(f"read {self.key}", exc) from exc
-        except OSError as exc:  # the connection broke mid-stream
+        except (*STORE_ERRORS, OSError) as exc:  # OSError: the connection broke mid-stream
             self._drop()
             raise _unavailable(f"read {self.key}", exc) from exc
         if not data:

@@ -7,7 +7,6 @@ or through a presigned link) equal a local unsplit run's, and after DELETE the b
 holds nothing of it."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import os
@@ -19,8 +18,6 @@ import numpy as np
 import requests
 import soundfile as sf
 
-from cli.argv import worker_argv
-from cli.processes import popen_child, stop_process
 from shared import keys
 from shared.config import Settings
 from shared.jobs import JobStore
@@ -31,7 +28,8 @@ from tests.support import waiting
 from testkit.synthetic_audio import write_wav
 from tests.support.environment import S3_CREDENTIALS
 from tests.support.live import LiveServer
-from tests.support.memory_sink import MemorySink
+from testkit.memory_sink import MemorySink
+from tests.support.workers import worker_processes
 
 QUEUE = "demix-tests-cluster"
 SPLIT_S = 6  # with the tiny model's 10 s segment, 25 s of audio is four parts of one window
@@ -39,25 +37,12 @@ LEASE_S = 3
 TOLERANCE = 1e-5
 
 
-@contextlib.contextmanager
-def s3_workers(settings: Settings, root: Path, count: int) -> tp.Iterator[list[tp.Any]]:
+def s3_workers(settings: Settings, root: Path, count: int) -> tp.ContextManager[list[tp.Any]]:
     """`count` `demix worker` processes on `QUEUE`, each with its own data folder."""
-    processes = []
-    with contextlib.ExitStack() as logs:
-        try:
-            for index in range(count):
-                data_dir = root / f"worker-{index}"
-                env = dict(os.environ, **S3_CREDENTIALS, DEMIX_QUEUE=QUEUE, DEMIX_LEASE_S=str(LEASE_S),
-                           DEMIX_SPLIT_S=str(SPLIT_S), DEMIX_TORCH_THREADS="1", DEMIX_DATA_DIR=str(data_dir),
-                           DEMIX_STORAGE=settings.storage, DEMIX_S3_ENDPOINT_URL=settings.s3_endpoint_url)
-                argv = worker_argv(Settings.from_env(env), concurrency=1, loglevel="INFO")
-                log = logs.enter_context(open(root / f"worker-{index}.log", "ab"))
-                processes.append(popen_child(argv, env=env, stdout=log, stderr=log))
-            yield processes
-        finally:
-            for process in processes:
-                with contextlib.suppress(ProcessLookupError):
-                    stop_process(process, timeout=30, sig=signal.SIGKILL)
+    return worker_processes(root, count, dict(
+        S3_CREDENTIALS, DEMIX_QUEUE=QUEUE, DEMIX_LEASE_S=str(LEASE_S), DEMIX_SPLIT_S=str(SPLIT_S),
+        DEMIX_TORCH_THREADS="1", DEMIX_STORAGE=settings.storage, DEMIX_S3_ENDPOINT_URL=settings.s3_endpoint_url),
+        own_data_dirs=True)
 
 
 def holder_group(holder: tp.Optional[bytes | str]) -> tp.Optional[int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import random
-import typing as tp
 
 import numpy as np
 import pytest
@@ -17,9 +16,10 @@ from shared.audio import AudioReader, AudioWriter, quantize
 from shared.errors import SeparationFailed
 from testkit.synthetic_audio import music_like, write_wav
 from testkit.tiny_models import make_tiny_htdemucs
-from tests.support.memory_sink import MemorySink
+from testkit.memory_sink import MemorySink, separate
+from tests.support.precision import assert_bf16_close_to_fp32, assert_falls_back_to_fp32, assert_gpu_close_to_cpu
 from worker import forward as forward_module
-from worker.engine import SeparationOptions, separate_file
+from worker.engine import separate_file
 from worker.forward import ModelForward
 from worker.mix_io import BLOCK_FRAMES, RESAMPLE_QUALITY
 
@@ -30,12 +30,6 @@ SEGMENT = 44100  # the test model's segment: 1 s at 44.1 kHz
 def model() -> BagOfModels:
     """The tiny HT-Demucs with a 1 s segment, so many segments run in seconds."""
     return BagOfModels([make_tiny_htdemucs()], segment=SEGMENT / 44100)
-
-
-def separate(model: torch.nn.Module, path, stems: str = "all", **options: tp.Any) -> MemorySink:
-    sink = MemorySink()
-    separate_file(model, path, stems, sink, SeparationOptions(**options))
-    return sink
 
 
 def whole_track_reference(model: torch.nn.Module, path, shifts: int = 0,
@@ -204,40 +198,25 @@ def test_bf16_runs_close_to_fp32(model, tmp_path, monkeypatch):
     # This runs bf16 even on a CPU without bf16 kernels (slowly: the model is tiny).
     monkeypatch.setattr(forward_module, "cpu_supports_bf16", lambda: True)
     path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=2.5, subtype="FLOAT")
-    fp32, bf16 = separate(model, path), separate(model, path, precision="bf16")
-    for name in model.sources:
-        error = bf16.stem(name) - fp32.stem(name)
-        snr = 10 * np.log10(np.sum(fp32.stem(name) ** 2) / np.sum(error ** 2))
-        assert 20 < snr < 200
+    assert_bf16_close_to_fp32(model, path)
 
 
 def test_bf16_on_a_cpu_without_bf16_kernels_warns_and_runs_in_fp32(model, tmp_path, monkeypatch):
     monkeypatch.setattr(forward_module, "cpu_supports_bf16", lambda: False)
     path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=0.5, subtype="FLOAT")
-    with pytest.warns(UserWarning, match="no bf16 kernels"):
-        bf16 = separate(model, path, precision="bf16")
-    assert np.array_equal(bf16.stem("drums"), separate(model, path).stem("drums"))
+    assert_falls_back_to_fp32(model, path, "bf16", "no bf16 kernels", "drums")
 
 
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_a_gpu_separates_in_batched_segments_close_to_the_cpu(model, tmp_path, precision):
-    import copy
-
     path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=4.5, subtype="FLOAT")
-    cpu = separate(model, path)
-    gpu = separate(copy.deepcopy(model), path, device="cuda", precision=precision)  # 4 segments a batch
-    for name in model.sources:
-        error = gpu.stem(name) - cpu.stem(name)
-        snr = 10 * np.log10(np.sum(cpu.stem(name) ** 2) / max(np.sum(error ** 2), 1e-30))
-        assert snr > (60 if precision == "fp32" else 20)
+    assert_gpu_close_to_cpu(model, path, precision)  # 4 segments a batch
 
 
 def test_fp16_on_cpu_warns_and_runs_in_fp32(model, tmp_path):
     path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=0.5, subtype="FLOAT")
-    with pytest.warns(UserWarning, match="fp16 is only supported on CUDA"):
-        fp16 = separate(model, path, precision="fp16")
-    assert np.array_equal(fp16.stem("drums"), separate(model, path).stem("drums"))
+    assert_falls_back_to_fp32(model, path, "fp16", "fp16 is only supported on CUDA", "drums")
 
 
 def test_a_stem_past_4_gib_is_written_as_rf64(tmp_path):

@@ -20,7 +20,7 @@ from shared.audio import read_info
 from shared.retention import sweep_abandoned_uploads, sweep_orphaned_job_folders
 from shared.services import make_storage
 from testkit.synthetic_audio import write_wav
-from tests.support.memory_sink import MemorySink
+from testkit.memory_sink import MemorySink
 from tests.support.memory_sink import max_difference, unsplit_run
 from worker.engine import SeparationOptions, stem_layout
 from worker.split import merge_split, prepare_split, read_frames, run_part

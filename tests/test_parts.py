@@ -6,7 +6,6 @@ The workers run with `DEMIX_SPLIT_S` = 6 s on their own queue; the tiny HT-Demuc
 a 10 s segment (7.5 s stride), so a 25 s job becomes four parts of one window each."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import signal
@@ -18,12 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cli.argv import worker_argv
-from cli.processes import popen_child, stop_process
 from shared import keys
 from shared.audio import read_info
 from shared.celery_app import celery_app
-from shared.config import Settings
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.lifecycle import cancel_job, enqueue_job
 from shared.output import resolve_output
@@ -31,7 +27,8 @@ from shared.splits import SplitStore
 from shared.storage import JobStorage
 from tests.support import waiting
 from testkit.synthetic_audio import write_wav
-from tests.support.memory_sink import MemorySink
+from testkit.memory_sink import MemorySink
+from tests.support.workers import worker_processes
 
 pytestmark = pytest.mark.processes
 
@@ -41,23 +38,10 @@ LEASE_S = 3
 TOLERANCE = 1e-5
 
 
-@contextlib.contextmanager
-def split_workers(log_dir: Path, count: int) -> tp.Iterator[list[tp.Any]]:
+def split_workers(log_dir: Path, count: int) -> tp.ContextManager[list[tp.Any]]:
     """`count` `demix worker` processes (prefork, one child, one torch thread) on `SPLIT_QUEUE`."""
-    env = dict(os.environ, DEMIX_QUEUE=SPLIT_QUEUE, DEMIX_LEASE_S=str(LEASE_S),
-               DEMIX_SPLIT_S=str(SPLIT_S), DEMIX_TORCH_THREADS="1")
-    argv = worker_argv(Settings.from_env(env), concurrency=1, loglevel="INFO")
-    processes = []
-    with contextlib.ExitStack() as logs:
-        try:
-            for index in range(count):
-                log = logs.enter_context(open(log_dir / f"worker-{index}-{time.monotonic_ns()}.log", "ab"))
-                processes.append(popen_child(argv, env=env, stdout=log, stderr=log))
-            yield processes
-        finally:
-            for process in processes:
-                with contextlib.suppress(ProcessLookupError):
-                    stop_process(process, timeout=30, sig=signal.SIGKILL)
+    return worker_processes(log_dir, count, dict(DEMIX_QUEUE=SPLIT_QUEUE, DEMIX_LEASE_S=str(LEASE_S),
+                                                 DEMIX_SPLIT_S=str(SPLIT_S), DEMIX_TORCH_THREADS="1"))
 
 
 def submit(settings, redis_client, tmp_path: Path, seconds: float, stems: str = "all",

@@ -3,9 +3,7 @@ engine: the same estimates, stems that add up to the input, flat memory, precisi
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
-import typing as tp
 
 import numpy as np
 import pytest
@@ -14,11 +12,13 @@ import torch
 
 from shared.audio import AudioReader, dequantize, quantize
 from shared.errors import SeparationFailed
+from testkit.memory_sink import MemorySink, separate, snr_db
 from testkit.synthetic_audio import write_wav
+from tests.support.precision import assert_bf16_close_to_fp32, assert_falls_back_to_fp32, assert_gpu_close_to_cpu
 from tests.roformer_fixtures import ARCHITECTURES, reference_arrays, reference_model, small_config_path
 from worker import forward as forward_module
 from worker import mix_io
-from worker.engine import SeparationOptions, separate_file
+from worker.engine import separate_file
 from worker.forward import plain_forward
 from worker.mix_io import BLOCK_FRAMES
 from worker.roformer import build_model, read_config
@@ -38,45 +38,6 @@ def model(architecture):
 @pytest.fixture(scope="module")
 def bs_model():
     return reference_model("bs_roformer")
-
-
-class MemorySink:
-    """Collects each stem's blocks (quantized, as written) and its format."""
-
-    def __init__(self) -> None:
-        self.blocks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-        self.formats: dict[str, tuple[int, int, str, int]] = {}
-        self.published: list[str] = []
-
-    def open_stem(self, name: str, samplerate: int, channels: int, subtype: str, frames: int) -> "MemoryWriter":
-        self.formats[name] = (samplerate, channels, subtype, frames)
-        return MemoryWriter(self.blocks[name])
-
-    def publish(self, name: str) -> None:
-        self.published.append(name)
-
-    def written(self, name: str) -> int:
-        return sum(len(block) for block in self.blocks[name])
-
-    def stem(self, name: str) -> np.ndarray:
-        return dequantize(np.concatenate(self.blocks[name]), self.formats[name][2])
-
-
-class MemoryWriter:
-    def __init__(self, blocks: list[np.ndarray]):
-        self.blocks = blocks
-
-    def write(self, samples: np.ndarray) -> None:
-        self.blocks.append(samples)
-
-    def close(self) -> None:
-        pass
-
-
-def separate(model: torch.nn.Module, path, stems: str = "all", **options: tp.Any) -> MemorySink:
-    sink = MemorySink()
-    separate_file(model, path, stems, sink, SeparationOptions(**options))
-    return sink
 
 
 @pytest.mark.parametrize("case, block_frames", [("long", 777), ("long", BLOCK_FRAMES), ("short", 1000),
@@ -185,19 +146,13 @@ def test_bf16_runs_close_to_fp32(model, tmp_path, monkeypatch):
     # The bf16 copy runs even on a CPU without bf16 kernels (slowly: the model is small).
     monkeypatch.setattr(forward_module, "cpu_supports_bf16", lambda: True)
     path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=0.3, subtype="FLOAT")
-    fp32, bf16 = separate(model, path), separate(model, path, precision="bf16")
-    for name in model.sources:
-        error = bf16.stem(name) - fp32.stem(name)
-        snr = 10 * np.log10(np.sum(fp32.stem(name) ** 2) / np.sum(error ** 2))
-        assert 20 < snr < 200
+    assert_bf16_close_to_fp32(model, path)
 
 
 def test_bf16_on_a_cpu_without_bf16_kernels_warns_and_runs_in_fp32(bs_model, tmp_path, monkeypatch):
     monkeypatch.setattr(forward_module, "cpu_supports_bf16", lambda: False)
     path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=0.3, subtype="FLOAT")
-    with pytest.warns(UserWarning, match="no bf16 kernels"):
-        bf16 = separate(bs_model, path, precision="bf16")
-    assert np.array_equal(bf16.stem("vocals"), separate(bs_model, path).stem("vocals"))
+    assert_falls_back_to_fp32(bs_model, path, "bf16", "no bf16 kernels", "vocals")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -210,20 +165,14 @@ def test_the_network_runs_under_autocast_close_to_fp32(model, dtype):
         with torch.autocast("cpu", dtype=dtype):
             mixed = model(audio)
     assert mixed.dtype == torch.float32
-    snr = 10 * torch.log10(fp32.pow(2).sum() / (mixed - fp32).pow(2).sum())
-    assert 20 < snr < 200
+    assert 20 < snr_db(fp32.numpy(), mixed.numpy()) < 200
 
 
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_a_gpu_separates_close_to_the_cpu(model, tmp_path, precision):
     path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=1.5, subtype="FLOAT")
-    cpu = separate(model, path)
-    gpu = separate(copy.deepcopy(model), path, device="cuda", precision=precision)
-    for name in model.sources:
-        error = gpu.stem(name) - cpu.stem(name)
-        snr = 10 * np.log10(np.sum(cpu.stem(name) ** 2) / max(np.sum(error ** 2), 1e-30))
-        assert snr > (60 if precision == "fp32" else 20)
+    assert_gpu_close_to_cpu(model, path, precision)
 
 
 def test_a_mono_network_separates_each_channel_on_its_own():

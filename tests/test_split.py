@@ -14,8 +14,9 @@ from shared.output import resolve_output
 from shared.storage import FolderSplitFiles
 from testkit.synthetic_audio import write_wav
 from testkit.tiny_models import make_tiny_htdemucs
-from tests.support.memory_sink import MemorySink, max_difference, unsplit_run
-from worker.engine import SeparationOptions, separate_file, stem_layout
+from testkit.memory_sink import MemorySink
+from tests.support.memory_sink import max_difference, unsplit_run
+from worker.engine import SeparationOptions, stem_layout
 from worker.split import (merge_split, plan_parts, prepare_split, run_part, single_pass, stream_windows)
 
 SEGMENT = 44100  # the test model's segment: 1 s at 44.1 kHz

@@ -24,22 +24,11 @@ DEFAULT_FREQS_PER_BANDS = (
 class BSRoformer(RoformerNetwork):
     """BS-RoFormer with MSST's constructor keywords and `state_dict` layout."""
 
-    def __init__(self, dim: int, *, depth: int, stereo: bool = False, num_stems: int = 1,
-                 time_transformer_depth: int = 2, freq_transformer_depth: int = 2,
-                 linear_transformer_depth: int = 0,
-                 freqs_per_bands: tp.Sequence[int] = DEFAULT_FREQS_PER_BANDS,
-                 dim_head: int = 64, heads: int = 8, stft_n_fft: int = 2048, stft_hop_length: int = 512,
-                 stft_win_length: int = 2048, stft_normalized: bool = False, stft_window_fn: tp.Any = None,
-                 zero_dc: bool = True, mask_estimator_depth: int = 2, mlp_expansion_factor: int = 4,
-                 skip_connection: bool = False, use_pope: bool = False, **training_only: tp.Any):
-        super().__init__(
-            dim, depth=depth, stereo=stereo, num_stems=num_stems, time_transformer_depth=time_transformer_depth,
-            freq_transformer_depth=freq_transformer_depth, linear_transformer_depth=linear_transformer_depth,
-            dim_head=dim_head, heads=heads, stft_n_fft=stft_n_fft, stft_hop_length=stft_hop_length,
-            stft_win_length=stft_win_length, stft_normalized=stft_normalized, zero_dc=zero_dc,
-            skip_connection=skip_connection, use_pope=use_pope, stft_window_fn=stft_window_fn,
-            transformer_norm_output=False, **training_only)
-        bins = stft_n_fft // 2 + 1
+    def __init__(self, dim: int, *, depth: int, freqs_per_bands: tp.Sequence[int] = DEFAULT_FREQS_PER_BANDS,
+                 mask_estimator_depth: int = 2, mlp_expansion_factor: int = 4, **network: tp.Any):
+        """`network`: the keywords both RoFormers take (`RoformerNetwork`)."""
+        super().__init__(dim, depth=depth, transformer_norm_output=False, **network)
+        bins = self.n_fft // 2 + 1
         freqs_per_bands = tuple(freqs_per_bands)
         if len(freqs_per_bands) < 2 or sum(freqs_per_bands) != bins:
             raise ValueError(f"freqs_per_bands must split the STFT's {bins} bins into at least two "
@@ -50,7 +39,7 @@ class BSRoformer(RoformerNetwork):
         # MSST's BS-RoFormer builds `mask_estimator_depth - 1` hidden layers.
         self.mask_estimators = torch.nn.ModuleList(
             MaskEstimator(dim, band_inputs, mask_estimator_depth - 1, mlp_expansion_factor)
-            for _ in range(num_stems))
+            for _ in range(self.num_stems))
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """`[batch, channels, time]` -> `[batch, stems, channels, time]`."""

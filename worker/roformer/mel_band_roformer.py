@@ -15,21 +15,11 @@ from .network import RoformerNetwork
 class MelBandRoformer(RoformerNetwork):
     """Mel-Band RoFormer with MSST's constructor keywords and `state_dict` layout."""
 
-    def __init__(self, dim: int, *, depth: int, stereo: bool = False, num_stems: int = 1,
-                 time_transformer_depth: int = 2, freq_transformer_depth: int = 2,
-                 linear_transformer_depth: int = 0, num_bands: int = 60, dim_head: int = 64, heads: int = 8,
-                 sample_rate: int = 44100, stft_n_fft: int = 2048, stft_hop_length: int = 512,
-                 stft_win_length: int = 2048, stft_normalized: bool = False, stft_window_fn: tp.Any = None,
-                 zero_dc: bool = True, mask_estimator_depth: int = 1, mlp_expansion_factor: int = 4,
-                 skip_connection: bool = False, use_pope: bool = False, **training_only: tp.Any):
-        super().__init__(
-            dim, depth=depth, stereo=stereo, num_stems=num_stems, time_transformer_depth=time_transformer_depth,
-            freq_transformer_depth=freq_transformer_depth, linear_transformer_depth=linear_transformer_depth,
-            dim_head=dim_head, heads=heads, stft_n_fft=stft_n_fft, stft_hop_length=stft_hop_length,
-            stft_win_length=stft_win_length, stft_normalized=stft_normalized, zero_dc=zero_dc,
-            skip_connection=skip_connection, use_pope=use_pope, stft_window_fn=stft_window_fn,
-            transformer_norm_output=True, **training_only)
-        in_band = torch.from_numpy(band_membership(sample_rate, stft_n_fft, num_bands))  # bands × bins
+    def __init__(self, dim: int, *, depth: int, num_bands: int = 60, sample_rate: int = 44100,
+                 mask_estimator_depth: int = 1, mlp_expansion_factor: int = 4, **network: tp.Any):
+        """`network`: the keywords both RoFormers take (`RoformerNetwork`)."""
+        super().__init__(dim, depth=depth, transformer_norm_output=True, **network)
+        in_band = torch.from_numpy(band_membership(sample_rate, self.n_fft, num_bands))  # bands × bins
         bins = in_band.shape[1]
         bin_indices = torch.arange(bins).expand(num_bands, bins)[in_band]  # every band's bins, band by band
         channels = self.audio_channels
@@ -42,7 +32,7 @@ class MelBandRoformer(RoformerNetwork):
         # MSST's Mel-Band RoFormer builds `mask_estimator_depth` hidden layers.
         self.mask_estimators = torch.nn.ModuleList(
             MaskEstimator(dim, band_inputs, mask_estimator_depth, mlp_expansion_factor)
-            for _ in range(num_stems))
+            for _ in range(self.num_stems))
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """`[batch, channels, time]` -> `[batch, stems, channels, time]`."""

@@ -29,11 +29,14 @@ class RoformerNetwork(nn.Module):
     """The shared part of both RoFormers; `forward` maps `[batch, channels, time]` audio
     to `[batch, stems, channels, time]` estimates of the same length."""
 
-    def __init__(self, dim: int, *, depth: int, stereo: bool, num_stems: int,
-                 time_transformer_depth: int, freq_transformer_depth: int, linear_transformer_depth: int,
-                 dim_head: int, heads: int, stft_n_fft: int, stft_hop_length: int, stft_win_length: int,
-                 stft_normalized: bool, zero_dc: bool, skip_connection: bool, use_pope: bool,
-                 stft_window_fn: tp.Any, transformer_norm_output: bool, **training_only: tp.Any):
+    def __init__(self, dim: int, *, depth: int, transformer_norm_output: bool, stereo: bool = False,
+                 num_stems: int = 1, time_transformer_depth: int = 2, freq_transformer_depth: int = 2,
+                 linear_transformer_depth: int = 0, dim_head: int = 64, heads: int = 8, stft_n_fft: int = 2048,
+                 stft_hop_length: int = 512, stft_win_length: int = 2048, stft_normalized: bool = False,
+                 zero_dc: bool = True, skip_connection: bool = False, use_pope: bool = False,
+                 stft_window_fn: tp.Any = None, **training_only: tp.Any):
+        """The keywords both RoFormers take, with MSST's defaults (the same in both); each
+        subclass takes its band layout and mask estimator keywords and passes the rest on."""
         super().__init__()
         unknown = set(training_only) - TRAINING_ONLY_KEYWORDS
         if unknown:
@@ -45,6 +48,7 @@ class RoformerNetwork(nn.Module):
         self.stereo = stereo
         self.audio_channels = 2 if stereo else 1
         self.num_stems = num_stems
+        self.n_fft = stft_n_fft
         self.skip_connection = skip_connection
         self.zero_dc = zero_dc
         self.stft_kwargs = dict(n_fft=stft_n_fft, hop_length=stft_hop_length, win_length=stft_win_length,

@@ -101,24 +101,33 @@ def download(url: str, dest: Path, progress: Progress | None = None,
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "demix-weights/1"})
         with urllib.request.urlopen(request, timeout=timeout) as response, atomic_open(dest) as out:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            done = 0
-            if progress is not None:
-                progress(done, total)
-            while chunk := response.read(CHUNK_BYTES):
-                out.write(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
-            if total is not None and done != total:
-                raise DownloadError(f"download of {url} stopped after {done} of {total} bytes; "
-                                    "retry (the connection was cut).")
+            _copy_body(url, response, out, 0, progress, "; retry (the connection was cut).")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         # socket timeouts are OSErrors, HTTP errors are URLErrors: all end here.
         raise DownloadError(f"could not download {url}: {exc}; check the network/registry "
                             "and retry.") from exc
     return dest
+
+
+def _copy_body(url: str, response: tp.Any, out: tp.BinaryIO, done: int, progress: Progress | None,
+               hint: str = "") -> None:
+    """Write `response`'s body to `out` chunk by chunk, after `done` bytes already had,
+    calling `progress(done, total)` before and after every chunk.
+
+    Raises:
+        DownloadError: the body ended short of its Content-Length (`hint` ends the message).
+    """
+    length = response.headers.get("Content-Length")
+    total = done + int(length) if length and length.isdigit() else None
+    if progress is not None:
+        progress(done, total)
+    while chunk := response.read(CHUNK_BYTES):
+        out.write(chunk)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total)
+    if total is not None and done != total:
+        raise DownloadError(f"download of {url} stopped after {done} of {total} bytes{hint}")
 
 
 def sha256_file(path: Path) -> str:
@@ -216,18 +225,8 @@ def _fetch_rest(url: str, partial: Path, progress: Progress | None, timeout: flo
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
             if response.status != 206:  # the whole file: start again
                 done = 0
-            length = response.headers.get("Content-Length")
-            total = done + int(length) if length and length.isdigit() else None
-            if progress is not None:
-                progress(done, total)
             with open(partial, "ab" if done else "wb") as out:
-                while chunk := response.read(CHUNK_BYTES):
-                    out.write(chunk)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, total)
-            if total is not None and done != total:
-                raise DownloadError(f"download of {url} stopped after {done} of {total} bytes")
+                _copy_body(url, response, out, done, progress)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and done:  # nothing left to send: the partial file is whole
             return

@@ -1,0 +1,44 @@
+"""`demix worker` processes started the way an operator starts them, for the tests that
+need workers of their own (split jobs, machines sharing only Redis and a bucket)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import typing as tp
+from pathlib import Path
+
+from cli.argv import worker_argv
+from cli.processes import popen_child, stop_process
+from shared.config import Settings
+
+
+@contextlib.contextmanager
+def worker_processes(folder: Path, count: int, settings: tp.Mapping[str, str],
+                     own_data_dirs: bool = False) -> tp.Iterator[list[subprocess.Popen]]:
+    """`count` `demix worker` processes (prefork, one child, INFO logs) with the test
+    environment plus `settings` (DEMIX_* variables), each logging to its own file in
+    `folder`; killed (SIGKILL) on leaving, so a test can also kill one itself.
+
+    Args:
+        own_data_dirs: give worker n its own DEMIX_DATA_DIR, `folder/worker-<n>`, as on
+            machines sharing no disk (else they all use `settings`' or the environment's).
+    """
+    processes = []
+    with contextlib.ExitStack() as logs:
+        try:
+            for index in range(count):
+                env = dict(os.environ, **settings)
+                if own_data_dirs:
+                    env["DEMIX_DATA_DIR"] = str(folder / f"worker-{index}")
+                argv = worker_argv(Settings.from_env(env), concurrency=1, loglevel="INFO")
+                # A test may start workers more than once in one folder: every start has new logs.
+                log = logs.enter_context(open(folder / f"worker-{index}-{time.monotonic_ns()}.log", "ab"))
+                processes.append(popen_child(argv, env=env, stdout=log, stderr=log))
+            yield processes
+        finally:
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    stop_process(process, timeout=30, sig=signal.SIGKILL)
