@@ -14,8 +14,9 @@ bp = Blueprint("metrics", __name__)
 
 def make_registry(services) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(services.jobs.redis, services.settings.queue,
-                                       services.settings.data_dir))
+    settings = services.settings
+    queues = {model: settings.queue_for(model) for model in settings.served_models}
+    registry.register(ServiceCollector(services.jobs.redis, queues, settings.data_dir))
     return registry
 
 

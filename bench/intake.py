@@ -19,6 +19,7 @@ estimate is far below a real model's, so the printed time ratios are upper bound
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
 import subprocess
@@ -51,7 +52,7 @@ def memory_status(field: str) -> int:
 
 def run_child(upload: Path) -> None:
     """In the subprocess: the API's imports, then one intake; print times and RSS as JSON."""
-    import api  # noqa: F401  (the API process's footprint: Flask, Redis client, Celery app)
+    importlib.import_module("api")  # the API process's footprint: Flask, Redis client, Celery app
     from shared.config import Settings
     from shared.intake import inspect_upload
 

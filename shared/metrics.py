@@ -34,20 +34,24 @@ class ServiceCollector(Collector):
     """Reads the service's metrics from Redis (and the disk) at each scrape, so the numbers
     are the same whichever API process answers."""
 
-    def __init__(self, client: tp.Any, queue: str, data_dir: Path):
-        self.redis, self.queue, self.data_dir = client, queue, Path(data_dir)
+    def __init__(self, client: tp.Any, queues: tp.Mapping[str, str], data_dir: Path):
+        """`queues`: each served model's Celery queue, by model name (`Settings.queue_for`)."""
+        self.redis, self.queues, self.data_dir = client, dict(queues), Path(data_dir)
 
     def collect(self) -> tp.Iterator[tp.Any]:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(keys.metrics_counters_key())
         for name in JOB_HISTOGRAMS:
             pipe.hgetall(keys.metrics_histogram_key(name))
-        for key in keys.queue_keys(self.queue):
-            pipe.llen(key)
+        # A queue is one Redis list per message priority (kombu): its length is their sum.
+        queue_keys = {model: keys.queue_keys(queue) for model, queue in self.queues.items()}
+        for model_keys in queue_keys.values():
+            for key in model_keys:
+                pipe.llen(key)
         pipe.scard(keys.running_jobs_key())
         counters_raw, *rest = pipe.execute()
         histograms_raw = rest[:len(JOB_HISTOGRAMS)]
-        queue_lengths, running = rest[len(JOB_HISTOGRAMS):-1], rest[-1]
+        lengths, running = iter(rest[len(JOB_HISTOGRAMS):-1]), rest[-1]
         counters = {k.decode(): float(v) for k, v in counters_raw.items()}
 
         yield _counter("demix_jobs_submitted", "Jobs accepted by the API.", counters.get("submitted", 0))
@@ -73,7 +77,11 @@ class ServiceCollector(Collector):
         for (name, (doc, bounds)), raw in zip(JOB_HISTOGRAMS.items(), histograms_raw):
             yield _histogram(f"demix_{name}", doc, bounds, raw)
 
-        yield GaugeMetricFamily("demix_queue_length", "Jobs waiting in the queue.", value=sum(queue_lengths))
+        queue_length = GaugeMetricFamily("demix_queue_length", "Jobs waiting in a model's queue (Celery "
+                                         "messages not yet taken by a worker).", labels=["model", "queue"])
+        for model, model_keys in queue_keys.items():
+            queue_length.add_metric([model, self.queues[model]], sum(next(lengths) for _ in model_keys))
+        yield queue_length
         yield GaugeMetricFamily("demix_jobs_running", "Jobs running now.", value=running)
         yield GaugeMetricFamily("demix_disk_free_bytes", "Free space under DEMIX_DATA_DIR, in bytes.",
                                 value=_free_bytes(self.data_dir))

@@ -23,6 +23,9 @@ from worker.engine import separate_file
 from worker.forward import ModelForward
 from worker.mix_io import BLOCK_FRAMES, RESAMPLE_QUALITY
 
+# Each runs a separation model over audio (seconds each): outside the fast set.
+pytestmark = pytest.mark.slow
+
 SEGMENT = 44100  # the test model's segment: 1 s at 44.1 kHz
 
 

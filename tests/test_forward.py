@@ -70,6 +70,7 @@ def test_blockwise_attention_leaves_what_it_does_not_cover_to_the_module():
             assert (weights is None) == (expected_weights is None)
 
 
+@pytest.mark.slow  # runs the model in fp32 and bf16
 def test_the_cpu_bf16_copy_runs_layers_in_bf16_and_keeps_the_fp32_model_and_the_norms():
     model = make_tiny_htdemucs().eval()
     weights_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}

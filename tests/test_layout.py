@@ -81,7 +81,7 @@ TESTED_IN = {
     "worker/roformer/mel_band_roformer.py": "test_roformer_networks.py",
     "worker/roformer/network.py": "test_roformer_networks.py",
     "worker/weights/verify.py": "test_weights_pull.py",
-    "cli/argv.py": "test_cluster.py",
+    "cli/argv.py": "test_deployment.py",
     "cli/main.py": "test_client.py",
     "cli/tie_to_parent.py": "test_processes.py",  # run by path by cli.processes, never imported
 }

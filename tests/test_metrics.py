@@ -29,6 +29,11 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def total(samples: dict, name: str) -> float:
+    """The sum of `name` over all its label values."""
+    return sum(sample for (sample_name, _), sample in samples.items() if sample_name == name)
+
+
 def test_metrics_count_submissions_outcomes_uploads_and_durations(live_server, idle_server, tmp_path,
                                                                    redis_client):
     url = live_server.url
@@ -66,13 +71,13 @@ def test_metrics_count_submissions_outcomes_uploads_and_durations(live_server, i
     assert grew("demix_job_audio_seconds_sum") == pytest.approx(2.0)  # a float sum across tests
     assert grew("demix_job_audio_seconds_bucket", le="10.0") == 1  # 2 s of audio
     assert value(after, "demix_disk_free_bytes") > 0
-    assert ("demix_queue_length", ()) in after and ("demix_jobs_running", ()) in after
+    assert ("demix_jobs_running", ()) in after
     for name in ("demix_jobs_submitted_total", "demix_jobs_succeeded_total", "demix_upload_bytes_total",
                  "demix_job_audio_seconds_count"):
         assert value(other, name) == value(after, name), name  # another API process, same numbers
 
 
-def test_queue_length_and_running_gauges(idle_server, tmp_path, redis_client):
+def test_queue_length_and_running_gauges(idle_server, tmp_path, redis_client, settings):
     url = idle_server.url
     before = scrape(url)
     path = write_wav(tmp_path / "in.wav", 44100, 2, 0.5)
@@ -83,8 +88,36 @@ def test_queue_length_and_running_gauges(idle_server, tmp_path, redis_client):
     store = JobStore(redis_client)
     store.mark_running(ids[0], lease_s=30)
     after = scrape(url)
-    assert value(after, "demix_queue_length") - value(before, "demix_queue_length") == 2
+    assert total(after, "demix_queue_length") - total(before, "demix_queue_length") == 2
+    assert {dict(labels)["model"] for name, labels in after if name == "demix_queue_length"} == {
+        settings.default_model}
     assert value(after, "demix_jobs_running") - value(before, "demix_jobs_running") == 1
     for job_id in ids:
         assert requests.delete(f"{url}/v1/jobs/{job_id}", timeout=10).status_code == 204
     assert value(scrape(url), "demix_jobs_running") == value(before, "demix_jobs_running")
+
+
+def test_the_queue_length_is_given_per_served_model(redis_client, tmp_path):
+    """Each model has its own queue (`DEMIX_MODELS`): an operator sees which one backs up."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from shared import keys
+    from shared.metrics import ServiceCollector
+
+    queues = {"htdemucs": "metrics-test", "mel_band_roformer_kim": "metrics-test.mel_band_roformer_kim"}
+    priorities = keys.queue_keys(queues["mel_band_roformer_kim"])
+    redis_client.delete(*keys.queue_keys(queues["htdemucs"]), *priorities)
+    redis_client.rpush(priorities[0], "message", "message")
+    redis_client.rpush(priorities[-1], "message")  # another priority of the same queue
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(redis_client, queues, tmp_path))
+    samples = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    try:
+        assert value(samples, "demix_queue_length", model="htdemucs", queue="metrics-test") == 0
+        assert value(samples, "demix_queue_length", model="mel_band_roformer_kim",
+                     queue="metrics-test.mel_band_roformer_kim") == 3
+    finally:
+        redis_client.delete(*priorities)

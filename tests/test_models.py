@@ -67,6 +67,7 @@ def test_the_cache_loads_each_model_once(tmp_path):
     assert loads == [spec] and cache.loads == 1
 
 
+@pytest.mark.slow  # `verify` runs the model over audio
 def test_demix_models_list_and_verify(tmp_path, monkeypatch, capsys):
     write_tiny_repo(tmp_path / "data" / "models")
     monkeypatch.setenv("DEMIX_DATA_DIR", str(tmp_path / "data"))

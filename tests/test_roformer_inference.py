@@ -24,6 +24,9 @@ from worker.mix_io import BLOCK_FRAMES
 from worker.roformer import build_model, read_config
 from worker.roformer.inference import demix_stream, fade_window, network_runner, window_count
 
+# Each runs a separation model over audio (seconds each): outside the fast set.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def architecture(request) -> str:

@@ -19,6 +19,9 @@ from tests.support.memory_sink import max_difference, unsplit_run
 from worker.engine import SeparationOptions, stem_layout
 from worker.split import (merge_split, plan_parts, prepare_split, run_part, single_pass, stream_windows)
 
+# Each runs a separation model over audio (seconds each): outside the fast set.
+pytestmark = pytest.mark.slow
+
 SEGMENT = 44100  # the test model's segment: 1 s at 44.1 kHz
 TOLERANCE = 1e-5
 

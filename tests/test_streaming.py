@@ -15,6 +15,9 @@ from demucs.apply import BagOfModels, apply_model
 from testkit.tiny_models import make_tiny_htdemucs
 from worker.streaming import StreamingSeparator, segment_length
 
+# Each runs a separation model over audio (seconds each): outside the fast set.
+pytestmark = pytest.mark.slow
+
 SEGMENT_S = 1.0
 SEGMENT = 44100  # samples in a 1 s segment
 TOLERANCE = 1e-5  # max abs difference to apply_model at fp32
