@@ -68,8 +68,10 @@ class Clients:
                    for _ in range(self._clients)]
         for thread in threads:
             thread.start()
-        while any(thread.is_alive() for thread in threads):
-            threads[0].join(PROGRESS_EVERY_S)
+        while alive := [thread for thread in threads if thread.is_alive()]:
+            # Join one that still runs: joining one already done returns at once, and the
+            # loop would print without pause until the last client ends.
+            alive[0].join(PROGRESS_EVERY_S)
             with self._lock:
                 submitted = len(self.results)
             print(f"  {time.perf_counter() - self.started:.0f}s: {submitted} submitted, {self.finished()} finished",
