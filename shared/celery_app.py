@@ -31,10 +31,6 @@ MERGE_PARTS_TASK = "demix.merge_parts"
 RESULT_EXPIRES_S = 24 * 3600
 """How long Celery keeps the (empty) results of parts, which chords count."""
 
-SOFT_SHUTDOWN_S = 10.0
-"""Seconds a cold-shutting-down worker lets its running jobs hand themselves back."""
-
-
 def celery_config(settings: Settings) -> dict:
     """The Celery configuration mapping for these settings."""
     url = settings.effective_redis_url
@@ -66,7 +62,7 @@ def celery_config(settings: Settings) -> dict:
         # A cold shutdown (SIGQUIT, a second Ctrl-C) first waits this long: runs already
         # told to stop by the warm shutdown hand their job back at their next segment;
         # whatever still runs is then cancelled and given back (worker.tasks).
-        "worker_soft_shutdown_timeout": SOFT_SHUTDOWN_S,
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_s,
         # Flower needs task events; sending them costs little.
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -85,6 +85,10 @@ class Settings:
     lease_s: int = _setting(
         30, "A running job's lease, in seconds: renewed every third of it while the job runs; "
             "a job whose lease expires (its worker died) is requeued.")
+    soft_shutdown_s: float = _setting(
+        10.0, "A cold-shutting-down worker (SIGQUIT, a second Ctrl-C) waits this many seconds for its "
+              "runs to hand their jobs back themselves, then cancels the rest and gives their jobs back "
+              "(keep it below a container's stop grace period).")
     split_s: int = _setting(
         600, "Jobs longer than this many seconds are split into parts of about this length, "
              "run by any workers and merged (0: never split; jobs with shifts always run whole).")

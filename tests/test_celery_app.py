@@ -59,3 +59,11 @@ def test_make_celery_routes_separation_to_the_configured_queue(settings):
     assert app.conf.broker_url == "redis://example:1/2"
     assert app.conf.task_routes[SEPARATE_TASK] == {"queue": "elsewhere"}
     assert app.conf.task_default_queue == "elsewhere"
+
+
+def test_the_soft_shutdown_wait_is_the_setting():
+    from shared.celery_app import celery_config
+    from shared.config import Settings
+
+    assert celery_config(Settings.from_env({}))["worker_soft_shutdown_timeout"] == 10.0
+    assert celery_config(Settings.from_env({"DEMIX_SOFT_SHUTDOWN_S": "2.5"}))["worker_soft_shutdown_timeout"] == 2.5

@@ -33,16 +33,20 @@ SIDE_QUEUE = "demix-tests-side-worker"
 
 SIDE_LEASE_S = 3
 LONG_SECONDS = 40.0
-COLD_SHUTDOWN_SECONDS = 900.0
-"""Audio seconds of the cold-shutdown test's job: with the tiny model about 33 s of work on a
-2-core AVX-512 machine (240 s took 8.7 s, less than the soft-shutdown wait it must outlast)."""
+COLD_SHUTDOWN_SECONDS = 300.0
+"""Audio seconds of the cold-shutdown test's job: with the tiny model about 11 s of work on a
+2-core AVX-512 machine, ten times the soft-shutdown wait (`COLD_SHUTDOWN_SOFT_S`) it must outlast."""
+
+COLD_SHUTDOWN_SOFT_S = 1.0
+"""The cold-shutdown test's worker's DEMIX_SOFT_SHUTDOWN_S: a short wait keeps its job short."""
 
 
 @contextlib.contextmanager
-def side_worker(log_path: Path) -> tp.Iterator[tp.Any]:
-    """A `demix worker` process (prefork, one child) on `SIDE_QUEUE`."""
-    # Never split: these tests follow one run of a job (COLD_SHUTDOWN_SECONDS is over DEMIX_SPLIT_S).
-    env = dict(os.environ, DEMIX_QUEUE=SIDE_QUEUE, DEMIX_LEASE_S=str(SIDE_LEASE_S), DEMIX_SPLIT_S="0")
+def side_worker(log_path: Path, **settings: str) -> tp.Iterator[tp.Any]:
+    """A `demix worker` process (prefork, one child) on `SIDE_QUEUE`, with `settings` (DEMIX_*)."""
+    # Never split: these tests follow one run of a job.
+    env = dict(os.environ, DEMIX_QUEUE=SIDE_QUEUE, DEMIX_LEASE_S=str(SIDE_LEASE_S), DEMIX_SPLIT_S="0",
+               **settings)
     argv = worker_argv(Settings.from_env(env), concurrency=1, loglevel="INFO")
     with open(log_path, "ab") as log:
         process = popen_child(argv, env=env, stdout=log, stderr=log)
@@ -162,10 +166,10 @@ def test_a_cold_shutdown_cancels_the_run_and_gives_its_job_back(tiny_model_repo,
                                                                  store, tmp_path):
     storage, log = JobStorage(settings.data_dir), tmp_path / "worker.log"
     redis_client.delete(*keys.queue_keys(SIDE_QUEUE))
-    # Long enough that the run outlasts the soft-shutdown wait (SOFT_SHUTDOWN_S) even on a
-    # fast machine with a warm model, so it is the cancellation that gives the job back.
+    # Long enough that the run outlasts the soft-shutdown wait (COLD_SHUTDOWN_SOFT_S) even on
+    # a fast machine with a warm model, so it is the cancellation that gives the job back.
     job_id = submit(settings, redis_client, tmp_path, COLD_SHUTDOWN_SECONDS)
-    with side_worker(log) as worker:
+    with side_worker(log, DEMIX_SOFT_SHUTDOWN_S=str(COLD_SHUTDOWN_SOFT_S)) as worker:
         wait_for(lambda: store.get(job_id).progress > 0, "the side worker runs the job", log=log)
         worker.send_signal(signal.SIGQUIT)  # cold: Celery's soft shutdown wait, then cancel
         stopping = time.monotonic()
