@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "default: all of DEMIX_MODELS)")
     worker.add_argument("--concurrency", type=int, help="jobs at once (DEMIX_WORKER_CONCURRENCY)")
     worker.add_argument("--loglevel", default="INFO")
+    probe = commands.add_parser(
+        "worker-probe", help="exit 0 when this machine's workers are live (their event loop turns) or "
+                             "ready (a pool process warm): for Kubernetes' exec probes")
+    probe.add_argument("check", choices=("live", "ready"))
     commands.add_parser("grpc", help="serve the original gRPC interface (demixing.proto) on DEMIX_GRPC_PORT")
     commands.add_parser("config", help="print every DEMIX_* setting, its value and its meaning")
     models.add_parser(commands)
@@ -65,6 +69,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 return 2
             os.environ["DEMIX_WORKER_MODELS"] = args.models  # the Celery worker reads its settings anew
         _replace_process(worker_argv(settings, args.concurrency, args.loglevel))
+    if args.command == "worker-probe":
+        from shared.readiness import probe_workers
+        passed, said = probe_workers(settings.data_dir, args.check)
+        print(f"{args.check}: {said}" if passed else f"not {args.check}: {said}")
+        return 0 if passed else 1
     if args.command == "grpc":
         from grpc_api.server import serve
         return serve(settings)

@@ -18,8 +18,9 @@ from .config import Settings, get_settings
 SEPARATE_TASK = "demix.separate"
 """Name of the task that separates one job; its only argument is the job id."""
 
-WARMUP_TIMEOUT_S = 900.0
-"""Longest a new pool process may take to load and warm its model before Celery gives up on it."""
+CELERY_WARM_BACKSTOP_S = 60.0
+"""How long after DEMIX_WARM_TIMEOUT_S Celery itself kills a pool process that never said it
+was up, should the worker's own watchdog (`worker.pool_guard`) not have replaced it."""
 
 
 SEPARATE_PART_TASK = "demix.separate_part"
@@ -70,8 +71,9 @@ def celery_config(settings: Settings) -> dict:
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
         # Each pool process loads and warms the model before it reports itself up
-        # (worker.tasks); Celery's default of 4 s would kill it mid-warm-up.
-        "worker_proc_alive_timeout": WARMUP_TIMEOUT_S,
+        # (worker.tasks); Celery's default of 4 s would kill it mid-warm-up. The watchdog in
+        # `worker.pool_guard` replaces one that hangs at DEMIX_WARM_TIMEOUT_S, with its stack.
+        "worker_proc_alive_timeout": settings.warm_timeout_s + CELERY_WARM_BACKSTOP_S,
     }
 
 

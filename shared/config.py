@@ -89,6 +89,14 @@ class Settings:
         10.0, "A cold-shutting-down worker (SIGQUIT, a second Ctrl-C) waits this many seconds for its "
               "runs to hand their jobs back themselves, then cancels the rest and gives their jobs back "
               "(keep it below a container's stop grace period).")
+    warm_timeout_s: float = _setting(
+        900.0, "Longest a new worker pool process may take to load and warm its models, in seconds "
+               "(a download of missing weights included); one still not warm then is killed, with its "
+               "Python stack in the log, and replaced.")
+    warm_shutdown_s: float = _setting(
+        60.0, "Longest a worker's warm shutdown (SIGTERM, Ctrl-C) may take, in seconds: its runs hand "
+              "their jobs back at their next segment; pool processes still there after this are "
+              "stopped as in a cold shutdown, then killed.")
     split_s: int = _setting(
         600, "Jobs longer than this many seconds are split into parts of about this length, "
              "run by any workers and merged (0: never split; jobs with shifts always run whole).")

@@ -1,15 +1,30 @@
-"""Processes of this machine named by what they leave behind (a readiness entry, a scratch
-folder): `<host>` and a pid, so that a sweep can tell the leftovers of a dead process from
-the belongings of a live one."""
+"""Processes of this machine: named by what they leave behind (a readiness entry, a scratch
+folder), `<host>` and a pid, so that a sweep can tell the leftovers of a dead process from
+the belongings of a live one; and tied to the life of their parent."""
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
+import sys
 from pathlib import Path
+
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal this process gets when its parent dies."""
 
 
 def this_host() -> str:
     return socket.gethostname()
+
+
+def die_with_parent(sig: int, parent: int) -> bool:
+    """Have Linux send `sig` to this process when its parent dies, even by SIGKILL;
+    returns False when `parent` is already gone (the signal would never come) or the
+    platform has no such tie (then callers watch `os.getppid()` themselves)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    return os.getppid() == parent
 
 
 def process_is_gone(pid: int) -> bool:

@@ -30,6 +30,15 @@ JOB_HISTOGRAMS = {
 """Histograms the job state machine observes: Redis key name -> (doc, bucket bounds)."""
 
 
+WARM_TIMEOUTS_FIELD = "pool_warm_timeouts"
+"""Counter of worker pool processes killed for not getting warm within DEMIX_WARM_TIMEOUT_S."""
+
+
+def count_warm_timeout(client: tp.Any) -> None:
+    """One more pool process replaced by a worker's watchdog (`worker.pool_guard`)."""
+    client.hincrby(keys.metrics_counters_key(), WARM_TIMEOUTS_FIELD, 1)
+
+
 class ServiceCollector(Collector):
     """Reads the service's metrics from Redis (and the disk) at each scrape, so the numbers
     are the same whichever API process answers."""
@@ -72,6 +81,10 @@ class ServiceCollector(Collector):
             if field.startswith("requeued:"):
                 requeued.add_metric([field[len("requeued:"):]], value)
         yield requeued
+        yield _counter("demix_pool_warm_timeouts",
+                       "Worker pool processes killed and replaced because they were not warm within "
+                       "DEMIX_WARM_TIMEOUT_S (each one's Python stack is in its worker's log).",
+                       counters.get(WARM_TIMEOUTS_FIELD, 0))
         yield _counter("demix_upload_bytes", "Bytes of accepted uploads.", counters.get("upload_bytes", 0))
 
         for (name, (doc, bounds)), raw in zip(JOB_HISTOGRAMS.items(), histograms_raw):

@@ -3,9 +3,9 @@
 A finished job's delivery is written to Redis (a hash per delivery, and a sorted set of
 delivery ids by when each is next due) by the job store's `on_finished` hook, which only
 writes to Redis and so never makes a separation wait for a receiver. A `WebhookSender`
-(a thread in every worker process) claims due deliveries, POSTs them from a thread pool
-(one hanging receiver holds one thread, not the others), and reschedules failures with
-exponential backoff until `DEMIX_WEBHOOK_ATTEMPTS` is reached.
+(in every worker's background process, `worker.background`) claims due deliveries, POSTs
+them from a thread pool (one hanging receiver holds one thread, not the others), and
+reschedules failures with exponential backoff until `DEMIX_WEBHOOK_ATTEMPTS` is reached.
 
 A claim moves the delivery's due time a lease into the future instead of removing it,
 so a sender that dies mid-delivery loses nothing: the delivery becomes due again when

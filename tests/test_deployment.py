@@ -282,6 +282,17 @@ def test_the_manifests_cover_the_api_grpc_flower_workers_redis_and_the_bucket_se
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret)
 
 
+def test_the_workers_probes_ask_the_worker_itself():
+    from cli.main import build_parser
+
+    for name in ("demix-worker-cpu", "demix-worker-gpu"):
+        [worker] = containers(of_kind("Deployment")[name])
+        for probe, check in (("livenessProbe", "live"), ("readinessProbe", "ready")):
+            command = worker[probe]["exec"]["command"]
+            assert command == ["demix", "worker-probe", check]
+            build_parser().parse_args(command[1:])  # a command `demix` has, with a check it knows
+
+
 def test_every_command_variable_and_reference_in_the_manifests_is_real():
     config_maps, secrets = of_kind("ConfigMap"), of_kind("Secret")
     for config in config_maps.values():

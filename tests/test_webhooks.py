@@ -243,29 +243,11 @@ def test_the_callback_url_is_stored_and_shown_on_the_job(idle_server, tmp_path):
     assert plain.json()["callback_url"] is None
 
 
-def test_every_worker_runs_a_sender_from_start_to_shutdown(redis_server):
-    """`demix worker` starts a sender when it is ready (celery's `worker_ready`) and stops it."""
-    from celery import signals
-
-    import worker.tasks as tasks
-
-    assert tasks._webhook_sender is None
-    signals.worker_ready.send(sender=None)
-    try:
-        sender = tasks._webhook_sender
-        assert isinstance(sender, WebhookSender) and sender._thread.is_alive()
-    finally:
-        signals.worker_shutdown.send(sender=None)
-    assert tasks._webhook_sender is None
-    sender._thread.join(10)
-    assert not sender._thread.is_alive()
-
-
 @pytest.fixture
 def service_sender(redis_server, settings):
-    """The sender a `demix worker` runs, on the service's own Redis database.
-
-    (The test worker is celery's `TestWorkController`, which does not send `worker_ready`.)"""
+    """A sender like the one a worker's background process runs, on the service's own Redis
+    database, polling more often (the session worker's own sender is there too: a delivery
+    goes to whichever claims it first)."""
     sender = WebhookSender(WebhookQueue(redis.Redis.from_url(redis_server.url), settings),
                            poll_interval_s=0.05).start()
     yield sender

@@ -2,9 +2,9 @@
 service healthy without anyone watching (requeueing jobs whose worker died, sending again
 the tasks of queued jobs whose broker message was lost; more sweeps are added to `SWEEPS`).
 
-The loop runs in a thread of each Celery worker's main process (a bootstep, so it starts
-and stops with the worker), once at start and then each sweep at its own interval. It
-never imports torch. Sweeps must be safe to run in many workers at once: every state
+The loop runs in each Celery worker's background process (`worker.background`, never in
+the main process, which forks the pool), once at start and then each sweep at its own
+interval. It never imports torch. Sweeps must be safe to run in many workers at once: every state
 change they make goes through the job store's atomic moves.
 """
 from __future__ import annotations
@@ -16,13 +16,13 @@ import time
 import typing as tp
 
 import redis
-from celery import bootsteps
 
 from shared.broker import delivered_job_ids, waiting_job_ids
 from shared.config import Settings, get_settings
 from shared.errors import DemixError, JobNotFound, WorkerLost
 from shared.jobs import JobStatus, JobStore
 from shared.lifecycle import recover_lost_job, resend_lost_message
+from shared.readiness import forget_dead_processes
 from shared.retention import (sweep_abandoned_uploads, sweep_dead_scratch, sweep_expired_jobs,
                               sweep_orphaned_job_folders, sweep_orphaned_uploads)
 from shared.splits import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
@@ -207,7 +207,11 @@ class LostPartSweep:
 
 SWEEPS: list[Sweep] = [Sweep("lost jobs", LostJobSweep(), lease_sweep_interval),
                        Sweep("lost parts", LostPartSweep(), lease_sweep_interval),
-                       Sweep("lost messages", LostMessageSweep(), lost_message_sweep_interval)]
+                       Sweep("lost messages", LostMessageSweep(), lost_message_sweep_interval),
+    # A pool process killed outright leaves its readiness entry: without this sweep the model
+    # catalogue would count it as serving its models, and jobs would not say they wait.
+    Sweep("dead workers' readiness", lambda context: forget_dead_processes(context.jobs.redis),
+          lease_sweep_interval)]
 """The sweeps every worker runs; other modules append theirs."""
 
 SWEEPS += [
@@ -271,11 +275,3 @@ def maintenance_context(celery: tp.Any, settings: tp.Optional[Settings] = None) 
     # The same job store as everywhere: a job the sweeps fail (`worker_lost`) sends its webhook.
     services = build_services(settings, celery=celery)
     return MaintenanceContext(settings=settings, jobs=services.jobs, storage=services.storage, celery=celery)
-
-
-class MaintenanceStep(bootsteps.StartStopStep):
-    """Worker bootstep: the maintenance loop runs while the worker runs."""
-
-    def create(self, worker) -> MaintenanceLoop:
-        context = maintenance_context(worker.app)
-        return MaintenanceLoop(context, SWEEPS)

@@ -1,7 +1,9 @@
 """The Celery edge of the worker: a task that takes a job id and runs the job, the tasks
 of a split job's parts and merge, the warm-up each pool process does before it takes
-its first job, the maintenance loop as a worker bootstep, giving running jobs back on
-shutdown, and the webhook sender every worker runs beside its jobs."""
+its first job, and giving running jobs back on shutdown. The worker's bootsteps start
+its background process (maintenance sweeps, webhooks: `worker.background`) and guard
+its pool (`worker.pool_guard`).
+"""
 from __future__ import annotations
 
 import logging
@@ -19,7 +21,7 @@ from shared.jobs import JobStore
 from shared.services import redis_client
 from shared.lifecycle import hand_back_worker_jobs
 
-from .maintenance import SWEEPS, MaintenanceStep, Sweep, lease_sweep_interval
+from .pool_guard import BackgroundStep, PoolGuard
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ STOPPING_FLAG_TTL_S = 3600
 MAIN_PID = os.getpid()
 """The worker's main process (imported there before the pool forks its children)."""
 
-_webhook_sender: tp.Any = None
-
 
 def worker_identity(node: str) -> str:
     """Names one running Celery worker: its node name (which `demix worker`s on one host
@@ -38,18 +38,7 @@ def worker_identity(node: str) -> str:
     return f"{node} worker {MAIN_PID}"
 
 
-celery_app.steps["worker"].add(MaintenanceStep)
-
-
-def _forget_dead_pool_processes(context: tp.Any) -> list[str]:
-    from shared.readiness import forget_dead_processes
-
-    return forget_dead_processes(context.jobs.redis)
-
-
-# A pool process killed outright leaves its readiness entry: without this sweep the model
-# catalogue would count it as serving its models, and jobs would not say they wait.
-SWEEPS.append(Sweep("dead workers' readiness", _forget_dead_pool_processes, lease_sweep_interval))
+celery_app.steps["worker"].update({BackgroundStep, PoolGuard})
 
 
 @celery_app.task(name=SEPARATE_TASK, ignore_result=True, bind=True)
@@ -105,25 +94,6 @@ def hand_back_running_jobs(sender: str, how: str = "", **_kwargs) -> None:
         log.warning("could not give back the jobs of worker %s: %s", worker_identity(sender), exc)
     finally:
         client.close()
-
-
-@signals.worker_ready.connect
-def start_webhook_sender(**_: tp.Any) -> None:
-    """Deliver webhooks from the worker's main process, in threads beside the jobs."""
-    global _webhook_sender
-    from shared.webhooks import start_sender
-
-    if _webhook_sender is None:
-        settings = get_settings()
-        _webhook_sender = start_sender(redis_client(settings), settings)
-
-
-@signals.worker_shutdown.connect
-def stop_webhook_sender(**_: tp.Any) -> None:
-    global _webhook_sender
-    if _webhook_sender is not None:
-        _webhook_sender.stop()
-        _webhook_sender = None
 
 
 @signals.worker_process_init.connect

@@ -17,8 +17,8 @@ from shared.config import Settings
 
 @contextlib.contextmanager
 def worker_processes(folder: Path, count: int, settings: tp.Mapping[str, str],
-                     own_data_dirs: bool = False) -> tp.Iterator[list[subprocess.Popen]]:
-    """`count` `demix worker` processes (prefork, one child, INFO logs) with the test
+                     own_data_dirs: bool = False, concurrency: int = 1) -> tp.Iterator[list[subprocess.Popen]]:
+    """`count` `demix worker` processes (prefork, `concurrency` children, INFO logs) with the test
     environment plus `settings` (DEMIX_* variables), each logging to its own file in
     `folder`; killed (SIGKILL) on leaving, so a test can also kill one itself.
 
@@ -33,7 +33,7 @@ def worker_processes(folder: Path, count: int, settings: tp.Mapping[str, str],
                 env = dict(os.environ, **settings)
                 if own_data_dirs:
                     env["DEMIX_DATA_DIR"] = str(folder / f"worker-{index}")
-                argv = worker_argv(Settings.from_env(env), concurrency=1, loglevel="INFO")
+                argv = worker_argv(Settings.from_env(env), concurrency=concurrency, loglevel="INFO")
                 # A test may start workers more than once in one folder: every start has new logs.
                 log = logs.enter_context(open(folder / f"worker-{index}-{time.monotonic_ns()}.log", "ab"))
                 processes.append(popen_child(argv, env=env, stdout=log, stderr=log))
@@ -42,3 +42,29 @@ def worker_processes(folder: Path, count: int, settings: tp.Mapping[str, str],
             for process in processes:
                 with contextlib.suppress(ProcessLookupError):
                     stop_process(process, timeout=30, sig=signal.SIGKILL)
+
+
+def child_pids(parent: int) -> dict[int, str]:
+    """The live (not zombie) children of process `parent`, with their command lines."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rpartition(")")[2].split()[:2]
+            if int(ppid) == parent and state not in ("Z", "X"):
+                children[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):  # it ended meanwhile
+            continue
+    return children
+
+
+def pool_pids(worker_pid: int) -> set[int]:
+    """The pool processes of the `demix worker` whose main process is `worker_pid` (its
+    children other than its background process)."""
+    return {pid for pid, command in child_pids(worker_pid).items() if "worker.background" not in command}
+
+
+def background_pids(worker_pid: int) -> set[int]:
+    """The background process(es) of that worker (one, but for a moment while it is restarted)."""
+    return {pid for pid, command in child_pids(worker_pid).items() if "worker.background" in command}
