@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import typing as tp
 from pathlib import Path
 
@@ -29,8 +30,13 @@ def popen_child(args: tp.Sequence[str], **kwargs: tp.Any) -> subprocess.Popen:
     return subprocess.Popen(args, start_new_session=True, **kwargs)
 
 
+GROUP_GONE_TIMEOUT_S = 10.0
+"""How long `stop_process` waits for a SIGKILLed process group's members to be gone."""
+
+
 def stop_process(process: subprocess.Popen, timeout: float, sig: int = signal.SIGTERM) -> tp.Optional[int]:
-    """Ask a child to stop, wait up to `timeout`, then kill its whole process group.
+    """Ask a child to stop, wait up to `timeout`, then kill its whole process group, and
+    return once no member of the group is left (SIGKILL is delivered asynchronously).
 
     `sig` goes to the child alone, as `docker compose stop` sends it to a container's
     first process: Celery and gunicorn then stop their own pool processes gracefully (a
@@ -50,7 +56,41 @@ def stop_process(process: subprocess.Popen, timeout: float, sig: int = signal.SI
             process.wait()
     # Grandchildren (gunicorn or celery pool workers) may linger a moment after their parent.
     _signal_group(process, signal.SIGKILL)
+    _wait_group_gone(process.pid, GROUP_GONE_TIMEOUT_S)
     return process.returncode
+
+
+def _wait_group_gone(group: int, timeout: float) -> bool:
+    """Wait until process group `group` has no running member left; False if one still runs
+    after `timeout` (a process stuck in the kernel: nothing more can be done from here).
+    Zombies count as gone: they run nothing, and whoever inherited them reaps them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _running_group_members(group):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _running_group_members(group: int) -> list[int]:
+    try:
+        os.killpg(group, 0)
+    except (ProcessLookupError, PermissionError):
+        return []
+    if not os.path.isdir("/proc/self"):  # no /proc to tell zombies apart: the group is there
+        return [group]
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

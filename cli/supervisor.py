@@ -33,8 +33,24 @@ from .processes import popen_child, stop_process
 from .redis_server import RedisServer, RedisUnavailable
 
 READY_TIMEOUT_S = 300.0
-"""Longest `demix up` waits for every part to answer the first time (the worker's includes
-loading and warming its model)."""
+"""Longest `demix up` waits for the optional parts (Flower, gRPC) before it says the
+service is ready without them."""
+
+ANSWER_TIMEOUT_S = 120.0
+"""Longest a part may take to answer after a start before it is stopped and started again
+(the worker's is longer: DEMIX_WARM_TIMEOUT_S plus `WORKER_ANSWER_MARGIN_S`)."""
+
+WORKER_ANSWER_MARGIN_S = 120.0
+"""The worker's own watchdog replaces a pool process that does not get warm within
+DEMIX_WARM_TIMEOUT_S: `demix up` gives it that long and this much more before it restarts
+the whole worker."""
+
+LIVENESS_INTERVAL_S = 10.0
+"""How often a part that answered is asked again whether it is alive (at most)."""
+
+UNANSWERED_RESTART_S = 120.0
+"""A part that answered once and then has not answered for this long, while the parts it
+requires answer, is restarted (a worker whose main process hangs)."""
 
 TICK_S = 0.5
 """How often the supervisor looks at its parts."""
@@ -46,7 +62,9 @@ WAITING_NOTICE_S = 30.0
 OUTPUT_TAIL_LINES = 15
 """Lines of a part's output kept to show why it keeps failing."""
 
-WORKER_STOP_TIMEOUT_S = 30.0
+WORKER_STOP_MARGIN_S = 15.0
+"""Beyond DEMIX_WARM_SHUTDOWN_S, how long `demix up` waits for a stopping worker (which then
+stops its pool processes itself, SIGTERM, then SIGKILL) before it kills its process group."""
 API_STOP_TIMEOUT_S = 10.0
 FLOWER_STOP_TIMEOUT_S = 5.0
 GRPC_STOP_TIMEOUT_S = 10.0
@@ -96,6 +114,14 @@ class Part:
     """What to check when it keeps failing to start."""
     first_ready_message: str = ""
     """Said the first time it answers."""
+    answer_timeout_s: float = ANSWER_TIMEOUT_S
+    """Longest it may take to answer after a start; one that has not is stopped and started
+    again, as a failed start."""
+    is_alive: tp.Optional[tp.Callable[[subprocess.Popen], bool]] = None
+    """Once it answered, whether it still does (asked every `LIVENESS_INTERVAL_S`); None: a
+    part is alive while its process runs."""
+    unanswered_restart_s: float = UNANSWERED_RESTART_S
+    """How long `is_alive` may fail in a row before the part is restarted."""
 
 
 def describe_exit(returncode: int) -> str:
@@ -142,6 +168,8 @@ class _PartState:
     restart_at: tp.Optional[float] = None
     died_at: tp.Optional[float] = None
     given_up: bool = False
+    alive_at: float = 0.0
+    next_liveness_check: float = 0.0
 
     @property
     def answering(self) -> bool:
@@ -181,10 +209,14 @@ class Supervisor:
 
     def run(self, stop: threading.Event, on_ready: tp.Callable[[], None],
             ready_timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Supervise until `stop` is set; `on_ready` is called once, when all parts first answer.
+        """Supervise until `stop` is set; `on_ready` is called once, when all parts first answer
+        (or, after `ready_timeout_s`, all essential ones: the others are still being started).
+
+        A part that does not answer is restarted (`Part.answer_timeout_s`, `Part.is_alive`),
+        not a reason to stop the service.
 
         Raises:
-            ServiceFailed: an essential part is broken, or the service did not answer in time.
+            ServiceFailed: an essential part is broken (it kept failing to start).
         """
         started = time.monotonic()
         deadline = started + ready_timeout_s
@@ -199,10 +231,9 @@ class Supervisor:
                 self.say(f"waiting for {' and '.join(self.waiting_for())} to answer "
                          f"({time.monotonic() - started:.0f}s so far, at most {ready_timeout_s:.0f}s)")
                 next_notice += WAITING_NOTICE_S
-            elif not announced and time.monotonic() > deadline:
+            elif not announced and time.monotonic() > deadline and \
+                    not any(self.states[name].part.essential for name in self.waiting_for()):
                 missing = self.waiting_for()
-                if any(self.states[name].part.essential for name in missing):
-                    raise ServiceFailed(f"{' and '.join(missing)} did not answer within {ready_timeout_s:.0f}s")
                 self.say(f"warning: {' and '.join(missing)} did not answer within {ready_timeout_s:.0f}s; "
                          "the service is ready without it (it is still being started)")
                 on_ready()
@@ -228,8 +259,22 @@ class Supervisor:
         elif state.ready_at is None:
             if self._requirements_answer(part) and part.is_ready(state.process):
                 self._on_ready(state, time.monotonic())
-        elif now - state.ready_at >= self.policy.healthy_after_s:
-            state.deaths_in_a_row = 0
+            elif now - state.started_at >= part.answer_timeout_s and self._requirements_answer(part):
+                self._restart_silent(state, now, f"did not answer within {part.answer_timeout_s:g}s of its start")
+        else:
+            if now - state.ready_at >= self.policy.healthy_after_s:
+                state.deaths_in_a_row = 0
+            if part.is_alive is not None and now >= state.next_liveness_check:
+                self._check_alive(state, now)
+
+    def _check_alive(self, state: _PartState, now: float) -> None:
+        part = state.part
+        state.next_liveness_check = now + min(LIVENESS_INTERVAL_S, part.unanswered_restart_s / 4)
+        # A part cannot answer while a part it needs is down (the worker while Redis restarts).
+        if not self._requirements_answer(part) or part.is_alive(state.process):
+            state.alive_at = now
+        elif now - state.alive_at >= part.unanswered_restart_s:
+            self._restart_silent(state, now, f"has not answered for {now - state.alive_at:.0f}s")
 
     def _requirements_answer(self, part: Part) -> bool:
         return all(self.states[name].answering for name in part.requires)
@@ -250,7 +295,8 @@ class Supervisor:
             self.say(f"restarted {part.name} (pid {state.process.pid})")
 
     def _on_ready(self, state: _PartState, now: float) -> None:
-        state.ready_at = now
+        state.ready_at = state.alive_at = now
+        state.next_liveness_check = now + min(LIVENESS_INTERVAL_S, state.part.unanswered_restart_s / 4)
         state.failed_starts_in_a_row = 0
         if not state.ever_ready and state.part.first_ready_message:
             self.say(state.part.first_ready_message)
@@ -261,15 +307,25 @@ class Supervisor:
 
     def _on_death(self, state: _PartState, now: float) -> None:
         process = state.process
-        reason = describe_exit(process.returncode)
         # Its group's leftovers (Celery pool processes, gunicorn workers holding the port) go too.
         stop_process(process, timeout=0)
+        self._on_ended(state, now, f"died: {describe_exit(process.returncode)}")
+
+    def _restart_silent(self, state: _PartState, now: float, what: str) -> None:
+        """Stop a part that does not answer (SIGTERM, then its whole group SIGKILLed) and
+        start it again."""
+        self.say(f"{state.part.name} (pid {state.process.pid}) {what}; stopping it")
+        stop_process(state.process, state.part.stop_timeout_s)
+        self._on_ended(state, now, what)
+
+    def _on_ended(self, state: _PartState, now: float, reason: str) -> None:
+        process = state.process
         if state.relay is not None:
             state.relay.join(2)
         was_answering = state.ready_at is not None
         state.process, state.ready_at, state.died_at = None, None, now
         uptime = now - state.started_at
-        what = f"{state.part.name} (pid {process.pid}) died: {reason}"
+        what = f"{state.part.name} (pid {process.pid}) {reason}"
         if was_answering:
             state.deaths_in_a_row += 1
             self._schedule_restart(state, now, f"{what}, after {uptime:.1f}s up")
@@ -395,8 +451,10 @@ class Service:
             after_redis = ("Redis",)
         parts.append(Part(
             "worker", spawn=self._spawn_worker, is_ready=self._worker_answers,
-            stop_timeout_s=WORKER_STOP_TIMEOUT_S, requires=after_redis,
-            hint="Check the DEMIX_* settings of the worker (`demix config`)."))
+            stop_timeout_s=self.settings.warm_shutdown_s + WORKER_STOP_MARGIN_S, requires=after_redis,
+            hint="Check the DEMIX_* settings of the worker (`demix config`).",
+            answer_timeout_s=self.settings.warm_timeout_s + WORKER_ANSWER_MARGIN_S,
+            is_alive=self._worker_pings))
         if self.flower_enabled:
             parts.append(Part(
                 "Flower", spawn=self._spawn_flower,
@@ -431,17 +489,23 @@ class Service:
     def _worker_answers(self, process: subprocess.Popen) -> bool:
         """Whether this worker process (by its node name) answers a Celery ping and has
         loaded and warmed its model (`shared.readiness`), so its first job starts at once."""
+        try:
+            return self._worker_pings(process) and _worker_warm(self.redis_url, self._worker_spawned_at)
+        except Exception:  # Redis restarting: not answering yet
+            return False
+
+    def _worker_pings(self, process: subprocess.Popen) -> bool:
+        """Whether the worker's main process answers a Celery ping (its event loop turns)."""
         if self._pinger is None:
             from shared.celery_app import make_celery
             self._pinger = make_celery(dataclasses.replace(self.settings, redis_url=self.redis_url))
         try:
             # A fresh connection each time: a pooled one may predate a Redis restart.
             with self._pinger.connection_for_write() as connection:
-                if not self._pinger.control.ping(destination=[worker_node_name(process.pid, socket.gethostname())],
-                                                 timeout=0.5, connection=connection):
-                    return False
-            return _worker_warm(self.redis_url, self._worker_spawned_at)
-        except Exception:  # Redis restarting: not answering yet
+                return bool(self._pinger.control.ping(
+                    destination=[worker_node_name(process.pid, socket.gethostname())],
+                    timeout=0.5, connection=connection))
+        except Exception:  # Redis restarting: not answering
             return False
 
     def close(self) -> None:

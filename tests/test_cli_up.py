@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import socket
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,7 +23,8 @@ from tests.support.live import wait_for_job
 from tests.support.encoded_audio import FORMATS as ENCODED_FORMATS, ffmpeg_decode, require_encoders
 from tests.support.reference import demucs_separate
 from tests.support.http_api import decode_result
-from tests.support.demix_up import demix_up, processes_with_marker
+from tests.support.demix_up import demix_up, demix_up_started, processes_with_marker
+from tests.support.waiting import wait_for
 from tests.support.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.processes
@@ -128,3 +132,31 @@ def test_demix_up_separates_every_input_format_to_ffmpegs_length(tiny_model_repo
             step = {"pcm16": 2 ** -15, "pcm24": 2 ** -23, "float32": 0.0}[job["output"]["sample_format"]]
             # One output step, plus float rounding where libsndfile decoded (its decoders are not FFmpeg's).
             assert np.abs(stems["vocals"] + stems["no_vocals"] - reference.samples).max() <= step + 1e-6, case
+
+
+HAZARDS = Path(__file__).resolve().parent / "support" / "fork_hazard"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_nothing_outlives_demix_up_even_a_pool_process_that_hangs(tiny_model_repo, tmp_path, stop_signal):
+    """Stopped (SIGTERM: it stops its parts, then returns only once they are gone) or killed
+    outright (SIGKILL: its parts get SIGTERM from Linux and end by themselves), `demix up`
+    leaves no process behind, even a worker whose pool process hangs for ever in its
+    warm-up: that worker's warm shutdown cannot finish, so it turns cold, then kills."""
+    hazard_dir = tmp_path / "hazard"
+    hazard_dir.mkdir()
+    settings = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HAZARDS), os.environ.get("PYTHONPATH")])),
+                "DEMIX_TEST_FORK_HAZARD": "hang-every-warm-up", "DEMIX_TEST_HAZARD_DIR": str(hazard_dir),
+                "DEMIX_WARM_SHUTDOWN_S": "2"}
+    with demix_up_started(tmp_path, **settings) as (process, marker, output):
+        wait_for(lambda: next(hazard_dir.glob("hanging-*"), None), "the pool process hanging", timeout=180)
+        started = processes_with_marker(marker)
+        assert len(started) >= 5, started  # up, Redis, worker, its pool and background processes, gunicorn
+        process.send_signal(stop_signal)
+        if stop_signal == signal.SIGTERM:
+            assert process.wait(120) == 0, "".join(output)
+            assert processes_with_marker(marker) == [], "".join(output)
+        else:
+            # The worker's shutdown: 2 s warm, then SIGTERM and SIGKILL 5 s apart.
+            wait_for(lambda: processes_with_marker(marker) == [], "every part of demix up gone", timeout=60)

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import typing as tp
+from pathlib import Path
 
 import pytest
 
@@ -159,18 +160,40 @@ def test_an_optional_part_that_keeps_dying_at_start_is_left_out_and_the_rest_car
         supervisor.stop()
 
 
-def test_the_service_fails_when_an_essential_part_never_answers_but_not_for_an_optional_one(out):
-    silent = Part("silent", spawn=child(SERVE_FOREVER), is_ready=lambda _p: False)
+def test_an_essential_part_that_never_answers_is_restarted_then_given_up_saying_why(out):
+    silent = Part("silent", spawn=child(SERVE_FOREVER), is_ready=lambda _p: False, answer_timeout_s=1.0)
     supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers), silent], FAST, out=out)
+    pids = []
     try:
-        with pytest.raises(ServiceFailed, match="silent did not answer within 2s"):
-            supervisor.run(threading.Event(), on_ready=lambda: None, ready_timeout_s=2)
+        with pytest.raises(ServiceFailed, match=r"silent \(pid \d+\) did not answer within 1s of its start, "
+                                                r".* \(3 times in a row\); it is not restarted again"):
+            def tick_and_note() -> None:
+                pid = pid_of(supervisor, "silent")
+                if pid is not None and pid not in pids:
+                    pids.append(pid)
+            supervisor.run(threading.Event(), on_ready=tick_and_note, ready_timeout_s=600)
     finally:
         supervisor.stop()
+    log = out.getvalue()
+    assert log.count("did not answer within 1s of its start; stopping it") == 3
+    assert log.count("restarting it in") == 2
+    said = re.findall(r"silent \(pid (\d+)\) did not answer", log)
+    assert len(set(said)) == 3  # three processes, each stopped
+    assert all(_gone(int(pid)) for pid in said)
 
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+
+
+def test_an_optional_part_that_never_answers_is_left_out_of_the_ready_message(out):
+    silent = Part("silent", spawn=child(SERVE_FOREVER), is_ready=lambda _p: False, essential=False)
     ready, stop = threading.Event(), threading.Event()
-    optional = dataclasses.replace(silent, essential=False)
-    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers), optional], FAST, out=out)
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers), silent], FAST, out=out)
     runner = threading.Thread(target=supervisor.run, args=(stop,),
                               kwargs={"on_ready": ready.set, "ready_timeout_s": 2})
     runner.start()
@@ -181,6 +204,31 @@ def test_the_service_fails_when_an_essential_part_never_answers_but_not_for_an_o
     finally:
         stop.set()
         runner.join(30)
+        supervisor.stop()
+
+
+def test_a_part_that_stops_answering_is_restarted_but_not_while_what_it_needs_is_down(out):
+    answering = {"needed": True, "server": True}
+    needed = Part("needed", spawn=child(SERVE_FOREVER), is_ready=lambda _p: answering["needed"])
+    server = Part("server", spawn=child(SERVE_FOREVER), is_ready=answers, requires=("needed",),
+                  is_alive=lambda _p: answering["server"], unanswered_restart_s=0.5)
+    supervisor = Supervisor([needed, server], FAST, out=out)
+    try:
+        tick_until(supervisor, lambda: supervisor.is_answering("server"))
+        first = pid_of(supervisor, "server")
+        answering.update(needed=False, server=False)  # it cannot answer while `needed` is down
+        os.kill(pid_of(supervisor, "needed"), signal.SIGKILL)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            supervisor.tick()
+            time.sleep(0.02)
+        assert pid_of(supervisor, "server") == first
+        answering["needed"] = True
+        tick_until(supervisor, lambda: pid_of(supervisor, "server") not in (first, None))
+        assert re.search(rf"server \(pid {first}\) has not answered for \d+s; stopping it", out.getvalue())
+        answering["server"] = True
+        tick_until(supervisor, lambda: supervisor.is_answering("server"))
+    finally:
         supervisor.stop()
 
 

@@ -117,3 +117,28 @@ def demix_up(tmp_path: Path, ready_timeout: float = 400, stop_signal: int = sign
     output.extend(lines.queue)
     assert returncode == 0, "".join(output)
     assert processes_with_marker(marker_value) == []
+
+
+@contextlib.contextmanager
+def demix_up_started(tmp_path: Path, **settings: str) -> tp.Iterator[tuple[subprocess.Popen, str, list]]:
+    """`demix up` started as in `demix_up`, without waiting for it to be ready; yields
+    (process, marker, its output lines so far: a list that grows). Whatever is left of it
+    when the block ends is killed (a test that checks nothing is left does so inside)."""
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "DEMIX_REDIS_URL"}
+    env.update({"DEMIX_PORT": str(free_port()), "DEMIX_FLOWER_PORT": "0", "DEMIX_GRPC_PORT": "0",
+                "DEMIX_DATA_DIR": str(tmp_path / "data"), "DEMIX_API_WORKERS": "1",
+                "DEMIX_TEST_MARKER": marker, **settings})
+    process = subprocess.Popen([DEMIX, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list = []
+    reader = threading.Thread(target=lambda: [output.append(line) for line in process.stdout], daemon=True)
+    reader.start()
+    try:
+        yield process, marker, output
+    finally:
+        for pid in processes_with_marker(marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait(30)
+        reader.join(10)
+        process.stdout.close()
