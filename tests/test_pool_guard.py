@@ -21,7 +21,7 @@ from shared import keys
 from shared.metrics import WARM_TIMEOUTS_FIELD, ServiceCollector
 from shared.readiness import probe_workers, ready_workers
 from tests.support.waiting import wait_for
-from tests.support.workers import background_pids, pool_pids, worker_processes
+from tests.support.workers import background_pids, pool_pids, worker_answers, worker_processes
 from worker.pool_guard import STACK_SIGNAL, PoolWatchdog
 
 HAZARDS = Path(__file__).resolve().parent / "support" / "fork_hazard"
@@ -187,6 +187,7 @@ def test_a_pool_process_forked_while_a_sweep_holds_an_import_lock_still_starts(
         held_since = float(holder.read_text())
         [first] = wait_for(lambda: warm_pool_pids(redis_client, worker.pid), "the first pool process warm",
                            timeout=120, log=tmp_path)
+        wait_for(lambda: worker_answers(worker), "the worker answering", timeout=120, log=tmp_path)
         os.kill(first, signal.SIGKILL)
         replacement = wait_for(lambda: pool_pids(worker.pid) - {first}, "a replacement", timeout=60, log=tmp_path)
         assert time.time() < held_since + hold_s, "the lock was released before the fork: no test"
@@ -232,14 +233,13 @@ def test_the_watchdog_replaces_a_pool_process_that_hangs_before_it_is_warm(
 
 @pytest.mark.processes
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 200 starts, each importing torch: ~5 min alone, longer beside the suite
 def test_200_pool_processes_killed_with_sigkill_are_each_replaced_without_a_hang(redis_client, tmp_path):
     """Each replacement is forked while the worker's other parts go on (its background
     process sweeping, its event loop answering); every one must start and report itself up.
 
     The worker's model folder is empty, so each warm-up fails to load the model at once
     (and says so in its readiness entry) instead of running a forward pass: every start
-    still imports torch and the engine and reports itself up, and 200 of them fit in CI.
+    still runs the whole start-up of a pool process and reports itself up.
     """
     concurrency, rounds = 2, 100
     redis_client.hdel(keys.metrics_counters_key(), WARM_TIMEOUTS_FIELD)
@@ -249,6 +249,7 @@ def test_200_pool_processes_killed_with_sigkill_are_each_replaced_without_a_hang
     with worker_processes(tmp_path, 1, settings, concurrency=concurrency) as [worker]:
         previous = wait_for(lambda: len(w := warm_pool_pids(redis_client, worker.pid)) == concurrency and w,
                             "every pool process warm", timeout=300, log=tmp_path)
+        wait_for(lambda: worker_answers(worker), "the worker answering", timeout=120, log=tmp_path)
         for round_number in range(rounds):
             for pid in previous:
                 os.kill(pid, signal.SIGKILL)
@@ -257,6 +258,4 @@ def test_200_pool_processes_killed_with_sigkill_are_each_replaced_without_a_hang
                 f"round {round_number + 1}: {concurrency} replacements warm", timeout=300, log=tmp_path)
             assert len(os.listdir(f"/proc/{worker.pid}/task")) == 1  # the main process: one thread
         assert "forking a pool process while" not in logs(tmp_path)
-        maps = Path(f"/proc/{worker.pid}/maps").read_text()
-        assert "libtorch" not in maps  # torch's thread pools never exist in the main process
     assert redis_client.hget(keys.metrics_counters_key(), WARM_TIMEOUTS_FIELD) is None  # none hung

@@ -233,6 +233,11 @@ class PoolGuard(bootsteps.StartStopStep):
 
     def create(self, worker: tp.Any) -> None:
         # Before the pool's first fork (the Pool step creates the pool; it forks when it starts).
+        # What every pool process imports before it is warm (torch, the engine, the runner) is
+        # imported once here, in the one thread: a new pool process starts without importing
+        # it again, and shares its pages. Importing torch starts no thread and runs nothing on
+        # its thread pools (they start in each pool process, at its first forward).
+        from . import runner  # noqa: F401
         main_pid = os.getpid()
         os.register_at_fork(before=report_threads_at_fork,
                             after_in_child=lambda: prepare_pool_process(main_pid))

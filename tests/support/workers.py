@@ -68,3 +68,16 @@ def pool_pids(worker_pid: int) -> set[int]:
 def background_pids(worker_pid: int) -> set[int]:
     """The background process(es) of that worker (one, but for a moment while it is restarted)."""
     return {pid for pid, command in child_pids(worker_pid).items() if "worker.background" in command}
+
+
+def worker_answers(worker: subprocess.Popen) -> bool:
+    """Whether this `demix worker` answers a Celery ping: its event loop runs (Celery stops
+    a worker whose pool processes die before that)."""
+    import socket
+
+    from shared.celery_app import celery_app
+
+    args = list(worker.args)
+    node = args[args.index("--hostname") + 1].replace("%h", socket.gethostname())
+    with celery_app.connection_for_write() as connection:
+        return bool(celery_app.control.ping(destination=[node], timeout=1.0, connection=connection))
