@@ -64,7 +64,7 @@ FORM_FIELDS: tp.Tuple[FormField, ...] = (
               schema={"type": "string", "format": "uri", "maxLength": MAX_CALLBACK_URL_LENGTH,
                       "pattern": r"^[hH][tT][tT][pP][sS]?://"}),
 )
-"""Every text field of `POST /v1/jobs`, in the order the README documents them."""
+"""Every text field of `POST /v1/jobs`, in the order docs/api.md (and docs/formats.md, the output options) documents them."""
 
 
 @dataclasses.dataclass(frozen=True)
