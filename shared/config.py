@@ -60,7 +60,8 @@ class Settings:
     shifts: int = _setting(0, "Random-shift passes averaged per job (0: one deterministic pass).")
     overlap: float = _setting(0.25, "Overlap between model segments, as a fraction of a segment.")
     precision: str = _setting(
-        "fp32", "Model arithmetic: fp32 (exact), bf16 (CPU autocast, ~2x faster), fp16 (CUDA only).",
+        "fp32", "Model arithmetic: fp32 (exact); bf16, the fast mode (a CPU with AVX-512 BF16 or AMX, "
+                "else it warns and runs fp32; CUDA autocast); fp16 (CUDA autocast only).",
         choices=("fp32", "bf16", "fp16"))
     batch_segments: int = _setting(
         0, "Model segments per forward pass (0: chosen per device, 1 on CPU, more on CUDA).")
@@ -107,7 +108,7 @@ class Settings:
         3, "Runs of a job whose worker was lost before it fails with worker_lost (a worker "
            "stopped gracefully gives the job back without using up an attempt).")
     api_keys: str = _setting(
-        "", "API keys, comma-separated, or the path (starting with /, ./ or ~) of a file with one "
+        "", "API keys, comma-separated, or the path (starting with /, ./, ../ or ~) of a file with one "
             "key per line; when set, every /v1 request needs `Authorization: Bearer <key>` and a key "
             "sees only its own jobs. Empty: the API is open (for a private machine).", secret=True)
     max_active_jobs_per_key: int = _setting(

@@ -64,7 +64,8 @@ FORM_FIELDS: tp.Tuple[FormField, ...] = (
               schema={"type": "string", "format": "uri", "maxLength": MAX_CALLBACK_URL_LENGTH,
                       "pattern": r"^[hH][tT][tT][pP][sS]?://"}),
 )
-"""Every text field of `POST /v1/jobs`, in the order the README documents them."""
+"""Every text field of `POST /v1/jobs`, in the order the docs give them (docs/api.md, then the
+output options of docs/formats.md)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -379,7 +379,7 @@ def test_several_files_at_once_make_a_card_each(page, tmp_path):
             assert sf.info(io.BytesIO(archive.read(member))).frames == round(seconds * INPUT_RATE)
 
     screenshot = os.environ.get("WEB_PAGE_SCREENSHOT")  # not DEMIX_*: conftest clears those
-    if screenshot:  # how docs/screenshot.png is made (README)
+    if screenshot:  # how docs/screenshot.png is made (docs/development.md)
         page.set_viewport_size({"width": 1100, "height": 900})
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=screenshot, full_page=True)

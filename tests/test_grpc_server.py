@@ -203,9 +203,9 @@ def test_a_call_past_its_deadline_cancels_its_job(grpc_client_dir, redis_server,
         services.jobs.redis.close()
 
 
-def test_the_readme_python_example_works(grpc_client_dir, grpc_address, tmp_path):
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    example = next(b for b in readme.split("```python")[1:] if "demixingStub" in b).split("```")[0]
+def test_the_documented_python_example_works(grpc_client_dir, grpc_address, tmp_path):
+    grpc_doc = (Path(__file__).resolve().parent.parent / "docs" / "grpc.md").read_text()
+    example = next(b for b in grpc_doc.split("```python")[1:] if "demixingStub" in b).split("```")[0]
     write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.5)
     (tmp_path / "example.py").write_text(example.replace("127.0.0.1:50051", grpc_address))
     subprocess.run([sys.executable, str(tmp_path / "example.py")], cwd=tmp_path, check=True, timeout=600,
