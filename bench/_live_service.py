@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.client import Client  # noqa: E402
-from cli.redis_server import free_port  # noqa: E402
+from demix.cli.client import Client  # noqa: E402
+from demix.cli.redis_server import free_port  # noqa: E402
 
 READY_LINE = "demix is ready"
 
@@ -98,7 +98,7 @@ def running_service(scratch: Path, settings: dict[str, str],
 
 def time_job(url: str, path: Path, stems: str, out: Path, **output_options: tp.Any) -> float:
     """Seconds from uploading `path` to having every stem downloaded into `out`, the way a
-    client of the service does it (`cli.client`: submit, poll, download)."""
+    client of the service does it (`demix.cli.client`: submit, poll, download)."""
     started = time.perf_counter()
     with Client(url) as client:
         job = client.submit(path, stems, **output_options)
@@ -145,7 +145,7 @@ class TimedJob:
     seconds: float
     """From enqueueing the job to its `succeeded`."""
     storage: tp.Any
-    """The storage its stems are in (`shared.storage.Storage`)."""
+    """The storage its stems are in (`demix.storage.local.Storage`)."""
     job_id: str
     attempt: int
     stems: list[str]
@@ -182,14 +182,14 @@ def time_job_on_workers(scratch: Path, env: dict[str, str], workers: int, wav: P
     import redis
     from celery import Celery
 
-    from cli.argv import worker_argv
-    from cli.processes import popen_child, stop_process
-    from shared.audio import read_info
-    from shared.config import Settings
-    from shared.jobs import Job, JobStatus, JobStore, new_job_id
-    from shared.lifecycle import enqueue_job
-    from shared.output import resolve_output
-    from shared.services import make_storage
+    from demix.cli.argv import worker_argv
+    from demix.cli.processes import popen_child, stop_process
+    from demix.audio.io import read_info
+    from demix.config import Settings
+    from demix.jobs.records import Job, JobStatus, JobStore, new_job_id
+    from demix.jobs.lifecycle import enqueue_job
+    from demix.audio.output_formats import resolve_output
+    from demix.services import make_storage
     from testkit.synthetic_audio import write_wav
 
     shared_nothing = bool(env.get("DEMIX_STORAGE"))

@@ -3,7 +3,7 @@
 For one WAV and one demucs-format model folder, runs, interleaved round by round so that
 all see the same machine state (medians over `--rounds` are printed):
   * demucs:  python -m demucs.separate --shifts 0 --overlap 0.25 --float32 --clip-mode none
-  * engine:  worker.engine.separate_file, fp32 and each --precision (default: bf16)
+  * engine:  demix.separation.engine.separate_file, fp32 and each --precision (default: bf16)
 each in a fresh subprocess, model load included on both sides;
   * service: the same WAV through a real `demix up` (API, Redis, a Celery worker that
     loaded and warmed the model when it started), fp32 and each --precision: from the
@@ -13,7 +13,7 @@ and prints wall time,
 real-time factor (wall / audio), peak RSS, the speed ratio against demucs, the max |Δ|
 between the stems and demucs', and for reduced precisions each stem's SNR against the
 engine's fp32 stems. Then, for each precision, the first job of a process that warmed
-up (`worker.forward.warm_model`, what a worker does when it starts) against the first
+up (`demix.separation.forward.warm_model`, what a worker does when it starts) against the first
 job of one that did not, with the model load and warm-up times.
 
 With --bag-vocals it also builds a 4-model bag of the model with one-hot weights (the
@@ -93,12 +93,12 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from demucs.pretrained import get_model
 
-    from shared.audio import AudioWriter
-    from worker.allocator import keep_freed_memory_for_reuse
-    from worker.engine import SeparationOptions, separate_file
-    from worker.forward import warm_model
+    from demix.audio.io import AudioWriter
+    from demix.separation.allocator import keep_freed_memory_for_reuse
+    from demix.separation.engine import SeparationOptions, separate_file
+    from demix.separation.forward import warm_model
 
-    keep_freed_memory_for_reuse()  # as a worker process does (worker.runner)
+    keep_freed_memory_for_reuse()  # as a worker process does (demix.worker.runner)
     torch.set_num_threads(os.cpu_count() or 1)
     model = get_model(args.model, repo=Path(args.model_repo)).eval()
     report = {"load_s": time.perf_counter() - started}
@@ -133,7 +133,7 @@ def make_bag(repo: Path, name: str, target: Path) -> str:
     from demucs.apply import BagOfModels
     from demucs.pretrained import get_model
 
-    from worker.model_repo import save_bag
+    from demix.separation.model_repo import save_bag
 
     model = get_model(name, repo=repo)
     single = model.models[0] if hasattr(model, "models") else model

@@ -2,16 +2,16 @@
 minute, fp32 and bf16, on the same clip.
 
 Both models have random weights (only the time is measured): htdemucs is the released
-architecture (`worker.weights.convert.build_htdemucs`, in a one-model bag as the
+architecture (`demix.separation.weights.convert.build_htdemucs`, in a one-model bag as the
 service loads it), the BS-RoFormer is built from viperx's ep_317 config (dim 512,
 depth 12, 8 s windows overlapping by half; `tests/data/roformer/msst_configs/`). Each
-runs `worker.engine.separate_file` on one synthetic stereo 44.1 kHz clip (all stems,
+runs `demix.separation.engine.separate_file` on one synthetic stereo 44.1 kHz clip (all stems,
 kept in memory for the SNR), in this process, rounds interleaved so that all see
 the same machine state; medians are printed, with the ratio to htdemucs fp32 and, for
 bf16, each model's stems' SNR against its own fp32 stems.
 
 bf16 on a CPU without bf16 kernels (no AVX-512 BF16 / AMX): the service warns and runs
-fp32 (`worker.forward.autocast_dtype`). To show what the bf16 copy would cost there,
+fp32 (`demix.separation.forward.autocast_dtype`). To show what the bf16 copy would cost there,
 this script forces it (`--force-bf16`, the default on such CPUs) and says so.
 
 Usage:
@@ -54,8 +54,8 @@ def build_models(names: tp.Sequence[str]) -> dict[str, tp.Any]:
     import torch
     from demucs.apply import BagOfModels
 
-    from worker.roformer import build_model, read_config
-    from worker.weights.convert import build_htdemucs
+    from demix.separation.roformer import build_model, read_config
+    from demix.separation.weights.convert import build_htdemucs
 
     torch.manual_seed(0)
     models: dict[str, tp.Any] = {}
@@ -72,8 +72,8 @@ def warm(model: tp.Any, precision: str) -> None:
     full 8-s window costs a minute on a small CPU and teaches oneDNN nothing more)."""
     import torch
 
-    from worker import forward
-    from worker.roformer import is_roformer
+    from demix.separation import forward
+    from demix.separation.roformer import is_roformer
 
     if is_roformer(model):
         with torch.inference_mode():
@@ -102,7 +102,7 @@ def main() -> None:
 
     import torch
 
-    from worker import forward
+    from demix.separation import forward
 
     if args.threads:
         torch.set_num_threads(args.threads)

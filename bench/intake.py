@@ -2,8 +2,8 @@
 
 Writes a music-like 44.1 kHz stereo track (60 minutes by default), encodes it with the
 real encoders (lame -V2, ffmpeg's AAC-LC at 192 kbit/s in M4A, flac), and runs intake
-(`shared.intake.inspect_upload`, which decodes the whole upload into the job's WAV) on
-each in a fresh subprocess that first imports the API (`api.create_app`), as gunicorn's
+(`demix.intake.inspection.inspect_upload`, which decodes the whole upload into the job's WAV) on
+each in a fresh subprocess that first imports the API (`demix.api.create_app`), as gunicorn's
 worker has. It prints the seconds and the peak RSS of each, the WAV intake of the same
 track for reference, and as ratios: intake time / separation time, and peak RSS / the
 process's RSS before the probe.
@@ -53,8 +53,8 @@ def memory_status(field: str) -> int:
 def run_child(upload: Path) -> None:
     """In the subprocess: the API's imports, then one intake; print times and RSS as JSON."""
     importlib.import_module("api")  # the API process's footprint: Flask, Redis client, Celery app
-    from shared.config import Settings
-    from shared.intake import inspect_upload
+    from demix.config import Settings
+    from demix.intake.inspection import inspect_upload
 
     # The imports' own transient peak is not the probe's: start the peak count afresh.
     Path("/proc/self/clear_refs").write_text("5")

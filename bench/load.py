@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._clients import Clients, Submission  # noqa: E402
-from cli.redis_server import free_port  # noqa: E402
+from demix.cli.redis_server import free_port  # noqa: E402
 from testkit.synthetic_audio import music_like  # noqa: E402
 from testkit.tiny_models import TINY_MODEL, write_tiny_repo  # noqa: E402
 
@@ -106,7 +106,7 @@ def count_records(redis_url: str) -> tuple[int, tp.Optional[int]]:
     """(job records in Redis, the store's `succeeded` counter if it keeps one)."""
     import redis
 
-    from shared import keys
+    from demix import redis_keys as keys
 
     client = redis.Redis.from_url(redis_url)
     try:

@@ -60,7 +60,7 @@ def load(model_name: str, model_repo: str):
         torch.manual_seed(0)  # the configuration of tests.conftest.make_tiny_htdemucs
         return HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=8, depth=4,
                         t_layers=1, t_heads=2, bottom_channels=0).eval()
-    from worker.models import ModelSpec, load_model
+    from demix.separation.models import ModelSpec, load_model
     return load_model(ModelSpec(model_name, repo=model_repo))
 
 
@@ -72,12 +72,12 @@ def run_child(approach: str, input_path: Path, out_dir: Path, model_name: str, m
     model = load(model_name, model_repo)
     started = time.monotonic()
     if approach == "split":
-        from shared.audio import read_info
-        from shared.job_request import default_output
-        from shared.storage import JobStorage
-        from worker.engine import SeparationOptions, separate_file, stem_layout
-        from worker.split import merge_split, prepare_split, run_part, single_pass
-        from worker.stem_files import JobStemSink
+        from demix.audio.io import read_info
+        from demix.intake.job_request import default_output
+        from demix.storage.local import JobStorage
+        from demix.separation.engine import SeparationOptions, separate_file, stem_layout
+        from demix.separation.split import merge_split, prepare_split, run_part, single_pass
+        from demix.separation.stem_files import JobStemSink
 
         info = read_info(input_path)
         output = default_output(info)
@@ -97,11 +97,11 @@ def run_child(approach: str, input_path: Path, out_dir: Path, model_name: str, m
                 run_part(model, layout, plan, index, files, SeparationOptions())
             merge_split(model, input_path, layout, plan, files, sink)
     elif approach == "streaming":
-        from shared.audio import read_info
-        from shared.job_request import default_output
-        from shared.storage import JobStorage
-        from worker.engine import separate_file
-        from worker.stem_files import JobStemSink
+        from demix.audio.io import read_info
+        from demix.intake.job_request import default_output
+        from demix.storage.local import JobStorage
+        from demix.separation.engine import separate_file
+        from demix.separation.stem_files import JobStemSink
 
         output = default_output(read_info(input_path))  # the input's own format, as by default
         storage = JobStorage(out_dir)
@@ -110,7 +110,7 @@ def run_child(approach: str, input_path: Path, out_dir: Path, model_name: str, m
     else:
         from demucs.apply import apply_model
 
-        from shared.audio import quantize, read_audio, write_audio
+        from demix.audio.io import quantize, read_audio, write_audio
 
         wav, _ = read_audio(input_path)
         mix = torch.from_numpy(np.ascontiguousarray(wav.T))

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from bench._clients import FINISHED, Clients, Submission  # noqa: E402
 from bench._live_service import LiveService, running_service  # noqa: E402
 from bench.load import wav_upload  # noqa: E402
-from shared.storage import JobStorage  # noqa: E402
+from demix.storage.local import JobStorage  # noqa: E402
 # The tiny model is a test helper (tests/tiny_models.py), as in bench/load.py.
 from testkit.tiny_models import TINY_MODEL, write_tiny_repo  # noqa: E402
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._live_service import (add_track_and_model_arguments, max_stem_difference, model_repo,  # noqa: E402
                                   time_job_on_workers, worker_environment)
-from cli.redis_server import RedisServer  # noqa: E402
+from demix.cli.redis_server import RedisServer  # noqa: E402
 from testkit.synthetic_audio import write_wav  # noqa: E402
 from testkit.s3_server import S3Server  # noqa: E402
 

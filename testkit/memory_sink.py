@@ -1,4 +1,4 @@
-"""The engine's stems kept in memory: a stem sink for `worker.engine.separate_file`, a
+"""The engine's stems kept in memory: a stem sink for `demix.separation.engine.separate_file`, a
 run into one, and how close two runs' stems are (SNR), for the tests and the benches."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.audio import dequantize
+from demix.audio.io import dequantize
 
 
 class MemorySink:
@@ -55,7 +55,7 @@ class MemoryWriter:
 
 def separate(model: tp.Any, path: Path, stems: str = "all", **options: tp.Any) -> MemorySink:
     """`separate_file` of `path` into memory, with `SeparationOptions(**options)`."""
-    from worker.engine import SeparationOptions, separate_file
+    from demix.separation.engine import SeparationOptions, separate_file
 
     sink = MemorySink()
     separate_file(model, path, stems, sink, SeparationOptions(**options))

@@ -20,7 +20,7 @@ def make_tiny_htdemucs(seed: int = 0):
 
 def write_tiny_repo(repo: Path, name: str = TINY_MODEL, seed: int = 0) -> Path:
     """A demucs-format model folder holding the bag `name` of one tiny model."""
-    from worker.model_repo import save_model, write_bag
+    from demix.separation.model_repo import save_model, write_bag
 
     sig = f"{name}{seed}"
     save_model(make_tiny_htdemucs(seed), repo, sig)
@@ -60,7 +60,7 @@ def write_tiny_roformer(folder: Path, architecture: str, instruments: list[str],
     and config in `folder`; returns (checkpoint, config)."""
     import torch
 
-    from worker.roformer import build_model, parse_config
+    from demix.separation.roformer import build_model, parse_config
 
     folder.mkdir(parents=True, exist_ok=True)
     config_text = tiny_roformer_config(architecture, instruments, target)

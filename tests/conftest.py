@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.redis_server import RedisServer
+from demix.cli.redis_server import RedisServer
 from testkit.tiny_models import write_tiny_repo
 from tests.support.live import LiveServer
 from tests.support.service_state import files_under, job_count, queue_length
@@ -86,7 +86,7 @@ def redis_client(redis_server):
 
 @pytest.fixture(scope="session")
 def settings():
-    from shared.config import get_settings
+    from demix.config import get_settings
     return get_settings()
 
 
@@ -100,10 +100,10 @@ def celery_worker(redis_server, tiny_model_repo):
     """A real Celery worker (solo pool, in a thread) consuming the service's queue."""
     from celery.contrib.testing.worker import start_worker
 
-    from shared.celery_app import celery_app
-    import worker.tasks  # noqa: F401  registers the task
+    from demix.celery_app import celery_app
+    import demix.worker.tasks  # noqa: F401  registers the task
 
-    from worker.runner import worker_context
+    from demix.worker.runner import worker_context
 
     with start_worker(celery_app, pool="solo", concurrency=1, perform_ping_check=False,
                       loglevel="WARNING", shutdown_timeout=60) as running_worker:
@@ -116,7 +116,7 @@ def celery_worker(redis_server, tiny_model_repo):
 @pytest.fixture(scope="session")
 def live_server(redis_server, celery_worker) -> tp.Iterator[LiveServer]:
     """The API in front of a consuming worker: jobs run."""
-    from api import create_app
+    from demix.api import create_app
 
     with LiveServer(create_app()) as server:
         yield server
@@ -128,7 +128,7 @@ def idle_server(redis_server, settings) -> tp.Iterator[LiveServer]:
     count exactly what was enqueued."""
     import dataclasses
 
-    from api import create_app
+    from demix.api import create_app
 
     idle_settings = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE,
                                         data_dir=SESSION_DIR / "idle-data", max_upload_mb=1)

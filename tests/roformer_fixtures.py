@@ -29,6 +29,6 @@ def reference_arrays(architecture: str) -> tp.Mapping[str, np.ndarray]:
 
 def reference_model(architecture: str):
     """This package's network of the small config with MSST's weights loaded strictly."""
-    from worker.roformer import load_model
+    from demix.separation.roformer import load_model
 
     return load_model(small_checkpoint_path(architecture), small_config_path(architecture))

@@ -1,13 +1,13 @@
-"""shared.catalogue and the settings it reads: served models, their queues, what is known
+"""demix.catalogue and the settings it reads: served models, their queues, what is known
 of each and who serves it (plain data: no Redis, no torch)."""
 from __future__ import annotations
 
 import pytest
 
-from shared.catalogue import (KNOWN_MODELS, NO_LICENCE_STATED, ModelInfo, catalogue, check_model,
-                              describe_model, write_manifest)
-from shared.config import Settings
-from shared.errors import BadRequest
+from demix.catalogue import (KNOWN_MODELS, NO_LICENCE_STATED, ModelInfo, catalogue, check_model, describe_model,
+                             write_manifest)
+from demix.config import Settings
+from demix.errors import BadRequest
 
 
 def settings(tmp_path, **values: str) -> Settings:

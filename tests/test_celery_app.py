@@ -7,9 +7,9 @@ import json
 import redis
 import requests
 
-from cli.redis_server import RedisServer
-from shared import keys
-from shared.celery_app import SEPARATE_TASK, make_celery
+from demix.cli.redis_server import RedisServer
+from demix import redis_keys as keys
+from demix.celery_app import SEPARATE_TASK, make_celery
 from testkit.synthetic_audio import write_wav
 from tests.support.live import LiveServer
 
@@ -20,7 +20,7 @@ def test_create_app_sends_tasks_to_the_redis_its_settings_name(redis_server, red
     with RedisServer(tmp_path / "redis-x", persist=False) as redis_x:
         settings_x = dataclasses.replace(settings, redis_url=redis_x.url, queue=other_queue,
                                          data_dir=tmp_path / "data")
-        from api import create_app
+        from demix.api import create_app
 
         app = create_app({"SETTINGS": settings_x})
         assert app.extensions["celery"].conf.broker_url == redis_x.url
@@ -47,8 +47,8 @@ def test_create_app_sends_tasks_to_the_redis_its_settings_name(redis_server, red
 
 
 def test_the_worker_app_uses_the_process_settings_the_job_store_reads():
-    from shared.celery_app import celery_app
-    from shared.config import get_settings
+    from demix.celery_app import celery_app
+    from demix.config import get_settings
 
     assert celery_app.settings is get_settings()
     assert celery_app.conf.broker_url == get_settings().effective_redis_url
@@ -62,8 +62,8 @@ def test_make_celery_routes_separation_to_the_configured_queue(settings):
 
 
 def test_the_soft_shutdown_wait_is_the_setting():
-    from shared.celery_app import celery_config
-    from shared.config import Settings
+    from demix.celery_app import celery_config
+    from demix.config import Settings
 
     assert celery_config(Settings.from_env({}))["worker_soft_shutdown_timeout"] == 10.0
     assert celery_config(Settings.from_env({"DEMIX_SOFT_SHUTDOWN_S": "2.5"}))["worker_soft_shutdown_timeout"] == 2.5

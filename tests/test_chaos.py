@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from cli.processes import popen_child, stop_process
-from cli.redis_server import RedisServer, free_port
+from demix.cli.processes import popen_child, stop_process
+from demix.cli.redis_server import RedisServer, free_port
 from testkit.synthetic_audio import write_wav
 from tests.support.http_api import decode_result
 from tests.support.demix_up import DEMIX, demix_up, processes_with_marker
@@ -192,7 +192,7 @@ def lease_holder_pid(redis_server: RedisServer, job_id: str, candidates: tp.Sequ
     """Which of the `candidates` worker processes holds the job's lease."""
     import redis
 
-    from shared import keys
+    from demix import redis_keys as keys
 
     client = redis.Redis.from_url(redis_server.url)
     try:
@@ -319,7 +319,7 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_the_other(tiny_model_re
 
 def test_a_presumed_dead_worker_coming_back_late_does_not_touch_the_winning_stems(
         tiny_model_repo, tmp_path, own_redis):
-    from shared.storage import JobStorage
+    from demix.storage.local import JobStorage
 
     path = long_wav(tmp_path)
     storage = JobStorage(tmp_path / "data")

@@ -18,12 +18,12 @@ import numpy as np
 import requests
 import soundfile as sf
 
-from shared import keys
-from shared.config import Settings
-from shared.jobs import JobStore
-from shared.output import OutputOptions
-from shared.splits import SplitStore
-from shared.services import make_storage
+from demix import redis_keys as keys
+from demix.config import Settings
+from demix.jobs.records import JobStore
+from demix.audio.output_formats import OutputOptions
+from demix.jobs.split_records import SplitStore
+from demix.services import make_storage
 from tests.support import waiting
 from testkit.synthetic_audio import write_wav
 from tests.support.environment import S3_CREDENTIALS
@@ -67,7 +67,7 @@ def test_a_split_job_survives_a_killed_worker_across_machines_sharing_only_redis
     redis_client.delete(*keys.queue_keys(QUEUE))
     storage, splits, store = make_storage(settings), SplitStore(redis_client), JobStore(redis_client)
     source = write_wav(tmp_path / "song.wav", 44100, 2, 25.0, subtype="FLOAT")
-    from api import create_app
+    from demix.api import create_app
 
     with LiveServer(create_app({"SETTINGS": settings})) as api, \
             LiveServer(create_app({"SETTINGS": dataclasses.replace(settings, s3_presign=1)})) as presigning, \
@@ -132,8 +132,8 @@ def test_a_split_job_survives_a_killed_worker_across_machines_sharing_only_redis
 
 
 def _unsplit_stems(settings: Settings, source: Path, output: OutputOptions, stems: str) -> MemorySink:
-    from worker.engine import SeparationOptions, separate_file
-    from worker.models import ModelCache, ModelSpec
+    from demix.separation.engine import SeparationOptions, separate_file
+    from demix.separation.models import ModelCache, ModelSpec
 
     model = ModelCache().get(ModelSpec(settings.model, settings.model_repo, "cpu", cache=str(settings.models_dir)))
     sink = MemorySink()

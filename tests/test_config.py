@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Settings
+from demix.config import Settings
 
 
 def test_settings_come_from_demix_variables_with_defaults():

@@ -14,9 +14,9 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.argv import api_argv, worker_argv
-from cli.main import build_parser
-from shared.config import Settings
+from demix.cli.argv import api_argv, worker_argv
+from demix.cli.main import build_parser
+from demix.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ def test_the_image_installs_the_project_and_its_entry_points():
         assert f"COPY {package} ./{package}" in dockerfile
     assert 'pip install ".[s3]"' in dockerfile  # boto3 for DEMIX_STORAGE=s3://
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'demix = "cli.main:main"' in pyproject
+    assert 'demix = "demix.cli.main:main"' in pyproject
     assert 'grpc_api = ["*.proto"]' in pyproject  # the proto ships with the package
 
 
@@ -87,7 +87,7 @@ def test_the_worker_sends_task_events_and_the_api_runs_under_gunicorn():
     assert worker[1:4] == ["-m", "celery", "--app"] and "--task-events" in worker
     assert worker[worker.index("--queues") + 1] == settings.queue
     api = api_argv(settings)
-    assert api[1:3] == ["-m", "gunicorn"] and api[-1] == "api:create_app()"
+    assert api[1:3] == ["-m", "gunicorn"] and api[-1] == "demix.api:create_app()"
     assert api[api.index("--bind") + 1] == "127.0.0.1:8000"
 
 
@@ -217,7 +217,7 @@ def test_a_worker_consumes_the_queues_of_the_models_it_serves():
 
 
 def test_demix_worker_refuses_models_the_deployment_does_not_serve(capsys):
-    from cli.main import main
+    from demix.cli.main import main
 
     assert main(["worker", "--models", "htdemucs_ft"]) == 2
     assert "names htdemucs_ft, which DEMIX_MODELS" in capsys.readouterr().err
@@ -275,7 +275,7 @@ def test_the_manifests_cover_the_api_grpc_flower_workers_redis_and_the_bucket_se
     assert commands["demix-api"] == ["demix", "api"] and commands["demix-grpc"] == ["demix", "grpc"]
     assert commands["demix-worker-cpu"] == commands["demix-worker-gpu"] == ["demix", "worker"]
     assert commands["redis"][0] == "redis-server"
-    assert commands["demix-flower"][:3] == ["celery", "--app", "shared.celery_app"]
+    assert commands["demix-flower"][:3] == ["celery", "--app", "demix.celery_app"]
     config = of_kind("ConfigMap")["demix-config"]["data"]
     assert config["DEMIX_STORAGE"].startswith("s3://") and "DEMIX_S3_ENDPOINT_URL" in config
     secret = of_kind("Secret")["demix-s3-credentials"]["stringData"]
@@ -283,7 +283,7 @@ def test_the_manifests_cover_the_api_grpc_flower_workers_redis_and_the_bucket_se
 
 
 def test_the_workers_probes_ask_the_worker_itself():
-    from cli.main import build_parser
+    from demix.cli.main import build_parser
 
     for name in ("demix-worker-cpu", "demix-worker-gpu"):
         [worker] = containers(of_kind("Deployment")[name])
@@ -319,7 +319,7 @@ def test_every_command_variable_and_reference_in_the_manifests_is_real():
 
 
 def test_ports_and_probe_paths_are_the_ones_the_service_serves():
-    from api import create_app
+    from demix.api import create_app
 
     defaults = Settings.from_env({})
     config = Settings.from_env(of_kind("ConfigMap")["demix-config"]["data"])
@@ -368,7 +368,7 @@ def test_gpu_workers_request_a_gpu_and_keda_scales_cpu_workers_on_the_queue():
     config = Settings.from_env(of_kind("ConfigMap")["demix-config"]["data"])
     assert trigger["type"] == "redis"
     # The list kombu keeps the queue's default priority in is named after the queue.
-    from shared import keys
+    from demix import redis_keys as keys
     assert trigger["metadata"]["listName"] == keys.queue_keys(config.queue)[0]
     assert config.effective_redis_url.startswith(f"redis://{trigger['metadata']['address']}/")
     assert int(trigger["metadata"]["listLength"]) >= 1

@@ -1,4 +1,4 @@
-"""shared.host_processes: telling a dead process's leftovers from a live one's belongings."""
+"""demix.host_processes: telling a dead process's leftovers from a live one's belongings."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shared.host_processes import is_gone_here, process_is_gone, this_host
+from demix.host_processes import is_gone_here, process_is_gone, this_host
 
 
 def test_this_process_is_not_gone():

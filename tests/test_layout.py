@@ -42,9 +42,9 @@ def test_support_modules_import_no_test_module():
 
 def test_the_check_sees_an_import_of_another_test_module(tmp_path):
     module = tmp_path / "test_sample.py"
-    module.write_text("from tests.test_intake import SAMPLES\nfrom tests import conftest\n"
+    module.write_text("from tests.intake.test_inspection import SAMPLES\nfrom tests import conftest\n"
                       "from tests.support.waiting import wait_for\n")
-    assert {"tests.test_intake", "tests.conftest"} <= imported_modules(module)
+    assert {"tests.intake.test_inspection", "tests.conftest"} <= imported_modules(module)
     assert not any(name.startswith("tests.test_") for name in imported_modules(TESTS / "support" / "waiting.py"))
 
 
@@ -52,7 +52,7 @@ def test_the_check_sees_an_import_of_another_test_module(tmp_path):
 
 ROOT = TESTS.parent
 PRODUCT_PACKAGES = ("api", "grpc_api", "shared", "worker", "cli")
-"""Every module under these folders (sub-packages too: worker/roformer, worker/weights)."""
+"""Every module under these folders (sub-packages too: demix/separation/roformer, demix/separation/weights)."""
 
 MIN_STATEMENTS = 3
 """A function or method with at least this many statements in its body (nested ones
@@ -60,30 +60,30 @@ counted, its docstring not) is logic of its own; constants, dataclasses of field
 one-line accessors are not."""
 
 TESTED_IN = {
-    # Reached through the app (`api.create_app` registers them) by the HTTP tests.
-    "api/__init__.py": "test_api_contract.py",
-    "api/downloads.py": "test_cluster.py",  # stems streamed and presigned from a bucket
-    "api/errors.py": "test_api_errors.py",
-    "api/health.py": "test_model_routing.py",
-    "api/uploads.py": "test_api_uploads.py",
-    "api/web.py": "test_api_web.py",
-    "grpc_api/protos.py": "test_grpc_server.py",
-    "grpc_api/server.py": "test_grpc_server.py",
-    "shared/api_keys.py": "test_auth.py",
-    "shared/decoders.py": "test_intake_formats.py",
-    "shared/errors.py": "test_api_errors.py",
-    "shared/outbound.py": "test_url_inputs.py",
-    "shared/stems.py": "test_job_request.py",
-    "shared/uploads.py": "test_api_uploads.py",
-    "shared/url_input.py": "test_url_inputs.py",
-    "worker/model_repo.py": "test_models.py",
-    "worker/roformer/bs_roformer.py": "test_roformer_networks.py",
-    "worker/roformer/mel_band_roformer.py": "test_roformer_networks.py",
-    "worker/roformer/network.py": "test_roformer_networks.py",
-    "worker/weights/verify.py": "test_weights_pull.py",
-    "cli/argv.py": "test_deployment.py",
-    "cli/main.py": "test_client.py",
-    "cli/tie_to_parent.py": "test_processes.py",  # run by path by cli.processes, never imported
+    # Reached through the app (`demix.api.create_app` registers them) by the HTTP tests.
+    "demix/api/__init__.py": "test_api_contract.py",
+    "demix/api/downloads.py": "test_cluster.py",  # stems streamed and presigned from a bucket
+    "demix/api/error_responses.py": "test_api_errors.py",
+    "demix/api/health.py": "test_model_routing.py",
+    "demix/api/upload_requests.py": "test_api_uploads.py",
+    "demix/api/web.py": "test_api_web.py",
+    "demix/grpc_api/protos.py": "test_grpc_server.py",
+    "demix/grpc_api/server.py": "test_grpc_server.py",
+    "demix/api_keys.py": "test_auth.py",
+    "demix/audio/decoders.py": "test_intake_formats.py",
+    "demix/errors.py": "test_api_errors.py",
+    "demix/outbound.py": "test_url_inputs.py",
+    "demix/stems.py": "test_job_request.py",
+    "demix/intake/uploads.py": "test_api_uploads.py",
+    "demix/intake/url_fetch.py": "test_url_inputs.py",
+    "demix/separation/model_repo.py": "test_models.py",
+    "demix/separation/roformer/bs_roformer.py": "test_roformer_networks.py",
+    "demix/separation/roformer/mel_band_roformer.py": "test_roformer_networks.py",
+    "demix/separation/roformer/network.py": "test_roformer_networks.py",
+    "demix/separation/weights/verify.py": "test_weights_pull.py",
+    "demix/cli/argv.py": "test_deployment.py",
+    "demix/cli/main.py": "test_client.py",
+    "demix/cli/tie_to_parent.py": "test_processes.py",  # run by path by demix.cli.processes, never imported
 }
 """Modules with logic whose tests live in a file not named after them (kept short: a new
 module gets its own tests/test_<module>.py)."""

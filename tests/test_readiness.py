@@ -1,4 +1,4 @@
-"""Which worker processes are warm (`shared.readiness`), in a real Redis: each process's
+"""Which worker processes are warm (`demix.readiness`), in a real Redis: each process's
 entry, reading the ones written since a time, removing one's own, and forgetting the
 entries of this host's processes that died without removing theirs."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from shared.keys import warm_workers_key
-from shared.readiness import clear_ready, forget_dead_processes, mark_ready, process_id, ready_workers
+from demix.redis_keys import warm_workers_key
+from demix.readiness import clear_ready, forget_dead_processes, mark_ready, process_id, ready_workers
 
 HOST = socket.gethostname()
 

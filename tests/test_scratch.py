@@ -19,25 +19,25 @@ from pathlib import Path
 import pytest
 import requests
 
-from cli.argv import worker_argv
-from cli.processes import popen_child, stop_process
-from shared import keys
-from shared.audio import read_info
-from shared.config import Settings
-from shared.host_processes import this_host
-from shared.jobs import Job, JobStatus, JobStore, new_job_id
-from shared.object_storage import ObjectStorage
-from shared.output import resolve_output
-from shared.retention import ORPHAN_AGE_S, sweep_dead_scratch
-from shared.services import make_storage
+from demix.cli.argv import worker_argv
+from demix.cli.processes import popen_child, stop_process
+from demix import redis_keys as keys
+from demix.audio.io import read_info
+from demix.config import Settings
+from demix.host_processes import this_host
+from demix.jobs.records import Job, JobStatus, JobStore, new_job_id
+from demix.storage.s3 import ObjectStorage
+from demix.audio.output_formats import resolve_output
+from demix.jobs.retention import ORPHAN_AGE_S, sweep_dead_scratch
+from demix.services import make_storage
 from testkit.synthetic_audio import write_wav
 from tests.support import waiting
 from tests.support.environment import S3_CREDENTIALS, UNCONSUMED_QUEUE
 from tests.support.live import LiveServer
 from tests.support.small_disk import mounted_tmpfs
-from worker.attempt import WorkerContext
-from worker.models import ModelCache
-from worker.runner import run_job
+from demix.worker.attempt import WorkerContext
+from demix.separation.models import ModelCache
+from demix.worker.runner import run_job
 
 pytestmark = pytest.mark.processes
 
@@ -157,7 +157,7 @@ def test_a_killed_workers_scratch_is_removed_by_the_next_worker_and_a_live_ones_
     settings = dataclasses.replace(s3_settings, queue=QUEUE)
     redis_client.delete(*keys.queue_keys(QUEUE))
     store, data_dir = JobStore(redis_client), tmp_path / "worker"
-    from shared.celery_app import SEPARATE_TASK, celery_app
+    from demix.celery_app import SEPARATE_TASK, celery_app
 
     # Long enough (tens of seconds on one thread) to be killed mid-separation.
     job_id = submit(object_storage(settings, tmp_path / "api"), store,
@@ -195,7 +195,7 @@ def test_a_killed_workers_scratch_is_removed_by_the_next_worker_and_a_live_ones_
 
 
 def test_the_api_sweeps_uploads_a_killed_api_process_left_in_incoming(s3_settings, redis_client, tmp_path):
-    from api import create_app
+    from demix.api import create_app
 
     settings = dataclasses.replace(s3_settings, queue=UNCONSUMED_QUEUE, data_dir=tmp_path / "api")
     incoming = settings.data_dir / "incoming"

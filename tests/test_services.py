@@ -1,4 +1,4 @@
-"""Building the service's connections (`shared.services`): storage chosen from
+"""Building the service's connections (`demix.services`): storage chosen from
 `DEMIX_STORAGE`, one Redis for the job store, the limit and the broker, API keys read
 only when a door asks for them, and a job store whose finished jobs queue their webhook."""
 from __future__ import annotations
@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from shared import keys
-from shared.jobs import Job, JobStatus, new_job_id
-from shared.object_storage import ObjectStorage
-from shared.services import (REDIS_CONNECT_TIMEOUT_S, REDIS_HEALTH_CHECK_S, REDIS_SOCKET_TIMEOUT_S,
-                             build_services, make_storage, redis_client)
-from shared.storage import JobStorage
+from demix import redis_keys as keys
+from demix.jobs.records import Job, JobStatus, new_job_id
+from demix.storage.s3 import ObjectStorage
+from demix.services import (REDIS_CONNECT_TIMEOUT_S, REDIS_HEALTH_CHECK_S, REDIS_SOCKET_TIMEOUT_S, build_services,
+                            make_storage, redis_client)
+from demix.storage.local import JobStorage
 from tests.support.environment import UNCONSUMED_QUEUE
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Settings
+from demix.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,10 +22,10 @@ settings_table = _load_tool()
 
 
 def test_the_table_in_docs_operations_is_the_settings_class():
-    """Fails when a setting was added or changed in shared/config.py and the doc was not regenerated."""
+    """Fails when a setting was added or changed in demix/config.py and the doc was not regenerated."""
     written = settings_table.table_in(settings_table.DOC.read_text())
     assert written == settings_table.settings_table(), (
-        "docs/operations.md's settings table differs from the Settings class in shared/config.py: "
+        "docs/operations.md's settings table differs from the Settings class in demix/config.py: "
         f"regenerate it with `{settings_table.COMMAND}` (from the checkout's root) and commit the result")
 
 

@@ -1,4 +1,4 @@
-"""Write the settings table of docs/operations.md from `shared.config.Settings`.
+"""Write the settings table of docs/operations.md from `demix.config.Settings`.
 
 The table lists every `DEMIX_*` variable with its default and its one-line doc, read from the
 `Settings` class (`Settings.describe()`, as `demix config` prints them), so the class stays the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import platformdirs
 
-from shared.config import Settings
+from demix.config import Settings
 
 START = "<!-- settings-table:start -->"
 END = "<!-- settings-table:end -->"
@@ -80,7 +80,7 @@ def main(argv: tp.Sequence[str] = ()) -> int:
         print(f"{path}: the settings table is up to date")
     else:
         path.write_text(updated)
-        print(f"{path}: settings table rewritten from shared.config.Settings")
+        print(f"{path}: settings table rewritten from demix.config.Settings")
     return 0
 
 

@@ -13,7 +13,7 @@ import typing as tp
 import uuid
 from pathlib import Path
 
-from cli.redis_server import free_port
+from demix.cli.redis_server import free_port
 
 DEMIX = str(Path(sys.executable).parent / "demix")
 SILENCE_S = 150.0
@@ -76,7 +76,7 @@ def demix_up(tmp_path: Path, ready_timeout: float = 400, stop_signal: int = sign
     lines, marker).
 
     It must say it is ready within `ready_timeout`, and never be silent for `SILENCE_S`
-    meanwhile (while it waits it says so every `cli.supervisor.WAITING_NOTICE_S`): a hang
+    meanwhile (while it waits it says so every `demix.cli.supervisor.WAITING_NOTICE_S`): a hang
     fails the test with the output so far and every process's stacks.
     """
     marker_value = uuid.uuid4().hex

@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from cli.redis_server import free_port
+from demix.cli.redis_server import free_port
 from testkit.tiny_models import TINY_MODEL
 
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="demix-tests-"))

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from demucs.apply import BagOfModels
 
-from shared.audio import read_info
-from shared.output import resolve_output
+from demix.audio.io import read_info
+from demix.audio.output_formats import resolve_output
 from testkit.memory_sink import MemorySink
-from worker.engine import SeparationOptions, separate_file
+from demix.separation.engine import SeparationOptions, separate_file
 
 
 def unsplit_run(model: BagOfModels, path: Path, stems: str, form: tp.Optional[dict] = None) -> MemorySink:

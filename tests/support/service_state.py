@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared import keys
+from demix import redis_keys as keys
 from tests.support.environment import UNCONSUMED_QUEUE
 
 

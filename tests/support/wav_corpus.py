@@ -1,6 +1,6 @@
 """The WAV corpus: files real tools write, odd but valid, and refused ones, built with
-soundfile and hand-written headers (never committed binaries). tests/test_intake.py reads
-them directly; tests/test_api_errors.py sends them over HTTP."""
+soundfile and hand-written headers (never committed binaries). tests/intake/test_inspection.py reads
+them directly; tests/api/test_api_errors.py sends them over HTTP."""
 from __future__ import annotations
 
 import struct
@@ -8,7 +8,7 @@ import typing as tp
 
 import numpy as np
 
-from shared import intake
+from demix.intake import inspection as intake
 from testkit.synthetic_audio import music_like
 
 STREAMED = 0xFFFFFFFF

@@ -10,9 +10,9 @@ import time
 import typing as tp
 from pathlib import Path
 
-from cli.argv import worker_argv
-from cli.processes import popen_child, stop_process
-from shared.config import Settings
+from demix.cli.argv import worker_argv
+from demix.cli.processes import popen_child, stop_process
+from demix.config import Settings
 
 
 @contextlib.contextmanager
@@ -62,12 +62,12 @@ def child_pids(parent: int) -> dict[int, str]:
 def pool_pids(worker_pid: int) -> set[int]:
     """The pool processes of the `demix worker` whose main process is `worker_pid` (its
     children other than its background process)."""
-    return {pid for pid, command in child_pids(worker_pid).items() if "worker.background" not in command}
+    return {pid for pid, command in child_pids(worker_pid).items() if "demix.worker.background" not in command}
 
 
 def background_pids(worker_pid: int) -> set[int]:
     """The background process(es) of that worker (one, but for a moment while it is restarted)."""
-    return {pid for pid, command in child_pids(worker_pid).items() if "worker.background" in command}
+    return {pid for pid, command in child_pids(worker_pid).items() if "demix.worker.background" in command}
 
 
 def worker_answers(worker: subprocess.Popen) -> bool:
@@ -75,7 +75,7 @@ def worker_answers(worker: subprocess.Popen) -> bool:
     a worker whose pool processes die before that)."""
     import socket
 
-    from shared.celery_app import celery_app
+    from demix.celery_app import celery_app
 
     args = list(worker.args)
     node = args[args.index("--hostname") + 1].replace("%h", socket.gethostname())

@@ -42,7 +42,7 @@ def maybe_hang(**_kwargs) -> None:
 
 
 if "hold-import-lock" in HAZARDS:
-    from worker.maintenance import SWEEPS, Sweep
+    from demix.worker.maintenance import SWEEPS, Sweep
 
     SWEEPS.append(Sweep("hold an import lock (test hazard)", hold_an_import_lock, lambda _settings: 3600.0))
     signals.worker_process_init.connect(import_the_slow_module, weak=False)

@@ -1,0 +1,116 @@
+"""The one parser of a job request: the form fields of `POST /v1/jobs` in, the model,
+its stems choice, the resolved output options and the webhook's `callback_url` out.
+
+The API parses every submission here; the OpenAPI description lists `FORM_FIELDS`;
+the worker asks `default_output` for records written before output options existed.
+A new form field is one more `FormField` and one more `JobRequest` attribute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+from demix.audio.io import AudioInfo
+from demix.catalogue import ModelInfo, check_model, describe_model
+from demix.config import Settings, get_settings
+from demix.audio.output_formats import (CHANNEL_MODES, CLIP_MODES, FORMATS, MAX_SAMPLERATE, MIN_SAMPLERATE,
+                                        MP3_BITRATES, SAMPLE_FORMATS, OutputOptions, resolve_output)
+from demix.stems import ALL, SOURCES, check_stems
+from demix.jobs.webhooks import MAX_CALLBACK_URL_LENGTH, validate_callback_url
+
+FILE_FIELD = "file"
+"""The multipart file part holding the audio to separate."""
+
+URL_FIELD = "url"
+"""The form field naming an http(s) address to fetch the input from, instead of a `file`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FormField:
+    """One text field of the submission form, as the parser reads it and the spec shows it."""
+    name: str
+    description: str
+    choices: tp.Tuple[str, ...] = ()  # empty: not a fixed set; `schema` says what is valid
+    default: tp.Optional[str] = None  # None: derived from the input (see description)
+    schema: tp.Optional[tp.Mapping[str, tp.Any]] = None  # JSON Schema of the value, when not `choices`
+
+
+FORM_FIELDS: tp.Tuple[FormField, ...] = (
+    FormField("model", "One of the served models (`GET /v1/models`). Default: the first of DEMIX_MODELS.",
+              schema={"type": "string"}),
+    FormField("stems", "`all` for every source of the model (a one-source model: it and its "
+              "complement), or one source `X` for `X` and `no_X` (the input minus `X`); the model's "
+              "`stems` in `GET /v1/models` lists them (the 4-stem Demucs: all, drums, bass, other, vocals).",
+              schema={"type": "string"}, default=ALL),
+    FormField("format", "Container and codec of the stems. Default: `flac` for a FLAC input, "
+              "`wav` for every other.", FORMATS),
+    FormField("sample_format", "Sample format of WAV/FLAC stems (FLAC: integers only; not for MP3). "
+              "Default: the input's own — 16/24-bit PCM kept; 8-bit, μ-law, A-law, ADPCM → pcm16; "
+              "32-bit PCM and float → float32 (FLAC: pcm24); a lossy input (MP3, AAC, Vorbis, "
+              "Opus) → pcm24.", SAMPLE_FORMATS),
+    FormField("samplerate", f"`input`, or a rate in Hz ({MIN_SAMPLERATE}–{MAX_SAMPLERATE}; MP3: its "
+              "standard rates up to 48000). Default for MP3: the highest MP3 rate not above the input's.",
+              default="input", schema={"anyOf": [{"const": "input"}, {
+                  "type": "integer", "minimum": MIN_SAMPLERATE, "maximum": MAX_SAMPLERATE}]}),
+    FormField("bitrate", "MP3 constant bitrate in kbit/s (ignored for WAV and FLAC).",
+              default=str(MP3_BITRATES[-1]), schema={"type": "integer", "enum": list(MP3_BITRATES)}),
+    FormField("clip", "`clamp`: each sample clipped to full scale; `rescale`: one gain for all "
+              "stems of the job, so they still sum to the scaled mix. Integer outputs never wrap.",
+              CLIP_MODES, "clamp"),
+    FormField("channels", "`input`: the input's channel count and layout; `stereo`: stems of the "
+              "ITU-R BS.775 stereo downmix.", CHANNEL_MODES, "input"),
+    FormField("callback_url", "An http or https URL the service POSTs the job's JSON to when it "
+              "finishes (succeeded, failed or cancelled), signed in `X-Demix-Signature`. Default: none.",
+              schema={"type": "string", "format": "uri", "maxLength": MAX_CALLBACK_URL_LENGTH,
+                      "pattern": r"^[hH][tT][tT][pP][sS]?://"}),
+)
+"""Every text field of `POST /v1/jobs`, in the order the docs give them (docs/api.md, then the
+output options of docs/formats.md)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """A validated submission: which model, what to separate into and how to write it."""
+    stems: str
+    output: OutputOptions
+    model: str = ""
+    callback_url: tp.Optional[str] = None
+    """Where to POST the job when it finishes (webhook), if anywhere."""
+
+
+def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo, settings: tp.Optional[Settings] = None,
+                      reported: tp.Mapping[str, tp.Mapping[str, tp.Any]] = {}) -> JobRequest:
+    """Validate the form fields against the input's `info` and the served models of
+    `settings` (default: the process's), and resolve every default.
+
+    Values are matched case-insensitively (but a model name exactly) and a blank field
+    means its default. `reported`: per model, what a warm worker said of it (its sources).
+
+    Raises:
+        BadRequest: `unknown_model` for a model the service does not serve (the message
+            lists those it does), `invalid_stems` for a stems choice the model does not
+            offer (the message lists those it does), `invalid_output` for an output option
+            that cannot be written (the message says what would work), `invalid_callback_url`
+            for a callback_url that is not an http(s) URL.
+    """
+    model = chosen_model(form, settings or get_settings(), reported)
+    stems = check_stems((form.get("stems") or ALL).strip().lower() or ALL, model.sources or SOURCES,
+                        model=model.name)
+    return JobRequest(stems=stems, output=resolve_output(form, info), model=model.name,
+                      callback_url=validate_callback_url(form.get("callback_url")))
+
+
+def chosen_model(form: tp.Mapping[str, str], settings: Settings,
+                 reported: tp.Mapping[str, tp.Mapping[str, tp.Any]] = {}) -> ModelInfo:
+    """The form's `model` (blank: the default one), described by the catalogue.
+
+    Raises:
+        BadRequest: (`unknown_model`) the service does not serve it.
+    """
+    name = check_model(settings, (form.get("model") or "").strip() or settings.default_model)
+    return describe_model(settings, name, reported.get(name))
+
+
+def default_output(info: AudioInfo) -> OutputOptions:
+    """The output options of a request that set none: the input's own format, rate and channels."""
+    return resolve_output({}, info)

@@ -1,0 +1,1 @@
+"""Job records in Redis and what happens to them: lifecycle, retention, limits, idempotency, split records, webhooks, metrics, their public JSON. Never imports torch, Flask or demix.separation/worker/api."""

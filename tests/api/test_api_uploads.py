@@ -1,0 +1,101 @@
+"""The disk guard on uploads, over real HTTP: below `DEMIX_MIN_FREE_MB` free, a new upload
+gets 507 with a JSON error and nothing is kept (checked before the body is read, and again
+after it); a disk that fills up while the upload streams in gives the same answer."""
+from __future__ import annotations
+
+import dataclasses
+import http.client
+
+import pytest
+import requests
+
+import demix.storage.local
+from demix.api import create_app
+from testkit.synthetic_audio import wav_bytes
+from tests.support.live import LiveServer
+from tests.support.small_disk import mounted_tmpfs
+from tests.support.http_api import assert_error, post  # noqa: F401
+from tests.support.service_state import files_under  # noqa: F401
+
+MIB = 1024 * 1024
+
+
+def free_space_probe(monkeypatch, *answers_mib: int) -> list:
+    """Make the free-space probe answer `answers_mib` in turn (the last one from then on)."""
+    calls = []
+
+    def probe(path):
+        calls.append(path)
+        return answers_mib[min(len(calls), len(answers_mib)) - 1] * MIB
+
+    monkeypatch.setattr(demix.storage.local, "disk_free_bytes", probe)
+    return calls
+
+
+def test_an_upload_below_the_free_space_minimum_gets_507_and_nothing_is_kept(
+        idle_server, snapshot, monkeypatch, tmp_path):
+    calls = free_space_probe(monkeypatch, 100)
+    response = post(idle_server, files={"file": ("song.wav", wav_bytes(tmp_path), "audio/wav")})
+    assert_error(response, 507, "insufficient_storage", "100 MiB free", "at least 1024 MiB",
+                 "DEMIX_MIN_FREE_MB", "not kept")
+    assert response.json()["error"]["free_mb"] == 100 and response.json()["error"]["min_free_mb"] == 1024
+    assert calls and snapshot()
+
+
+def test_the_refusal_comes_before_the_body_is_read(idle_server, snapshot, monkeypatch):
+    free_space_probe(monkeypatch, 100)
+    host, port = idle_server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        # Headers promising 20 MiB, and not one byte of body: the answer must not wait for it.
+        connection.putrequest("POST", "/v1/jobs")
+        connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+        connection.putheader("Content-Length", str(20 * MIB))
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 507
+        assert b"insufficient_storage" in response.read()
+    finally:
+        connection.close()
+    assert snapshot()
+
+
+def test_an_upload_that_would_bring_free_space_under_the_minimum_is_refused_at_once(
+        idle_server, snapshot, monkeypatch, tmp_path):
+    free_space_probe(monkeypatch, 1024 + 1)  # 1 MiB over the minimum: a 2 MiB body does not fit
+    body = wav_bytes(tmp_path, seconds=12.0, samplerate=44100, channels=2)[: 2 * MIB]
+    response = post(idle_server, files={"file": ("song.wav", body, "audio/wav")})
+    assert_error(response, 507, "insufficient_storage", "1025 MiB free", "plus the upload's")
+    assert snapshot()
+
+
+def test_the_space_is_checked_again_once_the_upload_is_in(idle_server, snapshot, monkeypatch, tmp_path):
+    calls = free_space_probe(monkeypatch, 5000, 1000)  # room before, too little after
+    response = post(idle_server, files={"file": ("song.wav", wav_bytes(tmp_path), "audio/wav")})
+    assert_error(response, 507, "insufficient_storage", "1000 MiB free")
+    assert len(calls) == 2 and snapshot()  # the received upload was deleted
+
+
+def test_uploads_are_accepted_again_when_space_is_back(idle_server, monkeypatch, tmp_path):
+    free_space_probe(monkeypatch, 100)
+    assert post(idle_server, files={"file": ("a.wav", wav_bytes(tmp_path), "audio/wav")}).status_code == 507
+    free_space_probe(monkeypatch, 5000)
+    assert post(idle_server, files={"file": ("a.wav", wav_bytes(tmp_path), "audio/wav")}).status_code == 202
+
+
+@pytest.fixture
+def tiny_data_disk(tmp_path):
+    """A real 256 KiB filesystem (tmpfs) to hold the API's data dir."""
+    with mounted_tmpfs(tmp_path / "tiny-disk", "256k", "the tests with a monkeypatched free-space probe") as disk:
+        yield disk
+
+
+def test_a_disk_that_fills_up_while_the_upload_streams_in_gives_507(settings, redis_server, tmp_path,
+                                                                       tiny_data_disk):
+    tiny = dataclasses.replace(settings, data_dir=tiny_data_disk, queue="demix-tests-unconsumed",
+                               min_free_mb=0)
+    with LiveServer(create_app({"SETTINGS": tiny})) as server:
+        response = requests.post(f"{server.url}/v1/jobs", timeout=60, files={
+            "file": ("song.wav", wav_bytes(tmp_path, seconds=3.0), "audio/wav")})  # ~520 KiB
+    assert_error(response, 507, "insufficient_storage", "disk filled up", "not kept")
+    assert files_under(tiny_data_disk) == set()

@@ -1,0 +1,224 @@
+"""`url` inputs and the private-address rule: a real file server on loopback, the real app
+over real HTTP, a real Redis and a real Celery worker fetching and separating."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import typing as tp
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+
+from demix import redis_keys as keys, outbound
+from demix.errors import AddressNotAllowed, FetchFailed, UploadTooLarge
+from demix.outbound import check_public_url, is_public_address, outbound_session
+from demix.intake.url_fetch import fetch_url
+from demix.jobs.webhooks import Delivery, post_delivery
+from testkit.synthetic_audio import write_wav
+from tests.support.live import LiveServer, wait_for_job
+from tests.support.file_server import FileServer
+from tests.support.waiting import wait_for
+from tests.support.webhook_receiver import WebhookReceiver
+
+
+@pytest.fixture
+def files() -> tp.Iterator[FileServer]:
+    with FileServer() as server:
+        yield server
+
+
+@pytest.fixture
+def strict(settings):
+    """The settings of a public deployment: the private-address rule on."""
+    return dataclasses.replace(settings, allow_private_urls=False, url_timeout_s=5.0)
+
+
+# -- the rule ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("127.0.0.1", False), ("127.1.2.3", False), ("::1", False), ("10.1.2.3", False),
+    ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False), ("fe80::1", False),
+    ("fd00::1", False), ("224.0.0.1", False), ("0.0.0.0", False), ("240.0.0.1", False),
+    ("100.64.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:8.8.8.8", True),
+])
+def test_public_addresses_are_told_from_the_rest(address, public):
+    assert is_public_address(address) is public
+
+
+@pytest.mark.parametrize("url", ["http://localhost:8000/a.wav", "http://127.0.0.1/a.wav",
+                                 "https://[::1]/a.wav", "http://10.0.0.7/a.wav",
+                                 "http://169.254.169.254/latest/meta-data/"])
+def test_a_private_host_is_refused_before_any_connection(url):
+    with pytest.raises(AddressNotAllowed) as refused:
+        check_public_url(url, "url", allow_private=False)
+    assert refused.value.code == "url_not_allowed" and "DEMIX_ALLOW_PRIVATE_URLS" in refused.value.message
+    check_public_url(url, "url", allow_private=True)  # a private deployment may
+
+
+def test_the_address_actually_connected_to_is_checked(files, strict, monkeypatch, tmp_path):
+    """A name that resolved to a public address at the check but connects inward (DNS
+    rebinding) reads nothing: the peer of the socket is checked before a byte is sent."""
+    files.routes["/song.wav"] = (200, {}, b"RIFF....")
+    monkeypatch.setattr("demix.intake.url_fetch.check_public_url", lambda *args, **kwargs: None)
+    with open(tmp_path / "got", "wb") as file, pytest.raises(AddressNotAllowed):
+        fetch_url(f"{files.base}/song.wav", file, strict)
+    assert files.requests == [] and (tmp_path / "got").stat().st_size == 0
+
+
+def test_a_redirect_inward_is_refused_at_its_hop(strict, monkeypatch, tmp_path):
+    """127.0.0.2 plays a public server (the rule is told so) that redirects to 127.0.0.1."""
+    real = outbound.is_public_address
+    monkeypatch.setattr(outbound, "is_public_address", lambda address: address == "127.0.0.2" or real(address))
+    with FileServer("127.0.0.2") as public, FileServer() as internal:
+        internal.routes["/secret"] = (200, {}, b"internal data")
+        public.routes["/song.wav"] = (302, {"Location": f"{internal.base}/secret"}, b"")
+        with open(tmp_path / "got", "wb") as file, pytest.raises(AddressNotAllowed):
+            fetch_url(f"{public.base}/song.wav", file, strict)
+    assert public.requests == ["/song.wav"] and internal.requests == []
+
+
+def test_redirects_are_followed_up_to_the_limit(files, settings, tmp_path):
+    files.routes["/a"] = (302, {"Location": "/b"}, b"")
+    files.routes["/b"] = (301, {"Location": f"{files.base}/c"}, b"")
+    files.routes["/c"] = (200, {}, b"the body")
+    with open(tmp_path / "got", "wb") as file:
+        assert fetch_url(f"{files.base}/a", file, settings) == 8
+    assert (tmp_path / "got").read_bytes() == b"the body"
+    files.routes["/loop"] = (302, {"Location": "/loop"}, b"")
+    with open(tmp_path / "loop", "wb") as file, pytest.raises(FetchFailed, match="redirects"):
+        fetch_url(f"{files.base}/loop", file, dataclasses.replace(settings, url_max_redirects=3))
+    assert files.requests.count("/loop") == 4
+
+
+def test_a_body_announced_over_the_limit_is_not_read(files, settings, tmp_path):
+    files.routes["/big.wav"] = (200, {"Content-Length": str(2 * 1024 * 1024)}, b"x" * 10)
+    with open(tmp_path / "got", "wb") as file, pytest.raises(UploadTooLarge):
+        fetch_url(f"{files.base}/big.wav", file, dataclasses.replace(settings, max_upload_mb=1))
+    assert (tmp_path / "got").stat().st_size == 0
+
+
+def test_a_webhook_to_a_private_address_is_refused_at_connection(strict):
+    """A callback host that resolves inward when the delivery is made gets nothing."""
+    with WebhookReceiver([200]) as receiver:
+        reason = post_delivery(Delivery(id="d" * 32, job_id="j" * 32, url=receiver.url, body=b"{}",
+                                        attempts=0), strict)
+        assert reason is not None and reason.startswith("url_not_allowed")
+        assert receiver.requests == []
+        assert post_delivery(Delivery(id="d" * 32, job_id="j" * 32, url=receiver.url, body=b"{}",
+                                      attempts=0), dataclasses.replace(strict, allow_private_urls=True)) is None
+
+
+def test_the_session_ignores_proxies_from_the_environment(monkeypatch, files):
+    files.routes["/x"] = (200, {}, b"direct")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9/")  # nothing listens on the discard port
+    with outbound_session(True) as session:
+        assert session.get(f"{files.base}/x", timeout=5).content == b"direct"
+
+
+# -- through the service -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def strict_server(redis_server, settings):
+    """The API with the rule on, in front of a queue no worker consumes."""
+    from demix.api import create_app
+    from tests.support.environment import SESSION_DIR, UNCONSUMED_QUEUE
+
+    strict_settings = dataclasses.replace(settings, allow_private_urls=False, queue=UNCONSUMED_QUEUE,
+                                          data_dir=SESSION_DIR / "strict-data")
+    with LiveServer(create_app({"SETTINGS": strict_settings})) as server:
+        yield server
+
+
+@pytest.mark.parametrize("field, value", [("url", "http://127.0.0.1:8000/song.wav"),
+                                          ("url", "http://169.254.169.254/latest"),
+                                          ("callback_url", "http://10.0.0.1/hook")])
+def test_the_api_refuses_private_addresses_and_queues_nothing(strict_server, redis_client, field, value):
+    before = redis_client.zcard(keys.jobs_index_key())
+    # A literal public address: checked, never connected to (the callback is refused first).
+    data = {"url": "http://93.184.215.14/song.wav"}
+    data[field] = value
+    response = requests.post(f"{strict_server.url}/v1/jobs", data=data, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "url_not_allowed"
+    assert redis_client.zcard(keys.jobs_index_key()) == before
+
+
+@pytest.mark.parametrize("data, code", [
+    ({"url": "ftp://example.com/a.wav"}, "invalid_url"),
+    ({"url": "http://127.0.0.1/a.wav", "stems": "kazoo"}, "invalid_stems"),
+    ({}, "missing_file"),
+])
+def test_bad_url_submissions_are_400(live_server, data, code):
+    response = requests.post(f"{live_server.url}/v1/jobs", data=data, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == code, response.text
+
+
+def test_a_file_and_a_url_at_once_is_400(live_server, tmp_path):
+    song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.2)
+    with open(song, "rb") as file:
+        response = requests.post(f"{live_server.url}/v1/jobs", data={"url": "http://127.0.0.1/a.wav"},
+                                 files={"file": ("song.wav", file)}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "file_and_url"
+
+
+def test_a_url_job_shows_its_download_then_separates_it(live_server, files, tmp_path):
+    song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=3.0, subtype="PCM_24")
+    body = song.read_bytes()
+    files.routes["/music/song.wav"] = (200, {"Content-Type": "audio/wav"}, body)
+    files.hold.add("/music/song.wav")  # half the body, then wait until the test saw it downloading
+    response = requests.post(f"{live_server.url}/v1/jobs",
+                             data={"url": f"{files.base}/music/song.wav", "stems": "vocals"}, timeout=30)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["source_url"] == f"{files.base}/music/song.wav" and job["frames"] == 0
+
+    def downloading() -> tp.Optional[dict]:
+        seen = requests.get(job["url"], timeout=10).json()
+        return seen if seen["stage"] == "downloading" and seen["download"] else None
+
+    seen = wait_for(downloading, "the job shown downloading", timeout=120)
+    assert seen["status"] == "running" and seen["download"]["total_bytes"] == len(body)
+    assert 0 <= seen["download"]["received_bytes"] < len(body)
+    files.release.set()
+    done = wait_for_job(live_server.url, job["id"], timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["download"] == {"received_bytes": len(body), "total_bytes": len(body)}
+    assert (done["samplerate"], done["channels"], done["frames"]) == (44100, 2, 3 * 44100)
+    assert done["input_format"] == "WAV/PCM_24" and done["output"]["sample_format"] == "pcm24"
+    stems = {name: sf.read(io.BytesIO(requests.get(url, timeout=30).content), dtype="float64")[0]
+             for name, url in done["outputs"].items()}
+    mix = sf.read(song, dtype="float64")[0]
+    assert set(stems) == {"vocals", "no_vocals"}
+    assert np.abs(stems["vocals"] + stems["no_vocals"] - mix).max() <= 2 / 2 ** 23
+
+
+@pytest.mark.parametrize("route, answer, code", [
+    ("/missing.wav", None, "fetch_failed"),
+    ("http://no-such-host.invalid/a.wav", None, "fetch_failed"),
+    ("/picture.wav", (200, {}, b"\x89PNG\r\n\x1a\n" + bytes(64)), "unsupported_format"),
+    ("/huge.wav", (200, {"Content-Length": str(600 * 1024 * 1024)}, b"RIFF"), "upload_too_large"),
+])
+def test_a_url_job_that_cannot_be_fetched_or_accepted_fails_saying_why(live_server, files, route, answer, code):
+    if answer is not None:
+        files.routes[route] = answer
+    url = route if route.startswith("http") else files.base + route
+    response = requests.post(f"{live_server.url}/v1/jobs", data={"url": url}, timeout=30)
+    assert response.status_code == 202, response.text
+    done = wait_for_job(live_server.url, response.json()["id"], timeout=120)
+    assert done["status"] == "failed" and done["error"]["code"] == code, done
+    assert done["outputs"] is None
+
+
+def test_a_url_job_takes_every_format_an_upload_takes(live_server, files, tmp_path):
+    """The fetched file goes through the same intake: a FLAC is decoded to the job's input."""
+    song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=1.0)
+    flac = tmp_path / "song.flac"
+    sf.write(flac, sf.read(song, dtype="int16")[0], 44100, subtype="PCM_16", format="FLAC")
+    files.routes["/song.flac"] = (200, {"Content-Type": "audio/flac"}, flac.read_bytes())
+    response = requests.post(f"{live_server.url}/v1/jobs", data={"url": f"{files.base}/song.flac"}, timeout=30)
+    done = wait_for_job(live_server.url, response.json()["id"], timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["input_format"].startswith("FLAC/") and done["frames"] == 44100

@@ -1,0 +1,309 @@
+"""Webhook deliveries: a real Redis queue, a real sender and a real HTTP receiver."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from demix.cli.redis_server import free_port
+from demix import redis_keys as keys
+from demix.jobs import webhooks
+from demix.audio.io import AudioInfo
+from demix.errors import BadRequest
+from demix.intake.job_request import parse_job_request
+from demix.jobs.records import Job, JobStatus, new_job_id
+from demix.jobs.webhooks import WebhookQueue, WebhookSender, validate_callback_url, verify_signature
+from testkit.synthetic_audio import wav_bytes
+from tests.support.webhook_receiver import HANG, WebhookReceiver
+from tests.support.waiting import wait_for
+
+SECRET = "s3cret-for-tests"
+
+
+@pytest.fixture
+def webhook_redis(redis_server):
+    """Database 1 of the test Redis: the session's worker runs its own sender on database 0."""
+    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/1")
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def webhook_settings(settings):
+    return dataclasses.replace(settings, webhook_secret=SECRET, webhook_attempts=3,
+                               webhook_backoff_s=0.1, webhook_timeout_s=5.0,
+                               public_url="http://demix.example:8000/")
+
+
+def make_sender(webhook_redis, webhook_settings, **overrides) -> WebhookSender:
+    settings = dataclasses.replace(webhook_settings, **overrides)
+    return WebhookSender(WebhookQueue(webhook_redis, settings), poll_interval_s=0.05)
+
+
+def finished_job(callback_url: str | None, status: JobStatus = JobStatus.SUCCEEDED) -> Job:
+    now = time.time()
+    return Job(id=new_job_id(), status=status, stems="vocals", model="tiny", samplerate=44100,
+               channels=2, frames=44100, created_at=now - 5, started_at=now - 4, finished_at=now,
+               progress=1.0, outputs=["vocals", "no_vocals"] if status is JobStatus.SUCCEEDED else [],
+               output={"format": "flac"}, callback_url=callback_url,
+               error=None if status is JobStatus.SUCCEEDED else {"code": "x", "message": "why"})
+
+
+@pytest.mark.parametrize("url", ["http://example.com/hook", "https://h.example:8443/a?b=c",
+                                 "  http://127.0.0.1:9/x  "])
+def test_http_and_https_callback_urls_are_accepted(url):
+    assert validate_callback_url(url) == url.strip()
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "javascript:alert(1)", "file:///etc/passwd",
+                                 "example.com/hook", "http:///nohost", "http://exa mple.com/",
+                                 "http://example.com:99999/", "http://example.com/" + "a" * 3000])
+def test_other_callback_urls_are_refused(url):
+    with pytest.raises(BadRequest) as error:
+        validate_callback_url(url)
+    assert error.value.code == "invalid_callback_url"
+
+
+def test_the_job_request_parser_checks_the_callback_url():
+    info = AudioInfo(samplerate=44100, channels=2, frames=100, subtype="PCM_16", container="WAV")
+    assert parse_job_request({"callback_url": "https://h.example/x"}, info).callback_url == "https://h.example/x"
+    assert parse_job_request({}, info).callback_url is None
+    with pytest.raises(BadRequest, match="only http and https"):
+        parse_job_request({"callback_url": "gopher://h.example/"}, info)
+
+
+def test_no_callback_url_means_no_webhook():
+    assert validate_callback_url(None) is None and validate_callback_url("  ") is None
+
+
+def test_a_finished_job_is_posted_signed_with_its_json(webhook_redis, webhook_settings):
+    with WebhookReceiver([200]) as receiver:
+        job = finished_job(receiver.url)
+        queue = WebhookQueue(webhook_redis, webhook_settings)
+        queue.on_job_finished(job)
+        sender = make_sender(webhook_redis, webhook_settings).start()
+        try:
+            [received] = receiver.wait_for(1)
+            wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
+        finally:
+            sender.stop()
+    signature = received.headers["X-Demix-Signature"]
+    assert signature.startswith("sha256=")
+    assert verify_signature(received.body, signature, SECRET)
+    assert not verify_signature(received.body, signature, "another secret")
+    assert not verify_signature(received.body + b" ", signature, SECRET)
+    body = json.loads(received.body)
+    assert body["id"] == job.id and body["status"] == "succeeded" and body["callback_url"] == receiver.url
+    base = f"http://demix.example:8000/v1/jobs/{job.id}"
+    assert body["url"] == base
+    assert body["outputs"] == {"vocals": f"{base}/stems/vocals.flac",
+                               "no_vocals": f"{base}/stems/no_vocals.flac"}
+    assert body["result_url"] == f"{base}/result" and body["zip_url"] == f"{base}/stems.zip"
+    assert received.headers["Content-Type"] == "application/json"
+    assert received.headers["X-Demix-Attempt"] == "1" and len(received.headers["X-Demix-Delivery"]) == 32
+    assert not webhook_redis.keys(keys.webhook_key("*"))
+
+
+@pytest.mark.parametrize("status", [JobStatus.FAILED, JobStatus.SUCCEEDED])
+def test_every_final_status_is_delivered(webhook_redis, webhook_settings, status):
+    with WebhookReceiver([200]) as receiver:
+        WebhookQueue(webhook_redis, webhook_settings).on_job_finished(finished_job(receiver.url, status))
+        sender = make_sender(webhook_redis, webhook_settings).start()
+        try:
+            [received] = receiver.wait_for(1)
+        finally:
+            sender.stop()
+    body = json.loads(received.body)
+    assert body["status"] == status.value
+    if status is JobStatus.FAILED:
+        assert body["error"] == {"code": "x", "message": "why"} and body["outputs"] is None
+
+
+def test_a_job_without_callback_url_queues_nothing(webhook_redis, webhook_settings):
+    WebhookQueue(webhook_redis, webhook_settings).on_job_finished(finished_job(None))
+    assert WebhookQueue(webhook_redis, webhook_settings).pending() == 0
+
+
+def test_failures_are_retried_with_the_same_body_until_one_succeeds(webhook_redis, webhook_settings):
+    with WebhookReceiver([500, 503, 204]) as receiver:
+        queue = WebhookQueue(webhook_redis, webhook_settings)
+        queue.enqueue(finished_job(receiver.url))
+        sender = make_sender(webhook_redis, webhook_settings).start()
+        try:
+            received = receiver.wait_for(3)
+            wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
+            time.sleep(1.0)  # several backoffs: a delivered webhook is not sent again
+        finally:
+            sender.stop()
+    assert len(receiver.requests) == 3
+    assert [r.headers["X-Demix-Attempt"] for r in received] == ["1", "2", "3"]
+    assert len({r.headers["X-Demix-Delivery"] for r in received}) == 1
+    assert len({r.body for r in received}) == 1
+    assert all(verify_signature(r.body, r.headers["X-Demix-Signature"], SECRET) for r in received)
+
+
+def test_a_delivery_is_given_up_after_the_configured_attempts(webhook_redis, webhook_settings):
+    with WebhookReceiver([500]) as receiver:
+        queue = WebhookQueue(webhook_redis, webhook_settings)
+        queue.enqueue(finished_job(receiver.url))
+        sender = make_sender(webhook_redis, webhook_settings).start()
+        try:
+            receiver.wait_for(3)
+            wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
+            time.sleep(1.0)
+        finally:
+            sender.stop()
+    assert len(receiver.requests) == webhook_settings.webhook_attempts == 3
+    assert not webhook_redis.keys(keys.webhook_key("*"))
+
+
+def test_an_unreachable_receiver_is_retried_then_given_up(webhook_redis, webhook_settings, caplog):
+    caplog.set_level(logging.INFO, logger="demix.jobs.webhooks")
+    queue = WebhookQueue(webhook_redis, webhook_settings)
+    delivery = queue.enqueue(finished_job(f"http://127.0.0.1:{free_port()}/nobody-listens"))
+    sender = make_sender(webhook_redis, webhook_settings).start()
+    try:
+        wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
+    finally:
+        sender.stop()
+    retries = [r.message for r in caplog.records if delivery.id in r.message and "; retry" in r.message]
+    [gave_up] = [r.message for r in caplog.records if delivery.id in r.message and "giving up" in r.message]
+    assert len(retries) == 2 and all("ConnectionError" in m for m in retries)
+    assert "failed 3 times" in gave_up
+    assert not webhook_redis.exists(keys.webhook_key(delivery.id))
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [webhooks.backoff_s(n, 5.0) for n in (1, 2, 3, 4)] == [5.0, 10.0, 20.0, 40.0]
+    assert webhooks.backoff_s(30, 5.0) == webhooks.MAX_BACKOFF_S
+
+
+def test_a_hanging_receiver_does_not_delay_the_next_delivery(webhook_redis, webhook_settings):
+    with WebhookReceiver([HANG]) as hanging, WebhookReceiver([200]) as healthy:
+        queue = WebhookQueue(webhook_redis, webhook_settings)
+        sender = make_sender(webhook_redis, webhook_settings, webhook_timeout_s=60.0).start()
+        try:
+            queue.enqueue(finished_job(hanging.url))
+            hanging.wait_for(1)
+            queue.enqueue(finished_job(healthy.url))
+            healthy.wait_for(1, timeout=30)
+            # The first delivery is still waiting for its answer while the second got through.
+            assert webhook_redis.zcard(keys.webhooks_due_key()) == 1
+            [(pending_id, _)] = webhook_redis.zrange(keys.webhooks_due_key(), 0, -1, withscores=True)
+            assert webhook_redis.hget(keys.webhook_key(pending_id.decode()), "url").decode() == hanging.url
+        finally:
+            sender.stop()
+
+
+def test_a_delivery_claimed_by_a_sender_that_died_is_sent_by_another(webhook_redis, webhook_settings,
+                                                                     monkeypatch):
+    monkeypatch.setattr(webhooks, "LEASE_MARGIN_S", 0.0)
+    settings = dataclasses.replace(webhook_settings, webhook_timeout_s=0.5)
+    with WebhookReceiver([200]) as receiver:
+        queue = WebhookQueue(webhook_redis, settings)
+        queue.enqueue(finished_job(receiver.url))
+        [claimed] = queue.claim_due(10)  # a sender claims it, then dies without sending
+        assert queue.claim_due(10) == []  # leased: no one else takes it meanwhile
+        sender = WebhookSender(WebhookQueue(webhook_redis, settings), poll_interval_s=0.05).start()
+        try:
+            [received] = receiver.wait_for(1)
+            wait_for(lambda: queue.pending() == 0, "the webhook queue drained", timeout=60.0)
+        finally:
+            sender.stop()
+    assert received.headers["X-Demix-Delivery"] == claimed.id
+
+
+def test_submit_refuses_a_bad_callback_url_and_keeps_nothing(idle_server, redis_client, tmp_path):
+    jobs_before = redis_client.zcard(keys.jobs_index_key())
+    response = requests.post(f"{idle_server.url}/v1/jobs", timeout=30,
+                             files={"file": ("a.wav", wav_bytes(tmp_path))},
+                             data={"callback_url": "ftp://example.com/hook"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_callback_url" and "http" in error["message"]
+    assert redis_client.zcard(keys.jobs_index_key()) == jobs_before
+    assert not [p for p in (idle_server.settings.data_dir / "incoming").glob("*") if p.is_file()]
+
+
+def test_the_callback_url_is_stored_and_shown_on_the_job(idle_server, tmp_path):
+    response = requests.post(f"{idle_server.url}/v1/jobs", timeout=30,
+                             files={"file": ("a.wav", wav_bytes(tmp_path))},
+                             data={"callback_url": "https://example.com/hooks/demix?x=1"})
+    assert response.status_code == 202, response.text
+    assert response.json()["callback_url"] == "https://example.com/hooks/demix?x=1"
+    job = requests.get(response.json()["url"], timeout=30).json()
+    assert job["callback_url"] == "https://example.com/hooks/demix?x=1"
+    plain = requests.post(f"{idle_server.url}/v1/jobs", timeout=30, files={"file": ("a.wav", wav_bytes(tmp_path))})
+    assert plain.json()["callback_url"] is None
+
+
+@pytest.fixture
+def service_sender(redis_server, settings):
+    """A sender like the one a worker's background process runs, on the service's own Redis
+    database, polling more often (the session worker's own sender is there too: a delivery
+    goes to whichever claims it first)."""
+    sender = WebhookSender(WebhookQueue(redis.Redis.from_url(redis_server.url), settings),
+                           poll_interval_s=0.05).start()
+    yield sender
+    sender.stop()
+
+
+def test_a_job_through_the_api_and_worker_posts_its_final_json(live_server, service_sender, settings,
+                                                               tmp_path):
+    with WebhookReceiver([200]) as receiver:
+        response = requests.post(f"{live_server.url}/v1/jobs", timeout=60,
+                                 files={"file": ("a.wav", wav_bytes(tmp_path, seconds=0.5))},
+                                 data={"stems": "drums", "callback_url": receiver.url})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        [received] = receiver.wait_for(1, timeout=300)
+    shown = requests.get(f"{live_server.url}/v1/jobs/{job_id}", timeout=30).json()
+    body = json.loads(received.body)
+    assert body["status"] == "succeeded" and body["id"] == job_id
+    # The same JSON as the API shows, its links under DEMIX_PUBLIC_URL instead of the request's host.
+    expected = json.loads(json.dumps(shown).replace(live_server.url, settings.effective_public_url))
+    assert {k: v for k, v in body.items() if k in expected} == {k: v for k, v in expected.items() if k in body}
+    # Fields the API computes as it answers (a queue position, a time left) are empty once a job
+    # has finished: the webhook may leave those out, nothing else.
+    assert all(value is None for key, value in expected.items() if key not in body)
+    assert set(body["outputs"]) == {"drums", "no_drums"}
+    assert "X-Demix-Signature" not in received.headers  # no DEMIX_WEBHOOK_SECRET in the tests
+
+
+def test_a_cancelled_job_posts_its_final_json(idle_server, service_sender, tmp_path):
+    with WebhookReceiver([200]) as receiver:
+        response = requests.post(f"{idle_server.url}/v1/jobs", timeout=60,
+                                 files={"file": ("a.wav", wav_bytes(tmp_path))},
+                                 data={"callback_url": receiver.url})
+        job_id = response.json()["id"]
+        assert receiver.requests == []
+        assert requests.post(f"{idle_server.url}/v1/jobs/{job_id}/cancel", timeout=30).status_code == 200
+        [received] = receiver.wait_for(1)
+    body = json.loads(received.body)
+    assert body["id"] == job_id and body["status"] == "cancelled" and body["outputs"] is None
+
+
+def test_the_documented_verification_sample_accepts_real_deliveries_only(webhook_redis, webhook_settings):
+    api_doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    sample = next(block for block in api_doc.split("```python")[1:] if "def verify(" in block).split("```")[0]
+    namespace: dict = {}
+    exec(sample, namespace)
+    verify = namespace["verify"]
+    with WebhookReceiver([200]) as receiver:
+        WebhookQueue(webhook_redis, webhook_settings).enqueue(finished_job(receiver.url))
+        sender = make_sender(webhook_redis, webhook_settings).start()
+        try:
+            [received] = receiver.wait_for(1)
+        finally:
+            sender.stop()
+    header = received.headers["X-Demix-Signature"]
+    assert verify(received.body, header, SECRET)
+    assert not verify(received.body.replace(b"succeeded", b"failed"), header, SECRET)
+    assert not verify(received.body, header, "wrong secret")
