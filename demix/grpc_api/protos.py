@@ -22,15 +22,18 @@ def _generate() -> tuple[types.ModuleType, types.ModuleType]:
     from grpc_tools import protoc
 
     well_known_types = importlib.resources.files("grpc_tools") / "_proto"
+    # Compiled under its package's path (demix/grpc_api/demixing.proto, from the folder above
+    # the top package), so the service stub imports the messages as
+    # `demix.grpc_api.demixing_pb2` rather than a top-level module.
+    package_path = Path(*__package__.split("."))
+    include_root = PROTO_FILE.parents[len(package_path.parts)]
     with tempfile.TemporaryDirectory(prefix="demix-grpc-") as out:
-        # Compiled as demix/grpc_api/demixing.proto, so the service stub imports the messages
-        # as `grpc_api.demixing_pb2` rather than a top-level module.
-        status = protoc.main(["protoc", f"-I{PROTO_FILE.parent.parent}", f"-I{well_known_types}",
+        status = protoc.main(["protoc", f"-I{include_root}", f"-I{well_known_types}",
                               f"--python_out={out}", f"--grpc_python_out={out}",
-                              str(Path(PROTO_FILE.parent.name) / PROTO_FILE.name)])
+                              str(package_path / PROTO_FILE.name)])
         if status != 0:
             raise RuntimeError(f"grpcio-tools could not compile {PROTO_FILE} (protoc exit {status})")
-        package = Path(out) / PROTO_FILE.parent.name
+        package = Path(out) / package_path
         return _load(package / "demixing_pb2.py"), _load(package / "demixing_pb2_grpc.py")
 
 
