@@ -73,7 +73,7 @@ def run_child(approach: str, input_path: Path, out_dir: Path, model_name: str, m
     started = time.monotonic()
     if approach == "split":
         from demix.audio.io import read_info
-        from demix.intake.job_request import default_output
+        from demix.audio.output_formats import default_output
         from demix.storage.local import JobStorage
         from demix.separation.engine import SeparationOptions, separate_file, stem_layout
         from demix.separation.split import merge_split, prepare_split, run_part, single_pass
@@ -98,7 +98,7 @@ def run_child(approach: str, input_path: Path, out_dir: Path, model_name: str, m
             merge_split(model, input_path, layout, plan, files, sink)
     elif approach == "streaming":
         from demix.audio.io import read_info
-        from demix.intake.job_request import default_output
+        from demix.audio.output_formats import default_output
         from demix.storage.local import JobStorage
         from demix.separation.engine import separate_file
         from demix.separation.stem_files import JobStemSink

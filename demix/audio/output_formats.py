@@ -174,3 +174,8 @@ def _choice(name: str, value: str, choices: tp.Sequence[str]) -> str:
         raise BadRequest(f"unknown {name} value {value!r}; expected one of {', '.join(choices)}",
                          code="invalid_output")
     return value
+
+
+def default_output(info: AudioInfo) -> OutputOptions:
+    """The output options of a request that set none: the input's own format, rate and channels."""
+    return resolve_output({}, info)

@@ -109,8 +109,3 @@ def chosen_model(form: tp.Mapping[str, str], settings: Settings,
     """
     name = check_model(settings, (form.get("model") or "").strip() or settings.default_model)
     return describe_model(settings, name, reported.get(name))
-
-
-def default_output(info: AudioInfo) -> OutputOptions:
-    """The output options of a request that set none: the input's own format, rate and channels."""
-    return resolve_output({}, info)

@@ -31,8 +31,7 @@ import torch
 
 from demix.audio.io import AudioReader, AudioWriter, dequantize, quantize, read_info
 from demix.errors import SeparationFailed
-from demix.intake.job_request import default_output
-from demix.audio.output_formats import OutputOptions
+from demix.audio.output_formats import OutputOptions, default_output
 from demix.stems import ALL, output_names
 
 from demix.separation.channels import channel_groups, downmix_matrix

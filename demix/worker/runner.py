@@ -26,10 +26,9 @@ from demix.celery_app import celery_app
 from demix.catalogue import DEMUCS
 from demix.config import Settings, get_settings
 from demix.errors import DemixError, IllegalTransition, JobNotFound, SeparationFailed
-from demix.intake.job_request import default_output
 from demix.jobs.records import Job, JobStatus
 from demix.jobs.lifecycle import hand_back_job, recover_lost_job
-from demix.audio.output_formats import OutputOptions
+from demix.audio.output_formats import OutputOptions, default_output
 from demix.readiness import mark_ready, process_id
 from demix.services import build_services
 from demix.storage.local import disk_full_error

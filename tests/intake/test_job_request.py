@@ -8,7 +8,8 @@ import dataclasses
 from demix.audio.io import AudioInfo
 from demix.config import Settings
 from demix.errors import BadRequest
-from demix.intake.job_request import FORM_FIELDS, JobRequest, default_output, parse_job_request
+from demix.audio.output_formats import default_output
+from demix.intake.job_request import FORM_FIELDS, JobRequest, parse_job_request
 from demix.audio.output_formats import OutputOptions
 from demix.stems import STEM_CHOICES, output_names
 
