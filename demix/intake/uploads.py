@@ -7,9 +7,8 @@ from pathlib import Path
 
 from demix.config import Settings
 from demix.errors import InsufficientStorage, UploadTooLarge
-from demix.storage.local import is_disk_full
+from demix.storage.local import MIB, is_disk_full
 
-MIB = 1024 * 1024
 
 
 class CappedUploadFile:

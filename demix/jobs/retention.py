@@ -16,13 +16,10 @@ from demix import redis_keys as keys
 from demix.errors import JobNotFound
 from demix.jobs.records import Job, JobStore, is_valid_job_id
 from demix.jobs.lifecycle import delete_job
-from demix.storage.local import Storage
+from demix.storage.local import ORPHAN_AGE_S, Storage
 
 log = logging.getLogger(__name__)
 
-ORPHAN_AGE_S = 3600
-"""Age (since last modified) after which an upload in `incoming/`, or a job folder without a
-record, is taken to be left over by a crash (1 hour: no live request or job is that idle)."""
 
 
 def expiry_time(job: Job, retention_s: int) -> tp.Optional[float]:
@@ -71,32 +68,6 @@ def sweep_expired_jobs(store: JobStore, storage: Storage, retention_s: int,
     if deleted:
         log.info("retention: deleted %d job(s) finished more than %ds ago", len(deleted), retention_s)
     return deleted
-
-
-def sweep_orphaned_uploads(storage: Storage, now: tp.Optional[float] = None,
-                           max_age_s: float = ORPHAN_AGE_S) -> list[str]:
-    """Delete uploads left in `incoming/` by a crash mid-request (untouched for `max_age_s`);
-    returns their names. An upload still streaming in is written to, so it stays young."""
-    now = time.time() if now is None else now
-    removed = []
-    try:
-        entries = list(storage.incoming_dir.iterdir())
-    except FileNotFoundError:
-        return []
-    for path in entries:
-        try:
-            if now - path.lstat().st_mtime < max_age_s:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except FileNotFoundError:  # another worker swept it first
-            continue
-        removed.append(path.name)
-    if removed:
-        log.info("retention: deleted %d orphaned upload(s)", len(removed))
-    return removed
 
 
 def sweep_abandoned_uploads(storage: Storage, max_age_s: float = ORPHAN_AGE_S) -> int:

@@ -39,6 +39,12 @@ from demix.errors import DiskFull
 
 log = logging.getLogger(__name__)
 
+MIB = 1024 * 1024
+
+ORPHAN_AGE_S = 3600
+"""Age (since last modified) after which an upload in `incoming/`, or a job folder without a
+record, is taken to be left over by a crash (1 hour: no live request or job is that idle)."""
+
 DEFAULT_EXTENSION = "wav"
 
 DELETE_TRIES = 20
@@ -436,3 +442,29 @@ def disk_full_error(exc: BaseException) -> tp.Optional[DiskFull]:
         return None
     return DiskFull("the disk holding DEMIX_DATA_DIR filled up while the stems were written; "
                     "no partial stems were kept. Free some space and submit the job again.")
+
+
+def sweep_orphaned_uploads(storage: Storage, now: tp.Optional[float] = None,
+                           max_age_s: float = ORPHAN_AGE_S) -> list[str]:
+    """Delete uploads left in `incoming/` by a crash mid-request (untouched for `max_age_s`);
+    returns their names. An upload still streaming in is written to, so it stays young."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(storage.incoming_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    for path in entries:
+        try:
+            if now - path.lstat().st_mtime < max_age_s:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # another worker swept it first
+            continue
+        removed.append(path.name)
+    if removed:
+        log.info("retention: deleted %d orphaned upload(s)", len(removed))
+    return removed

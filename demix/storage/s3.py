@@ -43,10 +43,8 @@ from botocore.config import Config
 
 from demix.errors import DiskFull, StorageUnavailable
 from demix.host_processes import is_gone_here, this_host
-from demix.jobs.retention import sweep_orphaned_uploads
-from demix.storage.local import (DEFAULT_EXTENSION, INPUT_NAME, SplitFiles, Storage, StoredFile, attempt_of,
-                                 disk_free_bytes, job_key, split_key, stem_key, stems_key)
-from demix.intake.uploads import MIB
+from demix.storage.local import (DEFAULT_EXTENSION, INPUT_NAME, MIB, SplitFiles, Storage, StoredFile, attempt_of,
+                                 disk_free_bytes, job_key, split_key, stem_key, stems_key, sweep_orphaned_uploads)
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from demix.jobs.records import JobStatus, JobStore
 from demix.jobs.lifecycle import recover_lost_job, resend_lost_message
 from demix.readiness import forget_dead_processes
 from demix.jobs.retention import (sweep_abandoned_uploads, sweep_dead_scratch, sweep_expired_jobs,
-                                  sweep_orphaned_job_folders, sweep_orphaned_uploads)
+                                  sweep_orphaned_job_folders)
 from demix.jobs.split_records import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
 from demix.services import build_services
-from demix.storage.local import Storage
+from demix.storage.local import Storage, sweep_orphaned_uploads
 
 log = logging.getLogger(__name__)
 

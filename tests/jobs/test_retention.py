@@ -13,7 +13,8 @@ import requests
 
 from demix import redis_keys as keys
 from demix.jobs.records import JobStore
-from demix.jobs.retention import ORPHAN_AGE_S, sweep_expired_jobs, sweep_orphaned_job_folders, sweep_orphaned_uploads
+from demix.jobs.retention import ORPHAN_AGE_S, sweep_expired_jobs, sweep_orphaned_job_folders
+from demix.storage.local import sweep_orphaned_uploads
 from demix.storage.local import JobStorage
 from testkit.synthetic_audio import wav_bytes
 from tests.support.live import wait_for_job
