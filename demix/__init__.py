@@ -1,2 +1,1 @@
-"""What the API and the worker both need: settings, the Celery app, job records,
-storage and audio I/O. Nothing here imports torch."""
+"""The demixing service, one package. The base modules here (settings, errors, stem names, the model catalogue, Redis key names, the Celery app) import no sub-package; the sub-packages name the domain (storage, audio, jobs, intake, separation, worker, api, grpc_api, cli) and their layers are pyproject.toml's import-linter contracts."""

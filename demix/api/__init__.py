@@ -1,4 +1,4 @@
-"""The HTTP API: accepts uploads, enqueues jobs, reports them. Never imports torch."""
+"""The HTTP API: accepts uploads, enqueues jobs, reports them. Imports no torch, demix.separation or demix.worker."""
 from __future__ import annotations
 
 import typing as tp

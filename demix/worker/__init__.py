@@ -1,2 +1,1 @@
-"""The worker: the Celery task (`tasks`), the job runner (`runner`), model loading
-(`models`) and the separation engine (`engine`)."""
+"""The Celery edge of the worker: tasks, the job runner, attempts, split jobs' part and merge units, maintenance. May import anything below the front ends (separation, jobs, intake, storage, audio); never demix.api, demix.grpc_api or demix.cli."""
