@@ -25,17 +25,17 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_no_test_module_imports_another_or_conftest():
     offending = {}
-    for path in sorted(TESTS.glob("test_*.py")):
+    for path in sorted(TESTS.rglob("test_*.py")):
         bad = sorted(name for name in imported_modules(path)
-                     if name.startswith(("tests.test_", "tests.conftest")) or name.startswith("test_"))
+                     if ".test_" in name or name.startswith(("tests.conftest", "test_")))
         if bad:
-            offending[path.name] = bad
+            offending[str(path.relative_to(TESTS))] = bad
     assert offending == {}, "move what they share to tests/support/: " + repr(offending)
 
 
 def test_support_modules_import_no_test_module():
     offending = {path.name: sorted(name for name in imported_modules(path)
-                                   if name.startswith(("tests.test_", "tests.conftest")))
+                                   if ".test_" in name or name.startswith("tests.conftest"))
                  for path in sorted((TESTS / "support").glob("*.py"))}
     assert {name: bad for name, bad in offending.items() if bad} == {}
 
@@ -51,8 +51,8 @@ def test_the_check_sees_an_import_of_another_test_module(tmp_path):
 # -- a test file per module with logic of its own --------------------------------------------
 
 ROOT = TESTS.parent
-PRODUCT_PACKAGES = ("api", "grpc_api", "shared", "worker", "cli")
-"""Every module under these folders (sub-packages too: demix/separation/roformer, demix/separation/weights)."""
+PRODUCT_PACKAGES = ("demix",)
+"""Every module under these packages (sub-packages too: demix.separation.roformer, ...)."""
 
 MIN_STATEMENTS = 3
 """A function or method with at least this many statements in its body (nested ones
@@ -60,33 +60,38 @@ counted, its docstring not) is logic of its own; constants, dataclasses of field
 one-line accessors are not."""
 
 TESTED_IN = {
-    # Reached through the app (`demix.api.create_app` registers them) by the HTTP tests.
-    "demix/api/__init__.py": "test_api_contract.py",
-    "demix/api/downloads.py": "test_cluster.py",  # stems streamed and presigned from a bucket
-    "demix/api/error_responses.py": "test_api_errors.py",
-    "demix/api/health.py": "test_model_routing.py",
-    "demix/api/upload_requests.py": "test_api_uploads.py",
-    "demix/api/web.py": "test_api_web.py",
-    "demix/grpc_api/protos.py": "test_grpc_server.py",
-    "demix/grpc_api/server.py": "test_grpc_server.py",
-    "demix/api_keys.py": "test_auth.py",
-    "demix/audio/decoders.py": "test_intake_formats.py",
-    "demix/errors.py": "test_api_errors.py",
-    "demix/outbound.py": "test_url_inputs.py",
-    "demix/stems.py": "test_job_request.py",
-    "demix/intake/uploads.py": "test_api_uploads.py",
-    "demix/intake/url_fetch.py": "test_url_inputs.py",
-    "demix/separation/model_repo.py": "test_models.py",
-    "demix/separation/roformer/bs_roformer.py": "test_roformer_networks.py",
-    "demix/separation/roformer/mel_band_roformer.py": "test_roformer_networks.py",
-    "demix/separation/roformer/network.py": "test_roformer_networks.py",
-    "demix/separation/weights/verify.py": "test_weights_pull.py",
-    "demix/cli/argv.py": "test_deployment.py",
-    "demix/cli/main.py": "test_client.py",
-    "demix/cli/tie_to_parent.py": "test_processes.py",  # run by path by demix.cli.processes, never imported
+    # module (dotted) -> the test file (under tests/) that loads it. Reached through the app
+    # (`demix.api.create_app` registers them) by the HTTP tests:
+    "demix.api": "api/test_api_contract.py",
+    "demix.api.downloads": "test_cluster.py",  # stems streamed and presigned from a bucket
+    "demix.api.error_responses": "api/test_api_errors.py",
+    "demix.api.health": "worker/test_model_routing.py",
+    "demix.api.job_views": "api/test_api_contract.py",  # and the api/test_api_jobs*.py tests, over HTTP
+    "demix.api.metrics_view": "api/test_api_contract.py",  # GET /metrics's own tests: jobs/test_metrics.py, over HTTP
+    "demix.api.upload_requests": "api/test_api_uploads.py",
+    "demix.grpc_api.protos": "grpc_api/test_server.py",
+    "demix.api_keys": "api/test_auth.py",
+    "demix.audio.decoders": "intake/test_intake_formats.py",
+    "demix.errors": "api/test_api_errors.py",
+    "demix.outbound": "intake/test_url_jobs.py",
+    "demix.stems": "intake/test_job_request.py",
+    "demix.intake.uploads": "api/test_api_uploads.py",
+    "demix.intake.url_fetch": "intake/test_url_jobs.py",
+    "demix.intake.url_jobs": "worker/test_runner.py",  # intake/test_url_jobs.py reaches it through a worker
+    "demix.worker.tasks": "jobs/test_webhooks.py",  # worker/test_tasks.py runs it in real `demix worker` processes
+    "demix.separation.model_repo": "separation/test_models.py",
+    "demix.separation.roformer.bs_roformer": "separation/test_roformer_networks.py",
+    "demix.separation.roformer.mel_band_roformer": "separation/test_roformer_networks.py",
+    "demix.separation.roformer.layers": "separation/test_roformer_networks.py",
+    "demix.separation.roformer.network": "separation/test_roformer_networks.py",
+    "demix.separation.weights.verify": "separation/test_weights_pull.py",
+    "demix.cli.argv": "test_deployment.py",
+    "demix.cli.main": "cli/test_client.py",
+    "demix.cli.model_commands": "separation/test_models.py",
+    "demix.cli.tie_to_parent": "cli/test_processes.py",  # run by path by demix.cli.processes, never imported
 }
 """Modules with logic whose tests live in a file not named after them (kept short: a new
-module gets its own tests/test_<module>.py)."""
+module gets its own tests/<sub-package>/test_<module>.py)."""
 
 
 def has_logic(path: Path) -> bool:
@@ -107,14 +112,19 @@ def module_name(root: Path, path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def own_test_names(root: Path, path: Path) -> list[str]:
-    """The test file names that count as `path`'s own: test_<module>.py, and for a module of
-    a sub-package also test_<sub-package>_<module>.py (test_roformer_loading.py)."""
-    stem = path.parent.name if path.name == "__init__.py" else path.stem
-    names = [f"test_{stem}.py"]
-    package = path.parent.relative_to(root).parts
-    if len(package) > 1 and path.name != "__init__.py":
-        names.append(f"test_{package[-1]}_{stem}.py")
+def own_test_files(module: str) -> list[str]:
+    """The test files (under tests/) named after dotted `module`: the package tree mirrored,
+    tests/<sub-package>/test_<module>.py (tests/jobs/test_lifecycle.py for
+    demix.jobs.lifecycle, tests/test_config.py for demix.config); a module of a nested
+    package may also be tests/<sub-package>/test_<package>_<module>.py
+    (tests/separation/test_roformer_loading.py)."""
+    parts = module.split(".")[1:]  # under the top package
+    if not parts:
+        return []
+    *folders, name = parts
+    names = ["/".join([*folders, f"test_{name}.py"])]
+    if len(folders) > 1:
+        names.append("/".join([*folders[:-1], f"test_{folders[-1]}_{name}.py"]))
     return names
 
 
@@ -159,29 +169,44 @@ def reached_modules(root: Path, test_file: Path) -> tuple[set[str], str]:
     return seen, "\n".join(sources)
 
 
+def loads(root: Path, test_file: Path, module: str, path: Path) -> bool:
+    """Whether `test_file` loads `module`: imports it, runs its file by name, or names the
+    module in its own text (code it runs in a child process)."""
+    modules, source = reached_modules(root, test_file)
+    return module in modules or path.name in source or module in test_file.read_text()
+
+
 def untested_modules(root: Path, tested_in: tp.Mapping[str, str]) -> dict[str, str]:
-    """Modules with logic that have neither a test file of their own nor a true `tested_in`
-    entry (one whose test file loads them), each with why."""
+    """Modules with logic that have neither a test file of their own (named after them by
+    dotted path, and loading them) nor a true `tested_in` entry, each with why."""
     tests = root / "tests"
     missing = {}
     for package in PRODUCT_PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
-            key = str(path.relative_to(root))
             if not has_logic(path):
                 continue
-            if any((tests / name).is_file() for name in own_test_names(root, path)):
+            module = module_name(root, path)
+            own = [name for name in own_test_files(module) if (tests / name).is_file()]
+            if any(loads(root, tests / name, module, path) for name in own):
                 continue
-            if key not in tested_in:
-                missing[key] = f"no tests/{own_test_names(root, path)[0]} and no TESTED_IN entry"
+            if own and module not in tested_in:
+                missing[module] = f"tests/{own[0]} is named after it but does not load it"
                 continue
-            test_file = tests / tested_in[key]
+            if module not in tested_in:
+                missing[module] = f"no tests/{own_test_files(module)[0]} and no TESTED_IN entry"
+                continue
+            test_file = tests / tested_in[module]
             if not test_file.is_file():
-                missing[key] = f"TESTED_IN names {tested_in[key]}, which does not exist"
+                missing[module] = f"TESTED_IN names {tested_in[module]}, which does not exist"
                 continue
-            modules, source = reached_modules(root, test_file)
-            if module_name(root, path) not in modules and path.name not in source:
-                missing[key] = f"{tested_in[key]} does not load {module_name(root, path)}"
+            if not loads(root, test_file, module, path):
+                missing[module] = f"{tested_in[module]} does not load {module}"
     return missing
+
+
+def module_path(root: Path, module: str) -> Path:
+    base = root.joinpath(*module.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
 
 
 def test_every_module_with_logic_has_its_test_file():
@@ -189,26 +214,42 @@ def test_every_module_with_logic_has_its_test_file():
 
 
 def test_the_tested_in_table_names_no_module_that_has_its_own_test_file_or_no_logic():
-    stale = {key for key in TESTED_IN
-             if not has_logic(ROOT / key) or any((TESTS / name).is_file() for name in own_test_names(ROOT, ROOT / key))}
+    def own_file_loads(module: str) -> bool:
+        return any((TESTS / name).is_file() and loads(ROOT, TESTS / name, module, module_path(ROOT, module))
+                   for name in own_test_files(module))
+
+    stale = {module for module in TESTED_IN
+             if not module_path(ROOT, module).is_file() or not has_logic(module_path(ROOT, module))
+             or own_file_loads(module)}
     assert stale == set()
 
 
 def test_the_check_finds_a_module_without_tests_and_a_false_table_entry(tmp_path):
-    (tmp_path / "tests").mkdir()
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    (shared / "__init__.py").write_text("")
+    (tmp_path / "tests" / "jobs").mkdir(parents=True)
+    jobs = tmp_path / "demix" / "jobs"
+    jobs.mkdir(parents=True)
+    (tmp_path / "demix" / "__init__.py").write_text("")
+    (jobs / "__init__.py").write_text("")
     logic = "def work(x):\n    '''Doc.'''\n    y = x + 1\n    if y:\n        y += 1\n    return y\n"
-    (shared / "lonely.py").write_text(logic)
-    (shared / "covered.py").write_text(logic)
-    (shared / "claimed.py").write_text(logic)
-    (shared / "constants.py").write_text("LIMIT = 3\n\ndef limit():\n    return LIMIT\n")  # no logic
-    (tmp_path / "tests" / "test_covered.py").write_text("from shared.covered import work\n")
-    (tmp_path / "tests" / "test_elsewhere.py").write_text("from shared.covered import work\n")
-    assert untested_modules(tmp_path, {"shared/claimed.py": "test_elsewhere.py"}) == {
-        "shared/lonely.py": "no tests/test_lonely.py and no TESTED_IN entry",
-        "shared/claimed.py": "test_elsewhere.py does not load shared.claimed",
+    for name in ("lonely", "covered", "claimed", "misnamed"):
+        (jobs / f"{name}.py").write_text(logic)
+    (jobs / "constants.py").write_text("LIMIT = 3\n\ndef limit():\n    return LIMIT\n")  # no logic
+    (tmp_path / "tests" / "jobs" / "test_covered.py").write_text("from demix.jobs.covered import work\n")
+    (tmp_path / "tests" / "jobs" / "test_misnamed.py").write_text("from demix.jobs.covered import work\n")
+    (tmp_path / "tests" / "test_elsewhere.py").write_text("from demix.jobs.covered import work\n")
+    assert untested_modules(tmp_path, {"demix.jobs.claimed": "test_elsewhere.py"}) == {
+        "demix.jobs.lonely": "no tests/jobs/test_lonely.py and no TESTED_IN entry",
+        "demix.jobs.claimed": "test_elsewhere.py does not load demix.jobs.claimed",
+        "demix.jobs.misnamed": "tests/jobs/test_misnamed.py is named after it but does not load it",
     }
-    (tmp_path / "tests" / "test_elsewhere.py").write_text("from shared import claimed\n")
-    assert set(untested_modules(tmp_path, {"shared/claimed.py": "test_elsewhere.py"})) == {"shared/lonely.py"}
+    (tmp_path / "tests" / "test_elsewhere.py").write_text("from demix.jobs import claimed\n")
+    (tmp_path / "tests" / "jobs" / "test_misnamed.py").write_text("import demix.jobs.misnamed\n")
+    assert set(untested_modules(tmp_path, {"demix.jobs.claimed": "test_elsewhere.py"})) == {"demix.jobs.lonely"}
+
+
+def test_own_test_files_mirror_the_package():
+    assert own_test_files("demix.jobs.lifecycle") == ["jobs/test_lifecycle.py"]
+    assert own_test_files("demix.config") == ["test_config.py"]
+    assert own_test_files("demix.separation.roformer.loading") == [
+        "separation/roformer/test_loading.py", "separation/test_roformer_loading.py"]
+    assert own_test_files("demix.api") == ["test_api.py"]  # a package: like a module of its parent
