@@ -1,7 +1,7 @@
 """The layers hold: `lint-imports` checks the contracts in pyproject.toml
-([tool.importlinter]): shared imports no door, worker or command line; the doors (api,
-grpc_api) import neither the worker nor each other; the worker imports no door; the
-product never imports tests, bench or testkit; no import cycle between sibling modules."""
+([tool.importlinter]): command line -> HTTP/gRPC APIs -> worker -> intake -> services ->
+separation/jobs -> storage/audio -> base modules; the engine imports no Redis, Celery or
+Flask; the product never imports tests, bench or testkit; no import cycle between siblings."""
 from __future__ import annotations
 
 import subprocess
@@ -20,3 +20,13 @@ def test_the_import_contracts_are_kept():
     result = subprocess.run([str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_the_separation_engine_imports_no_celery_redis_or_flask():
+    # a fresh interpreter: this one has long imported the whole service
+    code = ("import sys, demix.separation.engine\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'celery', 'kombu', 'redis', 'flask'}))\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('demix.jobs', 'demix.intake', 'demix.worker'))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "[]"]
