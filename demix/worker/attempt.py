@@ -24,8 +24,7 @@ from demix.errors import IllegalTransition, JobNotFound, ModelUnavailable, Stale
 from demix.jobs.records import Job, JobStore
 from demix.storage.local import Storage
 
-from demix.separation.engine import SeparationOptions
-from demix.separation.models import ModelCache, ModelSpec
+from demix.separation import ModelCache, ModelSpec, SeparationOptions
 
 log = logging.getLogger(__name__)
 

@@ -33,15 +33,12 @@ from demix.readiness import mark_ready, process_id
 from demix.services import build_services
 from demix.storage.local import disk_full_error
 
-from demix.separation.allocator import keep_freed_memory_for_reuse
+from demix.separation import (JobStemSink, ModelCache, batch_segments, keep_freed_memory_for_reuse,
+                              resolve_device, separate_file, stem_layout, warm_model)
 from demix.worker.attempt import (AttemptLease, JobInterrupted, WorkerContext, attempt_scratch, job_model_spec,
                                   lease_holder, model_spec, record_outcome, retry_while_redis_is_down,
                                   separation_options)
-from demix.separation.engine import separate_file, stem_layout
-from demix.separation.forward import batch_segments, warm_model
-from demix.separation.models import ModelCache, resolve_device
 from demix.worker.split import should_split, start_split
-from demix.separation.stem_files import JobStemSink
 from demix.intake.url_jobs import fetch_input
 
 log = logging.getLogger(__name__)
@@ -118,7 +115,7 @@ def warm_one(context: WorkerContext, name: str, device: str) -> dict:
 
 def model_architecture(model: torch.nn.Module) -> str:
     """The catalogue's name of a loaded model's architecture."""
-    from demix.separation.roformer import is_roformer
+    from demix.separation import is_roformer
 
     return model.config.architecture if is_roformer(model) else DEMUCS
 

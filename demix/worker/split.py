@@ -30,13 +30,11 @@ from demix.audio.output_formats import OutputOptions
 from demix.jobs.split_records import MERGE, SplitStore, part_unit, send_unit
 from demix.storage.local import disk_full_error
 
-from demix.separation.engine import MODEL_SHARE, STATS_SHARE, StemLayout, stem_layout
-from demix.separation.models import resolve_device
+from demix.separation import (JobStemSink, MODEL_SHARE, STATS_SHARE, SplitPlan, StemLayout, is_roformer,
+                              merge_split, part_windows_total, prepare_split, resolve_device, run_part,
+                              single_pass, stem_layout)
 from demix.worker.attempt import (AttemptLease, JobInterrupted, WorkerContext, attempt_scratch, job_model_spec,
                                   lease_holder, record_outcome, retry_while_redis_is_down, separation_options)
-from demix.separation.roformer import is_roformer
-from demix.separation.split import SplitPlan, merge_split, part_windows_total, prepare_split, run_part, single_pass
-from demix.separation.stem_files import JobStemSink
 
 log = logging.getLogger(__name__)
 
