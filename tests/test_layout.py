@@ -78,7 +78,6 @@ TESTED_IN = {
     "demix.intake.uploads": "api/test_api_uploads.py",
     "demix.intake.url_fetch": "intake/test_url_jobs.py",
     "demix.intake.url_jobs": "worker/test_runner.py",  # intake/test_url_jobs.py reaches it through a worker
-    "demix.worker.tasks": "jobs/test_webhooks.py",  # worker/test_tasks.py runs it in real `demix worker` processes
     "demix.separation.model_repo": "separation/test_models.py",
     "demix.separation.roformer.bs_roformer": "separation/test_roformer_networks.py",
     "demix.separation.roformer.mel_band_roformer": "separation/test_roformer_networks.py",

@@ -28,6 +28,23 @@ from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.processes
 
+
+def test_every_worker_runs_its_background_process_and_a_prefork_one_guards_its_pool():
+    """The worker's bootsteps: the background process (sweeps, webhooks) in every worker, the
+    pool guard (fork hooks, watchdog, bounded shutdown) only where a pool forks."""
+    from types import SimpleNamespace
+
+    from celery.concurrency.prefork import TaskPool
+    from celery.concurrency.solo import TaskPool as SoloPool
+
+    import demix.worker.tasks  # noqa: F401  adds the steps
+    from demix.worker.pool_guard import BackgroundStep, PoolGuard
+
+    assert {BackgroundStep, PoolGuard} <= celery_app.steps["worker"]
+    guard = PoolGuard.__new__(PoolGuard)
+    assert guard.include_if(SimpleNamespace(pool_cls=TaskPool))
+    assert not guard.include_if(SimpleNamespace(pool_cls=SoloPool))
+
 SIDE_QUEUE = "demix-tests-side-worker"
 """The queue only the subprocess worker consumes, so it (not the test worker) starts the job."""
 
