@@ -4,12 +4,20 @@ virtualenv far from the source tree `demix` runs."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+import requests
+
+from testkit.synthetic_audio import write_wav
+from tests.support.demix_up import demix_up_started
+from tests.support.http_api import decode_result
+from tests.support.live import wait_for_job
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,13 +47,24 @@ def test_the_wheel_holds_the_demix_package_and_only_it(wheel):
     assert {name for name in names if not name.split("/")[0].endswith(".dist-info")} == package_files()
 
 
-def test_the_installed_wheel_runs_outside_the_source_tree(wheel, tmp_path):
-    venv = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """A fresh virtualenv, far from the source tree, with the wheel installed."""
+    venv = tmp_path_factory.mktemp("installed") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = venv / "bin" / "pip"
     # torch 2.13.0's CPU build, as CI (another version would pull a CUDA build)
-    subprocess.run([str(pip), "install", "-q", "torch==2.13.0", str(wheel)], check=True, timeout=1800)
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "torch==2.13.0", str(wheel)], check=True,
+                   timeout=1800)
+    return venv
+
+
+def outside_env() -> dict[str, str]:
+    """The test environment without anything that would point Python at the source tree."""
+    return {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+
+
+def test_the_installed_wheel_runs_outside_the_source_tree(installed, tmp_path):
+    venv, env = installed, outside_env()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     demix = str(venv / "bin" / "demix")
@@ -61,3 +80,26 @@ def test_the_installed_wheel_runs_outside_the_source_tree(wheel, tmp_path):
     module = subprocess.run([str(venv / "bin" / "python"), "-m", "demix", "--help"], cwd=elsewhere, env=env,
                             capture_output=True, text=True, timeout=120)
     assert module.returncode == 0 and "usage: demix" in module.stdout, module.stderr
+
+
+def test_a_job_runs_end_to_end_on_the_installed_wheel(installed, tiny_model_repo, tmp_path):
+    """`demix up` from the installed wheel, in a folder outside the source tree: a job is
+    submitted, polled and its stems downloaded."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with demix_up_started(tmp_path, demix=str(installed / "bin" / "demix"), cwd=elsewhere,
+                          env=outside_env()) as (process, _marker, output):
+        url = wait_for(lambda: (ready := [line for line in output if "demix is ready" in line])
+                       and ready[0].split("demix is ready: ")[1].split()[0], "demix up ready", timeout=400)
+        song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=1.0)
+        with open(song, "rb") as file:
+            response = requests.post(f"{url}/v1/jobs", files={"file": file}, data={"stems": "vocals"}, timeout=60)
+        assert response.status_code == 202, response.text
+        job = wait_for_job(url, response.json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        stems = decode_result(requests.get(f"{url}/v1/jobs/{job['id']}/result", timeout=60).json())
+        assert set(stems) == {"vocals", "no_vocals"}
+        assert all(samples.shape == (44100, 2) and rate == 44100 for samples, rate, _ in stems.values())
+        assert str(installed).encode() in Path(f"/proc/{process.pid}/cmdline").read_bytes()  # the wheel's demix
+        process.send_signal(signal.SIGINT)
+        assert process.wait(120) == 0, "".join(output)

@@ -120,16 +120,20 @@ def demix_up(tmp_path: Path, ready_timeout: float = 400, stop_signal: int = sign
 
 
 @contextlib.contextmanager
-def demix_up_started(tmp_path: Path, **settings: str) -> tp.Iterator[tuple[subprocess.Popen, str, list]]:
-    """`demix up` started as in `demix_up`, without waiting for it to be ready; yields
-    (process, marker, its output lines so far: a list that grows). Whatever is left of it
-    when the block ends is killed (a test that checks nothing is left does so inside)."""
+def demix_up_started(tmp_path: Path, demix: str = DEMIX, cwd: tp.Optional[Path] = None,
+                     env: tp.Optional[tp.Mapping[str, str]] = None,
+                     **settings: str) -> tp.Iterator[tuple[subprocess.Popen, str, list]]:
+    """`demix up` (the program `demix`, in `cwd`, with `env` or ours) started as in
+    `demix_up`, without waiting for it to be ready; yields (process, marker, its output lines
+    so far: a list that grows). Whatever is left of it when the block ends is killed (a test
+    that checks nothing is left does so inside)."""
     marker = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k != "DEMIX_REDIS_URL"}
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "DEMIX_REDIS_URL"}
     env.update({"DEMIX_PORT": str(free_port()), "DEMIX_FLOWER_PORT": "0", "DEMIX_GRPC_PORT": "0",
                 "DEMIX_DATA_DIR": str(tmp_path / "data"), "DEMIX_API_WORKERS": "1",
                 "DEMIX_TEST_MARKER": marker, **settings})
-    process = subprocess.Popen([DEMIX, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([demix, "up"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     output: list = []
     reader = threading.Thread(target=lambda: [output.append(line) for line in process.stdout], daemon=True)
     reader.start()
