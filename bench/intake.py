@@ -52,7 +52,7 @@ def memory_status(field: str) -> int:
 
 def run_child(upload: Path) -> None:
     """In the subprocess: the API's imports, then one intake; print times and RSS as JSON."""
-    importlib.import_module("api")  # the API process's footprint: Flask, Redis client, Celery app
+    importlib.import_module("demix.api")  # the API process's footprint: Flask, Redis client, Celery app
     from demix.config import Settings
     from demix.intake.inspection import inspect_upload
 
