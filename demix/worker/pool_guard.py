@@ -65,8 +65,8 @@ def report_threads_at_fork() -> None:
 
     Threads that C libraries start and that run no Python are left out: the one numpy's
     OpenBLAS keeps stops itself in its own `pthread_atfork` handler before the fork
-    (tests/worker/test_pool_guard.py shows it), and torch, whose thread pools would need the same
-    care, is never loaded in the main process.
+    (tests/worker/test_pool_guard.py shows it), and torch, imported here before the first fork,
+    runs nothing here, so its thread pools start only in the pool processes.
     """
     others = [thread.name for thread in threading.enumerate() if thread is not threading.current_thread()]
     if others:
