@@ -7,6 +7,7 @@ import ctypes
 import os
 import socket
 import sys
+import typing as tp
 from pathlib import Path
 
 
@@ -39,16 +40,42 @@ def process_is_gone(pid: int) -> bool:
         return True
     except PermissionError:  # someone else's process: it exists
         pass
-    return _is_zombie(pid)
+    # No /proc (not Linux), or it exited just now: say alive, the safe side.
+    stat = process_stat(pid)
+    return stat is not None and not stat.running
 
 
-def _is_zombie(pid: int) -> bool:
+class ProcessStat(tp.NamedTuple):
+    """What /proc/<pid>/stat says of a process that concerns us."""
+    state: str
+    ppid: int
+    group: int
+
+    @property
+    def running(self) -> bool:
+        """Not a zombie (it has exited, its parent has not reaped it yet) nor dead."""
+        return self.state not in ("Z", "X")
+
+
+def process_stat(pid: int) -> tp.Optional[ProcessStat]:
+    """Process `pid`'s state, parent and process group; None when it is gone or there is no /proc."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc (not Linux), or it exited just now: say alive, the safe side
-        return False
+    except OSError:
+        return None
     fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
-    return bool(fields) and fields[0] in ("Z", "X")
+    try:
+        return ProcessStat(fields[0], int(fields[1]), int(fields[2]))
+    except (IndexError, ValueError):
+        return None
+
+
+def process_ids() -> list[int]:
+    """Every process of this machine (an empty list without /proc)."""
+    try:
+        return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return []
 
 
 def is_gone_here(host: str, pid: str) -> bool:

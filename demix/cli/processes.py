@@ -10,6 +10,8 @@ import time
 import typing as tp
 from pathlib import Path
 
+from demix.host_processes import process_ids, process_stat
+
 _TIE_TO_PARENT = Path(__file__).with_name("tie_to_parent.py")
 
 
@@ -79,18 +81,8 @@ def _running_group_members(group: int) -> list[int]:
         return []
     if not os.path.isdir("/proc/self"):  # no /proc to tell zombies apart: the group is there
         return [group]
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()
-        except OSError:  # ended meanwhile
-            continue
-        if int(fields[2]) == group and fields[0] not in ("Z", "X"):
-            members.append(int(entry))
-    return members
+    return [pid for pid in process_ids()
+            if (stat := process_stat(pid)) is not None and stat.group == group and stat.running]
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import typing as tp
-from pathlib import Path
 
 import pytest
 
@@ -24,6 +23,7 @@ from demix.cli.processes import popen_child
 from demix.cli.redis_server import RedisServer, free_port
 from demix.cli.supervisor import Part, RestartPolicy, Service, ServiceFailed, Supervisor, describe_exit
 from demix.config import Settings
+from demix.host_processes import process_is_gone
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.processes
@@ -179,15 +179,7 @@ def test_an_essential_part_that_never_answers_is_restarted_then_given_up_saying_
     assert log.count("restarting it in") == 2
     said = re.findall(r"silent \(pid (\d+)\) did not answer", log)
     assert len(set(said)) == 3  # three processes, each stopped
-    assert all(_gone(int(pid)) for pid in said)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    assert all(process_is_gone(int(pid)) for pid in said)
 
 
 def test_an_optional_part_that_never_answers_is_left_out_of_the_ready_message(out):

@@ -13,6 +13,7 @@ from pathlib import Path
 from demix.cli.argv import worker_argv
 from demix.cli.processes import popen_child, stop_process
 from demix.config import Settings
+from demix.host_processes import process_ids, process_stat
 
 
 @contextlib.contextmanager
@@ -47,14 +48,13 @@ def worker_processes(folder: Path, count: int, settings: tp.Mapping[str, str],
 def child_pids(parent: int) -> dict[int, str]:
     """The live (not zombie) children of process `parent`, with their command lines."""
     children = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+    for pid in process_ids():
+        stat = process_stat(pid)
+        if stat is None or stat.ppid != parent or not stat.running:
             continue
         try:
-            state, ppid = (entry / "stat").read_text().rpartition(")")[2].split()[:2]
-            if int(ppid) == parent and state not in ("Z", "X"):
-                children[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):  # it ended meanwhile
+            children[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # it ended meanwhile
             continue
     return children
 

@@ -19,6 +19,7 @@ import redis
 from demix import redis_keys as keys
 from demix.config import Settings
 from demix.jobs.records import Job, JobStatus
+from demix.host_processes import process_is_gone
 from demix.readiness import mark_ready
 from demix.jobs.webhooks import WebhookQueue
 from tests.support.waiting import wait_for
@@ -95,7 +96,7 @@ def test_the_background_process_ends_when_its_worker_is_killed_outright():
         wait_for(lambda: _started(background_pid), "the background process running", timeout=60)
         worker.kill()
         worker.wait(10)
-        wait_for(lambda: _gone(background_pid), "the background process gone", timeout=30)
+        wait_for(lambda: process_is_gone(background_pid), "the background process gone", timeout=30)
     finally:
         worker.kill()
         worker.wait()
@@ -108,11 +109,3 @@ def _started(pid: int) -> bool:
             return b"demix.worker.background" in cmdline.read()
     except OSError:
         return False
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")
-    except OSError:
-        return True
