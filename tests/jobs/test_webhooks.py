@@ -194,8 +194,10 @@ def test_a_hanging_receiver_does_not_delay_the_next_delivery(webhook_redis, webh
             hanging.wait_for(1)
             queue.enqueue(finished_job(healthy.url))
             healthy.wait_for(1, timeout=30)
-            # The first delivery is still waiting for its answer while the second got through.
-            assert webhook_redis.zcard(keys.webhooks_due_key()) == 1
+            # The first delivery is still waiting for its answer while the second got through (the
+            # receiver sees the POST a moment before the sender records it delivered).
+            wait_for(lambda: webhook_redis.zcard(keys.webhooks_due_key()) == 1, "the healthy delivery recorded",
+                     timeout=30)
             [(pending_id, _)] = webhook_redis.zrange(keys.webhooks_due_key(), 0, -1, withscores=True)
             assert webhook_redis.hget(keys.webhook_key(pending_id.decode()), "url").decode() == hanging.url
         finally:
