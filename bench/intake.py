@@ -3,8 +3,8 @@
 Writes a music-like 44.1 kHz stereo track (60 minutes by default), encodes it with the
 real encoders (lame -V2, ffmpeg's AAC-LC at 192 kbit/s in M4A, flac), and runs intake
 (`demix.intake.inspection.inspect_upload`, which decodes the whole upload into the job's WAV) on
-each in a fresh subprocess that first imports the API (`demix.api.create_app`), as gunicorn's
-worker has. It prints the seconds and the peak RSS of each, the WAV intake of the same
+each in a fresh subprocess that first imports the API (`demix.api.create_app`), as the API's
+process has. It prints the seconds and the peak RSS of each, the WAV intake of the same
 track for reference, and as ratios: intake time / separation time, and peak RSS / the
 process's RSS before the probe.
 

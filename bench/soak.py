@@ -61,7 +61,6 @@ FINISH_TIMEOUT_S = 3600.0
 SERVICE_SETTINGS = {
     "DEMIX_WORKER_CONCURRENCY": "2",
     "DEMIX_TORCH_THREADS": "1",
-    "DEMIX_API_WORKERS": "2",
     # A killed run's job is requeued within seconds (a lease plus two sweeps), and a lost
     # message found within half a minute, so the storm ends in minutes.
     "DEMIX_LEASE_S": "6",

@@ -67,7 +67,20 @@ class Settings:
         0, "Model segments per forward pass (0: chosen per device, 1 on CPU, more on CUDA).")
     torch_threads: int = _setting(0, "Torch intra-op threads per worker process (0: all cores / concurrency).")
     worker_concurrency: int = _setting(1, "Jobs one worker runs at once (each process loads the model once).")
-    api_workers: int = _setting(2, "Gunicorn worker processes serving the API.")
+    api_threads: int = _setting(
+        16, "Threads running API requests (`demix api`); each gets a request only once it has been "
+            "received whole, so slow clients hold none.")
+    api_max_connections: int = _setting(
+        1000, "Open connections the API keeps at most; a new one over it is answered 503 with "
+              "Retry-After and closed.")
+    api_header_timeout_s: float = _setting(
+        20.0, "Longest a client may take to send a request's headers, in seconds (then 408 and close).")
+    api_idle_timeout_s: float = _setting(
+        60.0, "Longest a connection may go without a byte either way, in seconds: an idle keep-alive "
+              "connection, a stalled upload (408) or a response the client stops reading is closed.")
+    api_min_upload_kbps: float = _setting(
+        16.0, "Slowest average upload rate, in KiB/s, once the body has had DEMIX_API_IDLE_TIMEOUT_S: "
+              "each KiB received extends its deadline by 1/this seconds (slower uploads get 408).")
     flower_port: int = _setting(
         5555, "Port `demix up` serves Flower (Celery monitoring) on, at DEMIX_HOST; 0: no Flower.")
     queue: str = _setting(

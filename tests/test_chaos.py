@@ -155,7 +155,7 @@ def service(tmp_path: Path, redis_server: RedisServer, workers: int) -> tp.Itera
     port = free_port()
     env = {**os.environ, "DEMIX_REDIS_URL": redis_server.url, "DEMIX_PORT": str(port),
            "DEMIX_DATA_DIR": str(tmp_path / "data"), "DEMIX_QUEUE": "chaos", "DEMIX_LEASE_S": LEASE_S,
-           "DEMIX_API_WORKERS": "1", "DEMIX_TORCH_THREADS": "1"}
+           "DEMIX_TORCH_THREADS": "1"}
     logs = tmp_path / "logs"
     logs.mkdir()
     processes: list[subprocess.Popen] = []
@@ -274,7 +274,7 @@ def test_the_api_and_flower_are_restarted_by_demix_up_after_kill_9(tiny_model_re
     # Stopped with SIGTERM (as docker and systemd do): everything still goes, restarted parts too.
     with demix_up(tmp_path, stop_signal=signal.SIGTERM) as (url, output, marker):
         flower_url = output[-1].split("Flower: ")[1].split(";")[0]
-        api = part_of_up(marker, "gunicorn")
+        api = part_of_up(marker, "demix.api.front")
         flower = part_of_up(marker, "celery", "flower")
         kill_group(api)
         os.kill(flower, signal.SIGKILL)
@@ -283,14 +283,14 @@ def test_the_api_and_flower_are_restarted_by_demix_up_after_kill_9(tiny_model_re
         api_back = time.monotonic() - killed
         poll(lambda: requests.get(f"{flower_url}/healthcheck", timeout=5).text == "OK", "Flower to answer")
         flower_back = time.monotonic() - killed
-        assert part_of_up(marker, "gunicorn") != api
+        assert part_of_up(marker, "demix.api.front") != api
         assert part_of_up(marker, "celery", "flower") != flower
         job_id = submit(url, write_wav(tmp_path / "short.wav", 44100, 1, seconds=1.0))
         assert wait_finished(url, job_id)["status"] == "succeeded"
     log = "".join(output)
     assert f"API (pid {api}) died: killed by SIGKILL" in log, log
     assert f"Flower (pid {flower}) died: killed by SIGKILL" in log, log
-    report("API (gunicorn master) and Flower kill -9 under demix up", api_answering_after=api_back,
+    report("API (its front, demix.api.front) and Flower kill -9 under demix up", api_answering_after=api_back,
            flower_answering_after=flower_back)
 
 

@@ -80,14 +80,14 @@ def test_the_image_installs_the_project_and_its_entry_points():
     assert '"demix.grpc_api" = ["*.proto"]' in pyproject  # the proto ships with the package
 
 
-def test_the_worker_sends_task_events_and_the_api_runs_under_gunicorn():
+def test_the_worker_sends_task_events_and_the_api_runs_behind_its_front():
     settings = Settings.from_env({})
     worker = worker_argv(settings)
     assert worker[1:4] == ["-m", "celery", "--app"] and "--task-events" in worker
     assert worker[worker.index("--queues") + 1] == settings.queue
     api = api_argv(settings)
-    assert api[1:3] == ["-m", "gunicorn"] and api[-1] == "demix.api:create_app()"
-    assert api[api.index("--bind") + 1] == "127.0.0.1:8000"
+    assert api[1:] == ["-m", "demix.api.front"]  # it reads DEMIX_HOST and DEMIX_PORT itself
+    assert api_argv(settings, threads=4)[1:] == ["-m", "demix.api.front", "--threads", "4"]
 
 
 # -- the `monitoring` profile: Prometheus scraping the API, Grafana with the dashboard ------------

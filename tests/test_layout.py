@@ -63,7 +63,8 @@ TESTED_IN = {
     # module (dotted) -> the test file (under tests/) that loads it. Reached through the app
     # (`demix.api.create_app` registers them) by the HTTP tests:
     "demix.api": "api/test_api_contract.py",
-    "demix.api.downloads": "test_cluster.py",  # stems streamed and presigned from a bucket
+    "demix.api.downloads": "test_cluster.py",
+    "demix.api.early_answers": "api/test_front.py",  # asked by the front while a body is still coming  # stems streamed and presigned from a bucket
     "demix.api.error_responses": "api/test_api_errors.py",
     "demix.api.health": "worker/test_model_routing.py",
     "demix.api.job_views": "api/test_api_contract.py",  # and the api/test_api_jobs*.py tests, over HTTP

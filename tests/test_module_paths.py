@@ -60,8 +60,8 @@ def test_the_process_commands_name_importable_modules():
     settings = Settings.from_env({})
     references = [ref for argv in (api_argv(settings), worker_argv(settings), flower_argv(settings))
                   for ref in module_references(argv)]
-    assert set(references) == {"demix.api:create_app()", "demix.celery_app"}
-    assert callable(resolve("demix.api:create_app()"))
+    assert set(references) == {"demix.api.front", "demix.celery_app"}
+    assert callable(resolve("demix.api.front").main)
     assert hasattr(resolve("demix.celery_app"), "celery_app")
 
 

@@ -19,6 +19,11 @@ _CHALLENGES = {
 """`WWW-Authenticate` (RFC 6750) by why a request's key was refused."""
 
 
+def challenge_headers(why: str) -> dict[str, str]:
+    """The headers of a 401, by why the key was refused ("missing" or "invalid")."""
+    return {"WWW-Authenticate": _CHALLENGES[why]}
+
+
 def request_owner() -> str:
     """The owner id of the current request's key (`OPEN_OWNER` without API keys).
 
@@ -43,4 +48,4 @@ def authenticate() -> None:
         return
     g.demix_owner = api_keys.authenticate(
         request.headers.get("Authorization", ""), "the header 'Authorization: Bearer <key>'",
-        headers=lambda why: {"WWW-Authenticate": _CHALLENGES[why]})
+        headers=challenge_headers)

@@ -68,20 +68,39 @@ def _job_response(job: Job, status: int):
     return response
 
 
+def answer_before_upload() -> tp.Optional[Response]:
+    """What a job submission gets from its headers alone, before its body is read: the
+    job of an earlier submit with the same `Idempotency-Key` (200); None when the body decides.
+    The HTTP front (`demix.api.front`) asks this as soon as a large body's headers are in,
+    so a repeat, an owner at its limit or a full disk costs no upload.
+
+    Raises:
+        BadRequest: a malformed `Idempotency-Key`.
+        TooManyActiveJobs: the owner is at `DEMIX_MAX_ACTIVE_JOBS_PER_KEY`.
+        InsufficientStorage: the disk lacks room for the announced body.
+    """
+    services = _services()
+    key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
+    idempotent = IdempotentSubmit(idempotency_owner(), key) if key is not None else None
+    # A repeat is answered even at the limit: it adds no job.
+    if idempotent is not None and (existing := find_existing_job(idempotent, services)) is not None:
+        return _job_response(existing, 200)
+    services.limits.check(request_owner())
+    ensure_room_for_upload(services, request.content_length or 0)
+    return None
+
+
 @bp.post("")
 def create_job():
     """Accept an upload (`file`) or an http(s) `url` to fetch it from, the `model` and `stems`
     choice, output options and an optional `callback_url`; answer 202 with the queued job,
     or 200 with the job an earlier submit with the same `Idempotency-Key` created."""
     services = _services()
+    early = answer_before_upload()
+    if early is not None:
+        return early
     key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
     idempotent = IdempotentSubmit(idempotency_owner(), key) if key is not None else None
-    # These checks come before the body is read: a repeat, an owner at its limit or a full
-    # disk costs no upload. A repeat is answered even at the limit: it adds no job.
-    if idempotent is not None and (existing := find_existing_job(idempotent, services)) is not None:
-        return _job_response(existing, 200)
-    services.limits.check(request_owner())
-    ensure_room_for_upload(services, request.content_length or 0)
     upload, url = request.files.get(FILE_FIELD), request.form.get(URL_FIELD, "").strip()
     if upload is not None and url:
         raise BadRequest("send either the file field 'file' or the field 'url', not both",

@@ -9,20 +9,10 @@ import typing as tp
 from demix.config import Settings
 
 
-def api_argv(settings: Settings, workers: tp.Optional[int] = None) -> list[str]:
-    """The command serving `demix.api:create_app()` under gunicorn."""
-    return [sys.executable, "-m", "gunicorn",
-            "--bind", f"{settings.host}:{settings.port}",
-            "--workers", str(workers or settings.api_workers),
-            # Threads let slow uploads and long /result streams share a worker process.
-            "--worker-class", "gthread", "--threads", "8",
-            # Uploads of hour-long WAVs over slow links take a while.
-            "--timeout", "600", "--graceful-timeout", "10",
-            # gunicorn's control socket is one path per user (~/.gunicorn): two services on
-            # one machine would fight over it, and nothing here uses it.
-            "--no-control-socket",
-            "--access-logfile", "-",
-            "demix.api:create_app()"]
+def api_argv(settings: Settings, threads: tp.Optional[int] = None) -> list[str]:
+    """The command serving `demix.api.create_app()` behind the HTTP front (`demix.api.front`)."""
+    argv = [sys.executable, "-m", "demix.api.front"]
+    return argv + ["--threads", str(threads)] if threads else argv
 
 
 def check_worker_models(settings: Settings) -> None:

@@ -18,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("up", help="run Redis (unless DEMIX_REDIS_URL is set), a worker, the API and Flower, "
                                    "restarting any that dies")
-    api = commands.add_parser("api", help="serve the HTTP API under gunicorn")
-    api.add_argument("--workers", type=int, help="gunicorn worker processes (DEMIX_API_WORKERS)")
+    api = commands.add_parser("api", help="serve the HTTP API (behind its front: demix.api.front)")
+    api.add_argument("--threads", type=int, help="threads running requests (DEMIX_API_THREADS)")
     worker = commands.add_parser("worker", help="run a Celery worker that separates jobs")
     worker.add_argument("--models", help="comma-separated models to serve, each loaded and warmed once; "
                                          "the worker consumes only their queues (DEMIX_WORKER_MODELS; "
@@ -58,7 +58,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         from demix.cli.supervisor import run_up
         return run_up(settings)
     if args.command == "api":
-        _replace_process(api_argv(settings, args.workers))
+        _replace_process(api_argv(settings, args.threads))
     if args.command == "worker":
         if args.models is not None:
             try:

@@ -47,13 +47,15 @@ def test_the_refusal_comes_before_the_body_is_read(idle_server, snapshot, monkey
     host, port = idle_server.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        # Headers promising 20 MiB, and not one byte of body: the answer must not wait for it.
+        # Headers promising 1 MiB (within the upload limit), and not one byte of body: the
+        # answer must not wait for it, and says the connection ends (its body is unread).
         connection.putrequest("POST", "/v1/jobs")
         connection.putheader("Content-Type", "multipart/form-data; boundary=x")
-        connection.putheader("Content-Length", str(20 * MIB))
+        connection.putheader("Content-Length", str(MIB))
         connection.endheaders()
         response = connection.getresponse()
         assert response.status == 507
+        assert response.getheader("Connection") == "close"
         assert b"insufficient_storage" in response.read()
     finally:
         connection.close()
@@ -62,10 +64,10 @@ def test_the_refusal_comes_before_the_body_is_read(idle_server, snapshot, monkey
 
 def test_an_upload_that_would_bring_free_space_under_the_minimum_is_refused_at_once(
         idle_server, snapshot, monkeypatch, tmp_path):
-    free_space_probe(monkeypatch, 1024 + 1)  # 1 MiB over the minimum: a 2 MiB body does not fit
-    body = wav_bytes(tmp_path, seconds=12.0, samplerate=44100, channels=2)[: 2 * MIB]
+    free_space_probe(monkeypatch, 1024)  # exactly the minimum: a body within the 1 MiB limit does not fit
+    body = wav_bytes(tmp_path, seconds=12.0, samplerate=44100, channels=2)[: MIB - 1024]
     response = post(idle_server, files={"file": ("song.wav", body, "audio/wav")})
-    assert_error(response, 507, "insufficient_storage", "1025 MiB free", "plus the upload's")
+    assert_error(response, 507, "insufficient_storage", "1024 MiB free", "plus the upload's")
     assert snapshot()
 
 

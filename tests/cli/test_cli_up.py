@@ -1,5 +1,5 @@
-"""`demix up` as a user runs it: one command, a private Redis, a worker, the API under
-gunicorn; jobs go through; Ctrl-C leaves no process behind."""
+"""`demix up` as a user runs it: one command, a private Redis, a worker, the API behind
+its front; jobs go through; Ctrl-C leaves no process behind."""
 from __future__ import annotations
 
 import io
@@ -54,7 +54,7 @@ def test_demix_up_serves_a_job_and_ctrl_c_stops_everything(tiny_model_repo, tmp_
             answer = demixing_pb2_grpc.demixingStub(channel).demixing(
                 demixing_pb2.Query(audio_file=path.read_bytes(), sounds="drums"), timeout=120)
         assert sorted(json.loads(answer.demixed_audio)) == ["drums", "no_drums"]
-        assert len(processes_with_marker(marker)) >= 6  # up, redis, worker (+pool), Flower, gRPC, gunicorn (+worker)
+        assert len(processes_with_marker(marker)) >= 6  # up, redis, worker (+pool, background), Flower, gRPC, the API
         flower_url = re.search(r"Flower: (http://\S+?);", output[-1]).group(1)
         assert requests.get(f"{flower_url}/healthcheck", timeout=10).text == "OK"
         assert "Flower" in requests.get(flower_url, timeout=10).text
@@ -152,7 +152,7 @@ def test_nothing_outlives_demix_up_even_a_pool_process_that_hangs(tiny_model_rep
     with demix_up_started(tmp_path, **settings) as (process, marker, output):
         wait_for(lambda: next(hazard_dir.glob("hanging-*"), None), "the pool process hanging", timeout=180)
         started = processes_with_marker(marker)
-        assert len(started) >= 5, started  # up, Redis, worker, its pool and background processes, gunicorn
+        assert len(started) >= 5, started  # up, Redis, worker, its pool and background processes, the API
         process.send_signal(stop_signal)
         if stop_signal == signal.SIGTERM:
             assert process.wait(120) == 0, "".join(output)

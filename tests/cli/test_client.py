@@ -122,7 +122,7 @@ def test_connection_errors_are_retried_until_the_service_answers(idle_server, tm
     from werkzeug.serving import make_server
 
     port = free_port()
-    server = make_server("127.0.0.1", port, idle_server.server.app, threaded=True)
+    server = make_server("127.0.0.1", port, idle_server.app, threaded=True)
     starter = threading.Timer(1.0, server.serve_forever)  # not listening yet when the client starts
     starter.start()
     try:
@@ -150,7 +150,7 @@ def test_503_is_retried_until_redis_is_back(settings, tmp_path):
                                         queue=UNCONSUMED_QUEUE, data_dir=tmp_path / "data")
     statuses: list[int] = []
     with LiveServer(create_app({"SETTINGS": down_at_first})) as server:
-        server.server.app.after_request(lambda response: statuses.append(response.status_code) or response)
+        server.app.after_request(lambda response: statuses.append(response.status_code) or response)
         outcome: dict = {}
 
         def submit() -> None:
@@ -174,7 +174,7 @@ def test_separate_sends_the_api_key_from_the_option_or_the_environment(live_serv
     def record() -> None:
         seen.append(flask.request.headers.get("Authorization", ""))
 
-    hooks = live_server.server.app.before_request_funcs.setdefault(None, [])
+    hooks = live_server.app.before_request_funcs.setdefault(None, [])
     hooks.append(record)
     song = str(write_wav(tmp_path / "a.wav", 8000, 1, seconds=0.2))
     try:

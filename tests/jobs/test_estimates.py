@@ -123,7 +123,7 @@ def test_a_job_taken_between_reading_it_and_its_rank_is_shown_as_it_is_now(idle_
     response = requests.post(f"{idle_server.url}/v1/jobs", files={"file": ("a.wav", wav_bytes(tmp_path))},
                              timeout=30)
     assert response.status_code == 202, response.text
-    app = idle_server.server.app
+    app = idle_server.app
     jobs = app.extensions["demix"].jobs
     job_id = response.json()["id"]
     stale = jobs.get(job_id)  # read while queued ...

@@ -84,7 +84,7 @@ def demix_up(tmp_path: Path, ready_timeout: float = 400, stop_signal: int = sign
     env = {k: v for k, v in os.environ.items() if k != "DEMIX_REDIS_URL"}
     env.update({"DEMIX_PORT": str(port), "DEMIX_FLOWER_PORT": str(free_port()),
                 "DEMIX_GRPC_PORT": str(free_port()), "DEMIX_DATA_DIR": str(tmp_path / "data"),
-                "DEMIX_API_WORKERS": "1", "DEMIX_TEST_MARKER": marker_value,
+                "DEMIX_TEST_MARKER": marker_value,
                 # A process that hangs is sent SIGABRT below and prints its Python stacks.
                 "PYTHONFAULTHANDLER": "1", **settings})
     process = subprocess.Popen([DEMIX, "up"], env=env, stdout=subprocess.PIPE,
@@ -130,7 +130,7 @@ def demix_up_started(tmp_path: Path, demix: str = DEMIX, cwd: tp.Optional[Path] 
     marker = uuid.uuid4().hex
     env = {k: v for k, v in (os.environ if env is None else env).items() if k != "DEMIX_REDIS_URL"}
     env.update({"DEMIX_PORT": str(free_port()), "DEMIX_FLOWER_PORT": "0", "DEMIX_GRPC_PORT": "0",
-                "DEMIX_DATA_DIR": str(tmp_path / "data"), "DEMIX_API_WORKERS": "1",
+                "DEMIX_DATA_DIR": str(tmp_path / "data"),
                 "DEMIX_TEST_MARKER": marker, **settings})
     process = subprocess.Popen([demix, "up"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)

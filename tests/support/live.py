@@ -1,6 +1,7 @@
 """The app over real HTTP in a thread, and waiting for a job through it."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import typing as tp
 
@@ -8,24 +9,29 @@ from tests.support.waiting import wait_for
 
 
 class LiveServer:
-    """The app served over real HTTP by werkzeug in a background thread."""
+    """The app served over real HTTP by the service's own front (`demix.api.front`, as
+    `demix api` serves it) in a background thread."""
 
     def __init__(self, app):
-        from werkzeug.serving import make_server
+        from demix.api.front import make_server
 
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        settings = app.config["SETTINGS"]
+        self.app = app
+        self.server = make_server(app, dataclasses.replace(settings, host="127.0.0.1", port=0))
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, name="demix-front", daemon=True)
 
     def __enter__(self) -> "LiveServer":
         self.thread.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.server.shutdown()
+        from demix.api.front import close_server
+
+        self.server.stop()
         self.thread.join(10)
-        self.server.server_close()
-        self.server.app.extensions["demix"].jobs.redis.close()
+        close_server(self.server)
+        self.app.extensions["demix"].jobs.redis.close()
         # Not the Celery app's connection pool: kombu shares it between every app with the
         # same broker URL (the worker's included); the celery_worker fixture closes it.
 
