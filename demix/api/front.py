@@ -324,9 +324,9 @@ class GuardedServer(TcpWSGIServer):
 
     channel_class = GuardedChannel
 
-    def __init__(self, app: tp.Any, settings: Settings, adj: Adjustments, spool_dir: Path,
-                 sock: tp.Optional[socket.socket] = None) -> None:
-        self.flask_app = app  # `application` may be wrapped (waitress's proxy-header middleware)
+    def __init__(self, application: tp.Any, flask_app: tp.Any, settings: Settings, adj: Adjustments,
+                 spool_dir: Path, sock: tp.Optional[socket.socket] = None) -> None:
+        self.flask_app = flask_app  # for the early answers: `application` is wrapped
         self.settings = settings
         self.spool_dir = str(spool_dir)
         self.shed_connections = 0
@@ -337,7 +337,7 @@ class GuardedServer(TcpWSGIServer):
                                                                   thread_name_prefix="early-answer")
         dispatcher = ThreadedTaskDispatcher()
         dispatcher.set_thread_count(adj.threads)
-        super().__init__(app, map={}, _sock=sock, dispatcher=dispatcher, adj=adj,
+        super().__init__(application, map={}, _sock=sock, dispatcher=dispatcher, adj=adj,
                          sockinfo=adj.listen[0], bind_socket=sock is None)
 
     def stop(self) -> None:
@@ -405,8 +405,42 @@ class GuardedServer(TcpWSGIServer):
                 channel.refuse(answer)
 
 
-def make_server(app: tp.Any, settings: Settings, sock: tp.Optional[socket.socket] = None) -> GuardedServer:
-    """The front serving the API `app` on DEMIX_HOST:DEMIX_PORT (or on the listening `sock`)."""
+class AccessLog:
+    """One log line per answered request (method, path, status, bytes, seconds), as the
+    API's former server wrote: a WSGI middleware, since waitress keeps no access log."""
+
+    def __init__(self, app: tp.Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict, start_response: tp.Callable) -> tp.Iterator[bytes]:
+        started = time.perf_counter()
+        status = ["-"]
+        sent = 0
+
+        def recording_start_response(status_line: str, headers: list, exc_info: tp.Any = None) -> tp.Any:
+            status[0] = status_line.split(" ", 1)[0]
+            return start_response(status_line, headers, exc_info)
+
+        body = self.app(environ, recording_start_response)
+        try:
+            for chunk in body:
+                sent += len(chunk)
+                yield chunk
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+            access_log.info('%s "%s %s" %s %d %.3fs', environ.get("REMOTE_ADDR", "-"), environ["REQUEST_METHOD"],
+                            environ.get("PATH_INFO", ""), status[0], sent, time.perf_counter() - started)
+
+
+access_log = logging.getLogger("demix.api.access")
+
+
+def make_server(app: tp.Any, settings: Settings, sock: tp.Optional[socket.socket] = None,
+                log_requests: bool = False) -> GuardedServer:
+    """The front serving the API `app` on DEMIX_HOST:DEMIX_PORT (or on the listening `sock`),
+    with an access log line per request when `log_requests`."""
     services = app.extensions["demix"]
     services.storage.incoming_dir.mkdir(parents=True, exist_ok=True)
     _raise_open_file_limit(settings.api_max_connections + OTHER_FILES)
@@ -424,7 +458,8 @@ def make_server(app: tp.Any, settings: Settings, sock: tp.Optional[socket.socket
         ident="demix",
         expose_tracebacks=False,
     )
-    return GuardedServer(app, settings, adj, services.storage.incoming_dir, sock)
+    return GuardedServer(AccessLog(app) if log_requests else app, app, settings, adj,
+                         services.storage.incoming_dir, sock)
 
 
 def _raise_open_file_limit(wanted: int) -> None:
@@ -447,7 +482,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     # waitress warns of a "task queue depth" whenever all threads are busy: a normal moment.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     settings = Settings.from_env(**({"api_threads": args.threads} if args.threads else {}))
-    server = make_server(create_app({"SETTINGS": settings}), settings)
+    server = make_server(create_app({"SETTINGS": settings}), settings, log_requests=True)
 
     def stop(_signum: int, _frame: tp.Any) -> None:
         raise SystemExit(0)
