@@ -3,10 +3,14 @@ that trickle, hang, fail and redirect, records left malformed, and (the chaos te
 killed mid-delivery: every job's webhook still reaches its healthy receiver exactly once."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import signal
 import time
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from demix.errors import BadRequest
 from demix.intake.job_request import parse_job_request
 from demix.jobs.records import Job, JobStatus, new_job_id
 from demix.jobs.webhooks import WebhookQueue, WebhookSender, validate_callback_url, verify_signature
+from demix.worker.background import BackgroundProcess
 from testkit.synthetic_audio import wav_bytes
 from tests.support.webhook_receiver import HANG, Redirect, Slow, Trickle, WebhookReceiver
 from tests.support.waiting import wait_for
@@ -512,3 +517,104 @@ def test_health_counts_live_senders_and_overdue_deliveries(webhook_redis, webhoo
     assert not health(webhook_redis).stalled
     sender.stop()  # a sender that stops says so at once
     assert health(webhook_redis).senders == 0 and fresh.id != late.id
+
+
+# -- chaos: every receiver's misbehaviour at once, and senders killed mid-delivery ---------------
+
+CHAOS_ATTEMPTS = 8
+CHAOS_SETTINGS = {"DEMIX_WEBHOOK_TIMEOUT_S": "2", "DEMIX_WEBHOOK_BACKOFF_S": "0.5",
+                  "DEMIX_WEBHOOK_ATTEMPTS": str(CHAOS_ATTEMPTS)}
+"""What the background processes of the chaos test run with: short timeouts and backoffs."""
+
+JOBS_PER_RECEIVER = 2
+
+
+@pytest.fixture
+def chaos_db(redis_server, monkeypatch) -> tp.Iterator[redis.Redis]:
+    """Database 3 of the test Redis, which the background processes started here use (they read
+    DEMIX_REDIS_URL and the webhook settings from the environment)."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    monkeypatch.setenv("DEMIX_REDIS_URL", url)
+    for name, value in CHAOS_SETTINGS.items():
+        monkeypatch.setenv(name, value)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(600)
+def test_chaos_every_jobs_webhook_reaches_its_healthy_receiver_exactly_once(chaos_db, settings, caplog):
+    """Two workers' background processes send the webhooks of jobs whose receivers hang,
+    trickle, fail then succeed, redirect then succeed, answer slowly or at once. Both are
+    killed (SIGKILL) while every attempt they have in flight hangs, and restarted as their
+    workers restart them; more jobs finish while no sender runs. Every job's webhook is
+    answered 2xx exactly once, no receiver sees more than DEMIX_WEBHOOK_ATTEMPTS requests per
+    delivery, redirects are not followed, and nothing is left in Redis. (Prints its times.)"""
+    caplog.set_level(logging.INFO, logger="demix.worker.background")
+    queue = WebhookQueue(chaos_db, dataclasses.replace(settings, webhook_timeout_s=2.0, webhook_backoff_s=0.5,
+                                                       webhook_attempts=CHAOS_ATTEMPTS))
+    started = time.monotonic()
+    backgrounds = [BackgroundProcess(), BackgroundProcess()]
+    with contextlib.ExitStack() as stack:
+        elsewhere = stack.enter_context(WebhookReceiver([200]))
+        scripts = {
+            "hanging": [HANG, 200],  # the senders are killed while they wait on it
+            "trickling": [Trickle(500, seconds=6.0), 200],  # cut at the deadline
+            "failing": [500, 503, 200],
+            "redirecting": [Redirect(elsewhere.url), Redirect(elsewhere.url, 307), 200],
+            "stalling": [HANG, Slow(200, 0.3)],  # cut at the deadline
+            "slow": [Slow(200, 0.5)],
+            "healthy": [200],
+        }
+        receivers = {name: stack.enter_context(WebhookReceiver(script, per_delivery=True))
+                     for name, script in scripts.items()}
+        expected: dict[str, str] = {}  # delivery id -> receiver name
+
+        def enqueue(name: str) -> None:
+            for _ in range(JOBS_PER_RECEIVER):
+                expected[queue.enqueue(finished_job(receivers[name].url)).id] = name
+
+        def all_delivered() -> bool:
+            return all(receivers[name].successes()[delivery_id] >= 1 for delivery_id, name in expected.items())
+
+        for background in backgrounds:
+            background.start()
+        try:
+            # Only hanging attempts in flight, so the kill cannot cut one that was answered 2xx.
+            enqueue("hanging")
+            receivers["hanging"].wait_for(JOBS_PER_RECEIVER, timeout=120)
+            for background in backgrounds:
+                os.kill(background.process.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            for background in backgrounds:
+                background.process.wait(10)
+            for name in scripts:
+                if name != "hanging":
+                    enqueue(name)
+            for background in backgrounds:
+                background.check()
+            wait_for(lambda: webhooks.webhook_health(chaos_db).senders >= 2, "the restarted senders beating",
+                     timeout=120)
+            wait_for(all_delivered, "every webhook delivered", timeout=300)
+            delivered_at = time.monotonic()
+            wait_for(lambda: chaos_db.zcard(keys.webhooks_due_key()) == 0
+                     and not chaos_db.keys(keys.webhook_key("*")), "nothing left in Redis", timeout=60)
+        finally:
+            for background in backgrounds:
+                background.stop()
+    print(f"\nCHAOS webhooks: {len(expected)} deliveries, all delivered {delivered_at - started:.1f}s after "
+          f"the start, {delivered_at - killed_at:.1f}s after the kill; "
+          f"{sum(len(r.requests) for r in receivers.values())} requests in all", flush=True)
+    for name, receiver in receivers.items():
+        mine = {delivery_id for delivery_id, owner in expected.items() if owner == name}
+        assert receiver.successes() == {delivery_id: 1 for delivery_id in mine}, name
+        per_delivery = receiver.requests_per_delivery()
+        assert set(per_delivery) == mine and max(per_delivery.values()) <= CHAOS_ATTEMPTS, (name, per_delivery)
+    assert elsewhere.requests == []  # a 3xx is a failed attempt, not followed
+    # Each hanging attempt was cut by the kill, and counted: the next attempt is the second.
+    assert sorted(r.headers["X-Demix-Attempt"] for r in receivers["hanging"].requests) == ["1", "1", "2", "2"]
+    assert sorted(receivers["trickling"].hung_up) == sorted(d for d, n in expected.items() if n == "trickling")
+    assert caplog.text.count("exited with -9; starting it again") == len(backgrounds)
