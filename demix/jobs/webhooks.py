@@ -32,7 +32,7 @@ A record that does not parse is logged and dropped; the sender's loop survives a
 logs it and pauses a moment); the background process starts the sender's thread again if it
 dies all the same; and a running sender beats a heartbeat in Redis, which `/metrics`
 (`demix_webhook_senders`, `demix_webhooks_overdue`) and `demix up` read to tell when deliveries
-wait and no sender is alive.
+wait and no sender is alive (`demix.jobs.webhook_health`).
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ from demix.errors import AddressNotAllowed, BadRequest
 from demix.host_processes import this_host
 from demix.jobs.job_json import job_json
 from demix.jobs.records import Job
+from demix.jobs.webhook_health import HEARTBEAT_S, beat, forget_sender
 from demix.outbound import MAX_URL_LENGTH, check_url_syntax, connection_refusal, outbound_session
 
 log = logging.getLogger(__name__)
@@ -88,13 +89,6 @@ ERROR_PAUSE_S = 1.0
 """How long a sender waits after an error (Redis unreachable, a bug) before it goes on."""
 DEADLINE_CHECK_S = 0.1
 """Once an attempt's deadline has passed, how often it shuts down a connection made since."""
-HEARTBEAT_S = 5.0
-"""How often a running sender records in Redis that it runs."""
-SENDER_LIVE_S = 30.0
-"""A sender whose last heartbeat is older than this is not counted alive."""
-OVERDUE_S = 60.0
-"""A delivery due this long ago and still unclaimed is overdue: no sender is alive, or all are
-busy."""
 
 # Claims the deliveries due now, up to a number. Each due id whose record is gone (expired) is
 # unlisted. A record that is not a hash, or whose `attempts` is not a count, is returned as
@@ -188,10 +182,10 @@ def webhook_body(job: Job, settings: Settings) -> dict:
 
 def backoff_s(failed_attempts: int, first_delay_s: float) -> float:
     """Wait after the `failed_attempts`-th failure: first_delay, 2x, 4x, ... at most an hour."""
-    return min(first_delay_s * 2 ** (failed_attempts - 1), MAX_BACKOFF_S)
+    return min(first_delay_s * 2 ** min(failed_attempts - 1, 64), MAX_BACKOFF_S)  # 2**64: no float overflow
 
 
-def lease_s(settings: Settings) -> float:
+def delivery_lease_s(settings: Settings) -> float:
     """How long a claim holds a delivery: its attempt's deadline and `LEASE_MARGIN_S`."""
     return settings.webhook_timeout_s + LEASE_MARGIN_S
 
@@ -199,7 +193,7 @@ def lease_s(settings: Settings) -> float:
 def delivery_life_s(settings: Settings) -> float:
     """Longest a delivery takes while senders run: every attempt's lease and every backoff."""
     attempts = max(settings.webhook_attempts, 1)
-    return attempts * lease_s(settings) + sum(backoff_s(n, settings.webhook_backoff_s)
+    return attempts * delivery_lease_s(settings) + sum(backoff_s(n, settings.webhook_backoff_s)
                                               for n in range(1, attempts))
 
 
@@ -216,31 +210,6 @@ class Delivery:
     def attempt(self) -> int:
         """This attempt's number (`X-Demix-Attempt`), which is also its claim's lease token."""
         return self.attempts + 1
-
-
-@dataclasses.dataclass(frozen=True)
-class WebhookHealth:
-    """Whether webhooks go out: senders alive, deliveries pending, and the overdue ones."""
-    senders: int
-    pending: int
-    overdue: int
-
-    @property
-    def stalled(self) -> bool:
-        """Deliveries are overdue and no sender is alive to make them."""
-        return self.overdue > 0 and self.senders == 0
-
-
-def webhook_health(client: redis.Redis, now: tp.Optional[float] = None) -> WebhookHealth:
-    """The senders whose heartbeat is fresh (`SENDER_LIVE_S`), the pending deliveries and
-    those due longer than `OVERDUE_S` ago (a claimed one is due only when its lease ends)."""
-    now = time.time() if now is None else now
-    pipe = client.pipeline(transaction=False)
-    pipe.zcount(keys.webhook_senders_key(), now - SENDER_LIVE_S, "+inf")
-    pipe.zcard(keys.webhooks_due_key())
-    pipe.zcount(keys.webhooks_due_key(), "-inf", now - OVERDUE_S)
-    senders, pending, overdue = pipe.execute()
-    return WebhookHealth(senders=senders, pending=pending, overdue=overdue)
 
 
 class WebhookQueue:
@@ -279,7 +248,7 @@ class WebhookQueue:
         and `LEASE_MARGIN_S` have passed. A record that does not parse is logged and dropped."""
         now = time.time()
         claimed = self._claim(keys=[keys.webhooks_due_key()],
-                              args=[now, now + lease_s(self.settings), limit, keys.webhook_key(""),
+                              args=[now, now + delivery_lease_s(self.settings), limit, keys.webhook_key(""),
                                     self.settings.webhook_attempts])
         deliveries = []
         for raw_id, outcome, attempt, fields in claimed:
@@ -462,7 +431,7 @@ def post_delivery(delivery: Delivery, settings: Settings) -> tp.Optional[str]:
 
 class WebhookSender:
     """Drains the queue: claims due deliveries and POSTs them from a thread pool; says it runs
-    with a heartbeat in Redis (`webhook_health`)."""
+    with a heartbeat in Redis (`demix.jobs.webhook_health`)."""
 
     def __init__(self, queue: WebhookQueue, threads: int = SENDER_THREADS,
                  poll_interval_s: float = POLL_INTERVAL_S):
@@ -501,7 +470,7 @@ class WebhookSender:
             self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(redis.RedisError):
-            self.queue.redis.zrem(keys.webhook_senders_key(), self.id)
+            forget_sender(self.queue.redis, self.id)
         self.queue.redis.close()
 
     def run(self) -> None:
@@ -526,11 +495,7 @@ class WebhookSender:
         now = time.time()
         if now < self._next_heartbeat:
             return
-        pipe = self.queue.redis.pipeline(transaction=False)
-        pipe.zadd(keys.webhook_senders_key(), {self.id: now})
-        # Senders that stopped without a word (killed) are forgotten after a while.
-        pipe.zremrangebyscore(keys.webhook_senders_key(), "-inf", now - 100 * SENDER_LIVE_S)
-        pipe.execute()
+        beat(self.queue.redis, self.id, now)
         self._next_heartbeat = now + HEARTBEAT_S
 
     def drain_once(self) -> int:

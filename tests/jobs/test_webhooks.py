@@ -19,7 +19,7 @@ import requests
 
 from demix.cli.redis_server import free_port
 from demix import redis_keys as keys
-from demix.jobs import webhooks
+from demix.jobs import webhook_health, webhooks
 from demix.audio.io import AudioInfo
 from demix.errors import BadRequest
 from demix.intake.job_request import parse_job_request
@@ -500,25 +500,6 @@ def test_a_record_expires_a_day_after_its_last_possible_attempt(webhook_redis, w
     assert webhook_redis.ttl(keys.webhook_key(delivery.id)) > webhooks.RECORD_GRACE_S
 
 
-def test_health_counts_live_senders_and_overdue_deliveries(webhook_redis, webhook_settings):
-    health = webhooks.webhook_health
-    assert health(webhook_redis) == webhooks.WebhookHealth(senders=0, pending=0, overdue=0)
-    queue = WebhookQueue(webhook_redis, webhook_settings)
-    fresh = queue.enqueue(finished_job("http://127.0.0.1:9/a"))
-    late = queue.enqueue(finished_job("http://127.0.0.1:9/b"))
-    webhook_redis.zadd(keys.webhooks_due_key(), {late.id: time.time() - webhooks.OVERDUE_S - 1})
-    # A sender that stopped beating long enough ago is not counted.
-    webhook_redis.zadd(keys.webhook_senders_key(), {"gone:1:x": time.time() - webhooks.SENDER_LIVE_S - 1})
-    assert health(webhook_redis) == webhooks.WebhookHealth(senders=0, pending=2, overdue=1)
-    assert health(webhook_redis).stalled
-    sender = make_sender(webhook_redis, webhook_settings)
-    sender.heartbeat()
-    assert health(webhook_redis) == webhooks.WebhookHealth(senders=1, pending=2, overdue=1)
-    assert not health(webhook_redis).stalled
-    sender.stop()  # a sender that stops says so at once
-    assert health(webhook_redis).senders == 0 and fresh.id != late.id
-
-
 # -- chaos: every receiver's misbehaviour at once, and senders killed mid-delivery ---------------
 
 CHAOS_ATTEMPTS = 8
@@ -596,7 +577,7 @@ def test_chaos_every_jobs_webhook_reaches_its_healthy_receiver_exactly_once(chao
                     enqueue(name)
             for background in backgrounds:
                 background.check()
-            wait_for(lambda: webhooks.webhook_health(chaos_db).senders >= 2, "the restarted senders beating",
+            wait_for(lambda: webhook_health.webhook_health(chaos_db).senders >= 2, "the restarted senders beating",
                      timeout=120)
             wait_for(all_delivered, "every webhook delivered", timeout=300)
             delivered_at = time.monotonic()
