@@ -63,8 +63,15 @@ def webhooks_due_key() -> str:
 
 
 def webhook_key(delivery_id: str) -> str:
-    """Hash holding one pending webhook delivery: its URL, body and attempts so far."""
+    """Hash holding one pending webhook delivery: its job id, URL, body and attempts so far
+    (claims made; the last one's number is its lease token), expiring after its life."""
     return f"{PREFIX}:webhook:{delivery_id}"
+
+
+def webhook_senders_key() -> str:
+    """Sorted set of webhook sender ids (`<host>:<pid>:<random>`) scored by the time of each
+    one's last heartbeat (epoch s): the senders alive are the recent ones."""
+    return f"{PREFIX}:webhooks:senders"
 
 
 def queue_keys(queue: str) -> list[str]:

@@ -59,6 +59,9 @@ WAITING_NOTICE_S = 30.0
 """While the service is not yet ready, how often `demix up` says what it still waits for
 (a worker loading a large model takes a while; silence would look like a hang)."""
 
+WATCH_INTERVAL_S = 60.0
+"""Once the service is up, how often `demix up` runs its watches (`Supervisor.watches`)."""
+
 OUTPUT_TAIL_LINES = 15
 """Lines of a part's output kept to show why it keeps failing."""
 
@@ -180,10 +183,15 @@ class Supervisor:
     """Starts parts, restarts the ones that die, and stops them all in reverse order."""
 
     def __init__(self, parts: tp.Sequence[Part], policy: RestartPolicy = RestartPolicy(),
-                 out: tp.Optional[tp.TextIO] = None):
+                 out: tp.Optional[tp.TextIO] = None,
+                 watches: tp.Sequence[tp.Callable[[], tp.Optional[str]]] = ()):
+        """`watches`: checks of what no process's liveness shows (webhooks that nobody sends),
+        run every `WATCH_INTERVAL_S` while every part answers; each returns a warning or None."""
         self.states = {part.name: _PartState(part) for part in parts}
         self.policy = policy
         self.out = out or sys.stdout
+        self.watches = list(watches)
+        self._next_watch = 0.0
         self._out_lock = threading.Lock()
 
     def write(self, line: str) -> None:
@@ -244,6 +252,13 @@ class Supervisor:
         """Look at every part once: start, check, or restart it as needed."""
         for state in self.states.values():
             self._tick_part(state, time.monotonic())
+        now = time.monotonic()
+        if self.watches and now >= self._next_watch and self.settled():
+            self._next_watch = now + WATCH_INTERVAL_S
+            for watch in self.watches:
+                warning = watch()
+                if warning:
+                    self.say(f"warning: {warning}")
 
     def _tick_part(self, state: _PartState, now: float) -> None:
         part = state.part
@@ -508,6 +523,23 @@ class Service:
         except Exception:  # Redis restarting: not answering
             return False
 
+    def watches(self) -> list[tp.Callable[[], tp.Optional[str]]]:
+        """What `demix up` checks every minute beside its parts' liveness."""
+        return [self.webhooks_stalled]
+
+    def webhooks_stalled(self) -> tp.Optional[str]:
+        """A warning when webhooks are overdue and no webhook sender is alive (every worker's
+        background process is down or stuck), else None."""
+        try:
+            health = _webhook_health(self.redis_url)
+        except Exception:  # Redis restarting: the parts' own checks say so
+            return None
+        if not health.stalled:
+            return None
+        return (f"{health.overdue} webhook(s) overdue ({health.pending} pending) and no webhook sender "
+                "is alive: the worker's background process, which sends them, is not running (see the "
+                "worker's log); they go out once it runs again")
+
     def close(self) -> None:
         if self._pinger is not None:
             self._pinger.close()
@@ -526,6 +558,16 @@ def _worker_warm(redis_url: str, since: float) -> bool:
 
     with redis.Redis.from_url(redis_url, socket_timeout=2) as client:
         return bool(ready_workers(client, since))
+
+
+def _webhook_health(redis_url: str) -> tp.Any:
+    """`demix.jobs.webhook_health.webhook_health` of the service's Redis."""
+    import redis
+
+    from demix.jobs.webhook_health import webhook_health
+
+    with redis.Redis.from_url(redis_url, socket_timeout=2) as client:
+        return webhook_health(client)
 
 
 def _local(url: str) -> str:
@@ -586,7 +628,7 @@ def run_up(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, interrupt)  # a model download is interrupted at once
     try:
         service.prepare(lambda message: print(message, flush=True))
-        supervisor = Supervisor(service.parts())
+        supervisor = Supervisor(service.parts(), watches=service.watches())
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
         supervisor.run(stop_requested, on_ready=announce_ready)

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from demix import redis_keys as keys
+from demix.jobs.webhook_health import OVERDUE_S, SENDER_LIVE_S, webhook_health
 
 JOB_DURATION_BUCKETS = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 10800.0]
 """Upper bounds (seconds) of the run-time histogram of succeeded jobs (start to finish)."""
@@ -98,6 +99,14 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily("demix_jobs_running", "Jobs running now.", value=running)
         yield GaugeMetricFamily("demix_disk_free_bytes", "Free space under DEMIX_DATA_DIR, in bytes.",
                                 value=_free_bytes(self.data_dir))
+
+        webhooks = webhook_health(self.redis)
+        yield GaugeMetricFamily("demix_webhook_senders", "Webhook senders alive (one per worker's background "
+                                f"process; a heartbeat within the last {SENDER_LIVE_S:g}s).", value=webhooks.senders)
+        yield GaugeMetricFamily("demix_webhooks_pending", "Webhook deliveries not yet delivered nor given up.",
+                                value=webhooks.pending)
+        yield GaugeMetricFamily("demix_webhooks_overdue", f"Webhook deliveries due over {OVERDUE_S:g}s ago and "
+                                "not yet attempted: no sender is alive, or all are busy.", value=webhooks.overdue)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -103,6 +103,7 @@ def run_background(worker_pid: int, settings: Settings, stop: threading.Event) -
             if os.getppid() != worker_pid:
                 log.warning("worker %d is gone; its background process stops", worker_pid)
                 break
+            sender.ensure_running()  # its loop survives any error; this is for what it cannot
     finally:
         sender.stop()
         loop.stop()

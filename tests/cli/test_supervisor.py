@@ -255,6 +255,52 @@ def test_stop_ends_the_parts_in_reverse_order_and_none_is_restarted(out, tmp_pat
     assert all(state.process is None for state in supervisor.states.values())
 
 
+def test_watches_run_once_every_part_answers_and_their_warnings_are_said(out):
+    calls = []
+
+    def stalled() -> str:
+        calls.append(time.monotonic())
+        return "3 webhook(s) overdue"
+
+    supervisor = Supervisor([Part("server", spawn=child(SERVE_FOREVER), is_ready=answers)], FAST, out=out,
+                            watches=[stalled, lambda: None])
+    try:
+        supervisor.tick()  # started, not answering yet: no watch
+        assert calls == []
+        tick_until(supervisor, lambda: "warning: 3 webhook(s) overdue" in out.getvalue())
+        for _ in range(5):
+            supervisor.tick()
+    finally:
+        supervisor.stop()
+    assert len(calls) == 1  # once a minute, not on every tick
+    assert out.getvalue().count("warning:") == 1
+
+
+def test_the_service_warns_when_webhooks_are_overdue_and_no_sender_is_alive(redis_server):
+    import redis
+
+    from demix import redis_keys as keys
+    from demix.jobs.webhook_health import OVERDUE_S, beat
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/6"  # the session's worker sends webhooks on database 0
+    service = Service(Settings.from_env({}, redis_url=url))
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+        try:
+            assert service.watches() == [service.webhooks_stalled]
+            assert service.webhooks_stalled() is None
+            client.zadd(keys.webhooks_due_key(), {"late": time.time() - OVERDUE_S - 1, "due": time.time()})
+            warning = service.webhooks_stalled()
+            assert warning is not None and warning.startswith(
+                "1 webhook(s) overdue (2 pending) and no webhook sender is alive"), warning
+            beat(client, "host:1:x")
+            assert service.webhooks_stalled() is None
+        finally:
+            client.flushdb()
+    unreachable = Service(Settings.from_env({}, redis_url="redis://127.0.0.1:1/0"))
+    assert unreachable.webhooks_stalled() is None  # Redis down: the parts' checks say so
+
+
 def test_the_service_runs_flower_unless_its_port_is_0():
     settings = Settings.from_env({}, redis_url="redis://127.0.0.1:1/0", model_repo="/models")
     assert [part.name for part in Service(settings).parts()] == ["worker", "Flower", "gRPC", "API"]

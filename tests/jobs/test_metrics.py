@@ -121,3 +121,37 @@ def test_the_queue_length_is_given_per_served_model(redis_client, tmp_path):
                      queue="metrics-test.mel_band_roformer_kim") == 3
     finally:
         redis_client.delete(*priorities)
+
+
+def test_webhook_senders_pending_and_overdue_deliveries_are_shown(redis_server, tmp_path):
+    """The health of webhook delivery: an operator sees deliveries overdue with no sender alive
+    (every worker's background process down) before a customer misses a webhook."""
+    import redis
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from demix import redis_keys as keys
+    from demix.jobs.metrics import ServiceCollector
+    from demix.jobs.webhook_health import OVERDUE_S
+
+    # Database 4: the session's worker runs its own webhook sender on database 0.
+    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/4")
+    client.flushdb()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(client, {}, tmp_path))
+
+    def samples() -> dict:
+        return {(sample.name, ()): sample.value
+                for family in text_string_to_metric_families(generate_latest(registry).decode())
+                for sample in family.samples}
+
+    try:
+        now = time.time()
+        client.zadd(keys.webhooks_due_key(), {"due-now": now, "overdue": now - OVERDUE_S - 1})
+        shown = samples()
+        assert [value(shown, name) for name in ("demix_webhooks_pending", "demix_webhooks_overdue",
+                                                "demix_webhook_senders")] == [2, 1, 0]
+        client.zadd(keys.webhook_senders_key(), {"host:1:a": now, "host:2:b": now})
+        assert value(samples(), "demix_webhook_senders") == 2
+    finally:
+        client.flushdb()
+        client.close()

@@ -1,10 +1,16 @@
-"""Webhook deliveries: a real Redis queue, a real sender and a real HTTP receiver."""
+"""Webhook deliveries: a real Redis queue, a real sender and a real HTTP receiver; receivers
+that trickle, hang, fail and redirect, records left malformed, and (the chaos test) senders
+killed mid-delivery: every job's webhook still reaches its healthy receiver exactly once."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import signal
 import time
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -13,14 +19,15 @@ import requests
 
 from demix.cli.redis_server import free_port
 from demix import redis_keys as keys
-from demix.jobs import webhooks
+from demix.jobs import webhook_health, webhooks
 from demix.audio.io import AudioInfo
 from demix.errors import BadRequest
 from demix.intake.job_request import parse_job_request
 from demix.jobs.records import Job, JobStatus, new_job_id
 from demix.jobs.webhooks import WebhookQueue, WebhookSender, validate_callback_url, verify_signature
+from demix.worker.background import BackgroundProcess
 from testkit.synthetic_audio import wav_bytes
-from tests.support.webhook_receiver import HANG, WebhookReceiver
+from tests.support.webhook_receiver import HANG, Redirect, Slow, Trickle, WebhookReceiver
 from tests.support.waiting import wait_for
 
 SECRET = "s3cret-for-tests"
@@ -309,3 +316,286 @@ def test_the_documented_verification_sample_accepts_real_deliveries_only(webhook
     assert verify(received.body, header, SECRET)
     assert not verify(received.body.replace(b"succeeded", b"failed"), header, SECRET)
     assert not verify(received.body, header, "wrong secret")
+
+
+# -- no receiver can break delivery -------------------------------------------------------------
+
+@pytest.mark.parametrize("answer", [Trickle(500, seconds=10.0), Trickle(200, seconds=10.0), HANG],
+                         ids=["trickled-500", "trickled-200", "hang"])
+def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_answers(webhook_settings, answer):
+    """`requests`' timeout bounds each read: a status line trickled a byte at a time would
+    hold the attempt for 10 s. The deadline ends it after DEMIX_WEBHOOK_TIMEOUT_S."""
+    settings = dataclasses.replace(webhook_settings, webhook_timeout_s=1.0)
+    delivery = webhooks.Delivery(id="d" * 32, job_id="j" * 32, url="", body=b"{}", attempts=0)
+    with WebhookReceiver([answer]) as receiver:
+        delivery = dataclasses.replace(delivery, url=receiver.url)
+        reason = webhooks.post_delivery(delivery, settings)
+        if answer != HANG:  # the sender hung up before the status line was out
+            wait_for(lambda: receiver.hung_up == [delivery.id], "the receiver's trickle cut short", timeout=30)
+    assert reason == "no complete answer within 1s (DEMIX_WEBHOOK_TIMEOUT_S)"
+    assert receiver.answered == []
+
+
+def test_a_stale_attempt_whose_lease_was_taken_over_records_nothing(webhook_redis, webhook_settings):
+    """The defect of issue 20 in its smallest form: attempt 1 outlives its lease, attempt 2
+    delivers and removes the record, then attempt 1 reports its failure. It must not write
+    back a partial record (`{attempts: 1}`, no TTL) that every later claim trips on."""
+    settings = dataclasses.replace(webhook_settings, webhook_timeout_s=0.0, webhook_attempts=2)
+    queue = WebhookQueue(webhook_redis, settings)
+    original = webhooks.LEASE_MARGIN_S
+    webhooks.LEASE_MARGIN_S = 0.3
+    try:
+        delivery = queue.enqueue(finished_job("http://127.0.0.1:9/hook"))
+        [first] = queue.claim_due(10)
+        [second] = wait_for(lambda: queue.claim_due(10), "the first attempt's lease ran out", timeout=30)
+    finally:
+        webhooks.LEASE_MARGIN_S = original
+    assert first.id == second.id == delivery.id
+    queue.succeeded(second)
+    queue.failed(first, "HTTP 500")
+    assert queue.pending() == 0
+    assert not webhook_redis.keys(keys.webhook_key("*"))
+
+
+def test_a_receiver_that_trickles_then_fails_does_not_stop_later_webhooks(webhook_redis, webhook_settings,
+                                                                          monkeypatch):
+    """Issue 20, item 2, scaled down: the receiver's first POST trickles its status line for
+    longer than the lease, then answers 500; later POSTs answer 200 (the issue: timeout 5 s,
+    2 attempts, backoff 2 s, a 50 s trickle against a 35 s lease; here 1 s, 2, 0.5 s, 6 s
+    against 1.5 s). The webhook is delivered once, nothing is written back after it, the
+    sender lives on and a later job's webhook goes out."""
+    monkeypatch.setattr(webhooks, "LEASE_MARGIN_S", 0.5)
+    settings = dataclasses.replace(webhook_settings, webhook_timeout_s=1.0, webhook_attempts=2,
+                                   webhook_backoff_s=0.5)
+    queue = WebhookQueue(webhook_redis, settings)
+    with WebhookReceiver([Trickle(500, seconds=6.0), 200]) as trickler, WebhookReceiver([200]) as healthy:
+        first = queue.enqueue(finished_job(trickler.url))
+        sender = make_sender(webhook_redis, settings).start()
+        try:
+            wait_for(lambda: trickler.successes()[first.id] == 1, "the first webhook delivered", timeout=60)
+            wait_for(lambda: trickler.hung_up or len(trickler.answered) == 2, "the trickling attempt over",
+                     timeout=60)
+            wait_for(lambda: queue.pending() == 0 and not webhook_redis.keys(keys.webhook_key("*")),
+                     "no delivery left in Redis", timeout=15)
+            later = queue.enqueue(finished_job(healthy.url))
+            wait_for(lambda: healthy.successes()[later.id] == 1 and queue.pending() == 0,
+                     "the later webhook delivered", timeout=30)
+            assert sender.running
+        finally:
+            sender.stop()
+    assert trickler.successes() == {first.id: 1} and healthy.successes() == {later.id: 1}
+    assert trickler.hung_up == [first.id]  # the sender left the trickle at its deadline
+    assert [r.headers["X-Demix-Attempt"] for r in trickler.requests] == ["1", "2"]
+
+
+def test_malformed_records_are_dropped_and_the_next_delivery_goes_out(webhook_redis, webhook_settings, caplog):
+    caplog.set_level(logging.INFO, logger="demix.jobs.webhooks")
+    due_long_ago = time.time() - 60  # claimed before the good one
+    records = {
+        "partial": {"attempts": 1},  # what a stale failure used to write back
+        "no-body": {"job_id": "j", "url": "http://127.0.0.1:9/x", "attempts": 0},
+        "bad-attempts": {"job_id": "j", "url": "http://127.0.0.1:9/x", "body": "{}", "attempts": "many"},
+        "negative-attempts": {"job_id": "j", "url": "http://127.0.0.1:9/x", "body": "{}", "attempts": -1},
+        "bad-url": {"job_id": "j", "url": "gopher://127.0.0.1:9/x", "body": "{}", "attempts": 0},
+    }
+    for delivery_id, fields in records.items():
+        webhook_redis.hset(keys.webhook_key(delivery_id), mapping=fields)
+    webhook_redis.set(keys.webhook_key("not-a-hash"), "x")
+    not_utf8 = b"\xff\xfe"
+    webhook_redis.hset(keys.webhook_key("").encode() + not_utf8, mapping={"job_id": "j", "url": "http://x/",
+                                                                          "body": "{}", "attempts": 0})
+    webhook_redis.zadd(keys.webhooks_due_key(), {**{delivery_id: due_long_ago for delivery_id in records},
+                                                 "not-a-hash": due_long_ago, not_utf8: due_long_ago})
+    with WebhookReceiver([200]) as receiver:
+        queue = WebhookQueue(webhook_redis, webhook_settings)
+        good = queue.enqueue(finished_job(receiver.url))
+        sender = make_sender(webhook_redis, webhook_settings).start()
+        try:
+            wait_for(lambda: receiver.successes()[good.id] == 1 and queue.pending() == 0,
+                     "the good webhook delivered and every malformed one dropped", timeout=60)
+            assert sender.running
+        finally:
+            sender.stop()
+    assert not webhook_redis.keys(keys.webhook_key("*"))
+    dropped = [r.getMessage() for r in caplog.records if "malformed record" in r.getMessage()]
+    assert len(dropped) == len(records) + 2, dropped
+    assert any("webhook partial: malformed record (no job_id and no url and no body)" in m for m in dropped)
+    assert any("many" in m for m in dropped) and any("only http and https" in m for m in dropped)
+
+
+def test_the_sender_survives_an_error_in_a_claim(webhook_redis, webhook_settings, monkeypatch, caplog):
+    queue = WebhookQueue(webhook_redis, webhook_settings)
+    sender = make_sender(webhook_redis, webhook_settings)
+    real_claim = sender.queue.claim_due
+    failures = []
+
+    def claim_failing_once(limit: int) -> list:
+        if not failures:
+            failures.append(limit)
+            raise RuntimeError("a bug in a claim")
+        return real_claim(limit)
+
+    monkeypatch.setattr(sender.queue, "claim_due", claim_failing_once)
+    with WebhookReceiver([200]) as receiver:
+        good = queue.enqueue(finished_job(receiver.url))
+        sender.start()
+        try:
+            wait_for(lambda: receiver.successes()[good.id] == 1, "the webhook delivered after the error", timeout=60)
+            assert sender.running
+        finally:
+            sender.stop()
+    [error] = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert error.exc_info is not None and "a bug in a claim" in caplog.text  # with its traceback
+
+
+def test_a_sender_whose_thread_died_is_started_again(webhook_redis, webhook_settings, caplog):
+    """`WebhookSender.ensure_running`, which the background process calls every second."""
+    queue = WebhookQueue(webhook_redis, webhook_settings)
+    sender = make_sender(webhook_redis, webhook_settings)
+    real_run = sender.run
+
+    def end_at_once() -> None:  # as an error the loop cannot catch would end it
+        sender.run = real_run  # type: ignore[method-assign]
+
+    sender.run = end_at_once  # type: ignore[method-assign]
+    assert not sender.ensure_running()  # never started: nothing to restart
+    sender.start()
+    try:
+        wait_for(lambda: not sender.running, "the sender's thread ended", timeout=30)
+        assert sender.ensure_running() and sender.running
+        assert not sender.ensure_running()
+        assert "webhook sender: its thread died; starting it again" in caplog.text
+        with WebhookReceiver([200]) as receiver:
+            good = queue.enqueue(finished_job(receiver.url))
+            wait_for(lambda: receiver.successes()[good.id] == 1, "the webhook delivered", timeout=60)
+    finally:
+        sender.stop()
+    assert not sender.ensure_running()  # stopped on purpose: not restarted
+
+
+def test_an_attempt_that_never_reports_back_counts_and_the_last_is_given_up(webhook_redis, webhook_settings,
+                                                                            monkeypatch, caplog):
+    monkeypatch.setattr(webhooks, "LEASE_MARGIN_S", 0.2)
+    settings = dataclasses.replace(webhook_settings, webhook_timeout_s=0.0, webhook_attempts=2)
+    queue = WebhookQueue(webhook_redis, settings)
+    delivery = queue.enqueue(finished_job("http://127.0.0.1:9/hook"))
+    [first] = queue.claim_due(10)  # its sender dies, and the next one's too
+    [second] = wait_for(lambda: queue.claim_due(10), "the first lease ran out", timeout=30)
+    assert (first.attempt, second.attempt) == (1, 2)
+    wait_for(lambda: not queue.claim_due(10) and queue.pending() == 0, "the delivery given up", timeout=30)
+    assert not webhook_redis.exists(keys.webhook_key(delivery.id))
+    assert f"webhook {delivery.id} to http://127.0.0.1:9/hook: attempt 2 never reported back" in caplog.text
+
+
+def test_a_record_expires_a_day_after_its_last_possible_attempt(webhook_redis, webhook_settings):
+    queue = WebhookQueue(webhook_redis, webhook_settings)
+    delivery = queue.enqueue(finished_job("http://127.0.0.1:9/hook"))
+    # 3 attempts, each leased for its 5 s timeout and the margin, and 0.1 s + 0.2 s of backoff
+    life = 3 * (5.0 + webhooks.LEASE_MARGIN_S) + 0.3
+    assert webhooks.delivery_life_s(webhook_settings) == pytest.approx(life)
+    ttl = webhook_redis.ttl(keys.webhook_key(delivery.id))
+    assert webhooks.RECORD_GRACE_S + life - 5 <= ttl <= webhooks.RECORD_GRACE_S + life + 1
+    queue.claim_due(10)
+    queue.failed(dataclasses.replace(delivery, attempts=0), "HTTP 500")  # an outcome keeps the TTL
+    assert webhook_redis.ttl(keys.webhook_key(delivery.id)) > webhooks.RECORD_GRACE_S
+
+
+# -- chaos: every receiver's misbehaviour at once, and senders killed mid-delivery ---------------
+
+CHAOS_ATTEMPTS = 8
+CHAOS_SETTINGS = {"DEMIX_WEBHOOK_TIMEOUT_S": "2", "DEMIX_WEBHOOK_BACKOFF_S": "0.5",
+                  "DEMIX_WEBHOOK_ATTEMPTS": str(CHAOS_ATTEMPTS)}
+"""What the background processes of the chaos test run with: short timeouts and backoffs."""
+
+JOBS_PER_RECEIVER = 2
+
+
+@pytest.fixture
+def chaos_db(redis_server, monkeypatch) -> tp.Iterator[redis.Redis]:
+    """Database 3 of the test Redis, which the background processes started here use (they read
+    DEMIX_REDIS_URL and the webhook settings from the environment)."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    monkeypatch.setenv("DEMIX_REDIS_URL", url)
+    for name, value in CHAOS_SETTINGS.items():
+        monkeypatch.setenv(name, value)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(600)
+def test_chaos_every_jobs_webhook_reaches_its_healthy_receiver_exactly_once(chaos_db, settings, caplog):
+    """Two workers' background processes send the webhooks of jobs whose receivers hang,
+    trickle, fail then succeed, redirect then succeed, answer slowly or at once. Both are
+    killed (SIGKILL) while every attempt they have in flight hangs, and restarted as their
+    workers restart them; more jobs finish while no sender runs. Every job's webhook is
+    answered 2xx exactly once, no receiver sees more than DEMIX_WEBHOOK_ATTEMPTS requests per
+    delivery, redirects are not followed, and nothing is left in Redis. (Prints its times.)"""
+    caplog.set_level(logging.INFO, logger="demix.worker.background")
+    queue = WebhookQueue(chaos_db, dataclasses.replace(settings, webhook_timeout_s=2.0, webhook_backoff_s=0.5,
+                                                       webhook_attempts=CHAOS_ATTEMPTS))
+    started = time.monotonic()
+    backgrounds = [BackgroundProcess(), BackgroundProcess()]
+    with contextlib.ExitStack() as stack:
+        elsewhere = stack.enter_context(WebhookReceiver([200]))
+        scripts = {
+            "hanging": [HANG, 200],  # the senders are killed while they wait on it
+            "trickling": [Trickle(500, seconds=6.0), 200],  # cut at the deadline
+            "failing": [500, 503, 200],
+            "redirecting": [Redirect(elsewhere.url), Redirect(elsewhere.url, 307), 200],
+            "stalling": [HANG, Slow(200, 0.3)],  # cut at the deadline
+            "slow": [Slow(200, 0.5)],
+            "healthy": [200],
+        }
+        receivers = {name: stack.enter_context(WebhookReceiver(script, per_delivery=True))
+                     for name, script in scripts.items()}
+        expected: dict[str, str] = {}  # delivery id -> receiver name
+
+        def enqueue(name: str) -> None:
+            for _ in range(JOBS_PER_RECEIVER):
+                expected[queue.enqueue(finished_job(receivers[name].url)).id] = name
+
+        def all_delivered() -> bool:
+            return all(receivers[name].successes()[delivery_id] >= 1 for delivery_id, name in expected.items())
+
+        for background in backgrounds:
+            background.start()
+        try:
+            # Only hanging attempts in flight, so the kill cannot cut one that was answered 2xx.
+            enqueue("hanging")
+            receivers["hanging"].wait_for(JOBS_PER_RECEIVER, timeout=120)
+            for background in backgrounds:
+                os.kill(background.process.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            for background in backgrounds:
+                background.process.wait(10)
+            for name in scripts:
+                if name != "hanging":
+                    enqueue(name)
+            for background in backgrounds:
+                background.check()
+            wait_for(lambda: webhook_health.webhook_health(chaos_db).senders >= 2, "the restarted senders beating",
+                     timeout=120)
+            wait_for(all_delivered, "every webhook delivered", timeout=300)
+            delivered_at = time.monotonic()
+            wait_for(lambda: chaos_db.zcard(keys.webhooks_due_key()) == 0
+                     and not chaos_db.keys(keys.webhook_key("*")), "nothing left in Redis", timeout=60)
+        finally:
+            for background in backgrounds:
+                background.stop()
+    print(f"\nCHAOS webhooks: {len(expected)} deliveries, all delivered {delivered_at - started:.1f}s after "
+          f"the start, {delivered_at - killed_at:.1f}s after the kill; "
+          f"{sum(len(r.requests) for r in receivers.values())} requests in all", flush=True)
+    for name, receiver in receivers.items():
+        mine = {delivery_id for delivery_id, owner in expected.items() if owner == name}
+        assert receiver.successes() == {delivery_id: 1 for delivery_id in mine}, name
+        per_delivery = receiver.requests_per_delivery()
+        assert set(per_delivery) == mine and max(per_delivery.values()) <= CHAOS_ATTEMPTS, (name, per_delivery)
+    assert elsewhere.requests == []  # a 3xx is a failed attempt, not followed
+    # Each hanging attempt was cut by the kill, and counted: the next attempt is the second.
+    assert sorted(r.headers["X-Demix-Attempt"] for r in receivers["hanging"].requests) == ["1", "1", "2", "2"]
+    assert sorted(receivers["trickling"].hung_up) == sorted(d for d, n in expected.items() if n == "trickling")
+    assert caplog.text.count("exited with -9; starting it again") == len(backgrounds)
