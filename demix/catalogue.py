@@ -23,7 +23,7 @@ from pathlib import Path
 
 from demix.atomic_files import atomic_open
 from demix.config import Settings
-from demix.errors import BadRequest
+from demix.errors import BadRequest, shown
 from demix.stems import SOURCES, stem_choices
 
 DEMUCS = "demucs"
@@ -195,7 +195,7 @@ def check_model(settings: Settings, model: str) -> str:
     """
     served = settings.served_models
     if model not in served:
-        raise BadRequest(f"unknown model {model!r}; this service serves {', '.join(served)}",
+        raise BadRequest(f"unknown model {shown(model)}; this service serves {', '.join(served)}",
                          code="unknown_model")
     return model
 

@@ -4,6 +4,18 @@ job stores the same pair."""
 from __future__ import annotations
 
 
+SHOWN_VALUE_CHARS = 64
+"""Most characters of a caller's value an error message repeats. A message never grows with
+the input: it travels in a header (a gRPC status, bounded by the peer) and in logs."""
+
+
+def shown(value: str, limit: int = SHOWN_VALUE_CHARS) -> str:
+    """`value` quoted for an error message, cut to `limit` characters (then saying how long it was)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit] + '…'!r} ({len(value)} characters)"
+
+
 class DemixError(Exception):
     """Base class: `code` names the problem for programs, the message explains it to people."""
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typing as tp
 
-from demix.errors import BadRequest
+from demix.errors import BadRequest, shown
 
 SOURCES = ("drums", "bass", "other", "vocals")
 """The four sources of the 4-stem Demucs models, in the models' own order."""
@@ -27,7 +27,7 @@ def check_stems(stems: str, sources: tp.Sequence[str] = SOURCES, model: str = ""
     choices = stem_choices(sources)
     if stems not in choices:
         whose = f"model {model!r} offers" if model else "expected one of"
-        raise BadRequest(f"unknown stems value {stems!r}; {whose} {', '.join(choices)}",
+        raise BadRequest(f"unknown stems value {shown(stems)}; {whose} {', '.join(choices)}",
                          code="invalid_stems")
     return stems
 

@@ -9,7 +9,7 @@ import zipfile
 from flask import Blueprint, Response, current_app, request, stream_with_context, url_for
 
 from demix.catalogue import warm_model_notes
-from demix.errors import BadRequest, IllegalTransition, JobFinished, JobNotFinished, JobNotFound
+from demix.errors import BadRequest, IllegalTransition, JobFinished, JobNotFinished, JobNotFound, shown
 from demix.jobs.estimates import queue_position
 from demix.jobs.idempotency import ANONYMOUS_OWNER, HEADER as IDEMPOTENCY_HEADER, parse_key
 from demix.jobs.job_json import job_json as public_job_json
@@ -134,7 +134,7 @@ def _visible_job(job_id: str) -> Job:
     """
     job = _services().jobs.get(job_id)
     if _services().api_keys and job.owner != request_owner():
-        raise JobNotFound(f"no job with id {job_id!r}")
+        raise JobNotFound(f"no job with id {shown(job_id)}")
     return job
 
 
@@ -241,7 +241,7 @@ def get_stem(job_id: str, name: str, extension: str):
     job = _succeeded_job(job_id)
     output = _output(job)
     if name not in job.outputs or extension != output.extension:
-        raise JobNotFound(f"job {job_id} has no stem {name}.{extension}; it has "
+        raise JobNotFound(f"job {job_id} has no stem {shown(name + '.' + extension)}; it has "
                           + ", ".join(f"{stem}.{output.extension}" for stem in job.outputs))
     stored = _services().storage.stem(job.id, name, extension, job.attempts)
     return send_stored_file(stored, mimetype=output.mime_type, download_name=f"{job.id}_{name}.{extension}")

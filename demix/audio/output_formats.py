@@ -10,7 +10,7 @@ import dataclasses
 import typing as tp
 
 from demix.audio.io import AudioInfo
-from demix.errors import BadRequest
+from demix.errors import BadRequest, shown
 
 FORMATS = ("wav", "flac", "mp3")
 SAMPLE_FORMATS = ("pcm16", "pcm24", "float32")
@@ -134,7 +134,7 @@ def resolve_output(form: tp.Mapping[str, str], info: AudioInfo) -> OutputOptions
         try:
             samplerate = int(raw_rate)
         except ValueError:
-            raise BadRequest(f"samplerate must be 'input' or a rate in Hz, not {raw_rate!r}",
+            raise BadRequest(f"samplerate must be 'input' or a rate in Hz, not {shown(raw_rate)}",
                              code="invalid_output") from None
         if not MIN_SAMPLERATE <= samplerate <= MAX_SAMPLERATE:
             raise BadRequest(f"samplerate {samplerate} is outside {MIN_SAMPLERATE}..{MAX_SAMPLERATE} Hz",
@@ -171,7 +171,7 @@ def resolve_output(form: tp.Mapping[str, str], info: AudioInfo) -> OutputOptions
 
 def _choice(name: str, value: str, choices: tp.Sequence[str]) -> str:
     if value not in choices:
-        raise BadRequest(f"unknown {name} value {value!r}; expected one of {', '.join(choices)}",
+        raise BadRequest(f"unknown {name} value {shown(value)}; expected one of {', '.join(choices)}",
                          code="invalid_output")
     return value
 

@@ -46,6 +46,9 @@ JOB_ID_METADATA = "demix-job-id"
 MODEL_METADATA = "demix-model"
 """Call metadata naming the model to separate with (default: the service's default model)."""
 ERROR_CODE_METADATA = "demix-error-code"
+MAX_DETAILS_CHARS = 2000
+"""Longest status message a call ends with. It travels in the trailers, which a client refuses
+over its metadata limit (8 KiB by default), turning any status into RESOURCE_EXHAUSTED."""
 
 _STATUS_FOR_HTTP = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -93,7 +96,7 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
         except DemixError as exc:
             code = _job_failure_status(exc) or grpc_status_for(exc)
             context.set_trailing_metadata(((ERROR_CODE_METADATA, exc.code),))
-            context.abort(code, exc.message)
+            context.abort(code, status_details(exc.message))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             log.error("backend unavailable: %s", exc)
             context.set_trailing_metadata(((ERROR_CODE_METADATA, ServiceUnavailable.code),))
@@ -175,6 +178,11 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
             with stored.open() as file:
                 answer[name] = base64.b64encode(file.read()).decode("ascii")
         return json.dumps(answer)
+
+
+def status_details(message: str) -> str:
+    """`message` as a call's status details: cut to `MAX_DETAILS_CHARS`."""
+    return message if len(message) <= MAX_DETAILS_CHARS else message[:MAX_DETAILS_CHARS - 1] + "…"
 
 
 def _job_failure_status(error: DemixError) -> tp.Optional[grpc.StatusCode]:

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 import redis
 
 from demix import redis_keys as keys
-from demix.errors import DemixError, IllegalTransition, JobNotFound, StaleAttempt
+from demix.errors import DemixError, IllegalTransition, JobNotFound, StaleAttempt, shown
 from demix.jobs.metrics import AUDIO_SECONDS_BUCKETS, JOB_DURATION_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class JobStore:
         """
         raw = self.redis.hgetall(keys.job_key(job_id)) if is_valid_job_id(job_id) else {}
         if not raw:
-            raise JobNotFound(f"no job with id {job_id!r}")
+            raise JobNotFound(f"no job with id {shown(job_id)}")
         return _job_from_hash(raw)
 
     def running_job_ids(self) -> list[str]:

@@ -102,6 +102,20 @@ def test_upload_over_the_size_limit_is_413(idle_server, snapshot, tmp_path, seco
     assert snapshot()
 
 
+def test_a_long_form_value_is_not_repeated_whole_in_the_error(idle_server, snapshot, tmp_path):
+    long_value = "guitar" * 2000  # 12000 characters
+    for field in ("stems", "model", "format", "samplerate"):
+        response = post(idle_server, files={"file": ("song.wav", wav_bytes(tmp_path), "audio/wav")},
+                        data={field: long_value})
+        assert response.status_code == 400, response.text
+        message = response.json()["error"]["message"]
+        assert len(message) < 300 and "(12000 characters)" in message, (field, message)
+    response = requests.get(f"{idle_server.url}/v1/jobs/{'j' * 3000}", timeout=30)
+    assert_error(response, 404, "not_found", "(3000 characters)")
+    assert len(response.json()["error"]["message"]) < 300
+    assert snapshot()
+
+
 BOUNDARY = "demix-test-boundary"
 
 

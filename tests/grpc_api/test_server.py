@@ -137,6 +137,33 @@ def test_a_bad_sounds_value_is_invalid_argument(grpc_client_dir, grpc_address, t
     assert "guitar" in answer["details"] and "vocals" in answer["details"]
 
 
+def test_a_10_kb_sounds_value_is_invalid_argument_with_a_short_message(grpc_client_dir, redis_server, settings,
+                                                                       tmp_path):
+    """Not echoed whole: the status travels in a trailer, and a client refuses one over its
+    metadata limit (RESOURCE_EXHAUSTED instead of the real answer)."""
+    idle = dataclasses.replace(settings, queue=UNCONSUMED_QUEUE)
+    services = build_services(idle)
+    server, port = make_server(idle, services=services, address="127.0.0.1:0")
+    server.start()
+    try:
+        song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.2)
+        answer = call(grpc_client_dir, f"127.0.0.1:{port}", song, "guitar" * 1700, timeout=30)  # 10200 characters
+        assert answer["code"] == "INVALID_ARGUMENT", answer
+        assert "sounds value" in answer["details"] and "(10200 characters)" in answer["details"], answer
+        assert len(answer["details"]) < 300, answer
+    finally:
+        server.stop(grace=None).wait()
+        services.jobs.redis.close()
+
+
+def test_a_long_status_message_is_cut_to_a_bounded_length():
+    from demix.grpc_api.server import MAX_DETAILS_CHARS, status_details
+
+    assert status_details("short") == "short"
+    cut = status_details("x" * 100_000)
+    assert len(cut) == MAX_DETAILS_CHARS and cut.endswith("…")
+
+
 def test_audio_over_the_upload_limit_is_resource_exhausted(grpc_client_dir, redis_server, settings, tmp_path):
     small = dataclasses.replace(settings, max_upload_mb=1)
     server, port = make_server(small, address="127.0.0.1:0")
