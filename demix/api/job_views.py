@@ -24,7 +24,7 @@ from demix.intake.uploads import ensure_room_for_upload
 
 from demix.api.auth import request_owner
 from demix.api.downloads import send_stored_file
-from demix.api.upload_requests import upload_path
+from demix.api.upload_requests import refuse_oversized_body, upload_path
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -72,11 +72,12 @@ def answer_before_upload() -> tp.Optional[Response]:
     """What a job submission gets from its headers alone, before its body is read: the
     job of an earlier submit with the same `Idempotency-Key` (200); None when the body decides.
     The HTTP front (`demix.api.front`) asks this as soon as a large body's headers are in,
-    so a repeat, an owner at its limit or a full disk costs no upload.
+    so a repeat, an owner at its limit, a body over its size limit or a full disk costs no upload.
 
     Raises:
         BadRequest: a malformed `Idempotency-Key`.
         TooManyActiveJobs: the owner is at `DEMIX_MAX_ACTIVE_JOBS_PER_KEY`.
+        RequestEntityTooLarge: the announced body is over its limit (413, whatever the disk).
         InsufficientStorage: the disk lacks room for the announced body.
     """
     services = _services()
@@ -86,6 +87,7 @@ def answer_before_upload() -> tp.Optional[Response]:
     if idempotent is not None and (existing := find_existing_job(idempotent, services)) is not None:
         return _job_response(existing, 200)
     services.limits.check(request_owner())
+    refuse_oversized_body()  # before the disk: a body that will never be read needs no room
     ensure_room_for_upload(services, request.content_length or 0)
     return None
 

@@ -6,6 +6,7 @@ import typing as tp
 from pathlib import Path
 
 from flask import Request, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from demix.intake.uploads import CappedUploadFile
 
@@ -21,6 +22,18 @@ class UploadRequest(Request):
         stream = CappedUploadFile(services.storage.open_upload(), services.settings)
         self.__dict__.setdefault("upload_streams", []).append(stream)
         return tp.cast(tp.IO[bytes], stream)
+
+
+def refuse_oversized_body() -> None:
+    """Refuse a request whose Content-Length is over its limit (413), before anything else
+    is checked: a body that will not be read needs no room on the disk.
+
+    Raises:
+        RequestEntityTooLarge: the API's error handler names the limit.
+    """
+    limit = request.max_content_length
+    if request.content_length is not None and limit is not None and request.content_length > limit:
+        raise RequestEntityTooLarge()
 
 
 def upload_path(file_storage: tp.Any) -> Path:

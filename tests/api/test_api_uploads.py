@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import json
+import socket
 
 import pytest
 import requests
@@ -60,6 +62,54 @@ def test_the_refusal_comes_before_the_body_is_read(idle_server, snapshot, monkey
     finally:
         connection.close()
     assert snapshot()
+
+
+def test_a_body_over_the_size_limit_gets_413_even_when_the_disk_is_low_too(idle_server, snapshot, monkeypatch):
+    """100 GiB promised to a server low on disk: the answer is the size limit, which no amount
+    of free space would change, not the disk's 507."""
+    free_space_probe(monkeypatch, 100)
+    status, body = answer_to_headers(idle_server.url, content_length=100 * 1024 * MIB,
+                                     body_start=b"--x\r\nContent-Disposition: form-data; name=\"file\"")
+    assert status == 413, body
+    assert body["error"]["code"] == "upload_too_large"
+    assert "1 MiB limit (DEMIX_MAX_UPLOAD_MB)" in body["error"]["message"], body
+    assert snapshot()
+
+
+@pytest.mark.parametrize("content_type,content_length,code", [
+    ("multipart/form-data; boundary=x", 100 * 1024 * MIB, "upload_too_large"),
+    ("multipart/form-data; boundary=x", MIB + 1024 * 1024 + 1, "upload_too_large"),  # one byte over
+])
+def test_the_apps_answer_from_the_headers_is_the_size_limit_before_the_disk(idle_server, monkeypatch,
+                                                                           content_type, content_length, code):
+    from werkzeug.test import EnvironBuilder
+
+    from demix.api.early_answers import answer_from_headers
+
+    free_space_probe(monkeypatch, 100)
+    environ = EnvironBuilder(path="/v1/jobs", method="POST", content_type=content_type,
+                             headers={"Content-Length": str(content_length)}).get_environ()
+    environ["CONTENT_LENGTH"] = str(content_length)
+    response = answer_from_headers(idle_server.app, environ)
+    assert response.status_code == 413, response.get_data(as_text=True)
+    assert response.get_json()["error"]["code"] == code
+
+
+def answer_to_headers(url: str, content_length: int, body_start: bytes,
+                      content_type: str = "multipart/form-data; boundary=x") -> tuple[int, dict]:
+    """POST to /v1/jobs over a raw socket: headers promising `content_length` bytes, then
+    only `body_start`; returns the answer's status and JSON body (read within 30 s)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\n"
+                           f"Content-Type: {content_type}\r\n"
+                           f"Content-Length: {content_length}\r\n\r\n".encode() + body_start)
+        response = http.client.HTTPResponse(connection)
+        try:
+            response.begin()
+            return response.status, json.loads(response.read())
+        finally:
+            response.close()
 
 
 def test_an_upload_that_would_bring_free_space_under_the_minimum_is_refused_at_once(
