@@ -78,6 +78,19 @@ class UploadTooLarge(DemixError):
     http_status = 413
 
 
+class TooManyFormParts(DemixError):
+    """A multipart form with more parts than the API reads (`demix.api.upload_requests.MAX_FORM_PARTS`)."""
+    code = "too_many_form_parts"
+    http_status = 413
+
+
+class FormFieldTooLarge(DemixError):
+    """A text field of the form (or a part's headers, or a body of text fields alone) over
+    the limit on what the API holds in memory (`demix.api.upload_requests.MAX_FORM_FIELD_BYTES`)."""
+    code = "form_field_too_large"
+    http_status = 413
+
+
 class Unauthorized(DemixError):
     """API keys are configured and the request has no valid `Authorization: Bearer <key>`."""
     code = "unauthorized"

@@ -9,7 +9,7 @@ from demix.celery_app import make_celery
 from demix.config import Settings, get_settings
 from demix.services import Services, build_services
 
-from demix.api.upload_requests import UploadRequest, discard_unclaimed_uploads
+from demix.api.upload_requests import MAX_FORM_FIELD_BYTES, MAX_FORM_PARTS, UploadRequest, discard_unclaimed_uploads
 
 FORM_OVERHEAD_BYTES = 1024 * 1024
 """Slack over the upload limit for the multipart framing and the other form fields."""
@@ -27,6 +27,8 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
         # Bodies far over the limit are refused from their Content-Length, before reading;
         # the exact per-file limit is enforced while the file part streams to disk.
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        MAX_FORM_PARTS=MAX_FORM_PARTS,
+        MAX_FORM_MEMORY_SIZE=MAX_FORM_FIELD_BYTES,
     )
     if test_config is not None:
         app.config.from_mapping({k: v for k, v in test_config.items() if k != "SETTINGS"})

@@ -6,7 +6,9 @@ import logging
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from demix.errors import DemixError, UploadTooLarge
+from demix.errors import DemixError
+
+from demix.api.upload_requests import body_too_large
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +27,7 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_exc: RequestEntityTooLarge):
-        limit = app.config["SETTINGS"].max_upload_mb
-        err = UploadTooLarge(f"upload is larger than the {limit} MiB limit (DEMIX_MAX_UPLOAD_MB)")
+        err = body_too_large(app.config["SETTINGS"])
         return error_response(err.http_status, err.code, err.message)
 
     @app.errorhandler(HTTPException)

@@ -31,6 +31,7 @@ from demix.jobs.records import JobStatus
 from demix.audio.output_formats import CHANNEL_MODES, CLIP_MODES, FORMATS, MIME_TYPES, MP3_SAMPLERATES, SAMPLE_FORMATS
 
 from demix.api.auth import PROTECTED_PREFIX
+from demix.api.upload_requests import MAX_FORM_FIELD_BYTES, MAX_FORM_PARTS
 
 OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1.0.0"
@@ -87,7 +88,10 @@ ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
     405: ("The path exists but not with this method.", ("method_not_allowed",)),
     409: ("The result was asked for before the job succeeded, or a job that already finished was "
           "to be cancelled.", ("job_not_finished", "job_failed", "job_cancelled", errors.JobFinished.code)),
-    413: ("The upload is over `DEMIX_MAX_UPLOAD_MB`.", (errors.UploadTooLarge.code,)),
+    413: ("The upload is over `DEMIX_MAX_UPLOAD_MB`, the form has more parts than the API reads "
+          f"({MAX_FORM_PARTS}), or a text field is over the {MAX_FORM_FIELD_BYTES} bytes the API holds "
+          "in memory (so is an urlencoded body).",
+          (errors.UploadTooLarge.code, errors.TooManyFormParts.code, errors.FormFieldTooLarge.code)),
     415: ("The upload is no audio format the service reads (the message says what it looks like: "
           "a playlist, an image, MIDI, ...), or a known container holding a codec it does not take.",
           (errors.UnsupportedMediaType.code, errors.UnsupportedCodec.code)),

@@ -6,14 +6,107 @@ import typing as tp
 from pathlib import Path
 
 from flask import Request, current_app, request
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser, MultiPartParser
+from werkzeug.sansio.multipart import File
 
+from demix.config import Settings
+from demix.errors import DemixError, FormFieldTooLarge, TooManyFormParts, UploadTooLarge
 from demix.intake.uploads import CappedUploadFile
+
+MULTIPART = "multipart/form-data"
+URLENCODED = "application/x-www-form-urlencoded"
+
+MAX_FORM_PARTS = 100
+"""Most parts of a multipart form the API reads. A job's form has a dozen fields; each file
+part opens an upload file, so this also bounds the files one request holds open."""
+
+MAX_FORM_FIELD_BYTES = 500_000
+"""Largest text field of a multipart form (and largest block of a part's headers), in bytes,
+and largest urlencoded body (text fields only, read whole): Werkzeug's default,
+made explicit. The longest field, a URL, is at most 2048 characters; it must stay well above
+the parser's 64 KiB reads, which it also bounds."""
+
+
+class _LimitNamingMultiPartParser(MultiPartParser):
+    """Werkzeug's multipart parser, telling apart the limits it enforces with one exception
+    (`RequestEntityTooLarge`): too many parts, a text field too large, or the body itself."""
+
+    def __init__(self, *args: tp.Any, max_body_bytes: tp.Optional[int], **kwargs: tp.Any):
+        super().__init__(*args, **kwargs)
+        self.max_body_bytes = max_body_bytes
+        self.parts_read = 0
+
+    def get_part_charset(self, headers: Headers) -> str:
+        self.parts_read += 1  # asked once for each text field, when it is complete
+        return super().get_part_charset(headers)
+
+    def start_file_streaming(self, event: File, total_content_length: tp.Optional[int]) -> tp.IO[bytes]:
+        self.parts_read += 1
+        return super().start_file_streaming(event, total_content_length)
+
+    def parse(self, stream: tp.IO[bytes], boundary: bytes, content_length: tp.Optional[int]) -> tp.Any:
+        counted = _CountingReader(stream)
+        try:
+            return super().parse(tp.cast(tp.IO[bytes], counted), boundary, content_length)
+        except RequestEntityTooLarge:
+            if self.max_body_bytes is not None and counted.bytes_read >= self.max_body_bytes:
+                raise  # a body without Content-Length ran past the request's limit
+            if self.max_form_parts is not None and self.parts_read >= self.max_form_parts:
+                # Every part before the one over the limit is complete when it is refused.
+                raise TooManyFormParts(
+                    f"the form has more than {self.max_form_parts} parts, the most the API reads; "
+                    "a job takes the file part 'file' and the text fields /docs lists") from None
+            raise FormFieldTooLarge(_field_limit_message(self.max_form_memory_size)) from None
+
+
+class _CountingReader:
+    """A stream's `read`, counting the bytes it returned."""
+
+    def __init__(self, stream: tp.IO[bytes]):
+        self._stream = stream
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.bytes_read += len(data)
+        return data
+
+
+class _FormParser(FormDataParser):
+    def _parse_multipart(self, stream: tp.IO[bytes], mimetype: str, content_length: tp.Optional[int],
+                         options: dict[str, str]) -> tp.Any:
+        parser = _LimitNamingMultiPartParser(
+            stream_factory=self.stream_factory, max_form_memory_size=self.max_form_memory_size,
+            max_form_parts=self.max_form_parts, cls=self.cls, max_body_bytes=self.max_content_length)
+        boundary = options.get("boundary", "").encode("ascii")
+        if not boundary:
+            raise ValueError("Missing boundary")
+        form, files = parser.parse(stream, boundary, content_length)
+        return stream, form, files
+
+
+def _field_limit_message(limit: tp.Optional[int]) -> str:
+    return (f"a text field of the form (or a part's headers) is larger than {limit} bytes, the most "
+            "the API holds in memory for one; the audio goes in the multipart file part 'file'")
 
 
 class UploadRequest(Request):
     """A request whose file parts stream to `<data_dir>/incoming/` (never into memory or
-    `/tmp`), each cut off as soon as it passes the upload limit."""
+    `/tmp`), each cut off as soon as it passes the upload limit; a form over one of the
+    parser's limits is refused with the error naming that limit."""
+
+    form_data_parser_class = _FormParser
+
+    @property  # type: ignore[override]
+    def max_content_length(self) -> tp.Optional[int]:
+        """The app's limit; an urlencoded body (text fields alone) is read whole into memory,
+        so it gets the text field limit."""
+        limit = super().max_content_length
+        if self.mimetype != URLENCODED or limit is None:
+            return limit
+        return min(limit, self.max_form_memory_size or limit)
 
     def _get_file_stream(self, total_content_length: tp.Optional[int], content_type: tp.Optional[str],
                          filename: tp.Optional[str] = None,
@@ -29,11 +122,21 @@ def refuse_oversized_body() -> None:
     is checked: a body that will not be read needs no room on the disk.
 
     Raises:
-        RequestEntityTooLarge: the API's error handler names the limit.
+        RequestEntityTooLarge: turned into the limit's own error by `body_too_large`.
     """
     limit = request.max_content_length
     if request.content_length is not None and limit is not None and request.content_length > limit:
         raise RequestEntityTooLarge()
+
+
+def body_too_large(settings: Settings) -> DemixError:
+    """The error for a request body over `max_content_length`: an upload over
+    DEMIX_MAX_UPLOAD_MB, or an urlencoded body (text fields alone) over the text field limit."""
+    if request.mimetype == URLENCODED:
+        return FormFieldTooLarge(
+            f"an {URLENCODED} body holds text fields only, at most {request.max_content_length} "
+            f"bytes; send the audio as the file part 'file' of a {MULTIPART} body")
+    return UploadTooLarge(f"upload is larger than the {settings.max_upload_mb} MiB limit (DEMIX_MAX_UPLOAD_MB)")
 
 
 def upload_path(file_storage: tp.Any) -> Path:

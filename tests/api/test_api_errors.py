@@ -102,6 +102,39 @@ def test_upload_over_the_size_limit_is_413(idle_server, snapshot, tmp_path, seco
     assert snapshot()
 
 
+def test_a_form_of_2000_parts_gets_413_naming_the_part_limit(idle_server, snapshot, tmp_path):
+    parts = [("file", ("song.wav", wav_bytes(tmp_path), "audio/wav"))] + \
+        [(f"field{index}", (None, "x")) for index in range(2000)]
+    response = post(idle_server, files=parts)
+    assert_error(response, 413, "too_many_form_parts", "more than 100 parts")
+    assert "MiB" not in response.json()["error"]["message"]
+    assert snapshot()
+
+
+def test_a_form_of_many_files_gets_413_naming_the_part_limit_and_keeps_none(idle_server, snapshot):
+    response = post(idle_server, files=[("file", (f"{index}.wav", b"RIFF", "audio/wav")) for index in range(150)])
+    assert_error(response, 413, "too_many_form_parts", "more than 100 parts")
+    assert snapshot()
+
+
+def test_a_text_field_over_the_field_limit_gets_413_naming_that_limit(idle_server, snapshot, tmp_path):
+    # 1 MiB of text: twice the 500000-byte field limit, within the idle server's 2 MiB body limit.
+    response = post(idle_server, files={"file": ("song.wav", wav_bytes(tmp_path), "audio/wav")},
+                    data={"callback_url": "https://example.com/" + "a" * (1 << 20)})
+    assert_error(response, 413, "form_field_too_large", "text field", "500000 bytes")
+    assert "1 MiB limit" not in response.json()["error"]["message"]
+    assert snapshot()
+
+
+def test_a_body_of_text_fields_alone_over_the_field_limit_gets_413_naming_that_limit(idle_server, snapshot):
+    # urlencoded, read whole into memory: held to the text field limit, not the upload limit.
+    response = requests.post(f"{idle_server.url}/v1/jobs", data={"url": "https://example.com/" + "a" * (1 << 20)},
+                             timeout=30)
+    assert response.request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert_error(response, 413, "form_field_too_large", "text fields only", "500000 bytes")
+    assert snapshot()
+
+
 def test_a_long_form_value_is_not_repeated_whole_in_the_error(idle_server, snapshot, tmp_path):
     long_value = "guitar" * 2000  # 12000 characters
     for field in ("stems", "model", "format", "samplerate"):

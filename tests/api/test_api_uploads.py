@@ -76,9 +76,22 @@ def test_a_body_over_the_size_limit_gets_413_even_when_the_disk_is_low_too(idle_
     assert snapshot()
 
 
+def test_a_body_of_text_fields_over_its_limit_gets_413_even_when_the_disk_is_low_too(
+        idle_server, snapshot, monkeypatch):
+    """Within the front's upload limit, so the app answers from the headers: its size check
+    comes before its disk check."""
+    free_space_probe(monkeypatch, 100)
+    status, body = answer_to_headers(idle_server.url, content_length=600_000, body_start=b"url=https",
+                                     content_type="application/x-www-form-urlencoded")
+    assert status == 413, body
+    assert body["error"]["code"] == "form_field_too_large" and "500000 bytes" in body["error"]["message"], body
+    assert snapshot()
+
+
 @pytest.mark.parametrize("content_type,content_length,code", [
     ("multipart/form-data; boundary=x", 100 * 1024 * MIB, "upload_too_large"),
     ("multipart/form-data; boundary=x", MIB + 1024 * 1024 + 1, "upload_too_large"),  # one byte over
+    ("application/x-www-form-urlencoded", 500_001, "form_field_too_large"),
 ])
 def test_the_apps_answer_from_the_headers_is_the_size_limit_before_the_disk(idle_server, monkeypatch,
                                                                            content_type, content_length, code):
