@@ -83,6 +83,10 @@ class Settings:
               "each KiB received extends its deadline by 1/this seconds (slower uploads get 408).")
     flower_port: int = _setting(
         5555, "Port `demix up` serves Flower (Celery monitoring) on, at DEMIX_HOST; 0: no Flower.")
+    flower_auth: str = _setting(
+        "", "Flower's login, `user:password` (several comma-separated): Flower asks for it (HTTP basic "
+            "auth) on every page and API call. Empty: no login; then, when DEMIX_API_KEYS is set, Flower "
+            "listens on 127.0.0.1 only, whatever DEMIX_HOST says.", secret=True)
     queue: str = _setting(
         "demix", "Celery queue of the default model's jobs; each other model M of DEMIX_MODELS has "
                  "the queue `<DEMIX_QUEUE>.M`.")

@@ -14,7 +14,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from demix.cli.argv import api_argv, worker_argv
+from demix.cli.argv import api_argv, flower_argv, worker_argv
 from demix.cli.main import build_parser
 from demix.config import Settings
 
@@ -46,17 +46,11 @@ def test_every_service_runs_a_command_the_project_provides():
         service = services[name]
         assert service["build"] == "."
         command = service["command"]
-        if command[0] == "demix":
-            assert command[1] in demix_commands(), command
-        else:
-            assert command[0] == "celery" and "flower" in command
-            assert shutil.which("celery", path=str(Path(sys.executable).parent))
-            app_module = command[command.index("--app") + 1]
-            assert hasattr(importlib.import_module(app_module), "celery_app")
-            assert importlib.util.find_spec("flower") is not None
+        assert command[0] == "demix" and command[1] in demix_commands(), command
     assert services["api"]["command"] == ["demix", "api"]
     assert services["worker"]["command"] == ["demix", "worker"]
     assert services["grpc"]["command"] == ["demix", "grpc"]
+    assert services["flower"]["command"] == ["demix", "flower"]
     for name in S3_SERVICES:
         assert services[name]["command"] == services[name.removesuffix("-s3")]["command"]
 
@@ -274,11 +268,33 @@ def test_the_manifests_cover_the_api_grpc_flower_workers_redis_and_the_bucket_se
     assert commands["demix-api"] == ["demix", "api"] and commands["demix-grpc"] == ["demix", "grpc"]
     assert commands["demix-worker-cpu"] == commands["demix-worker-gpu"] == ["demix", "worker"]
     assert commands["redis"][0] == "redis-server"
-    assert commands["demix-flower"][:3] == ["celery", "--app", "demix.celery_app"]
+    assert commands["demix-flower"] == ["demix", "flower"]
     config = of_kind("ConfigMap")["demix-config"]["data"]
     assert config["DEMIX_STORAGE"].startswith("s3://") and "DEMIX_S3_ENDPOINT_URL" in config
     secret = of_kind("Secret")["demix-s3-credentials"]["stringData"]
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret)
+
+
+def test_demix_flower_runs_celerys_flower_for_the_services_app():
+    [program, *argv] = flower_argv(Settings())
+    assert program == sys.executable and argv[:2] == ["-m", "celery"]
+    app_module = argv[argv.index("--app") + 1]
+    assert hasattr(importlib.import_module(app_module), "celery_app") and "flower" in argv
+    assert importlib.util.find_spec("flower") is not None
+
+
+def test_flower_gets_its_login_from_the_operator_in_compose_and_kubernetes():
+    """Flower lists every job: with API keys it needs DEMIX_FLOWER_AUTH (or keeps to loopback),
+    and both recipes hand the operator's login to it, in its environment."""
+    services = compose()["services"]
+    assert services["flower"]["environment"]["DEMIX_FLOWER_AUTH"] == "${DEMIX_FLOWER_AUTH:-}"
+    # The keys reach Flower as they reach the API: it applies the same rule.
+    for name in ("api", "flower", "grpc", "api-s3", "grpc-s3"):
+        assert services[name]["environment"]["DEMIX_API_KEYS"] == "${DEMIX_API_KEYS:-}", name
+    [flower] = containers(of_kind("Deployment")["demix-flower"])
+    secrets = [source["secretRef"]["name"] for source in flower["envFrom"] if "secretRef" in source]
+    assert any("DEMIX_FLOWER_AUTH" in of_kind("Secret")[name]["stringData"] for name in secrets)
+    assert "FLOWER_BASIC_AUTH" not in json.dumps([compose(), of_kind("Deployment")])  # only through demix flower
 
 
 def test_the_workers_probes_ask_the_worker_itself():
@@ -327,7 +343,7 @@ def test_ports_and_probe_paths_are_the_ones_the_service_serves():
                 "redis": 6379}
     for name, port in expected.items():
         assert [p["containerPort"] for p in containers(deployments[name])[0]["ports"]] == [port], name
-    assert f"--port={defaults.flower_port}" in containers(deployments["demix-flower"])[0]["command"]
+    assert f"--port={defaults.flower_port}" in flower_argv(config)
     app = create_app({"SETTINGS": defaults})
     routes = {rule.rule for rule in app.url_map.iter_rules()}
     probes = 0

@@ -49,6 +49,10 @@ def worker_node_name(pid: int, host: str = "%h") -> str:
 
 
 def flower_argv(settings: Settings) -> list[str]:
-    """The command serving Flower for the service's Celery app on DEMIX_HOST:DEMIX_FLOWER_PORT."""
+    """The command serving Flower for the service's Celery app on DEMIX_HOST:DEMIX_FLOWER_PORT
+    (127.0.0.1 when API keys are set and Flower has no login: `demix.cli.flower`). Its login
+    goes in its environment (`flower_environment`), never here: `ps` shows a command line."""
+    from demix.cli.flower import flower_address
+
     return [sys.executable, "-m", "celery", "--app", "demix.celery_app", "flower",
-            f"--address={settings.host}", f"--port={settings.flower_port}"]
+            f"--address={flower_address(settings)}", f"--port={settings.flower_port}"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from demix.config import Settings
 
 from demix.cli import model_commands as models
-from demix.cli.argv import api_argv, check_worker_models, worker_argv
+from demix.cli.argv import api_argv, check_worker_models, flower_argv, worker_argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "ready (a pool process warm): for Kubernetes' exec probes")
     probe.add_argument("check", choices=("live", "ready"))
     commands.add_parser("grpc", help="serve the original gRPC interface (demixing.proto) on DEMIX_GRPC_PORT")
+    commands.add_parser("flower", help="serve Flower (Celery monitoring) on DEMIX_FLOWER_PORT, with the login "
+                                       "DEMIX_FLOWER_AUTH (without one and with API keys: on 127.0.0.1 only)")
     commands.add_parser("config", help="print every DEMIX_* setting, its value and its meaning")
     models.add_parser(commands)
     separate = commands.add_parser("separate", help="upload songs (WAV, FLAC, MP3, M4A, ...), or have the "
@@ -77,6 +79,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if args.command == "grpc":
         from demix.grpc_api.server import serve
         return serve(settings)
+    if args.command == "flower":
+        return _run_flower(settings)
     if args.command == "separate":
         from demix.cli.client import run_separate
         server = args.server or f"http://{settings.host}:{settings.port}"
@@ -95,6 +99,24 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 def _replace_process(argv: list[str]) -> tp.NoReturn:
     # exec, not a child: signals from docker or `demix up` reach gunicorn/celery directly.
     os.execv(argv[0], argv)
+
+
+def _run_flower(settings: Settings) -> int:
+    """`demix flower`: exec Flower as `demix up` runs it, its login in its environment."""
+    from demix.cli.flower import flower_access_note, flower_environment
+
+    if settings.flower_port == 0:
+        print("demix flower: DEMIX_FLOWER_PORT is 0 (no Flower); set the port to serve it on", file=sys.stderr)
+        return 2
+    try:
+        env = flower_environment(settings, os.environ)
+    except ValueError as exc:
+        print(f"demix flower: {exc}", file=sys.stderr)
+        return 2
+    if note := flower_access_note(settings):
+        print(f"demix flower: {note}", file=sys.stderr, flush=True)
+    argv = flower_argv(settings)
+    os.execve(argv[0], argv, env)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import urllib.request
 from demix.config import Settings
 
 from demix.cli.argv import flower_argv, worker_node_name
+from demix.cli.flower import flower_access_note, flower_address, flower_authorization, flower_environment
 from demix.cli.processes import popen_child, stop_process
 from demix.cli.redis_server import RedisServer, RedisUnavailable
 
@@ -398,7 +399,7 @@ class Service:
 
     @property
     def flower_url(self) -> str:
-        return f"http://{self.settings.host}:{self.settings.flower_port}"
+        return f"http://{flower_address(self.settings)}:{self.settings.flower_port}"
 
     def prepare(self, say: tp.Callable[[str], None]) -> None:
         """What must hold before any part starts: free ports, the model in the cache.
@@ -410,11 +411,18 @@ class Service:
         if _port_taken(settings.host, settings.port):
             raise ServiceFailed(f"{settings.host}:{settings.port} is already in use (DEMIX_PORT): "
                                 "is demix already running? Stop it or choose another port")
-        if self.flower_enabled and (settings.flower_port == settings.port
-                                    or _port_taken(settings.host, settings.flower_port)):
-            say(f"warning: {settings.host}:{settings.flower_port} is already in use (DEMIX_FLOWER_PORT); "
-                "running without Flower (set DEMIX_FLOWER_PORT to a free port, or 0 to silence this)")
-            self.flower_enabled = False
+        if self.flower_enabled:
+            try:
+                flower_environment(settings, {})
+            except ValueError as exc:
+                raise ServiceFailed(str(exc)) from None
+            flower_host = flower_address(settings)
+            if settings.flower_port == settings.port or _port_taken(flower_host, settings.flower_port):
+                say(f"warning: {flower_host}:{settings.flower_port} is already in use (DEMIX_FLOWER_PORT); "
+                    "running without Flower (set DEMIX_FLOWER_PORT to a free port, or 0 to silence this)")
+                self.flower_enabled = False
+            elif note := flower_access_note(settings):
+                say(note)
         if self.grpc_enabled and (settings.grpc_port in (settings.port, settings.flower_port)
                                   or _port_taken(settings.host, settings.grpc_port)):
             say(f"warning: {settings.host}:{settings.grpc_port} is already in use (DEMIX_GRPC_PORT); "
@@ -473,7 +481,10 @@ class Service:
         if self.flower_enabled:
             parts.append(Part(
                 "Flower", spawn=self._spawn_flower,
-                is_ready=lambda _process: _http_ok(_local(self.flower_url) + "/healthcheck"),
+                # Flower 2.2 asks no login of /healthcheck; the login goes along all the same,
+                # so a Flower that does still counts as answering.
+                is_ready=lambda _process: _http_ok(_local(self.flower_url) + "/healthcheck",
+                                                   flower_authorization(self.settings)),
                 stop_timeout_s=FLOWER_STOP_TIMEOUT_S, essential=False, requires=after_redis,
                 hint="Is DEMIX_FLOWER_PORT free? (0 disables Flower.)"))
         if self.grpc_enabled:
@@ -498,7 +509,8 @@ class Service:
         return self._spawn(["worker"])
 
     def _spawn_flower(self) -> subprocess.Popen:
-        return popen_child(flower_argv(self.settings), env=self._child_env(),
+        # Its login goes in its environment: a command line is anyone's to read (`ps`).
+        return popen_child(flower_argv(self.settings), env=flower_environment(self.settings, self._child_env()),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def _worker_answers(self, process: subprocess.Popen) -> bool:
@@ -575,9 +587,9 @@ def _local(url: str) -> str:
     return url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, headers: tp.Optional[tp.Mapping[str, str]] = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=dict(headers or {})), timeout=1) as response:
             return response.status == 200
     except Exception:
         return False

@@ -73,6 +73,19 @@ def test_demix_up_runs_without_flower_when_its_port_is_taken(tiny_model_repo, tm
     assert f"127.0.0.1:{flower_port} is already in use" in warning and "running without Flower" in warning
 
 
+def test_with_api_keys_demix_up_runs_flower_behind_its_login(tiny_model_repo, tmp_path):
+    login = ("ops", "pa55-word")
+    with demix_up(tmp_path, DEMIX_API_KEYS="k1", DEMIX_FLOWER_AUTH=":".join(login), DEMIX_GRPC_PORT="0") as (
+            url, output, _):
+        flower_url = output[-1].split("Flower: ")[1].split(";")[0]
+        for path in ("/tasks/datatable?draw=1&start=0&length=10&order[0][column]=0&columns[0][data]=name",
+                     "/api/tasks"):
+            assert requests.get(flower_url + path, timeout=10).status_code == 401, path
+            assert requests.get(flower_url + path, timeout=10, auth=login).status_code == 200, path
+        assert requests.get(f"{url}/v1/jobs/x", timeout=10).status_code == 401  # the API's own keys
+    assert any("Flower asks for the login in DEMIX_FLOWER_AUTH" in line for line in output), output
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_fresh_demix_up_serves_real_htdemucs_exactly_like_demucs(tmp_path):

@@ -19,6 +19,7 @@ import typing as tp
 
 import pytest
 
+from demix.cli.argv import flower_argv
 from demix.cli.processes import popen_child
 from demix.cli.redis_server import RedisServer, free_port
 from demix.cli.supervisor import Part, RestartPolicy, Service, ServiceFailed, Supervisor, describe_exit
@@ -330,6 +331,41 @@ def test_the_service_runs_without_grpc_when_its_port_is_taken(tmp_path):
     assert [part.name for part in service.parts()] == ["worker", "API"]
     assert any(f"127.0.0.1:{taken} is already in use (DEMIX_GRPC_PORT)" in line for line in said), said
     assert "gRPC" not in service.ready_message()
+
+
+def test_with_api_keys_and_no_flower_login_demix_up_says_flower_keeps_to_loopback():
+    # DEMIX_HOST 127.0.0.2 stands for a public address: another loopback one.
+    settings = Settings.from_env({"DEMIX_HOST": "127.0.0.2", "DEMIX_PORT": str(free_port()),
+                                  "DEMIX_FLOWER_PORT": str(free_port()), "DEMIX_GRPC_PORT": "0",
+                                  "DEMIX_API_KEYS": "k1"}, redis_url="redis://127.0.0.1:1/0", model_repo="/models")
+    service, said = Service(settings), []
+    service.prepare(said.append)
+    assert any("Flower listens on 127.0.0.1 only" in line and "DEMIX_FLOWER_AUTH" in line for line in said), said
+    assert f"Flower: http://127.0.0.1:{settings.flower_port};" in service.ready_message()
+    assert "--address=127.0.0.1" in flower_argv(settings)
+
+
+def test_with_a_flower_login_demix_up_gives_it_to_flower_and_to_the_readiness_check(monkeypatch):
+    settings = Settings.from_env({"DEMIX_HOST": "127.0.0.2", "DEMIX_API_KEYS": "k1",
+                                  "DEMIX_FLOWER_AUTH": "ops:pa55"}, redis_url="redis://127.0.0.1:1/0")
+    service = Service(settings)
+    started, asked = [], []
+    monkeypatch.setattr("demix.cli.supervisor.popen_child", lambda argv, env, **kwargs: started.append((argv, env)))
+    monkeypatch.setattr("demix.cli.supervisor._http_ok", lambda url, headers=None: asked.append((url, headers)))
+    flower = next(part for part in service.parts() if part.name == "Flower")
+    flower.spawn()
+    flower.is_ready(None)
+    [(argv, env)] = started
+    assert env["FLOWER_BASIC_AUTH"] == "ops:pa55" and "pa55" not in " ".join(argv)
+    assert "--address=127.0.0.2" in argv
+    assert asked == [(f"http://127.0.0.2:{settings.flower_port}/healthcheck", {"Authorization": "Basic b3BzOnBhNTU="})]
+
+
+def test_a_malformed_flower_login_stops_demix_up_before_anything_starts():
+    settings = Settings.from_env({"DEMIX_PORT": str(free_port()), "DEMIX_FLOWER_AUTH": "just-a-password"},
+                                 redis_url="redis://127.0.0.1:1/0", model_repo="/models")
+    with pytest.raises(ServiceFailed, match="DEMIX_FLOWER_AUTH: login 1 is not user:password"):
+        Service(settings).prepare(lambda line: None)
 
 
 def test_with_a_private_redis_the_other_parts_wait_for_it_and_only_flower_and_grpc_are_optional(tmp_path):
