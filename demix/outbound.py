@@ -1,9 +1,11 @@
 """Requests the service makes to addresses users give it (`url` inputs, webhook
 `callback_url`s), held to the private-address rule.
 
-A user-given address must not reach the service's own network: loopback, private,
-link-local (cloud metadata at 169.254.169.254), multicast and reserved ranges are
-refused unless `DEMIX_ALLOW_PRIVATE_URLS=1`. The rule is checked twice: on the resolved
+A user-given address must not reach the service's own network: only public addresses are
+allowed (`is_public_address`: loopback, private, link-local — cloud metadata at
+169.254.169.254 —, multicast, documentation, benchmarking, reserved and every other
+special-purpose range are refused, and IPv6 forms that embed an IPv4 address are judged by
+it or refused whole) unless `DEMIX_ALLOW_PRIVATE_URLS=1`. The rule is checked twice: on the resolved
 addresses when the URL is accepted (a quick, clear 400), and on the address each
 connection is actually made to (after DNS, so a name that resolves differently the
 second time — DNS rebinding — or a redirect to an internal host reads nothing). Proxies
@@ -27,14 +29,73 @@ MAX_URL_LENGTH = 2048
 """Longest `url` or `callback_url` accepted, in characters."""
 
 
+# The address rule. An address is public when it is global unicast and on no special-purpose
+# range: every entry of IANA's IPv4 and IPv6 Special-Purpose Address Registries is refused,
+# even the few the registry calls globally reachable (PCP/TURN anycast, AS112 sinks, AMT
+# relays, ORCHIDv2, drone tags): none serves files, and a rule without exceptions inside
+# its blocks is easier to audit. Written out rather than `ipaddress.is_global`, whose
+# answers differ between Python versions.
+
+_IPV4_NOT_PUBLIC = tuple(ipaddress.IPv4Network(block) for block in (
+    "0.0.0.0/8",        # "this network"
+    "10.0.0.0/8",       # private-use
+    "100.64.0.0/10",    # shared address space (carrier-grade NAT)
+    "127.0.0.0/8",      # loopback
+    "169.254.0.0/16",   # link-local (cloud metadata at 169.254.169.254)
+    "172.16.0.0/12",    # private-use
+    "192.0.0.0/24",     # IETF protocol assignments (DS-Lite, NAT64 discovery, PCP/TURN anycast)
+    "192.0.2.0/24",     # documentation (TEST-NET-1)
+    "192.31.196.0/24",  # AS112-v4
+    "192.52.193.0/24",  # AMT
+    "192.88.99.0/24",   # 6to4 relay anycast (deprecated) and 6a44
+    "192.168.0.0/16",   # private-use
+    "192.175.48.0/24",  # AS112 direct delegation
+    "198.18.0.0/15",    # benchmarking
+    "198.51.100.0/24",  # documentation (TEST-NET-2)
+    "203.0.113.0/24",   # documentation (TEST-NET-3)
+    "224.0.0.0/4",      # multicast
+    "240.0.0.0/4",      # reserved, and the limited broadcast 255.255.255.255
+))
+
+_IPV6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+"""IANA's global unicast space. Everything outside it is refused unless it embeds an IPv4
+address (below): ::/8 (unspecified, loopback, IPv4-compatible ::/96, IPv4-translated
+::ffff:0:0:0/96, NAT64 local-use 64:ff9b:1::/48), 100::/8 (discard-only, dummy), 5f00::/16
+(SRv6), fc00::/7 (unique-local), fe80::/10 (link-local), fec0::/10 (site-local), ff00::/8
+(multicast)."""
+
+_IPV6_NOT_PUBLIC = tuple(ipaddress.IPv6Network(block) for block in (
+    "2001::/23",          # IETF protocol assignments: Teredo 2001::/32, benchmarking 2001:2::/48,
+                          # AMT, AS112, ORCHID and ORCHIDv2, drone tags, PCP/TURN/DNS-SD anycast
+    "2001:db8::/32",      # documentation
+    "2002::/16",          # 6to4
+    "2620:4f:8000::/48",  # AS112 direct delegation
+    "3fff::/20",          # documentation
+))
+
+_IPV6_EMBEDDING_IPV4 = (
+    ipaddress.IPv6Network("::ffff:0:0/96"),   # IPv4-mapped: a dual-stack socket connects to the IPv4 address
+    ipaddress.IPv6Network("64:ff9b::/96"),    # NAT64 well-known prefix: the translator connects to it
+)
+"""Forms judged by the IPv4 address in their last 32 bits. The other transition forms are
+refused whole, whatever they embed: 6to4 and Teredo are deprecated and relayed by
+whoever announces them, IPv4-compatible and IPv4-translated addresses are obsolete, and
+NAT64's local-use prefix 64:ff9b:1::/48 places the IPv4 address by a prefix length only
+the network's operator knows. (A network-specific NAT64 prefix, chosen inside global
+space, cannot be told from a public address: a deployment using one must firewall it.)"""
+
+
 def is_public_address(address: str) -> bool:
-    """Whether an IP address is one the outside world can be reached at (not loopback,
-    private, link-local, multicast, reserved or unspecified; an IPv4-mapped IPv6
-    address is judged as its IPv4 address)."""
+    """Whether an IP address is one the outside world can be reached at: global unicast
+    and on no special-purpose range; an IPv4-mapped or NAT64 (64:ff9b::/96) IPv6 address is
+    judged as the IPv4 address it embeds, every other IPv6 transition form is refused."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in prefix for prefix in _IPV6_EMBEDDING_IPV4):
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        else:
+            return ip in _IPV6_GLOBAL_UNICAST and not any(ip in block for block in _IPV6_NOT_PUBLIC)
+    return not any(ip in block for block in _IPV4_NOT_PUBLIC)
 
 
 def check_url_syntax(value: str, field: str) -> str:
