@@ -5,23 +5,30 @@ A user-given address must not reach the service's own network: only public addre
 allowed (`is_public_address`: loopback, private, link-local — cloud metadata at
 169.254.169.254 —, multicast, documentation, benchmarking, reserved and every other
 special-purpose range are refused, and IPv6 forms that embed an IPv4 address are judged by
-it or refused whole) unless `DEMIX_ALLOW_PRIVATE_URLS=1`. The rule is checked twice: on the resolved
-addresses when the URL is accepted (a quick, clear 400), and on the address each
-connection is actually made to (after DNS, so a name that resolves differently the
-second time — DNS rebinding — or a redirect to an internal host reads nothing). Proxies
-from the environment are ignored, as they would hide the address connected to.
+it or refused whole) unless `DEMIX_ALLOW_PRIVATE_URLS=1`. The rule is applied when the URL
+is accepted (a quick, clear 400), and again by every connection, before it is made: the
+host is resolved once, every address checked, and the socket connected to a checked
+address, so a name that resolves differently the second time (DNS rebinding) or a
+redirect to an internal host reaches nothing, and no port of an internal host is ever
+probed. Refusals name the host, never the address it resolved to. Proxies from the
+environment are ignored, as they would hide the address connected to.
 """
 from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
+import threading
 import typing as tp
 import urllib.parse
+import weakref
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util.connection import allowed_gai_family
 
 from demix.errors import AddressNotAllowed, BadRequest
 
@@ -130,82 +137,212 @@ def check_url_syntax(value: str, field: str) -> str:
 def check_public_url(url: str, field: str, allow_private: bool) -> None:
     """Refuse a URL whose host resolves to any non-public address (unless `allow_private`).
 
-    A host that does not resolve now passes: the connection-time check is the one that
-    counts, and a fetch (or delivery) to a name that still does not resolve fails then,
-    saying so, instead of a DNS hiccup refusing submissions.
+    A host that does not resolve now passes: the check each connection makes is the one
+    that counts, and a fetch (or delivery) to a name that still does not resolve fails
+    then, saying so, instead of a DNS hiccup refusing submissions.
 
     Raises:
-        AddressNotAllowed: it does (the message names the address and the setting).
+        AddressNotAllowed: it does (the message names the host and the setting, never the
+            address: a caller must not learn where an internal name points).
     """
     if allow_private:
         return
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
+        addresses = _resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
     except (socket.gaierror, UnicodeError):
         return
-    for info in infos:
-        address = str(info[4][0])
-        if not is_public_address(address):
-            raise _not_allowed(field, host, address)
+    if not all(is_public_address(str(info[4][0])) for info in addresses):
+        raise _not_allowed(host, field)
 
 
-def _not_allowed(field: str, host: str, address: str) -> AddressNotAllowed:
+def _resolve(host: str, port: int) -> list[tuple]:
+    return socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+
+
+def _not_allowed(host: str, field: str = "") -> AddressNotAllowed:
+    subject = f"{field} host {host!r}" if field else f"host {host!r}"
     return AddressNotAllowed(
-        f"{field} host {host!r} is at {address}, an address on a private, loopback, link-local, "
-        "multicast or reserved range; the service does not connect there "
-        "(DEMIX_ALLOW_PRIVATE_URLS=1 allows it on a private deployment)",
-        details={"address": address})
+        f"{subject} is not allowed: it resolves to a non-public address (loopback, private, "
+        "link-local, reserved or another special-purpose range); the service does not connect there "
+        "(DEMIX_ALLOW_PRIVATE_URLS=1 allows it on a private deployment)")
 
 
-class _PeerCheck:
-    """Mixed into urllib3's connections: the rule, on the socket's actual peer, before
-    anything is sent."""
+class _OpenSockets:
+    """The sockets one session has opened, so that another thread can cut them (`abort`).
+
+    Each is held as a duplicate of its file descriptor, kept until the session closes: a
+    response can go on reading a socket whose connection urllib3 has already closed (a
+    `Connection: close` answer), and shutting the duplicate down wakes that read too.
+    """
+
+    def __init__(self, allow_private: bool):
+        self.allow_private = allow_private
+        self._lock = threading.Lock()
+        self._duplicates: list[socket.socket] = []
+        self._aborted = False
+
+    def check_not_aborted(self) -> None:
+        if self._aborted:
+            raise ConnectionAbortedError("the session was aborted")
+
+    def opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._aborted:
+                sock.close()
+                raise ConnectionAbortedError("the session was aborted")
+            self._duplicates.append(sock.dup())
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            for duplicate in self._duplicates:
+                try:
+                    duplicate.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # not connected any more
+
+    def close(self) -> None:
+        with self._lock:
+            for duplicate in self._duplicates:
+                duplicate.close()
+            self._duplicates.clear()
+
+
+class _OutboundConnectionMixin:
+    """Mixed into urllib3's connections: resolve the host once, hold every address to the
+    rule (unless the session allows private ones), connect to a checked address, and
+    register the socket with the session. Only socket creation changes: the Host header,
+    TLS SNI and certificate checks still use the URL's host name."""
+
+    def __init__(self, *args: tp.Any, outbound: _OpenSockets, **kwargs: tp.Any):
+        self._outbound = outbound
+        super().__init__(*args, **kwargs)
 
     def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()  # type: ignore[misc]
-        address = sock.getpeername()[0]
-        if not is_public_address(address):
-            sock.close()
-            raise _not_allowed("the", str(getattr(self, "host", "")), address)
+        self._outbound.check_not_aborted()
+        if self._outbound.allow_private:
+            sock = super()._new_conn()  # type: ignore[misc]
+        else:
+            sock = _connect_public(self)  # type: ignore[arg-type]
+        self._outbound.opened(sock)
         return sock
 
 
-class _CheckedHTTPConnection(_PeerCheck, urllib3.connection.HTTPConnection):
+def _connect_public(connection: urllib3.connection.HTTPConnection) -> socket.socket:
+    """A socket connected to one of the host's addresses, all of them checked first; the
+    errors urllib3's own `_new_conn` raises, or the rule's refusal."""
+    try:
+        addresses = _resolve(connection._dns_host, connection.port)
+    except socket.gaierror as exc:
+        raise NameResolutionError(connection.host, connection, exc) from exc
+    if not all(is_public_address(str(info[4][0])) for info in addresses):
+        raise _not_allowed(connection.host)
+    try:
+        sock = _connect_first(addresses, connection.timeout, connection.source_address,
+                              connection.socket_options)
+    except socket.timeout as exc:
+        raise ConnectTimeoutError(connection, f"Connection to {connection.host} timed out. "
+                                              f"(connect timeout={connection.timeout})") from exc
+    except OSError as exc:
+        raise NewConnectionError(connection, f"Failed to establish a new connection: {exc}") from exc
+    sys.audit("http.client.connect", connection, connection.host, connection.port)
+    return sock
+
+
+def _connect_first(addresses: list[tuple], timeout: tp.Any, source_address: tp.Any,
+                   options: tp.Any) -> socket.socket:
+    """Connect to the first of `addresses` (getaddrinfo's answers) that accepts, as
+    `socket.create_connection` would, but with no lookup of its own."""
+    error: OSError = OSError("no address to connect to")
+    for family, kind, protocol, _name, address in addresses:
+        sock = socket.socket(family, kind, protocol)
+        try:
+            for option in options or ():
+                sock.setsockopt(*option)
+            if timeout is None or isinstance(timeout, (int, float)):  # else urllib3's "default" token
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+class _OutboundHTTPConnection(_OutboundConnectionMixin, urllib3.connection.HTTPConnection):
     pass
 
 
-class _CheckedHTTPSConnection(_PeerCheck, urllib3.connection.HTTPSConnection):
+class _OutboundHTTPSConnection(_OutboundConnectionMixin, urllib3.connection.HTTPSConnection):
     pass
 
 
-class _CheckedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _CheckedHTTPConnection
+class _OutboundPoolMixin:
+    """Mixed into urllib3's pools: each connection they make reports to `outbound_sockets`,
+    set on a subclass made per session (`_OutboundAdapter`)."""
+
+    outbound_sockets: _OpenSockets
+
+    def __init__(self, *args: tp.Any, **kwargs: tp.Any):
+        # A pool's extra keywords reach each connection's constructor.
+        super().__init__(*args, outbound=self.outbound_sockets, **kwargs)  # type: ignore[call-arg]
 
 
-class _CheckedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _CheckedHTTPSConnection
+class _OutboundHTTPPool(_OutboundPoolMixin, HTTPConnectionPool):
+    ConnectionCls = _OutboundHTTPConnection
 
 
-class _PublicOnlyAdapter(HTTPAdapter):
+class _OutboundHTTPSPool(_OutboundPoolMixin, HTTPSConnectionPool):
+    ConnectionCls = _OutboundHTTPSConnection
+
+
+class _OutboundAdapter(HTTPAdapter):
+    def __init__(self, sockets: _OpenSockets):
+        self._sockets = sockets
+        super().__init__()
+
     def init_poolmanager(self, *args: tp.Any, **kwargs: tp.Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _CheckedHTTPPool, "https": _CheckedHTTPSPool}
-        self.poolmanager.key_fn_by_scheme = dict(self.poolmanager.key_fn_by_scheme)
+        # Classes, not partials: a caller may subclass a session's pool classes (webhooks do).
+        self.poolmanager.pool_classes_by_scheme = {
+            scheme: type(pool.__name__, (pool,), {"outbound_sockets": self._sockets})
+            for scheme, pool in (("http", _OutboundHTTPPool), ("https", _OutboundHTTPSPool))}
 
 
-def outbound_session(allow_private: bool) -> requests.Session:
-    """A `requests` session for user-given URLs: no proxies from the environment, and
-    (unless `allow_private`) every connection's peer checked against the rule."""
-    session = requests.Session()
-    session.trust_env = False  # a proxy would hide the address actually connected to
-    if not allow_private:
-        adapter = _PublicOnlyAdapter()
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-    return session
+class OutboundSession(requests.Session):
+    """A `requests` session for user-given URLs (see `outbound_session`) that another
+    thread can cut short with `abort`."""
+
+    def __init__(self, allow_private: bool):
+        super().__init__()
+        self.trust_env = False  # a proxy would hide the address actually connected to
+        self._sockets = _OpenSockets(allow_private)
+        weakref.finalize(self, self._sockets.close)  # a session dropped without close() leaks no descriptor
+        adapter = _OutboundAdapter(self._sockets)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
+
+    def abort(self) -> None:
+        """Shut down every connection the session has opened, waking any thread blocked on
+        one (its request or read then fails), and refuse new ones."""
+        self._sockets.abort()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._sockets.close()
+
+
+def outbound_session(allow_private: bool) -> OutboundSession:
+    """A `requests` session for user-given URLs: no proxies from the environment, each
+    host resolved once per connection and (unless `allow_private`) every address it
+    resolves to checked against the rule before connecting, to a checked address."""
+    return OutboundSession(allow_private)
 
 
 def connection_refusal(exc: BaseException) -> tp.Optional[AddressNotAllowed]:

@@ -1,12 +1,24 @@
 """The private-address rule (`demix.outbound`): the address table against IANA's special-purpose
-registries."""
+registries, and connections that resolve once, check, and connect only to a checked address.
+
+Names here resolve through a stub, and a guard fails the test if any socket connects to
+an address that is not loopback: no test sends a packet off this machine, even by mistake."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import socket
+import threading
 
 import pytest
 
-from demix.outbound import is_public_address
+from demix import outbound
+from demix.errors import AddressNotAllowed
+from demix.intake.url_fetch import fetch_url
+from demix.outbound import check_public_url, connection_refusal, is_public_address, outbound_session
+from tests.support.file_server import FileServer
+from tests.support.trickle_server import TrickleServer
+from tests.support.waiting import wait_for
 
 # -- the table -----------------------------------------------------------------------------------
 
@@ -130,3 +142,187 @@ def test_public_addresses_pass(address):
 
 def test_a_scope_id_does_not_change_the_answer():
     assert not is_public_address("fe80::1%eth0")
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("127.0.0.1", False), ("127.1.2.3", False), ("::1", False), ("10.1.2.3", False),
+    ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False), ("fe80::1", False),
+    ("fd00::1", False), ("224.0.0.1", False), ("0.0.0.0", False), ("240.0.0.1", False),
+    ("100.64.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:8.8.8.8", True),
+])
+def test_public_addresses_are_told_from_the_rest(address, public):
+    assert is_public_address(address) is public
+
+
+@pytest.mark.parametrize("url", ["http://localhost:8000/a.wav", "http://127.0.0.1/a.wav",
+                                 "https://[::1]/a.wav", "http://10.0.0.7/a.wav",
+                                 "http://169.254.169.254/latest/meta-data/"])
+def test_a_private_host_is_refused_before_any_connection(url):
+    with pytest.raises(AddressNotAllowed) as refused:
+        check_public_url(url, "url", allow_private=False)
+    assert refused.value.code == "url_not_allowed" and "DEMIX_ALLOW_PRIVATE_URLS" in refused.value.message
+    check_public_url(url, "url", allow_private=True)  # a private deployment may
+
+
+def test_a_redirect_inward_is_refused_at_its_hop(strict, monkeypatch, tmp_path):
+    """127.0.0.2 plays a public server (the rule is told so) that redirects to 127.0.0.1."""
+    real = outbound.is_public_address
+    monkeypatch.setattr(outbound, "is_public_address", lambda address: address == "127.0.0.2" or real(address))
+    with FileServer("127.0.0.2") as public, FileServer() as internal:
+        internal.routes["/secret"] = (200, {}, b"internal data")
+        public.routes["/song.wav"] = (302, {"Location": f"{internal.base}/secret"}, b"")
+        with open(tmp_path / "got", "wb") as file, pytest.raises(AddressNotAllowed):
+            fetch_url(f"{public.base}/song.wav", file, strict)
+    assert public.requests == ["/song.wav"] and internal.requests == []
+
+
+def test_the_session_ignores_proxies_from_the_environment(monkeypatch):
+    with FileServer() as files:
+        files.routes["/x"] = (200, {}, b"direct")
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9/")  # nothing listens on the discard port
+        with outbound_session(True) as session:
+            assert session.get(f"{files.base}/x", timeout=5).content == b"direct"
+
+
+# -- connections ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Network:
+    """The stubbed resolver's answers and what the code under test did with them."""
+    answers: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    lookups: list[str] = dataclasses.field(default_factory=list)
+    connects: list[tuple] = dataclasses.field(default_factory=list)
+
+
+@pytest.fixture
+def network(monkeypatch) -> Network:
+    """Names in `answers` resolve to their addresses (one per lookup; the last one stays);
+    every connect is recorded, and one to an address that is not loopback fails the test
+    without being made."""
+    seen = Network()
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in seen.answers:
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        seen.lookups.append(host)
+        answers = seen.answers[host]
+        address = answers.pop(0) if len(answers) > 1 else answers[0]
+        if ":" in address:
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, int(port), 0, 0))]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, int(port)))]
+
+    def connect(sock, address):
+        seen.connects.append(address)
+        if not ipaddress.ip_address(address[0]).is_loopback:
+            pytest.fail(f"a connection to {address} was attempted")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda sock, address: pytest.fail(f"connect_ex {address}"))
+    return seen
+
+
+@pytest.fixture
+def strict(settings):
+    return dataclasses.replace(settings, allow_private_urls=False, url_timeout_s=5.0)
+
+
+INTERNAL = ["10.0.0.1", "169.254.169.254", "64:ff9b::a00:1", "2002:a00:1::1", "::ffff:0:a00:1", "fec0::1"]
+
+
+@pytest.mark.parametrize("address", INTERNAL)
+def test_a_name_resolving_inward_is_refused_before_any_connection_without_naming_the_address(
+        network, strict, address, tmp_path):
+    network.answers["internal.example"] = [address]
+    url = "http://internal.example:8080/song.wav"
+    with pytest.raises(AddressNotAllowed) as at_submission:
+        check_public_url(url, "url", allow_private=False)
+    with outbound_session(False) as session, pytest.raises(Exception) as by_session:
+        session.get(url, timeout=5)
+    with open(tmp_path / "got", "wb") as file, pytest.raises(AddressNotAllowed) as by_fetch:
+        fetch_url(url, file, strict)
+    refusals = [at_submission.value, connection_refusal(by_session.value), by_fetch.value]
+    assert network.connects == []
+    for refusal in refusals:
+        assert refusal is not None and refusal.to_dict() == {"code": "url_not_allowed", "message": refusal.message}
+        assert "internal.example" in refusal.message and "DEMIX_ALLOW_PRIVATE_URLS" in refusal.message
+        assert address not in refusal.message and str(ipaddress.ip_address(address)) not in refusal.message
+        assert refusal.details == {}
+
+
+def test_refusal_is_the_same_for_an_open_and_a_closed_port(network, strict, tmp_path):
+    """Refused before connecting, a host's ports are never probed: nothing tells them apart."""
+    network.answers["vm.example"] = ["127.0.0.1"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # nothing listens once the probe is closed
+    messages = []
+    with FileServer() as files:
+        files.routes["/song.wav"] = (200, {}, b"RIFF....")
+        for port in (files.port, closed):
+            with open(tmp_path / "got", "wb") as file, pytest.raises(AddressNotAllowed) as refused:
+                fetch_url(f"http://vm.example:{port}/song.wav", file, strict)
+            messages.append(refused.value.message.replace(str(port), "PORT"))
+        assert files.requests == []
+    assert messages[0] == messages[1] and "127.0.0.1" not in messages[0]
+    assert network.connects == []
+
+
+def test_a_name_is_resolved_once_and_the_checked_address_connected_to(network, strict, monkeypatch, tmp_path):
+    """DNS rebinding: the name answers a public address first and an internal one after.
+    The fetch looks it up once, checks that answer and connects to it; a later fetch whose
+    one lookup answers inward is refused without connecting. (127.0.0.2 plays the public
+    server: the rule is told so.)"""
+    real = outbound.is_public_address
+    monkeypatch.setattr(outbound, "is_public_address", lambda address: address == "127.0.0.2" or real(address))
+    with FileServer() as internal, FileServer("127.0.0.2", internal.port) as public:
+        internal.routes["/song.wav"] = (200, {}, b"internal data")
+        public.routes["/song.wav"] = (200, {}, b"public data")
+        network.answers["rebinding.example"] = ["127.0.0.2", "127.0.0.1"]
+        url = f"http://rebinding.example:{internal.port}/song.wav"
+        with open(tmp_path / "got", "wb") as file:
+            assert fetch_url(url, file, strict) == len(b"public data")
+        assert (tmp_path / "got").read_bytes() == b"public data"
+        assert network.lookups == ["rebinding.example"] and network.connects == [("127.0.0.2", internal.port)]
+        with open(tmp_path / "again", "wb") as file, pytest.raises(AddressNotAllowed):
+            fetch_url(url, file, strict)
+        assert network.connects == [("127.0.0.2", internal.port)]
+        assert internal.requests == [] and public.requests == ["/song.wav"]
+
+
+def test_a_redirect_hop_is_resolved_and_checked_the_same_way(network, strict, monkeypatch, tmp_path):
+    real = outbound.is_public_address
+    monkeypatch.setattr(outbound, "is_public_address", lambda address: address == "127.0.0.2" or real(address))
+    with FileServer() as internal, FileServer("127.0.0.2") as public:
+        network.answers["inward.example"] = ["127.0.0.1"]
+        public.routes["/song.wav"] = (302, {"Location": f"http://inward.example:{internal.port}/secret"}, b"")
+        with open(tmp_path / "got", "wb") as file, pytest.raises(AddressNotAllowed) as refused:
+            fetch_url(f"{public.base}/song.wav", file, strict)
+        assert "127.0.0.1" not in refused.value.message
+        assert public.requests == ["/song.wav"] and internal.requests == []
+        assert network.connects == [("127.0.0.2", public.port)]
+
+
+def test_an_aborted_session_wakes_a_blocked_read_and_opens_nothing_more():
+    failed: list[BaseException] = []
+    with TrickleServer("headers", lifetime=30) as server, outbound_session(True) as session:
+        def get() -> None:
+            try:
+                session.get(server.url, timeout=30).close()
+            except Exception as exc:  # noqa: BLE001 - what the abort looks like to the reader
+                failed.append(exc)
+
+        reader = threading.Thread(target=get)
+        reader.start()
+        wait_for(lambda: server.requests == 1, "the request", timeout=10)
+        session.abort()
+        reader.join(5)
+        assert not reader.is_alive() and len(failed) == 1
+        assert server.hung_up.wait(5)
+        with pytest.raises(Exception):
+            session.get(server.url, timeout=5)
+        assert server.connections == 1
+

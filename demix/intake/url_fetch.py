@@ -10,7 +10,7 @@ import requests
 
 from demix.config import Settings
 from demix.errors import DemixError, FetchFailed, UploadTooLarge
-from demix.outbound import check_public_url, check_url_syntax, connection_refusal, outbound_session
+from demix.outbound import check_url_syntax, connection_refusal, outbound_session
 
 CHUNK_BYTES = 1 << 20
 """Bytes read and written per step of a fetch."""
@@ -29,35 +29,35 @@ def fetch_url(url: str, file: tp.BinaryIO, settings: Settings,
     Redirects are followed up to `DEMIX_URL_MAX_REDIRECTS`, each target checked again.
 
     Raises:
-        AddressNotAllowed: a hop names or connects to a private address.
+        AddressNotAllowed: a hop names or resolves to a non-public address (each connection
+            resolves its host once and checks every address before connecting).
         UploadTooLarge: the body is (or announces itself as) over `DEMIX_MAX_UPLOAD_MB`.
         FetchFailed: anything else: an error status, a timeout, too many redirects.
     """
-    session = outbound_session(settings.allow_private_urls)
-    deadline = time.monotonic() + FETCH_DEADLINE_S
-    current = url
-    try:
-        for _hop in range(settings.url_max_redirects + 1):
-            check_public_url(current, "url", settings.allow_private_urls)
-            with session.get(current, stream=True, allow_redirects=False,
-                             timeout=(settings.url_timeout_s, settings.url_timeout_s),
-                             headers={"User-Agent": "demix", "Accept-Encoding": "identity"}) as response:
-                if response.is_redirect:
-                    current = check_url_syntax(urllib.parse.urljoin(current, response.headers["Location"]), "url")
-                    continue
-                if not 200 <= response.status_code < 300:
-                    raise FetchFailed(f"fetching {_short(current)} failed: the server answered "
-                                      f"HTTP {response.status_code} {response.reason or ''}".rstrip())
-                return _save_body(response, file, settings, deadline, progress)
-        raise FetchFailed(f"fetching {_short(url)} failed: more than {settings.url_max_redirects} "
-                          "redirects (DEMIX_URL_MAX_REDIRECTS)")
-    except DemixError:
-        raise
-    except (requests.RequestException, OSError) as exc:
-        refusal = connection_refusal(exc)
-        if refusal is not None:
-            raise refusal from None
-        raise FetchFailed(f"fetching {_short(current)} failed: {_reason(exc)}") from None
+    with outbound_session(settings.allow_private_urls) as session:
+        deadline = time.monotonic() + FETCH_DEADLINE_S
+        current = url
+        try:
+            for _hop in range(settings.url_max_redirects + 1):
+                with session.get(current, stream=True, allow_redirects=False,
+                                 timeout=(settings.url_timeout_s, settings.url_timeout_s),
+                                 headers={"User-Agent": "demix", "Accept-Encoding": "identity"}) as response:
+                    if response.is_redirect:
+                        current = check_url_syntax(urllib.parse.urljoin(current, response.headers["Location"]), "url")
+                        continue
+                    if not 200 <= response.status_code < 300:
+                        raise FetchFailed(f"fetching {_short(current)} failed: the server answered "
+                                          f"HTTP {response.status_code} {response.reason or ''}".rstrip())
+                    return _save_body(response, file, settings, deadline, progress)
+            raise FetchFailed(f"fetching {_short(url)} failed: more than {settings.url_max_redirects} "
+                              "redirects (DEMIX_URL_MAX_REDIRECTS)")
+        except DemixError:
+            raise
+        except (requests.RequestException, OSError) as exc:
+            refusal = connection_refusal(exc)
+            if refusal is not None:
+                raise refusal from None
+            raise FetchFailed(f"fetching {_short(current)} failed: {_reason(exc)}") from None
 
 
 def _save_body(response: requests.Response, file: tp.BinaryIO, settings: Settings, deadline: float,
