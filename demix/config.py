@@ -138,8 +138,9 @@ class Settings:
     webhook_timeout_s: float = _setting(
         10.0, "Longest a webhook receiver may take to answer, in seconds, before the attempt fails.")
     allow_private_urls: bool = _setting(
-        False, "1: `url` inputs and webhook `callback_url`s may reach loopback, private, link-local "
-               "and reserved addresses (a private deployment); 0: they are refused.")
+        False, "1: `url` inputs and webhook `callback_url`s may reach non-public addresses (loopback, "
+               "private, link-local, reserved and other special-purpose ranges: a private deployment); "
+               "0: they are refused.")
     url_timeout_s: float = _setting(
         30.0, "Longest a `url` input's server may take to accept the connection or send more data, "
               "in seconds, before the fetch fails.")
