@@ -5,12 +5,18 @@ Names here resolve through a stub, and a guard fails the test if any socket conn
 an address that is not loopback: no test sends a packet off this machine, even by mistake."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.server
 import ipaddress
 import socket
+import ssl
 import threading
+import typing as tp
+from pathlib import Path
 
 import pytest
+import requests
 
 from demix import outbound
 from demix.errors import AddressNotAllowed
@@ -304,6 +310,61 @@ def test_a_redirect_hop_is_resolved_and_checked_the_same_way(network, strict, mo
         assert "127.0.0.1" not in refused.value.message
         assert public.requests == ["/song.wav"] and internal.requests == []
         assert network.connects == [("127.0.0.2", public.port)]
+
+
+TLS = Path(__file__).resolve().parent / "data" / "tls"
+"""A self-signed certificate (and its key) for files.example, valid until 2126: only these tests trust it."""
+
+
+@contextlib.contextmanager
+def https_server(host: str) -> tp.Iterator[dict]:
+    """An HTTPS server on `host` with the files.example certificate; yields what it saw:
+    its `port`, the TLS server names asked for (`sni`) and the requests' Host headers."""
+    seen: dict = {"sni": [], "host": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen["host"].append(self.headers["Host"])
+            self.send_response(200)
+            self.send_header("Content-Length", "6")
+            self.end_headers()
+            self.wfile.write(b"secure")
+
+        def log_message(self, *_: tp.Any) -> None:
+            pass
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(TLS / "files.example.crt", TLS / "files.example.key")
+    context.sni_callback = lambda sock, name, ctx: seen["sni"].append(name)
+    server = http.server.ThreadingHTTPServer((host, 0), Handler)
+    server.daemon_threads = True
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    seen["port"] = server.server_port
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_https_keeps_the_name_for_sni_the_host_header_and_the_certificate_check(network, monkeypatch):
+    """The socket goes to the checked address; TLS still asks for, and verifies, the name."""
+    real = outbound.is_public_address
+    monkeypatch.setattr(outbound, "is_public_address", lambda address: address == "127.0.0.2" or real(address))
+    network.answers.update({"files.example": ["127.0.0.2"], "other.example": ["127.0.0.2"]})
+    with https_server("127.0.0.2") as seen, outbound_session(False) as session:
+        port = seen["port"]
+        response = session.get(f"https://files.example:{port}/song.wav", verify=str(TLS / "files.example.crt"),
+                               timeout=10)
+        assert response.content == b"secure"
+        assert seen["sni"] == ["files.example"] and seen["host"] == [f"files.example:{port}"]
+        with pytest.raises(requests.exceptions.SSLError, match="Hostname mismatch"):
+            session.get(f"https://other.example:{port}/song.wav", verify=str(TLS / "files.example.crt"),
+                        timeout=10)
+    assert network.connects == [("127.0.0.2", port), ("127.0.0.2", port)]
 
 
 def test_an_aborted_session_wakes_a_blocked_read_and_opens_nothing_more():
