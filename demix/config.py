@@ -142,11 +142,15 @@ class Settings:
     webhook_timeout_s: float = _setting(
         10.0, "Longest a webhook receiver may take to answer, in seconds, before the attempt fails.")
     allow_private_urls: bool = _setting(
-        False, "1: `url` inputs and webhook `callback_url`s may reach loopback, private, link-local "
-               "and reserved addresses (a private deployment); 0: they are refused.")
+        False, "1: `url` inputs and webhook `callback_url`s may reach non-public addresses (loopback, "
+               "private, link-local, reserved and other special-purpose ranges: a private deployment); "
+               "0: they are refused.")
     url_timeout_s: float = _setting(
         30.0, "Longest a `url` input's server may take to accept the connection or send more data, "
               "in seconds, before the fetch fails.")
+    url_deadline_s: float = _setting(
+        3600.0, "Longest a whole `url` input fetch may take, in seconds, however steadily its server "
+                "sends; a fetch still running then fails.")
     url_max_redirects: int = _setting(5, "Most redirects a `url` input's fetch follows (each checked again).")
     grpc_port: int = _setting(
         50051, "Port the gRPC interface (`demix grpc`) listens on, on DEMIX_HOST; 0: `demix up` runs without it.")

@@ -181,8 +181,10 @@ class SeparationFailed(DemixError):
 
 
 class AddressNotAllowed(BadRequest):
-    """A user-given URL (`url`, `callback_url`) names, resolves to, or redirects to an
-    address on a private, loopback, link-local, multicast or reserved range."""
+    """A user-given URL (`url`, `callback_url`) names, resolves to, or redirects to a
+    non-public address (private, loopback, link-local, multicast, reserved or another
+    special-purpose range: `demix.outbound.is_public_address`); the message names the host,
+    never the address."""
     code = "url_not_allowed"
     http_status = 400
 

@@ -74,7 +74,6 @@ TESTED_IN = {
     "demix.api_keys": "api/test_auth.py",
     "demix.audio.decoders": "intake/test_intake_formats.py",
     "demix.errors": "api/test_api_errors.py",
-    "demix.outbound": "intake/test_url_jobs.py",
     "demix.stems": "intake/test_job_request.py",
     "demix.intake.uploads": "api/test_api_uploads.py",
     "demix.intake.url_fetch": "intake/test_url_jobs.py",

@@ -234,8 +234,9 @@ def _form_schema(settings: Settings) -> dict:
         URL_FIELD: {"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH,
                     "pattern": r"^[hH][tT][tT][pP][sS]?://",
                     "description": "Instead of `file`: an http or https address a worker fetches the "
-                                   "input from (the job shows `stage: downloading`). Addresses on "
-                                   "private, loopback, link-local, multicast or reserved ranges are "
+                                   "input from (the job shows `stage: downloading`). Hosts that are or "
+                                   "resolve to non-public addresses (private, loopback, link-local, "
+                                   "multicast, reserved or another special-purpose range) are "
                                    "refused unless `DEMIX_ALLOW_PRIVATE_URLS=1`."}}
     for field in FORM_FIELDS:
         schema: dict[str, tp.Any] = dict(field.schema or {"type": "string", "enum": list(field.choices)})

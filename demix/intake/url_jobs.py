@@ -32,6 +32,7 @@ def fetch_input(job: Job, context, lease) -> Job:
     storage, settings, attempt = context.storage, context.settings, job.attempts
     ensure_room_for_upload(context)
     last_write = [-float("inf")]
+    last_confirm = [-float("inf")]
 
     def progress(received: int, total: int | None) -> None:
         lease.check()
@@ -41,12 +42,21 @@ def fetch_input(job: Job, context, lease) -> Job:
             context.jobs.update_running(job.id, attempt,
                                         download={"received_bytes": received, "total_bytes": total})
 
+    def check_interrupted() -> None:
+        # Asked while the server sends nothing too: a write is what learns of a cancel, so
+        # renew the lease when no progress was written lately.
+        lease.check()
+        now = time.monotonic()
+        if now - max(last_write[0], last_confirm[0]) >= DOWNLOAD_WRITE_INTERVAL_S:
+            last_confirm[0] = now
+            lease.confirm()
+
     started = time.monotonic()
     with storage.open_upload() as file:
         path = Path(file.name)
     try:
         with path.open("wb") as file:
-            received = fetch_url(job.source_url, file, settings, progress)
+            received = fetch_url(job.source_url, file, settings, progress, check_interrupted)
         lease.confirm()
         info = inspect_upload(path, settings)
         # The model and stems were checked at submission; what the input decides is the output.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
+import time
 import typing as tp
 
 import numpy as np
@@ -11,14 +13,15 @@ import pytest
 import requests
 import soundfile as sf
 
-from demix import redis_keys as keys, outbound
-from demix.errors import AddressNotAllowed, FetchFailed, UploadTooLarge
-from demix.outbound import check_public_url, is_public_address, outbound_session
+from demix import redis_keys as keys
+from demix.errors import FetchFailed, UploadTooLarge
 from demix.intake.url_fetch import fetch_url
+from demix.worker.attempt import JobInterrupted
 from demix.jobs.webhooks import Delivery, post_delivery
 from testkit.synthetic_audio import write_wav
 from tests.support.live import LiveServer, wait_for_job
 from tests.support.file_server import FileServer
+from tests.support.trickle_server import TrickleServer
 from tests.support.waiting import wait_for
 from tests.support.webhook_receiver import WebhookReceiver
 
@@ -35,50 +38,7 @@ def strict(settings):
     return dataclasses.replace(settings, allow_private_urls=False, url_timeout_s=5.0)
 
 
-# -- the rule ----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("address, public", [
-    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
-    ("127.0.0.1", False), ("127.1.2.3", False), ("::1", False), ("10.1.2.3", False),
-    ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False), ("fe80::1", False),
-    ("fd00::1", False), ("224.0.0.1", False), ("0.0.0.0", False), ("240.0.0.1", False),
-    ("100.64.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:8.8.8.8", True),
-])
-def test_public_addresses_are_told_from_the_rest(address, public):
-    assert is_public_address(address) is public
-
-
-@pytest.mark.parametrize("url", ["http://localhost:8000/a.wav", "http://127.0.0.1/a.wav",
-                                 "https://[::1]/a.wav", "http://10.0.0.7/a.wav",
-                                 "http://169.254.169.254/latest/meta-data/"])
-def test_a_private_host_is_refused_before_any_connection(url):
-    with pytest.raises(AddressNotAllowed) as refused:
-        check_public_url(url, "url", allow_private=False)
-    assert refused.value.code == "url_not_allowed" and "DEMIX_ALLOW_PRIVATE_URLS" in refused.value.message
-    check_public_url(url, "url", allow_private=True)  # a private deployment may
-
-
-def test_the_address_actually_connected_to_is_checked(files, strict, monkeypatch, tmp_path):
-    """A name that resolved to a public address at the check but connects inward (DNS
-    rebinding) reads nothing: the peer of the socket is checked before a byte is sent."""
-    files.routes["/song.wav"] = (200, {}, b"RIFF....")
-    monkeypatch.setattr("demix.intake.url_fetch.check_public_url", lambda *args, **kwargs: None)
-    with open(tmp_path / "got", "wb") as file, pytest.raises(AddressNotAllowed):
-        fetch_url(f"{files.base}/song.wav", file, strict)
-    assert files.requests == [] and (tmp_path / "got").stat().st_size == 0
-
-
-def test_a_redirect_inward_is_refused_at_its_hop(strict, monkeypatch, tmp_path):
-    """127.0.0.2 plays a public server (the rule is told so) that redirects to 127.0.0.1."""
-    real = outbound.is_public_address
-    monkeypatch.setattr(outbound, "is_public_address", lambda address: address == "127.0.0.2" or real(address))
-    with FileServer("127.0.0.2") as public, FileServer() as internal:
-        internal.routes["/secret"] = (200, {}, b"internal data")
-        public.routes["/song.wav"] = (302, {"Location": f"{internal.base}/secret"}, b"")
-        with open(tmp_path / "got", "wb") as file, pytest.raises(AddressNotAllowed):
-            fetch_url(f"{public.base}/song.wav", file, strict)
-    assert public.requests == ["/song.wav"] and internal.requests == []
-
+# -- fetching (the address rule itself: tests/test_outbound.py) ---------------------------------
 
 def test_redirects_are_followed_up_to_the_limit(files, settings, tmp_path):
     files.routes["/a"] = (302, {"Location": "/b"}, b"")
@@ -100,6 +60,78 @@ def test_a_body_announced_over_the_limit_is_not_read(files, settings, tmp_path):
     assert (tmp_path / "got").stat().st_size == 0
 
 
+def test_an_answer_with_over_100_headers_fails_saying_so(files, settings, tmp_path):
+    files.routes["/many.wav"] = (200, {f"X-Header-{n}": "x" for n in range(101)}, b"RIFF")
+    with open(tmp_path / "got", "wb") as file, pytest.raises(FetchFailed) as failed:
+        fetch_url(f"{files.base}/many.wav", file, settings)
+    assert "the server sent more than 100 headers" in failed.value.message
+    assert "could not connect" not in failed.value.message
+
+
+# -- fetches bounded in time, whatever the server does --------------------------------------------
+
+DEADLINE_S = 3.0
+"""The fetch deadline these tests set; each fetch must have ended `SLACK_S` after it."""
+
+SLACK_S = 2.0
+
+
+@pytest.mark.parametrize("mode", ["body", "headers"])
+def test_a_trickling_server_is_given_up_at_the_deadline(settings, tmp_path, mode):
+    """A byte every 0.5 s, of the body or of the headers, never lets the read time out:
+    the deadline ends the fetch all the same, and the connection is closed."""
+    quick = dataclasses.replace(settings, url_deadline_s=DEADLINE_S, url_timeout_s=5.0)
+    seen: list[int] = []
+    with TrickleServer(mode, interval=0.5) as server:
+        started = time.monotonic()
+        with open(tmp_path / "got", "wb") as file, pytest.raises(FetchFailed, match="DEMIX_URL_DEADLINE_S"):
+            fetch_url(server.url, file, quick, progress=lambda received, total: seen.append(received))
+        took = time.monotonic() - started
+        assert server.hung_up.wait(SLACK_S) and server.connections == 1
+    assert DEADLINE_S <= took < DEADLINE_S + SLACK_S
+    if mode == "body":  # received bytes reported as they trickle in, not per full buffer
+        assert len(set(seen)) >= 3 and seen == sorted(seen) and seen[-1] == (tmp_path / "got").stat().st_size
+
+
+def test_a_silent_server_fails_after_the_read_timeout(settings, tmp_path):
+    quick = dataclasses.replace(settings, url_deadline_s=60.0, url_timeout_s=1.0)
+    with TrickleServer("silent") as server:
+        started = time.monotonic()
+        with open(tmp_path / "got", "wb") as file, pytest.raises(FetchFailed, match="DEMIX_URL_TIMEOUT_S"):
+            fetch_url(server.url, file, quick)
+        assert time.monotonic() - started < 1.0 + SLACK_S
+        assert server.hung_up.wait(SLACK_S)
+
+
+@pytest.mark.parametrize("mode", ["silent", "body", "headers"])
+def test_an_interrupted_fetch_stops_within_a_second_whatever_the_server_does(settings, tmp_path, mode):
+    """`check_interrupted` is how a worker's lease stops a fetch (a cancelled job): it is
+    asked while the server sends nothing, a byte at a time, or its headers a byte at a time."""
+    interrupted = threading.Event()
+    stop_asked_at: list[float] = []
+
+    def check_interrupted() -> None:
+        if interrupted.is_set():
+            raise JobInterrupted("cancelled", "the job was cancelled")
+
+    def interrupt_once_connected() -> None:
+        gives_up = time.monotonic() + 10
+        while server.connections == 0 and time.monotonic() < gives_up:
+            time.sleep(0.02)
+        stop_asked_at.append(time.monotonic())
+        interrupted.set()
+
+    with TrickleServer(mode, lifetime=30) as server:
+        interrupter = threading.Thread(target=interrupt_once_connected)
+        interrupter.start()
+        with open(tmp_path / "got", "wb") as file, pytest.raises(JobInterrupted):
+            fetch_url(server.url, file, settings, check_interrupted=check_interrupted)
+        stopped_after = time.monotonic() - stop_asked_at[0]
+        interrupter.join(10)
+        assert server.hung_up.wait(SLACK_S)
+    assert stopped_after < SLACK_S  # checked every 0.5 s
+
+
 def test_a_webhook_to_a_private_address_is_refused_at_connection(strict):
     """A callback host that resolves inward when the delivery is made gets nothing."""
     with WebhookReceiver([200]) as receiver:
@@ -109,13 +141,6 @@ def test_a_webhook_to_a_private_address_is_refused_at_connection(strict):
         assert receiver.requests == []
         assert post_delivery(Delivery(id="d" * 32, job_id="j" * 32, url=receiver.url, body=b"{}",
                                       attempts=0), dataclasses.replace(strict, allow_private_urls=True)) is None
-
-
-def test_the_session_ignores_proxies_from_the_environment(monkeypatch, files):
-    files.routes["/x"] = (200, {}, b"direct")
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9/")  # nothing listens on the discard port
-    with outbound_session(True) as session:
-        assert session.get(f"{files.base}/x", timeout=5).content == b"direct"
 
 
 # -- through the service -------------------------------------------------------------------------
@@ -134,7 +159,9 @@ def strict_server(redis_server, settings):
 
 @pytest.mark.parametrize("field, value", [("url", "http://127.0.0.1:8000/song.wav"),
                                           ("url", "http://169.254.169.254/latest"),
-                                          ("callback_url", "http://10.0.0.1/hook")])
+                                          ("callback_url", "http://10.0.0.1/hook"),
+                                          ("url", "http://localhost:8000/song.wav"),
+                                          ("callback_url", "http://localhost/hook")])
 def test_the_api_refuses_private_addresses_and_queues_nothing(strict_server, redis_client, field, value):
     before = redis_client.zcard(keys.jobs_index_key())
     # A literal public address: checked, never connected to (the callback is refused first).
@@ -142,7 +169,11 @@ def test_the_api_refuses_private_addresses_and_queues_nothing(strict_server, red
     data[field] = value
     response = requests.post(f"{strict_server.url}/v1/jobs", data=data, timeout=30)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["code"] == "url_not_allowed"
+    error = response.json()["error"]
+    assert error["code"] == "url_not_allowed" and set(error) == {"code", "message"}
+    if "localhost" in value:  # the answer names the host given, never the address it resolves to
+        assert "localhost" in error["message"] and "127.0.0.1" not in error["message"] \
+            and "::1" not in error["message"]
     assert redis_client.zcard(keys.jobs_index_key()) == before
 
 
@@ -210,6 +241,27 @@ def test_a_url_job_that_cannot_be_fetched_or_accepted_fails_saying_why(live_serv
     done = wait_for_job(live_server.url, response.json()["id"], timeout=120)
     assert done["status"] == "failed" and done["error"]["code"] == code, done
     assert done["outputs"] is None
+
+
+def test_cancelling_a_url_job_stops_its_trickling_fetch_within_seconds(live_server):
+    """The worker shows the bytes as they trickle in, and a cancel reaches the fetch through
+    the job's lease: the connection is closed in seconds, and the worker is free again."""
+    with TrickleServer("body", interval=0.5, lifetime=60) as server:
+        response = requests.post(f"{live_server.url}/v1/jobs", data={"url": server.url}, timeout=30)
+        assert response.status_code == 202, response.text
+        job = response.json()
+
+        def trickling() -> tp.Optional[dict]:
+            seen = requests.get(job["url"], timeout=10).json()
+            return seen if (seen["download"] or {}).get("received_bytes", 0) >= 2 else None
+
+        wait_for(trickling, "the job showing bytes received", timeout=60)
+        cancelled_at = time.monotonic()
+        assert requests.post(f"{job['url']}/cancel", timeout=10).status_code == 200
+        assert server.hung_up.wait(10), "the fetch still runs 10 s after the cancel"
+        assert server.hung_up_at - cancelled_at < 2 * SLACK_S
+        assert server.connections == 1
+    assert wait_for_job(live_server.url, job["id"], timeout=30)["status"] == "cancelled"
 
 
 def test_a_url_job_takes_every_format_an_upload_takes(live_server, files, tmp_path):

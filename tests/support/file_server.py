@@ -8,10 +8,10 @@ import typing as tp
 
 
 class FileServer:
-    """Serves scripted answers on `host`: `routes` maps a path to (status, headers, body);
-    a route may hold its body's second half until `release` is set."""
+    """Serves scripted answers on `host` (and `port`; 0: a free one): `routes` maps a path
+    to (status, headers, body); a route may hold its body's second half until `release` is set."""
 
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.routes: dict[str, tuple[int, dict, bytes]] = {}
         self.hold: set[str] = set()
         self.release = threading.Event()
@@ -41,9 +41,10 @@ class FileServer:
             def log_message(self, *_: tp.Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
-        self.base = f"http://{host}:{self.server.server_port}"
+        self.port = self.server.server_port
+        self.base = f"http://{host}:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> "FileServer":
