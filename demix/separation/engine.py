@@ -11,8 +11,9 @@ the job's device and precision (`demix.separation.forward`).
 A RoFormer (`demix.separation.roformer`) takes the same path around a different core: no
 normalisation, and MSST's windowed demix (`demix.separation.roformer.inference`) in place of
 `StreamingSeparator`, so it reads the input once through the model. Its windows are its
-config's (`chunk_size`, `num_overlap`), one per forward: the options' `shifts`,
-`overlap` and `batch_segments` are Demucs' and do not apply to it.
+config's (`chunk_size`, `num_overlap`, weighted in batches of `batch_size` as MSST's), one
+per forward on a CPU and a batch per forward on a GPU: the options' `shifts`, `overlap` and
+`batch_segments` are Demucs' and do not apply to it.
 
 Nothing holds the whole track: the input is streamed twice (once for its mean and
 standard deviation, once through the model) and, for one stem `X`, a third time in

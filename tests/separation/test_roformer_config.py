@@ -40,6 +40,7 @@ def test_msst_configs_are_read(name, architecture, sources, chunk_size, overlap)
     config = read_config(MSST_CONFIGS / name)
     assert (config.architecture, config.sources, config.chunk_size, config.num_overlap, config.samplerate) == (
         architecture, sources, chunk_size, overlap, 44100)
+    assert config.batch_size == 4  # what MSST's inference runs them with (its fades depend on it)
     assert config.model["stft_hop_length"] == 441
     assert isinstance(config.model["multi_stft_resolutions_window_sizes"], tuple)
 
@@ -57,12 +58,18 @@ def test_the_settings_come_from_their_sections():
     assert parse_config(SMALL.replace("inference: {", "inference: {chunk_size: 2000, ")).chunk_size == 2000
 
 
+def test_the_batch_size_is_the_configs_or_one():
+    assert parse_config(SMALL).batch_size == 1
+    assert parse_config(SMALL.replace("inference: {", "inference: {batch_size: 3, ")).batch_size == 3
+
+
 @pytest.mark.parametrize("change, message", [
     (("num_bands: 4", "freqs_per_bands: [1, 2]"), None),
     (("num_bands: 4", "stereo: true"), "cannot tell BS-RoFormer from Mel-Band"),
     (("inference: {num_overlap: 2}", "inference: {}"), "no inference.num_overlap"),
     (("chunk_size: 1000, ", ""), "no chunk_size"),
     (("chunk_size: 1000", "chunk_size: -5"), "chunk_size must be a positive integer"),
+    (("inference: {", "inference: {batch_size: 0, "), "inference.batch_size must be a positive integer"),
     (("target_instrument: vocals", "target_instrument: null"), "num_stems is 1 but the config names 2"),
     (("instruments: [vocals, other], target_instrument: vocals", "batch_size: 2"), "names no sources"),
     (("model: {", "model: [1]\nx: {"), "no model: section"),

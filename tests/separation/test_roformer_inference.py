@@ -1,5 +1,6 @@
 """RoFormer inference against MSST's `demix` (generic mode), streamed and through the
-engine: the same estimates, stems that add up to the input, flat memory, precisions."""
+engine: the same estimates at every length and batch size, stems that add up to the
+input, flat memory, precisions."""
 from __future__ import annotations
 
 import collections
@@ -15,14 +16,16 @@ from demix.errors import SeparationFailed
 from testkit.memory_sink import MemorySink, separate, snr_db
 from testkit.synthetic_audio import write_wav
 from tests.support.precision import assert_bf16_close_to_fp32, assert_falls_back_to_fp32, assert_gpu_close_to_cpu
-from tests.roformer_fixtures import ARCHITECTURES, reference_arrays, reference_model, small_config_path
+from tests.roformer_fixtures import (ARCHITECTURES, LENGTH_BATCH_SIZES, LENGTH_CASES, length_arrays, reference_arrays,
+                                     reference_model, small_checkpoint_path, small_config_path)
 from demix.separation import forward as forward_module
 from demix.separation import mix_io
 from demix.separation.engine import separate_file
 from demix.separation.forward import plain_forward
 from demix.separation.mix_io import BLOCK_FRAMES
-from demix.separation.roformer import build_model, read_config
-from demix.separation.roformer.inference import demix_stream, fade_window, network_runner, window_count
+from demix.separation.roformer import build_model, load_model, read_config
+from demix.separation.roformer.inference import (demix_stream, fade_window, network_runner, window_count,
+                                                 windows_per_forward)
 
 # Each runs a separation model over audio (seconds each): outside the fast set.
 pytestmark = pytest.mark.slow
@@ -59,6 +62,33 @@ def test_the_stream_gives_msst_demix_output(model, architecture, case, block_fra
     assert len(windows) == window_count(mix.shape[-1], model.chunk_size, model.num_overlap)
 
 
+@pytest.mark.parametrize("batch_size", LENGTH_BATCH_SIZES)
+@pytest.mark.parametrize("case", LENGTH_CASES)
+def test_the_stream_gives_msst_demix_output_at_every_length_and_batch_size(model, architecture, case, batch_size):
+    """Shorter than half a window, than a window, exactly one, between one and two
+    borders, exactly two, longer; MSST's batches of 1 and of 4 (its published configs'),
+    whose fades differ at the ends (see `demix.separation.roformer.inference`); a batch
+    in one forward, as MSST runs it, from blocks shorter than a step."""
+    arrays = length_arrays(architecture)
+    chunk_size, num_overlap = int(arrays["chunk_size"]), int(arrays["num_overlap"])
+    mix = torch.from_numpy(arrays[f"input_{case}"])
+    blocks = [mix[:, start:start + 97] for start in range(0, mix.shape[-1], 97)]
+    run = network_runner(model, range(len(model.sources)), plain_forward)
+    batches: list[int] = []
+
+    def counting_run(windows: torch.Tensor) -> torch.Tensor:
+        batches.append(len(windows))
+        return run(windows)
+
+    estimate = torch.cat(list(demix_stream(blocks, counting_run, chunk_size, num_overlap, batch_size=batch_size)),
+                         dim=-1).numpy()
+    expected = arrays[f"output_{case}_batch{batch_size}"]
+    assert estimate.shape == expected.shape
+    assert np.abs(estimate - expected).max() < 1e-5
+    windows = window_count(mix.shape[-1], chunk_size, num_overlap)
+    assert batches == [batch_size] * (windows // batch_size) + [windows % batch_size] * (windows % batch_size > 0)
+
+
 def test_a_whole_file_through_the_engine_gives_msst_demix_output(model, architecture, tmp_path):
     arrays = reference_arrays(architecture)
     path = tmp_path / "in.wav"
@@ -70,6 +100,48 @@ def test_a_whole_file_through_the_engine_gives_msst_demix_output(model, architec
     for index, name in enumerate(model.sources):
         assert sink.formats[name] == (44100, 2, "FLOAT", arrays["demix_long_input"].shape[1])
         assert np.abs(sink.stem(name).T - arrays["demix_long_output"][index]).max() < 1e-4
+
+
+@pytest.mark.parametrize("batch_size", LENGTH_BATCH_SIZES)
+@pytest.mark.parametrize("case", LENGTH_CASES)
+def test_the_engine_gives_msst_demix_output_with_the_configs_batch_size(architecture, case, batch_size, tmp_path):
+    """An MSST config with that window and batch size, read as `demix models add` keeps it,
+    through the engine: MSST's `demix` of the same config (the issue's case is Kim's config,
+    num_overlap 2 and batch_size 4, on a clip of exactly one window)."""
+    arrays = length_arrays(architecture)
+    config = small_config_path(architecture).read_text(encoding="utf-8")
+    config = config.replace("chunk_size: 11008", f"chunk_size: {int(arrays['chunk_size'])}")
+    config = config.replace("batch_size: 1", f"batch_size: {batch_size}")
+    (tmp_path / "config.yaml").write_text(config, encoding="utf-8")
+    model = load_model(small_checkpoint_path(architecture), tmp_path / "config.yaml")
+    mix = arrays[f"input_{case}"]
+    sf.write(str(tmp_path / "in.wav"), mix.T, 44100, subtype="FLOAT")
+    forwards: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(len(args[0])))
+    sink = separate(model, tmp_path / "in.wav")
+    # On a CPU the windows of a batch run one per forward (windows_per_forward).
+    assert forwards == [1] * window_count(mix.shape[-1], model.chunk_size, model.num_overlap)
+    for index, name in enumerate(model.sources):
+        assert np.abs(sink.stem(name).T - arrays[f"output_{case}_batch{batch_size}"][index]).max() < 1e-5
+
+
+@pytest.mark.parametrize("per_forward, forwards", [(None, [5]), (1, [1] * 5), (2, [2, 2, 1])])
+def test_a_batch_runs_in_forwards_of_the_given_size(bs_model, per_forward, forwards):
+    windows = torch.from_numpy(reference_arrays("bs_roformer")["network_input"]).repeat(5, 1, 1)
+    windows = windows * torch.linspace(0.5, 1.5, 5)[:, None, None]
+    seen: list[int] = []
+    run = network_runner(bs_model, [1, 0], lambda model, stack: seen.append(len(stack)) or model(stack), per_forward)
+    estimate = run(windows)
+    with torch.inference_mode():
+        expected = torch.stack([bs_model(window[None])[0] for window in windows]).flip(1)
+    assert seen == forwards
+    assert estimate.shape == (5, 2, 2, windows.shape[-1])
+    assert torch.allclose(estimate, expected, atol=1e-6)
+
+
+def test_windows_stack_per_forward_on_a_gpu_only():
+    assert windows_per_forward(4, "cpu") == 1
+    assert windows_per_forward(4, "cuda") == windows_per_forward(4, "cuda:1") == 4
 
 
 def test_the_fade_window_is_msst_linear_fade():
@@ -116,15 +188,16 @@ def test_progress_rises_to_one_over_the_windows(bs_model, tmp_path):
     assert seen == sorted(seen) and seen[-1] == 1.0
 
 
-def test_the_input_is_read_a_bounded_distance_ahead_of_the_written_stems(tmp_path, monkeypatch):
-    """Memory stays flat: no read of the input gets more than a window and two blocks
-    ahead of what every stem has written (a narrower network and shorter blocks than
-    the service's keep this quick; the bound scales with them)."""
+@pytest.mark.parametrize("batch_size, seconds", [(1, 4.0), (4, 6.0)])
+def test_the_input_is_read_a_bounded_distance_ahead_of_the_written_stems(tmp_path, monkeypatch, batch_size, seconds):
+    """Memory stays flat: no read of the input gets more than a batch of windows and two
+    blocks ahead of what every stem has written (a narrower network and shorter blocks
+    than the service's keep this quick; the bound scales with them)."""
     config = read_config(small_config_path("bs_roformer"))
     narrow = dict(config.model, dim=8, depth=1, linear_transformer_depth=0, mlp_expansion_factor=1)
-    bs_model = build_model(dataclasses.replace(config, model=narrow, num_overlap=2))
+    bs_model = build_model(dataclasses.replace(config, model=narrow, num_overlap=2, batch_size=batch_size))
     monkeypatch.setattr(mix_io, "BLOCK_FRAMES", 8192)
-    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=4.0)
+    path = write_wav(tmp_path / "in.wav", 44100, 2, seconds=seconds)
     sink = MemorySink()
     positions: dict[int, int] = collections.defaultdict(int)
     leads: dict[int, list[int]] = collections.defaultdict(list)
@@ -140,9 +213,10 @@ def test_the_input_is_read_a_bounded_distance_ahead_of_the_written_stems(tmp_pat
     monkeypatch.setattr(AudioReader, "read", recording_read)
     separate_file(bs_model, path, "vocals", sink)
     assert len(leads) == 2  # the input is read once through the model, once for no_vocals
-    bound = bs_model.chunk_size + 2 * 8192
+    step = bs_model.chunk_size // bs_model.num_overlap
+    bound = bs_model.chunk_size + (batch_size - 1) * step + 2 * 8192
     assert all(max(lead) <= bound for lead in leads.values())
-    assert bound < 44100 * 4 / 5
+    assert bound < 44100 * seconds / 5
 
 
 def test_bf16_runs_close_to_fp32(model, tmp_path, monkeypatch):
@@ -184,9 +258,10 @@ def test_a_mono_network_separates_each_channel_on_its_own():
     torch.manual_seed(0)
     mono = BSRoformer(16, depth=1, stereo=False, num_stems=2, freqs_per_bands=(64, 65), stft_n_fft=256,
                       stft_hop_length=64, stft_win_length=256, dim_head=8, heads=2).eval()
-    part = torch.randn(2, 1280)
-    estimate = network_runner(mono, [1], plain_forward)(part)
+    windows = torch.randn(3, 2, 1280)
+    estimate = network_runner(mono, [1], plain_forward)(windows)
     with torch.inference_mode():
-        expected = torch.cat([mono(part[channel:channel + 1][None])[0, 1] for channel in range(2)])
-    assert estimate.shape == (1, 2, 1280)
-    assert torch.allclose(estimate[0], expected, atol=1e-6)
+        expected = torch.stack([torch.cat([mono(window[channel:channel + 1][None])[0, 1] for channel in range(2)])
+                                for window in windows])
+    assert estimate.shape == (3, 1, 2, 1280)
+    assert torch.allclose(estimate[:, 0], expected, atol=1e-6)

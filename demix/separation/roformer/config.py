@@ -2,7 +2,8 @@
 
 MSST (github ZFTurbo/Music-Source-Separation-Training) ships each checkpoint with a
 YAML whose `model:` section is the network's constructor keywords, `audio:` its sample
-rate and chunk size, `training:` its instruments and `inference:` the overlap. Those
+rate and chunk size, `training:` its instruments and `inference:` the overlap and the
+batch size (how many windows MSST runs per forward, which also decides its fades). Those
 files write tuples as `!!python/tuple`, which `yaml.safe_load` refuses; MSST reads
 them with `yaml.FullLoader`, which also builds arbitrary Python objects. An operator's
 file is read here by `SafeLoader` plus that one tag, and nothing else.
@@ -22,6 +23,10 @@ ARCHITECTURES = (BS_ROFORMER, MEL_BAND_ROFORMER)
 
 DEFAULT_SAMPLERATE = 44100
 """Hz; MSST's default when a config's `audio:` section has no `sample_rate`."""
+
+DEFAULT_BATCH_SIZE = 1
+"""Windows per batch when a config's `inference:` section has no `batch_size` (MSST
+requires one)."""
 
 
 class RoformerConfigError(ValueError):
@@ -64,6 +69,7 @@ class RoformerConfig:
     samplerate: int  # Hz
     chunk_size: int  # frames per window (MSST's `inference.chunk_size` or `audio.chunk_size`)
     num_overlap: int  # windows covering each frame; the step is chunk_size // num_overlap
+    batch_size: int = DEFAULT_BATCH_SIZE  # windows per batch (MSST's `inference.batch_size`): decides the fades
 
     def model_kwargs(self) -> dict[str, tp.Any]:
         """A fresh copy of the constructor keywords."""
@@ -115,7 +121,8 @@ def parse_config(text: str, architecture: tp.Optional[str] = None) -> RoformerCo
         architecture=architecture, model=dict(model), sources=sources,
         samplerate=_positive_int(audio.get("sample_rate", DEFAULT_SAMPLERATE), "audio.sample_rate"),
         chunk_size=_positive_int(chunk_size, "chunk_size"),
-        num_overlap=_positive_int(inference["num_overlap"], "inference.num_overlap"))
+        num_overlap=_positive_int(inference["num_overlap"], "inference.num_overlap"),
+        batch_size=_positive_int(inference.get("batch_size", DEFAULT_BATCH_SIZE), "inference.batch_size"))
     if config.chunk_size < 10 or config.chunk_size // config.num_overlap < 1:
         raise RoformerConfigError(f"chunk_size {config.chunk_size} is too short for "
                                   f"num_overlap {config.num_overlap}")

@@ -88,6 +88,10 @@ class RoformerNetwork(nn.Module):
         return self._config.num_overlap
 
     @property
+    def batch_size(self) -> int:
+        return self._config.batch_size
+
+    @property
     def segment(self) -> float:
         """Seconds per window (what `demix.separation.forward.warm_model` runs once)."""
         return self.chunk_size / self.samplerate

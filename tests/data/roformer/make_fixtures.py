@@ -21,6 +21,14 @@ network with seeded random weights (its state_dict), and `<arch>_small.npz`:
   (batch_size 1, as in the config) on seeded music-like signals of several lengths,
   `output` stacked in the config's source order.
 
+and `<arch>_small_lengths.npz`, the same network and `demix` with the window shortened to
+`LENGTHS_CHUNK_SIZE` frames (so that every length class stays a few thousand frames) and
+the config's `num_overlap`, for each of `LENGTH_CASES` and each of `BATCH_SIZES`:
+
+- `chunk_size`, `num_overlap`: the window settings used;
+- `input_<case>`: the mix; `output_<case>_batch<B>`: `demix` with `inference.batch_size` B,
+  stacked in the config's source order.
+
 `msst_state_dict_shapes.json` lists, for MSST's own configs in `msst_configs/`, every
 state_dict key and shape of MSST's network built from them, and `mel_bands.npz` the mel
 band membership (`freqs_per_band`) MSST computes with librosa for a few settings.
@@ -44,6 +52,23 @@ DEMIX_LENGTHS = {
     "short": 9000,  # no end padding (too short for it); the one window is reflect-padded
     "tiny": 3000,  # the one window zero-padded (less than half a window)
 }
+
+LENGTHS_CHUNK_SIZE = 1408  # 22 hops of 64
+"""The window of the length-class fixtures. BS-RoFormer's num_overlap 4 makes its step 352
+and its border 1056; Mel-Band's num_overlap 2 makes both 704."""
+
+LENGTH_CASES = {
+    "under_half_window": 500,  # one window, zero-padded (BS: two, the second zero-padded too)
+    "under_window": 1200,  # the last window reflect-padded; Mel-Band: between one and two borders
+    "one_window": 1408,  # exactly one window; Mel-Band: exactly two borders, so no end padding
+    "between_borders": 1800,  # BS: over a window, under two borders (no end padding); Mel-Band: padded
+    "two_borders": 2112,  # BS: exactly two borders, so still no end padding
+    "long": 4000,  # reflect-padded at both ends; with batches of 4, BS ends on a batch of 2, Mel-Band on a full one
+}
+
+BATCH_SIZES = (1, 4)
+"""`inference.batch_size` values: 1 (the small configs') and 4 (MSST's published RoFormer
+configs')."""
 
 MEL_BAND_SETTINGS = [(44100, 2048, 60), (44100, 2048, 64), (48000, 2048, 60), (44100, 256, 8)]
 """(sample_rate, n_fft, num_bands) whose band membership is recorded."""
@@ -103,6 +128,25 @@ def small_fixtures(architecture: str) -> None:
         arrays[f"demix_{case}_output"] = np.stack([estimates[name] for name in estimates])
         print(architecture, case, "sources", list(estimates), arrays[f"demix_{case}_output"].shape)
     np.savez_compressed(HERE / f"{architecture}_small.npz", **arrays)
+    length_fixtures(architecture, config, model)
+
+
+def length_fixtures(architecture: str, config, model: torch.nn.Module) -> None:
+    from ml_collections import ConfigDict
+    from utils.model_utils import demix
+
+    config = ConfigDict(config.to_dict())  # a copy: the window changes
+    config.audio.chunk_size = LENGTHS_CHUNK_SIZE
+    arrays = {"chunk_size": np.array(LENGTHS_CHUNK_SIZE), "num_overlap": np.array(config.inference.num_overlap)}
+    for case, frames in LENGTH_CASES.items():
+        mix = music_like(frames, seed=frames)
+        arrays[f"input_{case}"] = mix
+        for batch_size in BATCH_SIZES:
+            config.inference.batch_size = batch_size
+            estimates = demix(config, model, mix, torch.device("cpu"), architecture)
+            arrays[f"output_{case}_batch{batch_size}"] = np.stack([estimates[name] for name in estimates])
+        print(architecture, case, frames, "frames: batch sizes", BATCH_SIZES)
+    np.savez_compressed(HERE / f"{architecture}_small_lengths.npz", **arrays)
 
 
 def msst_config_shapes() -> None:
