@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import http
 import io
 import json
 import logging
@@ -57,6 +58,8 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from demix.api import FORM_OVERHEAD_BYTES
 from demix.api.early_answers import answer_from_headers
 from demix.config import Settings
+from demix.errors import DemixError
+from demix.intake.uploads import disk_filled_while_receiving, upload_too_large
 from demix.storage.local import is_disk_full
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,12 @@ class EarlyAnswer:
         return cls(status, (("Content-Type", "application/json"), *headers), body)
 
     @classmethod
+    def of_error(cls, error: DemixError) -> "EarlyAnswer":
+        """One of the service's errors, as the app would answer it."""
+        return cls.json_error(f"{error.http_status} {http.HTTPStatus(error.http_status).phrase}",
+                              error.code, error.message, error.headers.items())
+
+    @classmethod
     def of_response(cls, response: tp.Any) -> "EarlyAnswer":
         """The app's own (Flask) response."""
         headers = tuple((name, value) for name, value in response.headers.items()
@@ -122,13 +131,6 @@ class EarlyAnswer:
         head = [f"HTTP/1.1 {self.status}", *(f"{name}: {value}" for name, value in self.headers),
                 f"Content-Length: {len(self.body)}", "Connection: close", "Server: demix"]
         return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + self.body
-
-
-def upload_too_large(settings: Settings) -> EarlyAnswer:
-    # The same words as the app's own 413 (demix.api.error_responses).
-    return EarlyAnswer.json_error("413 Content Too Large", "upload_too_large",
-                                  f"upload is larger than the {settings.max_upload_mb} MiB limit "
-                                  "(DEMIX_MAX_UPLOAD_MB)")
 
 
 def request_environ(request: tp.Any, server: "GuardedServer") -> dict:
@@ -153,7 +155,7 @@ class JsonErrorTask(ErrorTask):
         body = json.dumps({"error": {"code": error.reason.lower().replace(" ", "_"),
                                      "message": f"{error.reason}: {error.body}"}}).encode()
         if error.code == 413:
-            body = upload_too_large(self.channel.server.settings).body
+            body = EarlyAnswer.of_error(upload_too_large(self.channel.server.settings)).body
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
@@ -175,7 +177,6 @@ class GuardedChannel(HTTPChannel):
         self.request_started: tp.Optional[float] = time.monotonic()
         self.body_started: tp.Optional[float] = None
         self.body_received = 0
-        self.checked_request: tp.Any = None
         self.linger_until: tp.Optional[float] = None
         self._write_shut = False
 
@@ -206,10 +207,7 @@ class GuardedChannel(HTTPChannel):
                 file.close()
             if not is_disk_full(exc):
                 raise
-            # The same answer as the app's when the disk fills under an upload it writes.
-            self.refuse(EarlyAnswer.json_error(
-                "507 Insufficient Storage", "insufficient_storage",
-                "the server's disk filled up while receiving the upload; it was not kept, try again later"))
+            self.refuse(EarlyAnswer.of_error(disk_filled_while_receiving()))
             return False
         request = self.request  # the request still being received, if any
         if request is None:
@@ -218,12 +216,10 @@ class GuardedChannel(HTTPChannel):
         if request is not partial_before or self.request_started is None:
             self.request_started, self.body_started, self.body_received = now, None, 0
         if request.headers_finished:
-            if self.body_started is None:
+            if self.body_started is None:  # its headers are in, its body is still coming
                 self.body_started = now
-            self.body_received += len(data)
-            if self.checked_request is not request:
-                self.checked_request = request
                 self.server.ask_early_answer(self, request)
+            self.body_received += len(data)
         return handled
 
     # -- deadlines ----------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from werkzeug.formparser import FormDataParser, MultiPartParser
 from werkzeug.sansio.multipart import File
 
 from demix.config import Settings
-from demix.errors import DemixError, FormFieldTooLarge, TooManyFormParts, UploadTooLarge
-from demix.intake.uploads import CappedUploadFile
+from demix.errors import DemixError, FormFieldTooLarge, TooManyFormParts
+from demix.intake.uploads import CappedUploadFile, upload_too_large
 
 MULTIPART = "multipart/form-data"
 URLENCODED = "application/x-www-form-urlencoded"
@@ -136,7 +136,7 @@ def body_too_large(settings: Settings) -> DemixError:
         return FormFieldTooLarge(
             f"an {URLENCODED} body holds text fields only, at most {request.max_content_length} "
             f"bytes; send the audio as the file part 'file' of a {MULTIPART} body")
-    return UploadTooLarge(f"upload is larger than the {settings.max_upload_mb} MiB limit (DEMIX_MAX_UPLOAD_MB)")
+    return upload_too_large(settings)
 
 
 def upload_path(file_storage: tp.Any) -> Path:

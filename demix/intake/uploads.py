@@ -31,14 +31,12 @@ class CappedUploadFile:
         """Append `data`; raises `UploadTooLarge` instead once the part passes the limit."""
         self.size += len(data)
         if self.size > self._settings.max_upload_bytes:
-            raise UploadTooLarge(f"upload is larger than the {self._settings.max_upload_mb} MiB "
-                                 "limit (DEMIX_MAX_UPLOAD_MB)")
+            raise upload_too_large(self._settings)
         try:
             return self._file.write(data)
         except OSError as exc:
             if is_disk_full(exc):
-                raise InsufficientStorage("the server's disk filled up while receiving the upload; "
-                                          "it was not kept, try again later") from exc
+                raise disk_filled_while_receiving() from exc
             raise
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -49,6 +47,18 @@ class CappedUploadFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+def upload_too_large(settings: Settings) -> UploadTooLarge:
+    """The error of an upload over `DEMIX_MAX_UPLOAD_MB`, wherever it is noticed (the app's
+    file part, its Content-Length, the HTTP front)."""
+    return UploadTooLarge(f"upload is larger than the {settings.max_upload_mb} MiB limit (DEMIX_MAX_UPLOAD_MB)")
+
+
+def disk_filled_while_receiving() -> InsufficientStorage:
+    """The error of an upload the disk filled up under (written by the app or spooled by the front)."""
+    return InsufficientStorage("the server's disk filled up while receiving the upload; it was not kept, "
+                               "try again later")
 
 
 def ensure_room_for_upload(services, incoming_bytes: int = 0) -> None:

@@ -25,6 +25,7 @@ from demix.cli.redis_server import RedisServer, free_port
 from demix.cli.supervisor import Part, RestartPolicy, Service, ServiceFailed, Supervisor, describe_exit
 from demix.config import Settings
 from demix.host_processes import process_is_gone
+from tests.support.service_state import database_url
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.processes
@@ -283,7 +284,7 @@ def test_the_service_warns_when_webhooks_are_overdue_and_no_sender_is_alive(redi
     from demix import redis_keys as keys
     from demix.jobs.webhook_health import OVERDUE_S, beat
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/6"  # the session's worker sends webhooks on database 0
+    url = database_url(redis_server, 6)  # the session's worker sends webhooks on database 0
     service = Service(Settings.from_env({}, redis_url=url))
     with redis.Redis.from_url(url) as client:
         client.flushdb()

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from demix.errors import InvalidAudio
 from demix.jobs.records import Job, JobStatus, JobStore, new_job_id
 from testkit.synthetic_audio import write_wav
+from tests.support.service_state import database_url
 from tests.support.live import wait_for_job
 
 
@@ -134,7 +135,7 @@ def test_webhook_senders_pending_and_overdue_deliveries_are_shown(redis_server, 
     from demix.jobs.webhook_health import OVERDUE_S
 
     # Database 4: the session's worker runs its own webhook sender on database 0.
-    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/4")
+    client = redis.Redis.from_url(database_url(redis_server, 4))
     client.flushdb()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(client, {}, tmp_path))

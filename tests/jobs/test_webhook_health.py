@@ -5,23 +5,20 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 
 from demix import redis_keys as keys
 from demix.jobs.records import Job, JobStatus, new_job_id
 from demix.jobs.webhook_health import OVERDUE_S, SENDER_LIVE_S, WebhookHealth, beat, forget_sender, webhook_health
 from demix.jobs.webhooks import WebhookQueue, WebhookSender
+from tests.support.service_state import empty_database
 from tests.support.waiting import wait_for
 
 
 @pytest.fixture
 def own_db(redis_server):
     """Database 5 of the test Redis: the session's worker runs its own sender on database 0."""
-    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/5")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with empty_database(redis_server, 5) as client:
+        yield client
 
 
 def finished_job(callback_url: str) -> Job:

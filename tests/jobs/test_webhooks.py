@@ -28,6 +28,7 @@ from demix.jobs.webhooks import WebhookQueue, WebhookSender, validate_callback_u
 from demix.worker.background import BackgroundProcess
 from testkit.synthetic_audio import wav_bytes
 from tests.support.webhook_receiver import HANG, Redirect, Slow, Trickle, WebhookReceiver
+from tests.support.service_state import database_url, empty_database
 from tests.support.waiting import wait_for
 
 SECRET = "s3cret-for-tests"
@@ -36,10 +37,8 @@ SECRET = "s3cret-for-tests"
 @pytest.fixture
 def webhook_redis(redis_server):
     """Database 1 of the test Redis: the session's worker runs its own sender on database 0."""
-    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/1")
-    client.flushdb()
-    yield client
-    client.flushdb()
+    with empty_database(redis_server, 1) as client:
+        yield client
 
 
 @pytest.fixture
@@ -514,7 +513,7 @@ JOBS_PER_RECEIVER = 2
 def chaos_db(redis_server, monkeypatch) -> tp.Iterator[redis.Redis]:
     """Database 3 of the test Redis, which the background processes started here use (they read
     DEMIX_REDIS_URL and the webhook settings from the environment)."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    url = database_url(redis_server, 3)
     monkeypatch.setenv("DEMIX_REDIS_URL", url)
     for name, value in CHAOS_SETTINGS.items():
         monkeypatch.setenv(name, value)

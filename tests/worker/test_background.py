@@ -22,6 +22,7 @@ from demix.jobs.records import Job, JobStatus
 from demix.host_processes import process_is_gone
 from demix.readiness import mark_ready
 from demix.jobs.webhooks import WebhookQueue
+from tests.support.service_state import database_url
 from tests.support.waiting import wait_for
 from tests.support.webhook_receiver import WebhookReceiver
 from demix.worker.background import BackgroundProcess
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.processes
 def own_db(redis_server, monkeypatch, settings) -> tp.Iterator[redis.Redis]:
     """Database 2 of the test Redis, which the background processes started here use (they
     read DEMIX_REDIS_URL): the session's worker has its own on database 0."""
-    url = redis_server.url.rsplit("/", 1)[0] + "/2"
+    url = database_url(redis_server, 2)
     monkeypatch.setenv("DEMIX_REDIS_URL", url)
     client = redis.Redis.from_url(url)
     client.flushdb()

@@ -28,6 +28,7 @@ from demix.storage.local import JobStorage
 from testkit.synthetic_audio import write_wav
 from tests.support.live import LiveServer, wait_for_job
 from tests.support.demix_up import DEMIX
+from tests.support.service_state import database_url
 from tests.support.waiting import wait_for
 from demix.worker.maintenance import (SWEEPS, LostJobSweep, LostMessageSweep, MaintenanceContext, MaintenanceLoop,
                                       Sweep, lost_message_sweep_interval)
@@ -187,7 +188,7 @@ def test_a_job_the_sweep_fails_as_lost_sends_its_webhook(settings, redis_server)
     from demix.worker.maintenance import maintenance_context
 
     # Database 1: the session's worker runs its own sender on database 0.
-    own_db = dataclasses.replace(settings, redis_url=redis_server.url.rsplit("/", 1)[0] + "/1",
+    own_db = dataclasses.replace(settings, redis_url=database_url(redis_server, 1),
                                  queue=QUEUE, max_attempts=1, webhook_attempts=1)
     context = maintenance_context(celery_app, own_db)
     with WebhookReceiver([200]) as receiver:
