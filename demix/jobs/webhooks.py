@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
 import typing as tp
@@ -61,7 +60,8 @@ from demix.host_processes import this_host
 from demix.jobs.job_json import job_json
 from demix.jobs.records import Job
 from demix.jobs.webhook_health import HEARTBEAT_S, beat, forget_sender
-from demix.outbound import MAX_URL_LENGTH, check_url_syntax, connection_refusal, outbound_session
+from demix.outbound import (MAX_URL_LENGTH, OutboundSession, check_url_syntax, connection_refusal,
+                             outbound_session)
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,6 @@ POLL_INTERVAL_S = 0.5
 """How often an idle sender looks for due deliveries."""
 ERROR_PAUSE_S = 1.0
 """How long a sender waits after an error (Redis unreachable, a bug) before it goes on."""
-DEADLINE_CHECK_S = 0.1
-"""Once an attempt's deadline has passed, how often it shuts down a connection made since."""
 
 # Claims the deliveries due now, up to a number. Each due id whose record is gone (expired) is
 # unlisted. A record that is not a hash, or whose `attempts` is not a count, is returned as
@@ -326,8 +324,9 @@ def _text(value: tp.Optional[bytes]) -> str:
 
 
 class AttemptDeadline:
-    """The end of one attempt, `seconds` after it began: then every connection the attempt
-    made is shut down (a read blocked on it returns at once) and a new one is refused.
+    """The end of one attempt, `seconds` after it began: then its session is aborted
+    (`OutboundSession.abort`): every connection it made is shut down (a read blocked on it
+    returns at once) and a new one is refused.
 
     `requests`' timeout bounds each socket read, not their sum: a receiver sending its status
     line a byte a second would hold an attempt, and outlive its lease, for as long as it likes.
@@ -335,68 +334,28 @@ class AttemptDeadline:
 
     def __init__(self, seconds: float):
         self.seconds = seconds
-        self._connections: list[tp.Any] = []
-        self._lock = threading.Lock()
         self._passed = threading.Event()
-        self._finished = threading.Event()
 
     @property
     def passed(self) -> bool:
         return self._passed.is_set()
 
     @contextlib.contextmanager
-    def watching(self, session: requests.Session) -> tp.Iterator["AttemptDeadline"]:
-        """Hold the connections `session` opens inside the block to the deadline.
+    def watching(self, session: OutboundSession) -> tp.Iterator["AttemptDeadline"]:
+        """Hold what `session` does inside the block to the deadline."""
 
-        `session` must be new (no connection pool made yet): its pools are made of classes
-        that report each new connection here.
-        """
-        managers = {id(adapter.poolmanager): adapter.poolmanager for adapter in session.adapters.values()}
-        for manager in managers.values():
-            manager.pool_classes_by_scheme = {scheme: self._watched(pool_class)
-                                              for scheme, pool_class in manager.pool_classes_by_scheme.items()}
-        watchdog = threading.Thread(target=self._watch, name="webhook-deadline", daemon=True)
-        watchdog.start()
+        def expire() -> None:
+            self._passed.set()
+            session.abort()
+
+        timer = threading.Timer(self.seconds, expire)
+        timer.daemon = True
+        timer.start()
         try:
             yield self
         finally:
-            self._finished.set()
-            watchdog.join()
-
-    def _watched(self, pool_class: type) -> type:
-        deadline = self
-
-        class WatchedPool(pool_class):  # type: ignore[misc, valid-type]
-            def _new_conn(self) -> tp.Any:
-                connection = super()._new_conn()
-                deadline._add(connection)
-                return connection
-
-        return WatchedPool
-
-    def _add(self, connection: tp.Any) -> None:
-        with self._lock:
-            if self.passed:
-                raise TimeoutError(f"the attempt's {self.seconds:g}s are over")
-            self._connections.append(connection)
-
-    def _watch(self) -> None:
-        if self._finished.wait(self.seconds):
-            return
-        with self._lock:
-            self._passed.set()
-        # A connection still being made at the deadline has no socket yet: look again until the
-        # attempt ends (its connect timeout ends it soon).
-        while True:
-            with self._lock:
-                sockets = [connection.sock for connection in self._connections
-                           if getattr(connection, "sock", None) is not None]
-            for sock in sockets:
-                with contextlib.suppress(OSError):
-                    # The plain socket's shutdown, also under TLS: the reading thread owns the TLS state.
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            if self._finished.wait(DEADLINE_CHECK_S):
-                return
+            timer.cancel()
+            timer.join()
 
 
 def post_delivery(delivery: Delivery, settings: Settings) -> tp.Optional[str]:
