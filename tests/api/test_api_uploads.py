@@ -148,7 +148,9 @@ def test_the_space_is_checked_again_once_the_upload_is_in(idle_server, snapshot,
     monkeypatch.setattr(demix.storage.local, "disk_free_bytes", probe)
     response = post(idle_server, files={"file": ("song.wav", wav_bytes(tmp_path), "audio/wav")})
     assert_error(response, 507, "insufficient_storage", "1000 MiB free")
-    assert not upload_written[0] and upload_written[-1]  # checked before, and again after
+    # Checked before the upload was written and again after. Not "the last probe saw it": the
+    # front's early check runs on its own thread and may probe after the view's second check.
+    assert not upload_written[0] and any(upload_written)
     assert snapshot()  # the received upload was deleted
 
 
