@@ -121,6 +121,8 @@ class Settings:
     lost_message_s: int = _setting(
         120, "A job queued this many seconds whose broker message is gone (a Redis crash lost it, "
              "a flushed or replaced Redis) is sent again within this time; 0: never look.")
+    workflow_max_runs: int = _setting(
+        8, "Most model runs (the models of all its steps) one workflow job may ask for; more get 400.")
     max_attempts: int = _setting(
         3, "Runs of a job whose worker was lost before it fails with worker_lost (a worker "
            "stopped gracefully gives the job back without using up an attempt).")

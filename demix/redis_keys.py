@@ -111,6 +111,16 @@ def unit_lease_key(job_id: str, unit: str) -> str:
     return f"{PREFIX}:lease:{job_id}:{unit}"
 
 
+def job_children_key(job_id: str) -> str:
+    """Set of the ids of a workflow job's child jobs (its runs); they live and die with it."""
+    return f"{PREFIX}:children:{job_id}"
+
+
+def workflows_key() -> str:
+    """Set of the ids of workflow jobs not finished yet (the workflow sweep advances them)."""
+    return f"{PREFIX}:workflows"
+
+
 def warm_workers_key() -> str:
     """Hash from worker process id (`<host>:<pid>`) to a JSON note written when that
     process has loaded and warmed its model (see `demix.readiness`)."""

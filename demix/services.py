@@ -15,6 +15,7 @@ from demix.jobs.records import JobStore
 from demix.jobs.limits import ActiveJobLimit
 from demix.storage.local import JobStorage, Storage
 from demix.jobs.webhooks import WebhookQueue
+from demix.workflows.runs import on_child_finished
 
 REDIS_CONNECT_TIMEOUT_S = 5
 REDIS_SOCKET_TIMEOUT_S = 30
@@ -49,20 +50,24 @@ def build_services(settings: Settings, celery: tp.Any = None) -> Services:
     """Connect to the settings' Redis and storage.
 
     Every job store built here queues a finished job's webhook, whoever finishes it: a
-    worker, a cancel at either door, or the maintenance sweep failing a lost job.
+    worker, a cancel at either door, or the maintenance sweep failing a lost job; and moves
+    a workflow on when one of its runs finishes.
 
     Args:
         celery: the Celery app to enqueue with; by default a new one from the same settings,
             so the broker and the job store can never be different Redis servers.
     """
     client = redis_client(settings)
-    return Services(
+    services = Services(
         settings=settings,
         jobs=JobStore(client, on_finished=[WebhookQueue(client, settings).on_job_finished]),
         storage=make_storage(settings),
         celery=celery if celery is not None else make_celery(settings),
         limits=ActiveJobLimit(client, settings.max_active_jobs_per_key),
     )
+    # A finished workflow run moves its workflow on, whoever finished it (`demix.workflows.runs`).
+    services.jobs.on_finished.append(lambda job: on_child_finished(job, services))
+    return services
 
 
 def make_storage(settings: tp.Any) -> Storage:

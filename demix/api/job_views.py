@@ -20,6 +20,7 @@ from demix.audio.output_formats import OutputOptions
 from demix.readiness import ready_workers
 from demix.intake.submission import IdempotentSubmit, find_existing_job, submit_upload, submit_url
 from demix.storage.local import StoredFile
+from demix.workflows.runs import workflow_view
 from demix.intake.uploads import ensure_room_for_upload
 
 from demix.api.auth import request_owner
@@ -52,7 +53,8 @@ def job_json(job: Job) -> dict:
         if job.status is JobStatus.QUEUED else None
     return public_job_json(job, url_for("jobs.get_job", job_id=job.id, _external=True),
                            retention_s=services.settings.retention_s,
-                           queue_position=position, now=time.time(), model_served=served)
+                           queue_position=position, now=time.time(), model_served=served,
+                           workflow=workflow_view(job, services.jobs) if job.workflow else None)
 
 
 def idempotency_owner() -> str:
@@ -135,7 +137,8 @@ def _visible_job(job_id: str) -> Job:
             of other keys' jobs cannot be probed.
     """
     job = _services().jobs.get(job_id)
-    if _services().api_keys and job.owner != request_owner():
+    # A workflow's runs are its own business, not jobs of anyone's.
+    if (_services().api_keys and job.owner != request_owner()) or job.workflow_unit:
         raise JobNotFound(f"no job with id {shown(job_id)}")
     return job
 

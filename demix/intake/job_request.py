@@ -16,10 +16,15 @@ from demix.config import Settings, get_settings
 from demix.audio.output_formats import (CHANNEL_MODES, CLIP_MODES, FORMATS, MAX_SAMPLERATE, MIN_SAMPLERATE,
                                         MP3_BITRATES, SAMPLE_FORMATS, OutputOptions, resolve_output)
 from demix.stems import ALL, SOURCES, check_stems
+from demix.errors import BadRequest
 from demix.jobs.webhooks import MAX_CALLBACK_URL_LENGTH, validate_callback_url
+from demix.workflows.spec import Workflow, parse_workflow
 
 FILE_FIELD = "file"
 """The multipart file part holding the audio to separate."""
+
+WORKFLOW_FIELD = "workflow"
+"""The form field holding a workflow's JSON (`demix.workflows.spec`)."""
 
 URL_FIELD = "url"
 """The form field naming an http(s) address to fetch the input from, instead of a `file`."""
@@ -59,6 +64,9 @@ FORM_FIELDS: tp.Tuple[FormField, ...] = (
               CLIP_MODES, "clamp"),
     FormField("channels", "`input`: the input's channel count and layout; `stereo`: stems of the "
               "ITU-R BS.775 stereo downmix.", CHANNEL_MODES, "input"),
+    FormField("workflow", "Instead of `model` and `stems`: a chain or ensemble of models as one job, "
+              "as JSON (`{\"steps\": [...], \"outputs\": {...}}`, see docs/workflows.md). Its stems keep "
+              "the input's rate and channels.", schema={"type": "string", "contentMediaType": "application/json"}),
     FormField("callback_url", "An http or https URL the service POSTs the job's JSON to when it "
               "finishes (succeeded, failed or cancelled), signed in `X-Demix-Signature`. Default: none.",
               schema={"type": "string", "format": "uri", "maxLength": MAX_CALLBACK_URL_LENGTH,
@@ -76,6 +84,8 @@ class JobRequest:
     model: str = ""
     callback_url: tp.Optional[str] = None
     """Where to POST the job when it finishes (webhook), if anywhere."""
+    workflow: tp.Optional[Workflow] = None
+    """A workflow job's checked workflow (then `model` is empty)."""
 
 
 def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo, settings: tp.Optional[Settings] = None,
@@ -93,11 +103,30 @@ def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo, settings: tp.
             that cannot be written (the message says what would work), `invalid_callback_url`
             for a callback_url that is not an http(s) URL.
     """
-    model = chosen_model(form, settings or get_settings(), reported)
+    settings = settings or get_settings()
+    if (form.get(WORKFLOW_FIELD) or "").strip():
+        return _workflow_request(form, info, settings, reported)
+    model = chosen_model(form, settings, reported)
     stems = check_stems((form.get("stems") or ALL).strip().lower() or ALL, model.sources or SOURCES,
                         model=model.name)
     return JobRequest(stems=stems, output=resolve_output(form, info), model=model.name,
                       callback_url=validate_callback_url(form.get("callback_url")))
+
+
+def _workflow_request(form: tp.Mapping[str, str], info: AudioInfo, settings: Settings,
+                      reported: tp.Mapping[str, tp.Mapping[str, tp.Any]]) -> JobRequest:
+    for name in ("model", "stems"):
+        if (form.get(name) or "").strip():
+            raise BadRequest(f"{name}: a workflow job names its models and stems in its workflow; leave "
+                             f"{name!r} out", code="invalid_workflow", details={"field": name})
+    workflow = parse_workflow(form[WORKFLOW_FIELD], settings, reported)
+    output = resolve_output(form, info)
+    if output.samplerate != info.samplerate or output.channel_mode != "input":
+        field = "samplerate" if output.samplerate != info.samplerate else "channels"
+        raise BadRequest(f"{field}: a workflow job's stems keep the input's rate and channels; leave "
+                         f"{field!r} out", code="invalid_output", details={"field": field})
+    return JobRequest(stems=ALL, output=output, callback_url=validate_callback_url(form.get("callback_url")),
+                      workflow=workflow)
 
 
 def chosen_model(form: tp.Mapping[str, str], settings: Settings,

@@ -10,15 +10,17 @@ from pathlib import Path
 
 from demix.audio.io import AudioInfo
 from demix.catalogue import warm_model_notes
-from demix.errors import JobNotFound, ServiceUnavailable, TooManyActiveJobs
+from demix.errors import BadRequest, JobNotFound, ServiceUnavailable, TooManyActiveJobs
 from demix.jobs.idempotency import IdempotencyKeys
 from demix.intake.inspection import inspect_upload
 from demix.jobs.records import Job, JobStatus, new_job_id
 from demix.intake.job_request import URL_FIELD, JobRequest, parse_job_request
-from demix.jobs.lifecycle import enqueue_job
+from demix.jobs.lifecycle import end_children, enqueue_job
 from demix.outbound import check_public_url, check_url_syntax
 from demix.readiness import ready_workers
 from demix.services import Services
+from demix.workflows.runs import new_workflow_job, start_workflow
+from demix.workflows.spec import Workflow
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,9 @@ def submit_url(url: str, fields: tp.Mapping[str, str], services: Services, owner
     url = check_url_syntax(url, "url")
     check_public_url(url, "url", services.settings.allow_private_urls)
     job_request = _checked_request(fields, URL_INPUT_PLACEHOLDER, services)
+    if job_request.workflow is not None:
+        raise BadRequest("workflow: a workflow job takes an uploaded file; a url input is not supported yet",
+                         code="invalid_workflow", details={"field": "url"})
 
     def queue(job_id: str) -> Job:
         model = job_request.model or services.settings.default_model
@@ -153,6 +158,10 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services:
                job_id: tp.Optional[str] = None) -> Job:
     """Store the upload as a new job's input, record the job (as `owner`'s) and enqueue it
     on its model's queue (all or nothing, as `queue_new_job`)."""
+    if job_request.workflow is not None:
+        return queue_new_job(new_workflow_job(job_request.workflow, info, job_request.output, owner=owner,
+                                              callback_url=job_request.callback_url, job_id=job_id),
+                             services, upload)
     model = job_request.model or services.settings.default_model
     job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems,
               model=model, samplerate=info.samplerate, channels=info.channels,
@@ -180,7 +189,10 @@ def queue_new_job(job: Job, services: Services, upload: tp.Optional[Path] = None
         if job.owner:
             # After the record exists, so pruning finished jobs can never drop this one.
             services.limits.reserve(job.owner, job.id)
-        enqueue_job(services.celery, job.id, job.queue)
+        if job.workflow:
+            start_workflow(job, services)  # its first runs
+        else:
+            enqueue_job(services.celery, job.id, job.queue)
     except TooManyActiveJobs:
         _roll_back(job.id, services)
         raise
@@ -189,7 +201,10 @@ def queue_new_job(job: Job, services: Services, upload: tp.Optional[Path] = None
         _roll_back(job.id, services)
         raise ServiceUnavailable("the job queue (Redis) is unreachable; nothing was kept, "
                                  "try again shortly") from exc
-    if job.source_url:
+    if job.workflow:
+        log.info("started workflow job %s (%s, %.1fs)", job.id, ", ".join(Workflow.from_dict(job.workflow).models),
+                 job.duration)
+    elif job.source_url:
         log.info("queued job %s (%s %s, from a URL) on %s", job.id, job.model, job.stems, job.queue)
     else:
         log.info("queued job %s (%s %s, %.1fs, %d Hz, %d ch) on %s", job.id, job.model, job.stems,
@@ -198,6 +213,10 @@ def queue_new_job(job: Job, services: Services, upload: tp.Optional[Path] = None
 
 
 def _roll_back(job_id: str, services: Services) -> None:
+    try:
+        end_children(services.jobs, services.storage, job_id, delete=True)  # a workflow's first runs
+    except Exception:  # the store is what failed; the runs' records, if any, die with the job's
+        pass
     services.storage.delete_job(job_id)
     try:
         services.jobs.delete(job_id)

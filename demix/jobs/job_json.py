@@ -5,6 +5,7 @@ stands (`queue_position`, `eta_s`) and its links, all under the job's own URL.
 """
 from __future__ import annotations
 
+import dataclasses
 import typing as tp
 
 from demix.jobs.estimates import eta_seconds
@@ -14,14 +15,20 @@ from demix.jobs.retention import expires_at
 
 
 def job_json(job: Job, url: str, *, retention_s: int, queue_position: tp.Optional[int],
-             now: float, model_served: tp.Optional[bool] = None) -> dict:
+             now: float, model_served: tp.Optional[bool] = None,
+             workflow: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> dict:
     """The public view of `job`, whose own URL (`GET /v1/jobs/<id>`) is `url`.
 
     `queue_position` is the job's place in its queue (None when it is not queued); `now`
     is the time its `eta_s` is estimated at; `model_served` whether a warm worker serves
-    the job's model (None: not asked, as for a finished job).
+    the job's model (None: not asked, as for a finished job). A workflow job's `workflow`
+    is its steps' view (`demix.workflows.runs.workflow_progress`), its progress the job's.
     """
+    if workflow is not None:
+        job = dataclasses.replace(job, progress=workflow["progress"])
     body = job.to_public()
+    if workflow is not None:
+        body["workflow"] = {"steps": workflow["steps"], "outputs": workflow["outputs"]}
     body["expires_at"] = expires_at(job, retention_s)
     body["queue_position"] = queue_position
     body["waiting_for"] = waiting_for(job, model_served)

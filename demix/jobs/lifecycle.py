@@ -37,8 +37,23 @@ def cancel_job(jobs: JobStore, storage: Storage, job_id: str) -> Job:
     """
     job = jobs.mark_cancelled(job_id)
     storage.delete_job(job_id)
+    end_children(jobs, storage, job_id)
     log.info("cancelled job %s (was at attempt %d)", job_id, job.attempts)
     return job
+
+
+def end_children(jobs: JobStore, storage: Storage, job_id: str, *, delete: bool = False) -> None:
+    """Cancel the job's child jobs (a workflow's runs) that have not finished and remove
+    their files; with `delete`, their records too. A running child stops at its next
+    segment, as any cancelled job."""
+    for child_id in jobs.children(job_id):
+        try:
+            jobs.mark_cancelled(child_id)
+        except (IllegalTransition, JobNotFound):
+            pass  # finished already (or deleted by another caller)
+        if delete:
+            jobs.delete(child_id)
+        storage.delete_job(child_id)
 
 
 def delete_job(jobs: JobStore, storage: Storage, job_id: str) -> None:
@@ -52,6 +67,7 @@ def delete_job(jobs: JobStore, storage: Storage, job_id: str) -> None:
         jobs.mark_cancelled(job_id)
     except IllegalTransition:
         pass  # already finished: nothing runs any more
+    end_children(jobs, storage, job_id, delete=True)
     jobs.delete(job_id)
     storage.delete_job(job_id)
     log.info("deleted job %s", job_id)

@@ -86,6 +86,14 @@ class Job:
     """A `url` job's form fields, parsed again (output defaults) once its input is known."""
     download: tp.Optional[dict] = None
     """A `url` job's fetch: `received_bytes` and `total_bytes` (None while unknown)."""
+    workflow: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)
+    """A workflow job's checked workflow (`demix.workflows.spec.Workflow.to_dict`); its runs
+    are child jobs."""
+    workflow_unit: tp.Dict[str, tp.Any] = dataclasses.field(default_factory=dict)
+    """A child job's place in its workflow job (`demix.workflows.runs`): `parent`, `unit`,
+    `kind`, and what it reads."""
+    cached: bool = False
+    """Its stems were taken from the result cache instead of running the model."""
 
     @property
     def duration(self) -> float:
@@ -265,6 +273,20 @@ return 1
 """
 
 
+# Creates a child job's record unless it exists. Returns 1 if created, else 0.
+#   KEYS: job hash, the parent's children set, the child's queue's queued index ('' = none)
+#   ARGV: job id, created at, then field/value pairs
+_CREATE_CHILD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('SADD', KEYS[2], ARGV[1])
+if KEYS[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+return 1
+"""
+
+
 class JobStore:
     """Reads and writes job records, one Redis hash per job (values JSON-encoded).
 
@@ -280,6 +302,7 @@ class JobStore:
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._update_running = client.register_script(_UPDATE_RUNNING)
         self._claim_resend = client.register_script(_CLAIM_RESEND)
+        self._create_child = client.register_script(_CREATE_CHILD)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -322,11 +345,26 @@ class JobStore:
         pipe.hincrby(keys.metrics_counters_key(), "upload_bytes", upload_bytes)
         pipe.execute()
 
+    def create_child(self, job: Job, parent_id: str) -> bool:
+        """Write the record of a child job of `parent_id` (a workflow's run) unless it exists:
+        True for exactly one of several callers creating the same child, which then sends
+        its task. A child is not in the jobs index (it is listed, kept and deleted with its
+        parent, `children`) nor counted as submitted."""
+        fields = {f.name: json.dumps(_plain(getattr(job, f.name))) for f in dataclasses.fields(job)}
+        queued_key = keys.queued_jobs_key(job.queue) if job.status is JobStatus.QUEUED and job.queue else ""
+        return bool(self._create_child(
+            keys=[keys.job_key(job.id), keys.job_children_key(parent_id), queued_key],
+            args=[job.id, repr(job.created_at), *(item for pair in fields.items() for item in pair)]))
+
+    def children(self, job_id: str) -> list[str]:
+        """Ids of the job's child jobs (a workflow's runs)."""
+        return sorted(member.decode() for member in self.redis.smembers(keys.job_children_key(job_id)))
+
     def delete(self, job_id: str) -> None:
         """Remove the job's record, lease and index entries (not its files)."""
         queued_key = self._queued_key(job_id)
         pipe = self.redis.pipeline()
-        pipe.delete(keys.job_key(job_id), keys.lease_key(job_id))
+        pipe.delete(keys.job_key(job_id), keys.lease_key(job_id), keys.job_children_key(job_id))
         pipe.zrem(keys.jobs_index_key(), job_id)
         pipe.srem(keys.running_jobs_key(), job_id)
         if queued_key:

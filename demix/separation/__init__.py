@@ -11,8 +11,9 @@ from .models import ModelCache, ModelSpec, resolve_device
 from .roformer import is_roformer
 from .split import SplitPlan, merge_split, part_windows_total, prepare_split, run_part, single_pass
 from .stem_files import JobStemSink
+from .step_stems import encode_stems, write_step_stems
 
 __all__ = ["JobStemSink", "MODEL_SHARE", "ModelCache", "ModelSpec", "STATS_SHARE", "SeparationOptions",
            "SplitPlan", "StemLayout", "batch_segments", "is_roformer", "keep_freed_memory_for_reuse",
            "merge_split", "part_windows_total", "prepare_split", "resolve_device", "run_part",
-           "separate_file", "single_pass", "stem_layout", "warm_model"]
+           "separate_file", "single_pass", "stem_layout", "warm_model", "encode_stems", "write_step_stems"]

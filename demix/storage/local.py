@@ -186,6 +186,18 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
+    def stored_input(self, job_id: str) -> StoredFile:
+        """The job's input, to read or to copy (`copy_input`)."""
+
+    def copy_input(self, job_id: str, source: StoredFile) -> None:
+        """Make a copy of `source` (another job's stem or input) job `job_id`'s input: a
+        workflow's run reads what an earlier run wrote as its own input, so it runs, splits,
+        is redone and deleted as any job. (Storages override it with a cheaper copy.)"""
+        with self.open_upload() as upload, source.open() as stream:
+            shutil.copyfileobj(stream, upload, 1 << 20)
+        self.accept_upload(Path(upload.name), job_id)
+
+    @abc.abstractmethod
     def pending_stem(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION,
                      attempt: int = 0) -> PendingWrite:
         """A stem file of attempt `attempt` to write locally; `commit()` publishes it.
@@ -340,6 +352,18 @@ class JobStorage(Storage):
         target = self.input_path(job_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         return publish_file(Path(upload_path), target)
+
+    def stored_input(self, job_id: str) -> StoredFile:
+        return _LocalFile(self.input_path(job_id))
+
+    def copy_input(self, job_id: str, source: StoredFile) -> None:
+        if not isinstance(source, _LocalFile):
+            return super().copy_input(job_id, source)
+        # A hard link: the same samples, no copy (stems are never rewritten in place).
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        staged = self.incoming_dir / f"link-{os.getpid()}-{time.monotonic_ns()}.part"
+        os.link(source.path, staged)
+        self.accept_upload(staged, job_id)
 
     @contextlib.contextmanager
     def input_file(self, job_id: str) -> tp.Iterator[Path]:

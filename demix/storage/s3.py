@@ -320,6 +320,20 @@ class ObjectStorage(Storage):
     def stem(self, job_id: str, name: str, extension: str = DEFAULT_EXTENSION, attempt: int = 0) -> StoredFile:
         return ObjectFile(self, stem_key(job_id, name, extension, attempt))
 
+    def stored_input(self, job_id: str) -> StoredFile:
+        return ObjectFile(self, f"{job_key(job_id)}/{INPUT_NAME}")
+
+    def copy_input(self, job_id: str, source: StoredFile) -> None:
+        if not isinstance(source, ObjectFile):
+            return super().copy_input(job_id, source)
+        # Copied by the server: the samples never travel through this machine.
+        target = f"{job_key(job_id)}/{INPUT_NAME}"
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": self.object_key(source.key)}, self.bucket,
+                             self.object_key(target), Config=TRANSFER)
+        except STORE_ERRORS as exc:
+            raise _read_failure(source.key, exc) from exc
+
     def begin_split(self, job_id: str, attempt: int) -> "ObjectSplitFiles":
         self._require_job(job_id)
         return ObjectSplitFiles(self, split_key(job_id, attempt))

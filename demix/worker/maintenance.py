@@ -27,6 +27,7 @@ from demix.jobs.retention import (sweep_abandoned_uploads, sweep_dead_scratch, s
                                   sweep_orphaned_job_folders)
 from demix.jobs.split_records import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
 from demix.services import build_services
+from demix.workflows.runs import advance_all
 from demix.storage.local import Storage, sweep_orphaned_uploads
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,9 @@ SWEEPS: list[Sweep] = [Sweep("lost jobs", LostJobSweep(), lease_sweep_interval),
     # A pool process killed outright leaves its readiness entry: without this sweep the model
     # catalogue would count it as serving its models, and jobs would not say they wait.
     Sweep("dead workers' readiness", lambda context: forget_dead_processes(context.jobs.redis),
-          lease_sweep_interval)]
+          lease_sweep_interval),
+    # A workflow moves on when a run finishes; this catches a move lost with its process.
+    Sweep("workflows", advance_all, lease_sweep_interval)]
 """The sweeps every worker runs; other modules append theirs."""
 
 SWEEPS += [

@@ -39,6 +39,7 @@ from demix.worker.attempt import (AttemptLease, JobInterrupted, WorkerContext, a
                                   lease_holder, model_spec, record_outcome, retry_while_redis_is_down,
                                   separation_options)
 from demix.worker.split import should_split, start_split
+from demix.worker.workflow_units import is_workflow_unit, run_workflow_unit
 from demix.intake.url_jobs import fetch_input
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,8 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
     """Separate the job's stems into its attempt folder and return their names, or
     (a long job) prepare its parts, send them and return None."""
     settings, storage = context.settings, context.storage
+    if is_workflow_unit(job):  # a workflow's step stems or outputs: no model runs
+        return run_workflow_unit(job, attempt, context, lease)
     if job.awaits_input:
         job = fetch_input(job, context, lease)
     device = resolve_device(settings.device)

@@ -1,0 +1,1 @@
+"""Workflows: chains and ensembles of models as one job — the workflow JSON and its checks (`spec`), and its runs as child jobs spread over the workers (`runs`). Never imports torch, Flask or demix.separation/worker/api."""

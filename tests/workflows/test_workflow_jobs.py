@@ -1,0 +1,217 @@
+"""Workflow jobs end to end: the real API, real `demix worker` processes on a Redis of their
+own, a tiny HT-Demucs and two tiny one-source vocals RoFormers (Mel-Band and BS, random
+weights), one queue per model.
+
+What a workflow returns is checked against the engine run by hand on the same samples: an
+ensemble equals MSST's semantics (`demix.separation.ensemble.ensemble_arrays`, itself checked
+against a whole-array reference in tests/separation/test_ensemble.py) and a chained step
+equals its model run by hand on the stem the step before gave.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import signal
+import subprocess
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+
+from demix.cli.processes import popen_child, stop_process
+from demix.cli.redis_server import RedisServer, free_port
+from testkit.synthetic_audio import write_wav
+from testkit.tiny_models import TINY_MODEL, TINY_VOCALS, write_tiny_repo, write_tiny_roformer
+from tests.support.demix_up import DEMIX
+from tests.support.live import LiveServer
+from tests.support.waiting import wait_for
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.processes]
+
+TINY_VOCALS_BS = "tiny_vocals_bs"
+MODELS = f"{TINY_MODEL},{TINY_VOCALS},{TINY_VOCALS_BS}"
+QUEUE = "flows"
+
+CHAIN = {"steps": [{"name": "voc", "input": "mix", "models": [TINY_VOCALS, TINY_VOCALS_BS],
+                    "ensemble": "avg_fft", "weights": [2, 1]},
+                   {"name": "band", "input": "voc/no_vocals", "models": [TINY_MODEL]}],
+         "outputs": {"vocals": "voc/vocals", "instrumental": "voc/no_vocals", "drums": "band/drums",
+                     "bass": "band/bass", "other": "band/other"}}
+
+
+@dataclasses.dataclass
+class Deployment:
+    url: str
+    env: dict
+    root: Path
+    repo: Path
+    workers: dict[str, subprocess.Popen]
+
+    def start_worker(self, name: str, models: str = MODELS) -> subprocess.Popen:
+        with open(self.root / "logs" / f"{name}.log", "ab") as log:
+            process = popen_child([DEMIX, "worker", "--models", models, "--loglevel", "INFO"], env=self.env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        self.workers[name] = process
+        return process
+
+    def job(self, job_id: str) -> dict:
+        return requests.get(f"{self.url}/v1/jobs/{job_id}", timeout=30).json()
+
+    def submit(self, path: Path, workflow: tp.Any, **fields: str) -> requests.Response:
+        with open(path, "rb") as file:
+            return requests.post(f"{self.url}/v1/jobs", files={"file": file},
+                                 data={"workflow": json.dumps(workflow), **fields}, timeout=60)
+
+    def finished(self, job_id: str, timeout: float = 600) -> dict:
+        return wait_for(lambda: (lambda job: job if job["status"] in ("succeeded", "failed", "cancelled")
+                                 else None)(self.job(job_id)), f"job {job_id} to finish", timeout,
+                        log=self.root / "logs")
+
+    def stems(self, job: dict) -> dict[str, np.ndarray]:
+        return {name: sf.read(io.BytesIO(requests.get(url, timeout=60).content), dtype="float32",
+                              always_2d=True)[0]
+                for name, url in job["outputs"].items()}
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory) -> tp.Iterator[Deployment]:
+    from demix.api import create_app
+    from demix.config import Settings
+    from demix.separation.weights.checkpoints import add_checkpoint
+
+    root = tmp_path_factory.mktemp("workflows")
+    repo = write_tiny_repo(root / "models")
+    add_checkpoint(TINY_VOCALS, *write_tiny_roformer(root / "given", "mel_band_roformer", ["vocals", "other"],
+                                                     target="vocals"), repo)
+    add_checkpoint(TINY_VOCALS_BS, *write_tiny_roformer(root / "given", "bs_roformer", ["vocals", "other"],
+                                                        target="vocals", seed=1), repo)
+    (root / "logs").mkdir()
+    with RedisServer(root / "redis", port=free_port(), persist=False) as redis_server:
+        env = {**os.environ, "DEMIX_REDIS_URL": redis_server.url, "DEMIX_DATA_DIR": str(root / "data"),
+               "DEMIX_MODEL_REPO": str(repo), "DEMIX_MODELS": MODELS, "DEMIX_QUEUE": QUEUE,
+               "DEMIX_TORCH_THREADS": "1", "DEMIX_LEASE_S": "6"}
+        env.pop("DEMIX_WORKER_MODELS", None)
+        with LiveServer(create_app({"SETTINGS": Settings.from_env(env)})) as server:
+            deployment = Deployment(server.url, env, root, repo, {})
+            deployment.start_worker("all")
+            try:
+                wait_for(lambda: all(model["available"] for model in requests.get(
+                    f"{server.url}/v1/models", timeout=30).json()["models"]), "the worker to be warm",
+                    timeout=300, log=root / "logs")
+                yield deployment
+            finally:
+                for name in list(deployment.workers):
+                    stop_process(deployment.workers.pop(name), timeout=60, sig=signal.SIGKILL)
+
+
+def by_hand(deployment: Deployment, model_name: str, path: Path) -> dict[str, np.ndarray]:
+    """The engine run in this process on a float32 WAV, as a run of a workflow runs it."""
+    import torch
+
+    from demix.audio.io import read_info
+    from demix.audio.output_formats import default_output
+    from demix.separation import ModelCache, ModelSpec, SeparationOptions, separate_file
+    from testkit.memory_sink import MemorySink
+
+    torch.set_num_threads(1)  # as the workers: the same sums in the same order
+    model = ModelCache().get(ModelSpec(model_name, str(deployment.repo), "cpu",
+                                       cache=str(deployment.root / "data" / "models")))
+    sink = MemorySink()
+    separate_file(model, path, "all", sink, SeparationOptions(device="cpu"), output=default_output(read_info(path)))
+    return {name: sink.stem(name) for name in sink.formats}
+
+
+def float_wav(path: Path, samples: np.ndarray) -> Path:
+    sf.write(path, samples, 44100, subtype="FLOAT")
+    return path
+
+
+def test_a_chain_of_an_ensemble_and_a_model_equals_the_engine_run_by_hand(deployment, tmp_path):
+    from demix.separation.ensemble import ensemble_arrays
+
+    mix = write_wav(tmp_path / "mix.wav", 44100, 2, 3.3, subtype="FLOAT")
+    response = deployment.submit(mix, CHAIN)
+    assert response.status_code == 202, response.text
+    job = deployment.finished(response.json()["id"])
+    assert job["status"] == "succeeded", job
+    stems = deployment.stems(job)
+    assert set(stems) == {"vocals", "instrumental", "drums", "bass", "other"}
+
+    # Step 1: each vocals model on the mix, their avg_fft ensemble weighted 2:1, and its complement.
+    mix_samples = sf.read(mix, dtype="float32", always_2d=True)[0]
+    runs = [by_hand(deployment, model, mix) for model in (TINY_VOCALS, TINY_VOCALS_BS)]
+    vocals = ensemble_arrays([run["vocals"].T for run in runs], "avg_fft", [2, 1]).T.astype(np.float32)
+    assert np.abs(stems["vocals"] - vocals).max() <= 1e-5
+    assert np.array_equal(stems["instrumental"], mix_samples - stems["vocals"])
+    # Step 2: the Demucs model by hand on the stem step 1 gave: the very same samples.
+    band = by_hand(deployment, TINY_MODEL, float_wav(tmp_path / "instrumental.wav", stems["instrumental"]))
+    for name in ("drums", "bass", "other"):
+        assert np.array_equal(stems[name], band[name]), name
+
+    steps = job["workflow"]["steps"]
+    assert [(step["name"], step["status"], step["progress"]) for step in steps] == [
+        ("voc", "succeeded", 1.0), ("band", "succeeded", 1.0)]
+    assert [run["model"] for run in steps[0]["runs"]] == [TINY_VOCALS, TINY_VOCALS_BS]
+    assert all(run["status"] == "succeeded" and run["attempts"] == 1 for step in steps for run in step["runs"])
+    assert (job["progress"], job["model"], job["workflow"]["outputs"]) == (1.0, "workflow", CHAIN["outputs"])
+
+
+def test_a_workers_kill_9_mid_workflow_redoes_only_the_run_it_was_running(deployment, tmp_path):
+    mix = write_wav(tmp_path / "mix.wav", 44100, 2, 90.0, subtype="FLOAT")
+    workflow = {"steps": [{"name": "voc", "models": [TINY_VOCALS]},
+                          {"name": "band", "input": "voc/no_vocals", "models": [TINY_MODEL]}]}
+    job_id = deployment.submit(mix, workflow).json()["id"]
+
+    def band_mid_run() -> tp.Optional[dict]:
+        run = deployment.job(job_id)["workflow"]["steps"][1]["runs"][0]
+        return run if run["status"] == "running" and 0 < run["progress"] < 0.5 else None
+
+    wait_for(band_mid_run, "the chained run to be under way", timeout=600, log=deployment.root / "logs")
+    os.killpg(deployment.workers["all"].pid, signal.SIGKILL)
+    deployment.workers.pop("all").wait(30)
+    deployment.start_worker("all")
+    job = deployment.finished(job_id)
+    assert job["status"] == "succeeded", job
+    voc, band = job["workflow"]["steps"]
+    assert voc["runs"][0]["attempts"] == 1  # finished before the kill: never run again
+    assert band["runs"][0]["attempts"] == 2  # the killed run, and the run that finished it
+
+
+def test_cancelling_a_workflow_stops_every_run_and_keeps_no_file(deployment, tmp_path):
+    from demix.storage.local import job_key
+    from demix.workflows.runs import unit_id
+
+    mix = write_wav(tmp_path / "mix.wav", 44100, 2, 60.0, subtype="FLOAT")
+    job_id = deployment.submit(mix, CHAIN).json()["id"]
+    wait_for(lambda: any(run["status"] == "running" for run in deployment.job(job_id)["workflow"]["steps"][0]["runs"]),
+             "a run to start", timeout=300, log=deployment.root / "logs")
+    response = requests.post(f"{deployment.url}/v1/jobs/{job_id}/cancel", timeout=30)
+    assert response.status_code == 200, response.text
+    job = deployment.job(job_id)
+    assert job["status"] == "cancelled"
+    assert {run["status"] for step in job["workflow"]["steps"] for run in step["runs"]} <= {"cancelled", "waiting"}
+    units = ["voc", f"voc/{TINY_VOCALS}", f"voc/{TINY_VOCALS_BS}", "band", f"band/{TINY_MODEL}", "outputs"]
+    folders = [deployment.root / "data" / job_key(job_id)] + \
+        [deployment.root / "data" / job_key(unit_id(job_id, unit)) for unit in units]
+    wait_for(lambda: not any(folder.exists() for folder in folders), "every file of the job and its runs to go",
+             timeout=120, log=deployment.root / "logs")
+    # The worker is free again: a plain job after it runs.
+    with open(mix, "rb") as file:
+        plain = requests.post(f"{deployment.url}/v1/jobs", files={"file": file}, timeout=60).json()
+    assert deployment.finished(plain["id"])["status"] == "succeeded"
+
+
+def test_a_workflows_runs_are_not_jobs_of_the_api(deployment, tmp_path):
+    from demix.workflows.runs import unit_id
+
+    mix = write_wav(tmp_path / "mix.wav", 44100, 2, 1.0, subtype="FLOAT")
+    job = deployment.finished(deployment.submit(mix, {"steps": [{"name": "v", "models": [TINY_VOCALS]}]}).json()["id"])
+    assert job["status"] == "succeeded" and set(job["outputs"]) == {"vocals", "no_vocals"}
+    run_id = unit_id(job["id"], f"v/{TINY_VOCALS}")
+    assert requests.get(f"{deployment.url}/v1/jobs/{run_id}", timeout=30).status_code == 404
+    assert requests.post(f"{deployment.url}/v1/jobs/{run_id}/cancel", timeout=30).status_code == 404
