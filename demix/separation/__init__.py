@@ -6,13 +6,16 @@ modules (tests/test_layers.py checks it), so what the engine offers is this list
 """
 from .allocator import keep_freed_memory_for_reuse
 from .engine import MODEL_SHARE, STATS_SHARE, SeparationOptions, StemLayout, separate_file, stem_layout
+from .ensemble import ALGORITHMS as ENSEMBLE_ALGORITHMS
+from .ensemble import check_algorithm as check_ensemble_algorithm, ensemble_files
 from .forward import batch_segments, warm_model
 from .models import ModelCache, ModelSpec, resolve_device
 from .roformer import is_roformer
 from .split import SplitPlan, merge_split, part_windows_total, prepare_split, run_part, single_pass
 from .stem_files import JobStemSink
 
-__all__ = ["JobStemSink", "MODEL_SHARE", "ModelCache", "ModelSpec", "STATS_SHARE", "SeparationOptions",
-           "SplitPlan", "StemLayout", "batch_segments", "is_roformer", "keep_freed_memory_for_reuse",
-           "merge_split", "part_windows_total", "prepare_split", "resolve_device", "run_part",
-           "separate_file", "single_pass", "stem_layout", "warm_model"]
+__all__ = ["ENSEMBLE_ALGORITHMS", "JobStemSink", "MODEL_SHARE", "ModelCache", "ModelSpec", "STATS_SHARE",
+           "SeparationOptions", "SplitPlan", "StemLayout", "batch_segments", "check_ensemble_algorithm",
+           "ensemble_files", "is_roformer", "keep_freed_memory_for_reuse", "merge_split", "part_windows_total",
+           "prepare_split", "resolve_device", "run_part", "separate_file", "single_pass", "stem_layout",
+           "warm_model"]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from demix.atomic_files import atomic_path
 from demix.audio.io import AudioReader, AudioWriter
 from demix.errors import BadRequest
 
@@ -59,6 +60,7 @@ _WINDOW = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)
 # The periodic Hann window, librosa's `get_window('hann', N_FFT)`; its squares are
 # overlap-added like librosa's `window_sumsquare` to normalise the inverse.
 _WINDOW_SQUARED = _WINDOW ** 2
+_TINY = np.finfo(np.float64).tiny  # librosa's `util.tiny`: below it the squared window counts as 0
 
 
 def check_algorithm(name: str) -> str:
@@ -71,7 +73,7 @@ def check_algorithm(name: str) -> str:
 def check_weights(weights: tp.Optional[tp.Sequence[float]], count: int) -> np.ndarray:
     """One float64 weight per input (all 1 when `weights` is None).
 
-    Raises `BadRequest` for another count, a weight that is negative or not finite, or
+    Raises `BadRequest` for a count other than `count`, a weight that is negative or not finite, or
     weights that add up to 0 (the weighted mean would divide by it).
     """
     if weights is None:
@@ -102,12 +104,12 @@ def ensemble_arrays(waves: tp.Sequence[np.ndarray], algorithm: str,
     _check_same("channel counts", [shape[0] for shape in shapes])
     weights = check_weights(weights, len(waves))
     channels, length = shapes[0]
-    positions = [0]
+    position = 0
 
     def read(frames: int) -> list[np.ndarray]:
-        start = positions[0]
-        positions[0] = start + frames
-        return [np.asarray(wave[:, start:start + frames]).T for wave in waves]
+        nonlocal position
+        start, position = position, position + frames
+        return [np.asarray(wave[:, start:position]).T for wave in waves]
 
     blocks = list(_ensemble_blocks(read, length, channels, algorithm, weights, block_frames))
     return np.concatenate(blocks, axis=0).T if blocks else np.zeros((channels, 0))
@@ -117,7 +119,8 @@ def ensemble_files(inputs: tp.Sequence[Path], output: Path, algorithm: str,
                    weights: tp.Optional[tp.Sequence[float]] = None, *,
                    block_frames: int = BLOCK_FRAMES, progress: tp.Optional[ProgressFn] = None) -> None:
     """Write the ensemble of the sound files `inputs` to `output` as a float32 WAV (RF64
-    past 4 GiB), reading and writing `block_frames` at a time.
+    past 4 GiB), reading and writing `block_frames` at a time. The file appears whole
+    or not at all (`demix.atomic_files`).
 
     `progress` gets the fraction of the output written (0..1) after each block.
     Raises `BadRequest` for an unknown algorithm, bad weights, or inputs that differ in
@@ -140,14 +143,15 @@ def ensemble_files(inputs: tp.Sequence[Path], output: Path, algorithm: str,
             return [reader.read(frames) for reader in readers]
 
         written = 0
-        with AudioWriter(Path(output), first.samplerate, first.channels, OUTPUT_SUBTYPE,
-                         frames=first.frames) as writer:
+        with atomic_path(Path(output)) as temporary, \
+                AudioWriter(temporary, first.samplerate, first.channels, OUTPUT_SUBTYPE,
+                            frames=first.frames) as writer:
             for block in _ensemble_blocks(read, first.frames, first.channels, algorithm, weights,
                                           block_frames):
                 writer.write(block.astype(np.float32))
                 written += len(block)
                 if progress is not None:
-                    progress(written / first.frames if first.frames else 1.0)
+                    progress(written / first.frames)
         if progress is not None and not first.frames:
             progress(1.0)
     finally:
@@ -167,8 +171,9 @@ ReadFn = tp.Callable[[int], list[np.ndarray]]
 def _ensemble_blocks(read: ReadFn, length: int, channels: int, algorithm: str, weights: np.ndarray,
                      block_frames: int) -> tp.Iterator[np.ndarray]:
     """The ensemble as consecutive float64 `[frames, channels]` blocks, `length` frames in all."""
+    block_frames = max(1, block_frames)
     if algorithm.endswith("_wave"):
-        for start in range(0, length, max(1, block_frames)):
+        for start in range(0, length, block_frames):
             inputs = read(min(block_frames, length - start))
             yield _combine(np.stack(inputs).astype(np.float64), algorithm, weights)
         return
@@ -190,11 +195,11 @@ def _spectral_blocks(read: ReadFn, length: int, channels: int, algorithm: str, w
     norms = np.zeros(HOP)  # overlap-add of the squared window there
     for first in range(0, frame_count, frames_per_block):
         count = min(frames_per_block, frame_count - first)
-        fresh = [_padded(block, count * HOP, channels) for block in read(count * HOP)]
+        fresh = [_padded(block, count * HOP) for block in read(count * HOP)]
         if inputs_tail is None:  # the centring zeros before the signal
             inputs_tail = [np.zeros((HOP, channels)) for _ in fresh]
         spans = [np.concatenate([tail, block]) for tail, block in zip(inputs_tail, fresh)]
-        inputs_tail = [span[-HOP:] for span in spans]
+        inputs_tail = [span[-HOP:].copy() for span in spans]
         # [models, frames, channels, N_FFT] frames of the span, each starting a hop after the last
         frames = np.stack([np.lib.stride_tricks.sliding_window_view(span, N_FFT, axis=0)[::HOP]
                            for span in spans])
@@ -218,9 +223,7 @@ def _spectral_blocks(read: ReadFn, length: int, channels: int, algorithm: str, w
         done_rows = count + 1 if last else count
         signal = rows[:done_rows].reshape(-1, channels)
         norm = row_norms[:done_rows].reshape(-1, 1)
-        # As librosa: divide only where the squared window adds up to more than nothing.
-        tiny = np.finfo(np.float64).tiny
-        signal = np.where(norm > tiny, signal / np.where(norm > tiny, norm, 1.0), signal)
+        signal = signal / np.where(norm > _TINY, norm, 1.0)  # as librosa: only where the window is
         # Row 0 of this block is at position HOP*first, i.e. input sample HOP*(first - 1).
         start = HOP * (first - 1)
         keep_from = max(0, -start)
@@ -229,12 +232,10 @@ def _spectral_blocks(read: ReadFn, length: int, channels: int, algorithm: str, w
             yield signal[keep_from:keep_to]
 
 
-def _padded(block: np.ndarray, frames: int, channels: int) -> np.ndarray:
-    """`block` as float64, zero-padded to `frames` (reads past the end come back short)."""
-    block = np.asarray(block, dtype=np.float64).reshape(-1, channels)
-    if len(block) < frames:
-        block = np.concatenate([block, np.zeros((frames - len(block), channels))])
-    return block
+def _padded(block: np.ndarray, frames: int) -> np.ndarray:
+    """`[frames, channels]` `block` as float64, zero-padded to `frames` (reads past the end
+    come back short)."""
+    return np.pad(block.astype(np.float64), ((0, frames - len(block)), (0, 0)))
 
 
 def _combine(values: np.ndarray, algorithm: str, weights: np.ndarray) -> np.ndarray:
