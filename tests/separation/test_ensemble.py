@@ -153,6 +153,17 @@ def test_the_file_version_writes_the_array_version_as_float32(tmp_path, algorith
     assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) > 1
 
 
+def test_an_ensemble_that_fails_midway_leaves_no_output(tmp_path):
+    paths = [written(tmp_path / f"in{i}.wav", wave) for i, wave in enumerate(tracks(2, 20_000))]
+
+    def interrupt(fraction: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensemble_files(paths, tmp_path / "out.wav", "avg_fft", block_frames=4096, progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in0.wav", "in1.wav"]
+
+
 def test_mono_files_ensemble_to_mono(tmp_path):
     waves = tracks(2, 3000, channels=1)
     paths = [written(tmp_path / f"in{i}.wav", wave) for i, wave in enumerate(waves)]
