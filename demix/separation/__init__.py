@@ -14,6 +14,6 @@ from .stem_files import JobStemSink
 from .step_stems import encode_stems, write_step_stems
 
 __all__ = ["JobStemSink", "MODEL_SHARE", "ModelCache", "ModelSpec", "STATS_SHARE", "SeparationOptions",
-           "SplitPlan", "StemLayout", "batch_segments", "is_roformer", "keep_freed_memory_for_reuse",
+           "SplitPlan", "StemLayout", "batch_segments", "encode_stems", "is_roformer", "keep_freed_memory_for_reuse",
            "merge_split", "part_windows_total", "prepare_split", "resolve_device", "run_part",
-           "separate_file", "single_pass", "stem_layout", "warm_model", "encode_stems", "write_step_stems"]
+           "separate_file", "single_pass", "stem_layout", "warm_model", "write_step_stems"]
