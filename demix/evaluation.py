@@ -194,13 +194,13 @@ def score_stems(references: tp.Mapping[str, np.ndarray], estimates: tp.Mapping[s
 def score_track(track: Track, estimates: tp.Mapping[str, Path], settings: Settings, scratch: Path,
                 stems: tp.Optional[tp.Collection[str]] = None) -> dict[str, StemScore]:
     """Score the estimate files of `track` (stem name -> file) against its references: the stems
-    in both (and in `stems`, when given).
+    in both (and in `stems`, when given), in the estimates' order (the model's sources').
 
     Raises:
         InvalidAudio: a reference and its estimate differ in rate or channel count (`code`
             `reference_mismatch`), or a reference cannot be decoded.
     """
-    wanted = [stem for stem in track.references if stem in estimates and (stems is None or stem in stems)]
+    wanted = [stem for stem in estimates if stem in track.references and (stems is None or stem in stems)]
     references, estimated, rate = {}, {}, 0
     for stem in wanted:
         references[stem], reference_rate = read_track_audio(track.references[stem], settings, scratch)
