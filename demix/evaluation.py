@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import tempfile
 import typing as tp
@@ -62,6 +63,9 @@ ESTIMATE_OUTPUT = {"format": "wav", "sample_format": "float32"}
 """The estimates' format: float WAV at the mix's rate and channels, so the score measures the
 model, not a quantizer."""
 
+BLOCK_FRAMES = 1 << 16
+"""Frames summed at a time in float64 (4 MiB for a stereo block)."""
+
 ProgressFn = tp.Callable[[float], None]
 
 
@@ -74,9 +78,12 @@ def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     """
     if reference.shape != estimate.shape:
         raise ValueError(f"reference {reference.shape} and estimate {estimate.shape} differ in shape")
-    reference = np.asarray(reference, dtype=np.float64)
-    error = reference - np.asarray(estimate, dtype=np.float64)
-    return float(10 * np.log10((np.sum(np.square(reference)) + EPS) / (np.sum(np.square(error)) + EPS)))
+    signal = error = 0.0
+    for start in range(0, len(reference), BLOCK_FRAMES):  # float64 a block at a time, not a whole song
+        block = np.asarray(reference[start:start + BLOCK_FRAMES], dtype=np.float64)
+        signal += float(np.sum(np.square(block)))
+        error += float(np.sum(np.square(block - estimate[start:start + BLOCK_FRAMES])))
+    return float(10 * np.log10((signal + EPS) / (error + EPS)))
 
 
 def window_sdrs(reference: np.ndarray, estimate: np.ndarray, samplerate: int,
@@ -151,7 +158,9 @@ def read_track_audio(path: Path, settings: Settings, scratch: Path) -> tuple[np.
     container = sniff_container(path)
     if container is None:
         return read_audio(path)
-    copy = Path(tempfile.mkstemp(dir=scratch, suffix=path.suffix)[1])
+    handle, name = tempfile.mkstemp(dir=scratch, suffix=path.suffix)
+    os.close(handle)
+    copy = Path(name)
     try:
         shutil.copyfile(path, copy)
         decode_to_wav(copy, container, settings)
@@ -178,17 +187,23 @@ def score_stems(references: tp.Mapping[str, np.ndarray], estimates: tp.Mapping[s
     Raises:
         ValueError: a reference and its estimate differ in channel count.
     """
-    scores = {}
-    for stem in (name for name in references if name in estimates):
-        reference, estimate = references[stem], estimates[stem]
-        if reference.shape[1:] != estimate.shape[1:]:
-            raise ValueError(f"{stem}: the reference has {reference.shape[1]} channels and the estimate "
-                             f"{estimate.shape[1]}")
-        frames = min(len(reference), len(estimate))
-        reference, estimate = reference[:frames], estimate[:frames]
-        scores[stem] = StemScore(sdr(reference, estimate),
-                                 chunked_median_sdr(reference, estimate, samplerate, window_s))
-    return scores
+    return {stem: score_stem(references[stem], estimates[stem], samplerate, window_s, stem)
+            for stem in references if stem in estimates}
+
+
+def score_stem(reference: np.ndarray, estimate: np.ndarray, samplerate: int, window_s: float = WINDOW_S,
+               stem: str = "stem") -> StemScore:
+    """Score one `[frames, channels]` estimate against its reference, both cut to the shorter.
+
+    Raises:
+        ValueError: they differ in channel count.
+    """
+    if reference.shape[1:] != estimate.shape[1:]:
+        raise ValueError(f"{stem}: the reference has {reference.shape[1]} channels and the estimate "
+                         f"{estimate.shape[1]}")
+    frames = min(len(reference), len(estimate))
+    reference, estimate = reference[:frames], estimate[:frames]
+    return StemScore(sdr(reference, estimate), chunked_median_sdr(reference, estimate, samplerate, window_s))
 
 
 def score_track(track: Track, estimates: tp.Mapping[str, Path], settings: Settings, scratch: Path,
@@ -200,19 +215,20 @@ def score_track(track: Track, estimates: tp.Mapping[str, Path], settings: Settin
         InvalidAudio: a reference and its estimate differ in rate or channel count (`code`
             `reference_mismatch`), or a reference cannot be decoded.
     """
-    wanted = [stem for stem in estimates if stem in track.references and (stems is None or stem in stems)]
-    references, estimated, rate = {}, {}, 0
-    for stem in wanted:
-        references[stem], reference_rate = read_track_audio(track.references[stem], settings, scratch)
-        estimated[stem], rate = read_audio(estimates[stem])
+    scores = {}
+    for stem in (name for name in estimates if name in track.references and (stems is None or name in stems)):
+        # one stem in memory at a time: a long song's four references and estimates would not fit
+        reference, reference_rate = read_track_audio(track.references[stem], settings, scratch)
+        estimate, rate = read_audio(estimates[stem])
         if reference_rate != rate:
             raise InvalidAudio(f"track {track.name!r}: {track.references[stem].name} is at {reference_rate} Hz "
                                f"and the estimate (at the mixture's rate) at {rate} Hz",
                                code="reference_mismatch")
-    try:
-        return score_stems(references, estimated, rate)
-    except ValueError as exc:
-        raise InvalidAudio(f"track {track.name!r}: {exc}", code="reference_mismatch") from exc
+        try:
+            scores[stem] = score_stem(reference, estimate, rate, stem=stem)
+        except ValueError as exc:
+            raise InvalidAudio(f"track {track.name!r}: {exc}", code="reference_mismatch") from exc
+    return scores
 
 
 # -- running the evaluation ---------------------------------------------------------------------
@@ -328,25 +344,22 @@ class Report:
 
     def table(self) -> str:
         """A text table: a row per track and the mean, two columns per stem (SDR, chunked
-        median SDR), in dB."""
+        median SDR), in dB; a failed track's row says why instead."""
         stems = self.stems
+
+        def cells(scores: tp.Mapping[str, StemScore]) -> list[str]:
+            return [f"{value:.2f}" if not math.isnan(value) else "-"
+                    for stem in stems for value in _pair(scores.get(stem))]
+
         header = ["track"] + [f"{stem} {kind}" for stem in stems for kind in ("sdr", "median")]
-        rows = [[track.name] + ([f"{value:.2f}" if not math.isnan(value) else "-"
-                                 for stem in stems for value in _pair(track.scores.get(stem))]
-                                if not track.error else [f"failed: {track.error}"])
-                for track in self.tracks]
-        means = self.means()
-        rows.append(["mean"] + [f"{value:.2f}" if not math.isnan(value) else "-"
-                                for stem in stems for value in _pair(means.get(stem))])
-        widths = [max(len(row[i]) for row in [header] + rows if i < len(row)) for i in range(len(header))]
-
-        def line(row: list[str]) -> str:
-            if len(row) < len(header):  # a failed track: its message runs across the columns
-                return "  ".join([row[0].ljust(widths[0])] + row[1:])
-            return "  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in
-                                                          zip(row[1:], widths[1:])])
-
-        return "\n".join([line(header)] + [line(row) for row in rows])
+        rows = [[track.name] + cells(track.scores) for track in self.tracks] + [["mean"] + cells(self.means())]
+        widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+        lines = ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])])
+                 for row in [header] + rows]
+        for index, track in enumerate(self.tracks, start=1):
+            if track.error:  # its message runs across the stems' columns
+                lines[index] = f"{track.name.ljust(widths[0])}  failed: {track.error}"
+        return "\n".join(line.rstrip() for line in lines)
 
 
 def _pair(score: tp.Optional[StemScore]) -> tuple[float, float]:

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from demix.errors import DemixError, InvalidAudio
-from demix.evaluation import (EPS, EngineSeparator, Report, StemScore, Track, TrackResult, chunked_median_sdr,
+from demix.evaluation import (BLOCK_FRAMES, EPS, EngineSeparator, Report, StemScore, Track, TrackResult, chunked_median_sdr,
                               evaluate, evaluation_job, find_tracks, read_track_audio, score_stems, score_track,
                               sdr, window_sdrs)
 from testkit.synthetic_audio import music_like
@@ -37,8 +37,9 @@ def test_sdr_is_the_energy_ratio_by_hand():
 
 def test_sdr_is_msst_s_over_every_channel_and_sample_at_once():
     rng = np.random.default_rng(0)
-    reference = rng.standard_normal((1000, 2)) * np.array([1.0, 0.1])  # channels at different levels
-    estimate = reference + rng.standard_normal((1000, 2)) * np.array([0.5, 0.001])
+    frames = 2 * BLOCK_FRAMES + 1234  # summed in blocks: the result is the whole array's
+    reference = rng.standard_normal((frames, 2)) * np.array([1.0, 0.1])  # channels at different levels
+    estimate = reference + rng.standard_normal((frames, 2)) * np.array([0.5, 0.001])
     expected = msst_sdr(reference.T[None], estimate.T[None])[0]
     assert sdr(reference, estimate) == pytest.approx(expected, abs=1e-9)
     per_channel_mean = np.mean([sdr(reference[:, [c]], estimate[:, [c]]) for c in range(2)])
@@ -182,6 +183,8 @@ def test_the_report_means_each_stem_over_its_tracks_and_shows_nan_as_none():
     assert lines[2].split() == ["b", "6.00", "8.00", "-", "-"]
     assert lines[3].split()[:2] == ["c", "failed:"]
     assert lines[4].split() == ["mean", "8.00", "10.00", "4.00", "-"]
+    nothing_scored = Report([TrackResult("only", error="no such model")]).table().splitlines()
+    assert nothing_scored == ["track", "only   failed: no such model", "mean"]
 
 
 def test_a_failing_separation_is_reported_and_the_other_tracks_go_on(tmp_path, settings):

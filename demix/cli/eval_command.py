@@ -56,6 +56,9 @@ class ServiceSeparator:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """`demix eval`: returns the exit code (1 if a track failed or none was found)."""
+    if not args.folder.is_dir():
+        print(f"demix eval: {args.folder} is not a folder", file=sys.stderr)
+        return 1
     try:
         tracks = find_tracks(args.folder)
     except DemixError as exc:

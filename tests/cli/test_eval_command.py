@@ -63,6 +63,8 @@ def test_eval_says_where_no_track_was_found(tmp_path, capsys):
     sf.write(str(tmp_path / "song" / "vocals.wav"), music_like(8000, 1, 0.1), 8000)
     assert main(["eval", str(tmp_path)]) == 1
     assert "no track in" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere is not a folder" in capsys.readouterr().err
 
 
 def test_eval_reports_a_model_it_cannot_load(tmp_path, tiny_model_repo, capsys):
