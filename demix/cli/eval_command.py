@@ -69,23 +69,33 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
               "<stem>.<ext> for each reference stem", file=sys.stderr)
         return 1
     job = evaluation_job(args.model)
-    if args.url:
-        with Client(args.url, api_key=args.api_key or settings.api_key or None) as client:
-            report = _run_with_progress(tracks, ServiceSeparator(client, job), settings, args.stems)
-    else:
-        try:
-            separator = EngineSeparator(settings, job)
-        except DemixError as exc:
-            print(f"demix eval: {exc.message}", file=sys.stderr)
-            return 1
-        report = _run_with_progress(tracks, separator, settings, args.stems)
+    try:
+        if args.url:
+            with Client(args.url, api_key=args.api_key or settings.api_key or None) as client:
+                _check_service_model(client, args.model)
+                report = _run_with_progress(tracks, ServiceSeparator(client, job), settings, args.stems)
+        else:
+            report = _run_with_progress(tracks, EngineSeparator(settings, job), settings, args.stems)
+    except (DemixError, ClientError) as exc:  # no model, no service: nothing could be scored
+        print(f"demix eval: {exc.message}", file=sys.stderr)
+        return 1
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     failed = [track for track in report.tracks if track.error]
     for track in failed:
         print(f"demix eval: {track.name}: {track.error}", file=sys.stderr)
+    for stem in [stem for stem in args.stems or () if stem not in report.stems]:
+        print(f"demix eval: no track has a score for {stem!r}: the model has no such source, or no "
+              "track a reference of it", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_service_model(client: Client, model: tp.Optional[str]) -> None:
+    """Fail at once, not once per track, when the service is unreachable or lacks `model`."""
+    served = [entry["name"] for entry in client.models()]
+    if model and model not in served:
+        raise ClientError("unknown_model", f"the service has no model {model!r}; it serves {', '.join(served)}")
 
 
 def _run_with_progress(tracks: list[Track], separate: Separator, settings: Settings,

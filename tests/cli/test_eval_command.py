@@ -54,8 +54,9 @@ def test_eval_scores_the_engine_in_process_as_a_table_and_json(tmp_path, tiny_mo
     assert lines[3].split()[1] == f"{data['mean']['drums']['sdr']:.2f}"
     assert "2.00/2 tracks" in err  # the progress bar ran to the end
 
-    assert main(["eval", str(songs), "--stems", "vocals,bass", "--json", str(report)]) == 0
+    assert main(["eval", str(songs), "--stems", "vocals,bass,guitar", "--json", str(report)]) == 0
     check_report(json.loads(report.read_text()), {"vocals", "bass"})
+    assert "no track has a score for 'guitar'" in capsys.readouterr().err
 
 
 def test_eval_says_where_no_track_was_found(tmp_path, capsys):
@@ -92,6 +93,8 @@ def test_eval_through_the_service_scores_what_the_engine_scores(tmp_path, live_s
     jobs_before = job_count(redis_client)
     assert main(["eval", str(songs), "--url", live_server.url, "--json", str(by_service)]) == 0
     assert job_count(redis_client) == jobs_before  # each job deleted once its stems were scored
+    assert main(["eval", str(songs), "--url", live_server.url, "--model", "no_such_model"]) == 1
+    assert "the service has no model 'no_such_model'; it serves tiny" in capsys.readouterr().err
     assert main(["eval", str(songs), "--json", str(in_process)]) == 0
     service, engine = json.loads(by_service.read_text()), json.loads(in_process.read_text())
     check_report(service, {"drums", "bass", "vocals"})
