@@ -9,7 +9,7 @@ from pathlib import Path
 
 from demix.config import Settings
 
-from demix.cli import model_commands as models
+from demix.cli import eval_command, model_commands as models
 from demix.cli.argv import api_argv, check_worker_models, flower_argv, worker_argv
 
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     separate.add_argument("--api-key", help="API key sent as `Authorization: Bearer` (default: DEMIX_API_KEY)")
     separate.add_argument("-o", "--out", type=Path, default=Path("separated"),
                           help="folder for the stems, one sub-folder per file (default: ./separated)")
+    eval_command.add_parser(commands)
     return parser
 
 
@@ -88,6 +89,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                             api_key=args.api_key or settings.api_key or None, model=args.model)
     if args.command == "models":
         return models.run(args, settings)
+    if args.command == "eval":
+        return eval_command.run(args, settings)
     if args.command == "config":
         for name, default, doc in Settings.describe():
             value = settings.shown_value(name[len("DEMIX_"):].lower())
