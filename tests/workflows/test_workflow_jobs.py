@@ -18,6 +18,7 @@ import subprocess
 import typing as tp
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import requests
@@ -159,6 +160,27 @@ def test_a_chain_of_an_ensemble_and_a_model_equals_the_engine_run_by_hand(deploy
     assert [run["model"] for run in steps[0]["runs"]] == [TINY_VOCALS, TINY_VOCALS_BS]
     assert all(run["status"] == "succeeded" and run["attempts"] == 1 for step in steps for run in step["runs"])
     assert (job["progress"], job["model"], job["workflow"]["outputs"]) == (1.0, "workflow", CHAIN["outputs"])
+    spec = requests.get(f"{deployment.url}/openapi.json", timeout=30).json()
+    jsonschema.validate(job, spec["components"]["schemas"]["Job"])
+
+
+def test_the_shipped_presets_run_with_the_served_models(deployment, tmp_path):
+    listed = {preset["name"]: preset for preset in
+              requests.get(f"{deployment.url}/v1/workflows", timeout=30).json()["workflows"]}
+    assert listed["best_vocals"]["models"] == [{"name": name, "served": True, "workers": 1}
+                                               for name in (TINY_MODEL, TINY_VOCALS, TINY_VOCALS_BS)]
+    assert listed["vocals_then_band"]["available"] and listed["vocals_then_band"]["workflow"]["steps"][1] == \
+        {"name": "band", "input": "vocals/no_vocals", "models": [TINY_MODEL]}
+    mix = write_wav(tmp_path / "mix.wav", 44100, 2, 2.0)
+    for preset, stems in (("best_vocals", {"vocals", "instrumental"}),
+                          ("vocals_then_band", {"vocals", "drums", "bass", "other"})):
+        with open(mix, "rb") as file:
+            submitted = requests.post(f"{deployment.url}/v1/jobs", files={"file": file}, data={"preset": preset},
+                                      timeout=60)
+        assert submitted.status_code == 202, submitted.text
+        job = deployment.finished(submitted.json()["id"])
+        assert job["status"] == "succeeded" and set(job["outputs"]) == stems, job
+        assert job["output"]["sample_format"] == "pcm16"  # the input's own format, as for any job
 
 
 def test_a_workers_kill_9_mid_workflow_redoes_only_the_run_it_was_running(deployment, tmp_path):
