@@ -237,3 +237,34 @@ def test_a_workflows_runs_are_not_jobs_of_the_api(deployment, tmp_path):
     run_id = unit_id(job["id"], f"v/{TINY_VOCALS}")
     assert requests.get(f"{deployment.url}/v1/jobs/{run_id}", timeout=30).status_code == 404
     assert requests.post(f"{deployment.url}/v1/jobs/{run_id}/cancel", timeout=30).status_code == 404
+
+
+def test_a_json_body_runs_a_workflow_on_a_url_input(deployment, tmp_path):
+    from tests.support.file_server import FileServer
+
+    mix = write_wav(tmp_path / "mix.flac", 44100, 2, 2.0, subtype="PCM_16", format="FLAC")
+    workflow = {"steps": [{"name": "voc", "models": [TINY_VOCALS, TINY_VOCALS_BS], "ensemble": "max_wave"}]}
+    with FileServer() as files:
+        files.routes["/song.flac"] = (200, {"Content-Type": "audio/flac"}, mix.read_bytes())
+        response = requests.post(f"{deployment.url}/v1/jobs", json={"url": f"{files.base}/song.flac",
+                                                                   "workflow": workflow, "format": "flac"}, timeout=60)
+        assert response.status_code == 202, response.text
+        submitted = response.json()
+        assert (submitted["stage"], submitted["samplerate"]) == ("downloading", 0)
+        job = deployment.finished(submitted["id"])
+    assert job["status"] == "succeeded", job
+    assert (job["samplerate"], job["channels"], job["input_format"], job["output"]["format"]) == \
+        (44100, 2, "FLAC/PCM_16", "flac")
+    assert set(job["outputs"]) == {"vocals", "no_vocals"}
+    assert job["download"]["received_bytes"] == mix.stat().st_size
+    stems = deployment.stems(job)
+    assert stems["vocals"].shape == (88200, 2)
+
+
+def test_a_json_body_is_refused_clearly_when_it_is_not_an_object_of_fields(deployment):
+    for body, words in (("[1]", "a JSON body is an object"), ("{", "not valid JSON"),
+                        ('{"url": "https://example.test/a.wav", "model": {"x": 1}}', "model: expected a string")):
+        response = requests.post(f"{deployment.url}/v1/jobs", data=body, headers={"Content-Type": "application/json"},
+                                 timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", response.text
+        assert words in response.json()["error"]["message"]
