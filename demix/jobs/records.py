@@ -196,16 +196,21 @@ if KEYS[7] ~= '' then
   else redis.call('ZREM', KEYS[7], ARGV[1]) end
 end
 local counters = KEYS[4]
+-- A workflow's run counts as a requeue (a lost worker) but not as a job of its own: the
+-- outcome counters and histograms count the jobs clients submitted.
+local unit = redis.call('HGET', job, 'workflow_unit')
+local is_run = unit and unit ~= '{}'
 if target == 'queued' then
   redis.call('HINCRBY', counters, 'requeued:' .. ARGV[11], 1)
   if ARGV[11] == 'handed_back' then redis.call('HINCRBY', job, 'handed_back', 1) end
+elseif is_run then
 elseif target == 'succeeded' or target == 'cancelled' then
   redis.call('HINCRBY', counters, target, 1)
 elseif target == 'failed' then
   local error = cjson.decode(redis.call('HGET', job, 'error'))
   redis.call('HINCRBY', counters, 'failed:' .. ((type(error) == 'table' and error.code) or 'unknown'), 1)
 end
-if target == 'succeeded' then
+if target == 'succeeded' and not is_run then
   local function observe(histogram, buckets, value)
     local field = '+Inf'
     for _, bound in ipairs(cjson.decode(buckets)) do

@@ -192,3 +192,14 @@ def test_the_steps_view_gives_each_runs_state_and_the_jobs_progress(context, tmp
     # Model runs weigh 1, a step's own unit and the outputs 0.1: 0.5 of 3 runs + 2 units + outputs.
     assert view["progress"] == pytest.approx(0.5 / 3.3, abs=1e-4)
     assert view["outputs"] == CHAIN["outputs"]
+
+
+def test_runs_are_not_counted_as_jobs_in_the_metrics(context, tmp_path):
+    counters = keys.metrics_counters_key()
+    before = {name.decode(): int(value) for name, value in context.jobs.redis.hgetall(counters).items()}
+    parent = submit(context, tmp_path)
+    run(context, unit_id(parent.id, "voc/tiny_vocals"), ["vocals", "no_vocals"])
+    cancel_job(context.jobs, context.storage, parent.id)
+    after = {name.decode(): int(value) for name, value in context.jobs.redis.hgetall(counters).items()}
+    changed = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    assert changed == {"submitted": 1, "cancelled": 1}  # the job; its run's success and cancel are not
