@@ -7,6 +7,7 @@ every one is complete, and a job's `clip=rescale` sees every stem's peak first.
 """
 from __future__ import annotations
 
+import contextlib
 import typing as tp
 from pathlib import Path
 
@@ -43,8 +44,7 @@ def write_step_stems(runs: tp.Sequence[tp.Mapping[str, Path]], input_path: Path,
                        progress=lambda value, i=index: progress(0.8 * (i + value) / len(sources)))
     with AudioReader(input_path) as mix:
         samplerate, channels, frames = mix.samplerate, mix.channels, mix.frames
-    writers = {}
-    try:
+    with _published(sink) as writers:
         for name in stems:
             writers[name] = sink.open_stem(name, samplerate, channels, "FLOAT", frames)
         for index, source in enumerate(sources):
@@ -55,11 +55,6 @@ def write_step_stems(runs: tp.Sequence[tp.Mapping[str, Path]], input_path: Path,
                     if f"no_{source}" in writers:
                         writers[f"no_{source}"].write(mix.read(len(block)) - block)
             progress(0.8 + 0.2 * (index + 1) / len(sources))
-    finally:
-        for writer in writers.values():
-            writer.close()
-    for name in stems:
-        sink.publish(name)
     return list(stems)
 
 
@@ -67,8 +62,7 @@ def encode_stems(files: tp.Mapping[str, Path], sink: StemSink, output: OutputOpt
                  progress: ProgressFn = lambda _value: None) -> list[str]:
     """Write each float32 WAV of `files` (name -> path, at the output's rate and channels) as
     stem `name` in `output`'s format; returns the names written."""
-    writers = {}
-    try:
+    with _published(sink) as writers:
         for index, (name, path) in enumerate(files.items()):
             with AudioReader(path) as reader:
                 writers[name] = sink.open_stem(name, output.samplerate, output.channels, output.grid_subtype,
@@ -76,9 +70,18 @@ def encode_stems(files: tp.Mapping[str, Path], sink: StemSink, output: OutputOpt
                 while len(block := reader.read(BLOCK_FRAMES)):
                     writers[name].write(quantize(block, output.grid_subtype))
             progress((index + 1) / len(files))
+    return list(files)
+
+
+@contextlib.contextmanager
+def _published(sink: StemSink) -> tp.Iterator[dict[str, tp.Any]]:
+    """The writers the block opens in `sink` (name -> writer), all closed however it ends, and
+    published only if it ends well: every stem appears, or none."""
+    writers: dict[str, tp.Any] = {}
+    try:
+        yield writers
     finally:
         for writer in writers.values():
             writer.close()
-    for name in files:
+    for name in writers:
         sink.publish(name)
-    return list(files)
