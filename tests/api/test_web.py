@@ -158,7 +158,7 @@ def test_the_presets_are_offered_beside_the_models_the_disabled_ones_saying_why(
     html = client.get("/").get_data(as_text=True)
 
     (select,) = page.find("select", name="preset")
-    assert page.find("label", for_="preset") and select["aria-describedby"] == "preset-hint"
+    assert page.find("label", for_="preset") and select["aria-describedby"] == "preset-hint presets-unavailable"
     options = [attrs for tag, attrs in page.elements if tag == "option" and "data-description" in attrs]
     assert [option["value"] for option in options] == ["", "best_vocals", "vocals_then_band", "band"]
     (band,) = page.find("option", value="band")
