@@ -1,5 +1,5 @@
-"""`GET /`: the web page — upload audio files (one job each), follow the jobs, play and
-download their stems.
+"""`GET /`: the web page — upload audio files (one job each) for a model or a preset
+(a workflow), follow the jobs and their steps, play and download their stems.
 
 The page is plain HTML, CSS and JavaScript modules served by this app (`demix/api/templates`,
 `demix/api/static`): no build step and nothing fetched from elsewhere. It talks to the same
@@ -7,11 +7,15 @@ The page is plain HTML, CSS and JavaScript modules served by this app (`demix/ap
 """
 from __future__ import annotations
 
+import typing as tp
+
 from flask import Blueprint, current_app, render_template
 
 from demix.catalogue import catalogue
 from demix.audio.output_formats import CLIP_MODES, CHANNEL_MODES, FORMATS, MP3_BITRATES, MP3_SAMPLERATES, SAMPLE_FORMATS
 from demix.readiness import ready_workers
+from demix.workflows.presets import listed_presets
+from demix.workflows.spec import DEFAULT_ENSEMBLE, MIX
 
 bp = Blueprint("web", __name__)
 
@@ -47,10 +51,14 @@ def index():
     except Exception:  # Redis down: the page still loads; submitting will say what is wrong
         ready = {}
     models = catalogue(settings, ready)
+    presets = [{**preset, "steps": describe_steps(preset["workflow"]),
+                "outputs": list((preset["workflow"] or {}).get("outputs") or {})}
+               for preset in listed_presets(settings, ready)]
     response = current_app.make_response(render_template(
         "index.html",
         models=models,
-        stem_choices=models[0]["stems"],  # the default model's; the page swaps them with the model
+        stem_choices=models[0]["stems"],
+        presets=presets,  # the default model's; the page swaps them with the model
         formats=FORMATS,
         sample_formats=SAMPLE_FORMATS,
         samplerates=OFFERED_SAMPLERATES,
@@ -66,3 +74,16 @@ def index():
     ))
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     return response
+
+
+def describe_steps(workflow: tp.Optional[tp.Mapping[str, tp.Any]]) -> str:
+    """A preset's steps in a line, as the page shows them:
+    `vocals: m1 + m2 (avg_wave) → band: htdemucs (from vocals/no_vocals)`."""
+    described = []
+    for number, step in enumerate((workflow or {}).get("steps") or [], 1):
+        models = " + ".join(step.get("models") or [])
+        ensemble = f" ({step.get('ensemble') or DEFAULT_ENSEMBLE})" if len(step.get("models") or []) > 1 else ""
+        source = step.get("input") or MIX
+        start = f" (from {source})" if source != MIX else ""
+        described.append(f"{step.get('name') or number}: {models}{ensemble}{start}")
+    return " → ".join(described)

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from demix.atomic_files import atomic_path
-from demix.catalogue import describe_model
+from demix.catalogue import describe_model, warm_model_notes
 from demix.config import Settings
 from demix.errors import BadRequest, DemixError, shown
 from demix.stems import SOURCES
@@ -75,6 +75,25 @@ def all_presets(settings: Settings, reported: Reported = {}) -> list[Preset]:
                                       {key: value for key, value in entry.items() if key != "description"}),
                                settings, reported)
     return list(found.values())
+
+
+def listed_presets(settings: Settings, ready: tp.Mapping[str, tp.Mapping[str, tp.Any]]) -> list[dict]:
+    """Every preset as `GET /v1/workflows` and the web page list it (`ready`: the readiness
+    entries, `demix.readiness.ready_workers`): its workflow, its models (each served or not, by
+    how many warm workers), `enabled` (the deployment serves its models, else `disabled_reason`
+    says why) and `available` (warm workers serve them now)."""
+    warm = warm_model_notes(ready)
+    served = set(settings.served_models)
+    reported = {name: notes[0] for name, notes in warm.items()}
+    listed = []
+    for preset in all_presets(settings, reported):
+        models = [{"name": name, "served": name in served, "workers": len(warm.get(name, []))}
+                  for name in preset.models]
+        listed.append({"name": preset.name, "description": preset.description, "origin": preset.origin,
+                       "workflow": preset.workflow, "models": models, "enabled": preset.disabled is None,
+                       "disabled_reason": preset.disabled,
+                       "available": preset.disabled is None and all(model["workers"] for model in models)})
+    return listed
 
 
 def preset_workflow(name: str, settings: Settings, reported: Reported = {}) -> Workflow:

@@ -1,7 +1,10 @@
 """`GET /`: the web page is served by the app itself, carries the hooks automated
-clients rely on, and everything it references is served too (no CDN)."""
+clients rely on, offers the presets beside the models, and everything it references is
+served too (no CDN)."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from html.parser import HTMLParser
 from urllib.parse import urljoin, urlparse
@@ -9,8 +12,10 @@ from urllib.parse import urljoin, urlparse
 import pytest
 
 from demix.api import create_app
+from demix.api.web import describe_steps
 from demix.audio.output_formats import FORMATS
 from demix.stems import STEM_CHOICES
+from testkit.tiny_models import TINY_MODEL
 
 
 class _Page(HTMLParser):
@@ -33,14 +38,18 @@ def client(settings):
     return create_app({"SETTINGS": settings}).test_client()
 
 
-@pytest.fixture
-def page(client) -> _Page:
+def parsed_page(client) -> _Page:
     response = client.get("/")
     assert response.status_code == 200
     assert response.mimetype == "text/html"
     parsed = _Page()
     parsed.feed(response.get_data(as_text=True))
     return parsed
+
+
+@pytest.fixture
+def page(client) -> _Page:
+    return parsed_page(client)
 
 
 def test_page_has_the_stable_test_hooks(page):
@@ -132,3 +141,42 @@ def test_page_assets_resolve_locally(client, page):
 def test_page_forbids_other_origins(client):
     policy = client.get("/").headers["Content-Security-Policy"]
     assert "default-src 'self'" in policy
+
+
+BAND = {"steps": [{"name": "band", "models": [TINY_MODEL]}], "outputs": {"drums": "band/drums", "rest": "band/no_drums"}}
+
+
+def test_the_presets_are_offered_beside_the_models_the_disabled_ones_saying_why(settings, tmp_path):
+    """The session serves the tiny model alone: the shipped presets cannot run (disabled, with
+    their reason as the option's title and in a note), the operator's `band` can."""
+    from demix.workflows.presets import add_preset
+
+    with_file = dataclasses.replace(settings, workflows=str(tmp_path / "workflows.yaml"))
+    add_preset(with_file, "band", json.dumps(BAND), "the tiny model's band")
+    client = create_app({"SETTINGS": with_file}).test_client()
+    page = parsed_page(client)
+    html = client.get("/").get_data(as_text=True)
+
+    (select,) = page.find("select", name="preset")
+    assert page.find("label", for_="preset") and select["aria-describedby"] == "preset-hint presets-unavailable"
+    options = [attrs for tag, attrs in page.elements if tag == "option" and "data-description" in attrs]
+    assert [option["value"] for option in options] == ["", "best_vocals", "vocals_then_band", "band"]
+    (band,) = page.find("option", value="band")
+    assert "disabled" not in band
+    assert (band["data-description"], band["data-steps"], band["data-outputs"]) == \
+        ("the tiny model's band", f"band: {TINY_MODEL}", "drums, rest")
+    for name in ("best_vocals", "vocals_then_band"):
+        (option,) = page.find("option", value=name)
+        assert "disabled" in option and option["title"], name
+        assert len(page.find("li", **{"data-preset": name})) == 1, name
+    best_reason = page.find("option", value="best_vocals")[0]["title"]
+    assert "two or more served models with a vocals source" in best_reason
+    assert "is not available here:" in html and "two or more served models with a vocals source" in html
+
+
+def test_a_presets_steps_are_described_in_a_line():
+    chain = {"steps": [{"name": "voc", "input": "mix", "models": ["a", "b"], "ensemble": "avg_fft"},
+                       {"name": "band", "input": "voc/no_vocals", "models": ["c"]},
+                       {"name": "more", "models": ["d", "e"]}]}
+    assert describe_steps(chain) == "voc: a + b (avg_fft) → band: c (from voc/no_vocals) → more: d + e (avg_wave)"
+    assert describe_steps(None) == ""

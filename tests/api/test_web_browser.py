@@ -1,6 +1,7 @@
 """The web page in a real browser (headless Debian Chromium driven by Playwright) against
-a real `demix up` with the tiny model: uploads of one or several files (a card per job),
-progress, stems that play in sync, mute and solo, downloads, recent jobs, readable errors."""
+a real `demix up` with the tiny model and a tiny vocals RoFormer: uploads of one or several
+files (a card per job), progress, stems that play in sync, mute and solo, downloads, recent
+jobs, readable errors, presets (workflows) with each step's progress."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from testkit.synthetic_audio import write_wav
+from testkit.tiny_models import TINY_MODEL, TINY_VOCALS, write_tiny_repo, write_tiny_roformer
 from tests.support.demix_up import demix_up
 
 pytestmark = pytest.mark.processes
@@ -43,9 +45,35 @@ def browser():
         browser.close()
 
 
+VOICES_THEN_BAND = {
+    "description": "Vocals by two models averaged, then the band from what they leave",
+    "steps": [{"name": "voc", "input": "mix", "models": [TINY_VOCALS, TINY_MODEL], "ensemble": "avg_fft"},
+              {"name": "band", "input": "voc/no_vocals", "models": [TINY_MODEL]}],
+    "outputs": {"vocals": "voc/vocals", "instrumental": "voc/no_vocals", "drums": "band/drums",
+                "bass": "band/bass", "other": "band/other"}}
+"""The operator's preset the page runs: an ensemble step, then a step chained on its stem."""
+SIX_STEMS = {"steps": [{"name": "six", "models": ["htdemucs_6s"]}]}
+"""An operator's preset naming a model this deployment does not serve: listed, disabled."""
+
+
 @pytest.fixture(scope="module")
-def service_url(tiny_model_repo, tmp_path_factory):
-    with demix_up(tmp_path_factory.mktemp("web")) as (url, _output, _marker):
+def service_url(tmp_path_factory):
+    """`demix up` serving the tiny HT-Demucs (the default) and a tiny one-source vocals
+    RoFormer, with a presets file holding `voices_then_band` and the disabled `six_stems`;
+    the shipped presets are made of the two models."""
+    import yaml
+
+    from demix.separation.weights.checkpoints import add_checkpoint
+
+    root = tmp_path_factory.mktemp("web")
+    repo = write_tiny_repo(root / "models")
+    add_checkpoint(TINY_VOCALS, *write_tiny_roformer(root / "given", "mel_band_roformer", ["vocals", "other"],
+                                                     target="vocals"), repo)
+    presets = root / "workflows.yaml"
+    presets.write_text(yaml.safe_dump({"voices_then_band": VOICES_THEN_BAND, "six_stems": SIX_STEMS},
+                                      sort_keys=False))
+    with demix_up(root, DEMIX_MODEL_REPO=str(repo), DEMIX_MODELS=f"{TINY_MODEL},{TINY_VOCALS}",
+                  DEMIX_WORKFLOWS=str(presets)) as (url, _output, _marker):
         yield url
 
 
@@ -385,6 +413,102 @@ def test_several_files_at_once_make_a_card_each(page, tmp_path):
         page.screenshot(path=screenshot, full_page=True)
 
 
+STEP_STATUSES = """() => {
+    window.stepsSeen = {};
+    new MutationObserver(() => {
+        for (const step of document.querySelectorAll('[data-role=step]')) {
+            const seen = (window.stepsSeen[step.dataset.step] ??= []);
+            if (seen[seen.length - 1] !== step.dataset.status) seen.push(step.dataset.status);
+        }
+    }).observe(document.querySelector('[data-role=jobs]'), {childList: true, subtree: true, attributes: true});
+}"""
+"""Record every status each step row of the page shows, in order (`window.stepsSeen`)."""
+
+
+def test_a_preset_runs_its_steps_shown_one_by_one_and_its_stems_play(page, song):
+    open_page(page)
+    listed = {preset["name"]: preset for preset in page.request.get("/v1/workflows").json()["workflows"]}
+    assert [name for name, preset in listed.items() if preset["enabled"]] == \
+        ["best_vocals", "vocals_then_band", "voices_then_band"]
+
+    # Every preset is offered; the one this service cannot run is shown, not selectable, saying why.
+    offered = page.eval_on_selector_all("select[name=preset] option", """options => options.map(o =>
+        ({value: o.value, disabled: o.disabled, title: o.title}))""")
+    assert [option["value"] for option in offered] == ["", *listed]
+    six = next(option for option in offered if option["value"] == "six_stems")
+    reason = listed["six_stems"]["disabled_reason"]
+    assert six["disabled"] and six["title"] == reason and "htdemucs_6s" in reason
+    note = page.locator("[data-role=presets-unavailable] li[data-preset=six_stems]")
+    assert note.is_visible() and reason in " ".join(note.text_content().split())
+    assert not any(option["disabled"] for option in offered if option["value"] != "six_stems")
+
+    # Choosing a preset sets aside the model, the stems, the rate and the channels.
+    page.click("summary")  # "Output options"
+    page.select_option("select[name=format]", "flac")
+    page.focus("select[name=preset]")
+    page.select_option("select[name=preset]", "voices_then_band")
+    hint = page.text_content("[data-role=preset-hint]")
+    assert f'{VOICES_THEN_BAND["description"]}. Steps: ' in hint and "voc: tiny_vocals + tiny (avg_fft)" in hint, hint
+    assert "Stems: vocals, instrumental, drums, bass, other." in hint
+    for name in ("model", "stems", "samplerate", "channels"):
+        assert page.is_disabled(f"select[name={name}]"), name
+    assert page.is_visible("[data-role=preset-output-note]")
+
+    page.evaluate(STEP_STATUSES)
+    page.set_input_files("input[type=file][name=file]", str(song))
+    with page.expect_response(lambda response: response.url.endswith("/v1/jobs")
+                              and response.request.method == "POST") as answered:
+        page.click("button[type=submit]")
+    # Accepted (a preset job naming a model or stems would be refused), with the output options.
+    assert answered.value.status == 202, answered.value.text()
+    job = answered.value.json()
+    assert (job["model"], job["output"]["format"]) == ("workflow", "flac")
+    assert [step["name"] for step in job["workflow"]["steps"]] == ["voc", "band"]
+
+    card = job_card(page, song.name)
+    steps = card.locator("[data-role=step]")
+    page.wait_for_function("""card => { const steps = [...card.querySelectorAll('[data-role=step]')];
+                              return steps.length === 2 && steps.every(s => s.dataset.status === 'succeeded'); }""",
+                           arg=card.element_handle(), timeout=JOB_TIMEOUT_MS)
+    assert [step.get_attribute("data-step") for step in steps.all()] == ["voc", "band"]
+    seen = page.evaluate("window.stepsSeen")
+    order = ["waiting", "queued", "running", "succeeded"]
+    for name, statuses in seen.items():
+        assert statuses == sorted(statuses, key=order.index) and statuses[-1] == "succeeded", seen
+    assert seen["band"][0] == "waiting", seen  # it waits for the step it is chained on
+    voc = card.locator("[data-role=step][data-step=voc]")
+    assert voc.locator("[data-role=step-models]").text_content() == "tiny_vocals + tiny · avg_fft ensemble"
+    assert card.locator("[data-step=band] [data-role=step-models]").text_content() == "tiny · from voc/no_vocals"
+    runs = voc.locator(".run").evaluate_all("els => els.map(e => [e.dataset.model, e.dataset.status, e.dataset.cached])")
+    assert runs == [["tiny_vocals", "succeeded", "false"], ["tiny", "succeeded", "false"]]
+    assert voc.locator(".run").first.is_visible()  # an ensemble's runs are shown; a single run is its step
+    for bar in card.locator("[data-role=step-progressbar]").all():
+        assert bar.get_attribute("aria-valuenow") == "100"
+
+    # The result plays and downloads as any job's.
+    expected = {"vocals", "instrumental", "drums", "bass", "other"}
+    wait_for_stems(page, card, expected)
+    assert card.locator("[data-role=status]").text_content() == "Done — 100%"
+    meta = card.locator("[data-role=job-meta]").text_content()
+    assert "preset voices_then_band: voc → band" in meta and "out: FLAC" in meta, meta
+    for state in stem_state(card):
+        assert state["duration"] == pytest.approx(INPUT_SECONDS, abs=0.005), state
+    spreads = play_and_measure_spread(page, card)  # every stem playing, past 0.3 s
+    assert max(spreads) < 0.15, spreads
+    card.locator("[data-action=play]").click()  # pause
+    with page.expect_download() as download:
+        card.locator("[data-role=zip]").click()
+    assert sorted(zipfile.ZipFile(download.value.path()).namelist()) == sorted(f"{name}.flac" for name in expected)
+    assert "preset voices_then_band" in page.text_content("[data-role=recent] li")
+    assert no_error_shown(page)
+
+    # Back to a model: its controls come back.
+    page.select_option("select[name=preset]", "")
+    for name in ("model", "stems", "samplerate", "channels"):
+        assert page.is_enabled(f"select[name={name}]"), name
+    assert page.is_hidden("[data-role=preset-output-note]")
+
+
 # ---- against the API alone (`idle_server`: a 1 MiB upload limit, a queue no worker takes) ----
 
 @pytest.fixture
@@ -523,6 +647,45 @@ def test_a_failed_job_shows_why(idle_page, tmp_path):
     assert card.locator("[data-role=status]").text_content() == "Failed"
     assert idle_page.text_content("[data-role=recent] .badge") == "failed"
     assert idle_page.is_hidden(FORM_ERROR)
+
+
+def test_a_workflow_run_from_the_cache_says_so(idle_page, tmp_path):
+    """A workflow job's steps as the service reports them (simulated here over a queued job:
+    the cache is not the page's to test): a run that came from the cache says so, even the
+    lone run of a step, whose row is otherwise its step's own."""
+    path = write_wav(tmp_path / "cached.wav", 22050, 1, seconds=0.5)
+
+    def run(model: str, cached: bool) -> dict:
+        return {"model": model, "status": "succeeded", "progress": 1.0, "cached": cached, "attempts": int(not cached)}
+
+    steps = [{"name": "voc", "input": "mix", "models": ["a", "b"], "sources": ["vocals"], "ensemble": "max_fft",
+              "weights": [2, 1], "status": "succeeded", "progress": 1.0, "runs": [run("a", True), run("b", False)]},
+             {"name": "band", "input": "voc/no_vocals", "models": ["c"], "sources": ["drums"], "ensemble": None,
+              "weights": None, "status": "succeeded", "progress": 1.0, "runs": [run("c", True)]},
+             {"name": "more", "input": "mix", "models": ["d"], "sources": ["drums"], "ensemble": None,
+              "weights": None, "status": "running", "progress": 0.25,
+              "runs": [{**run("d", False), "status": "running", "progress": 0.25}]}]
+    idle_page.route(re.compile(r"/v1/jobs/[0-9a-f]{32}$"), lambda route: route.continue_()
+                    if route.request.method != "GET" else route.fulfill(json={
+                        **route.fetch().json(), "status": "running", "model": "workflow", "progress": 0.8,
+                        "workflow": {"steps": steps, "outputs": {}}}))
+    open_page(idle_page)
+    idle_page.set_input_files("input[type=file][name=file]", str(path))
+    idle_page.click("button[type=submit]")
+    card = job_card(idle_page, "cached.wav")
+    card.locator("[data-role=step][data-step=more][data-status=running]").wait_for()
+    assert card.locator("[data-role=step]").evaluate_all("els => els.map(e => e.dataset.step)") == \
+        ["voc", "band", "more"]
+    voc = card.locator("[data-step=voc]")
+    assert voc.locator("[data-role=step-models]").text_content() == "a + b · max_fft ensemble (weights 2, 1)"
+    assert voc.locator(".run-status").all_text_contents() == ["done · from the cache", "done · 100%"]
+    band_run = card.locator("[data-step=band] .run")
+    assert band_run.is_visible() and band_run.text_content() == "cdone · from the cache"
+    assert card.locator("[data-step=more] .run").is_hidden()  # a lone run not from the cache: its step says it
+    more_bar = card.locator("[data-step=more] [data-role=step-progressbar]")
+    assert (more_bar.get_attribute("aria-valuenow"), more_bar.get_attribute("aria-valuetext")) == ("25", "running, 25%")
+    assert card.locator("[data-step=more] [data-role=step-status]").text_content() == "running"
+    assert "workflow: voc → band → more" in card.locator("[data-role=job-meta]").text_content()
 
 
 def test_the_same_submission_again_reuses_its_idempotency_key(idle_page, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 
 from demix.config import Settings
 from demix.errors import BadRequest
-from demix.workflows.presets import add_preset, all_presets, preset_workflow, remove_preset, shipped_presets
+from demix.workflows.presets import (add_preset, all_presets, listed_presets, preset_workflow, remove_preset,
+                                     shipped_presets)
 
 VOCALS_AND_BAND = "htdemucs,mel_band_roformer_kim,bs_roformer_viperx"
 
@@ -82,3 +83,21 @@ def test_a_preset_that_would_not_run_is_refused_when_added_and_disabled_when_its
     without = dataclasses.replace(settings, models="htdemucs")
     viperx = by_name(all_presets(without))["viperx"]
     assert viperx.disabled.startswith("workflow.steps[0].models[0]: unknown model 'bs_roformer_viperx'")
+
+
+def test_the_listing_says_per_model_how_many_warm_workers_serve_it_and_whether_a_preset_can_start(settings):
+    """As `GET /v1/workflows` and the web page show them: `ready` holds the readiness entries."""
+    ready = {"worker-1": {"models": {"htdemucs": {}, "mel_band_roformer_kim": {}, "bs_roformer_viperx": {}}},
+             "worker-2": {"models": {"htdemucs": {}, "mel_band_roformer_kim": {"error": "no weights"}}}}
+    listed = {entry["name"]: entry for entry in listed_presets(settings, ready)}
+    best = listed["best_vocals"]
+    assert (best["enabled"], best["disabled_reason"], best["available"], best["origin"]) == (True, None, True, "shipped")
+    assert best["models"] == [{"name": "htdemucs", "served": True, "workers": 2},
+                              {"name": "mel_band_roformer_kim", "served": True, "workers": 1},
+                              {"name": "bs_roformer_viperx", "served": True, "workers": 1}]
+    assert listed_presets(settings, {})[0]["available"] is False  # no warm worker: it would wait
+
+    alone = dataclasses.replace(settings, models="htdemucs")
+    best = listed_presets(alone, ready)[0]
+    assert (best["enabled"], best["available"], best["models"]) == (False, False, [])
+    assert "two or more served models with a vocals source" in best["disabled_reason"]

@@ -1,5 +1,6 @@
-// The page: the upload form (several files at once, one job each), a card per job with its
-// own progress and stem mixer, recent jobs, errors, the API key prompt.
+// The page: the upload form (several files at once, one job each, for a model or a preset),
+// a card per job with its own progress (a workflow's per step) and stem mixer, recent jobs,
+// errors, the API key prompt.
 
 import {
   ApiError, allowedMethods, apiFetch, apiJson, newIdempotencyKey, onKeyNeeded, storeKey, storedKey, upload,
@@ -27,6 +28,10 @@ const ui = {
   format: $("#format"),
   sampleFormat: $("#sample_format"),
   samplerate: $("#samplerate"),
+  channels: $("#channels"),
+  preset: $("#preset"),
+  presetHint: $('[data-role="preset-hint"]'),
+  presetOutputNote: $('[data-role="preset-output-note"]'),
   bitrate: $("#bitrate"),
   error: $('[data-role="error"]'),
   keyForm: $('[data-role="api-key"]'),
@@ -36,6 +41,7 @@ const ui = {
   recentEmpty: $('[data-role="recent-empty"]'),
   jobTemplate: $("#job-template"),
   stemTemplate: $("#stem-template"),
+  stepTemplate: $("#step-template"),
 };
 
 // ---- errors -------------------------------------------------------------------------
@@ -170,6 +176,24 @@ function offerModelStems() {
 }
 modelSelect.addEventListener("change", offerModelStems);
 
+// A preset names its own models and stems, and its stems keep the input's rate and
+// channels: choosing one disables those controls (disabled ones are not sent).
+const presetHintDefault = ui.presetHint.textContent.replace(/\s+/g, " ").trim();
+function applyPreset() {
+  const chosen = ui.preset.selectedOptions[0];
+  const preset = chosen && chosen.value ? chosen : null;
+  for (const select of [modelSelect, stemsSelect, ui.samplerate, ui.channels]) select.disabled = Boolean(preset);
+  ui.presetOutputNote.hidden = !preset;
+  const description = chosen?.dataset.description || "";
+  ui.presetHint.textContent = !preset ? presetHintDefault : [
+    description && !/[.!?]$/.test(description) ? `${description}.` : description,
+    chosen.dataset.steps ? `Steps: ${chosen.dataset.steps}.` : "",
+    chosen.dataset.outputs ? `Stems: ${chosen.dataset.outputs}.` : "",
+  ].filter(Boolean).join(" ");
+}
+ui.preset.addEventListener("change", applyPreset);
+applyPreset();  // a choice the browser kept over a reload
+
 function jobForm(file, fields) {
   const data = new FormData();
   data.append("file", file, file.name);
@@ -246,7 +270,9 @@ async function submitCard(card, batch) {
     card.retry.hidden = !(error.status === 0 || error.status === 429 || error.status >= 500);
     return;
   }
-  rememberJob({ id: job.id, name: file.name, stems: job.stems, submittedAt: Date.now(), status: job.status });
+  const preset = new Map(fields).get("preset");
+  rememberJob({ id: job.id, name: file.name, stems: preset ? `preset ${preset}` : job.stems,
+                submittedAt: Date.now(), status: job.status });
   const existing = cardsByJob.get(job.id);
   if (existing && existing !== card) {  // the same file and options again: the job it already has
     card.remove();
@@ -255,6 +281,7 @@ async function submitCard(card, batch) {
   }
   if (card.closed) { renderRecent(); return; }
   card.fingerprint = fingerprint;
+  card.preset = preset || null;
   card.setJob(job.id);
   if (!batch.madeCurrent) { batch.madeCurrent = true; makeCurrent(card); }
   renderRecent();
@@ -285,6 +312,9 @@ class JobCard {
     this.close = part('[data-action="close"]');
     this.mixerElement = part('[data-role="mixer"]');
     this.zip = part('[data-role="zip"]');
+    this.steps = part('[data-role="steps"]');
+    this.stepRows = new Map();  // step name -> StepRow
+    this.preset = null;
     this.mixer = new Mixer(this.mixerElement, { onPlay: (playing) => this.onPlay(playing) });
     this.id = null;
     this.closed = false;
@@ -393,12 +423,15 @@ class JobCard {
     const output = job.output || {};
     this.meta.textContent = [
       `${Number(job.duration).toFixed(2)} s`, `${job.samplerate} Hz`,
-      `${job.channels} channel${job.channels === 1 ? "" : "s"}`, `stems: ${job.stems}`,
+      `${job.channels} channel${job.channels === 1 ? "" : "s"}`,
+      job.workflow ? `${this.preset ? `preset ${this.preset}` : "workflow"}: ${job.workflow.steps.map((step) => step.name).join(" → ")}`
+        : `stems: ${job.stems}`,
       output.format ? `out: ${output.format.toUpperCase()} ${output.format === "mp3" ? output.bitrate + " kbit/s" : output.sample_format}, ${output.samplerate} Hz` : "",
       job.expires_at ? `kept until ${new Date(job.expires_at).toLocaleString()}` : "",
     ].filter(Boolean).join(" · ");
     this.cancel.hidden = !(capabilities && capabilities.cancel) || FINISHED.has(job.status);
     this.delete.hidden = !(capabilities && capabilities.delete);
+    if (job.workflow) this.renderSteps(job.workflow.steps);
     if (findRecent(job.id)?.status !== job.status) {  // rebuilding the list on every poll would steal focus
       updateRecent(job.id, { status: job.status });
       renderRecent();
@@ -411,6 +444,20 @@ class JobCard {
     if (job.status === "succeeded" && !this.stemsLoaded) {
       this.stemsLoaded = true;
       this.loadStems(job).catch((error) => !this.closed && this.showError(messageOf(error)));
+    }
+  }
+
+  /** A workflow job's steps: a row each (made once, in the job's order), updated in place. */
+  renderSteps(steps) {
+    this.steps.hidden = false;
+    for (const step of steps) {
+      let row = this.stepRows.get(step.name);
+      if (!row) {
+        row = new StepRow(step);
+        this.stepRows.set(step.name, row);
+        this.steps.append(row.element);
+      }
+      row.render(step);
     }
   }
 
@@ -502,6 +549,75 @@ class JobCard {
     }
     showWelcome();
     renderRecent();
+  }
+}
+
+const STEP_STATUS = {
+  waiting: "waiting", queued: "queued", running: "running", succeeded: "done", failed: "failed", cancelled: "cancelled",
+};
+
+function setBar(bar, percent, text) {
+  bar.setAttribute("aria-valuenow", String(percent));
+  bar.setAttribute("aria-valuetext", text);
+  bar.style.setProperty("--percent", `${percent}%`);
+}
+
+/** One step of a workflow job: its name, models and ensemble, status, progress, and its runs. */
+class StepRow {
+  constructor(step) {
+    this.element = ui.stepTemplate.content.firstElementChild.cloneNode(true);
+    const part = (selector) => $(selector, this.element);
+    this.status = part('[data-role="step-status"]');
+    this.bar = part('[data-role="step-progressbar"]');
+    this.runs = part('[data-role="runs"]');
+    this.element.dataset.step = step.name;
+    part('[data-role="step-name"]').textContent = step.name;
+    const models = step.models || [];
+    part('[data-role="step-models"]').textContent = [
+      models.join(" + "),
+      models.length > 1 ? `${step.ensemble || "avg_wave"} ensemble${step.weights ? ` (weights ${step.weights.join(", ")})` : ""}` : "",
+      step.input && step.input !== "mix" ? `from ${step.input}` : "",
+    ].filter(Boolean).join(" · ");
+    this.bar.setAttribute("aria-label", `Step ${step.name}`);
+    this.runRows = (step.runs || []).map((run) => {
+      const item = document.createElement("li");
+      item.className = "run";
+      item.dataset.model = run.model;
+      const name = document.createElement("span");
+      name.className = "run-model";
+      name.textContent = run.model;
+      const state = document.createElement("span");
+      state.className = "run-status";
+      const bar = document.createElement("div");
+      bar.className = "bar";
+      bar.setAttribute("role", "progressbar");
+      bar.setAttribute("aria-valuemin", "0");
+      bar.setAttribute("aria-valuemax", "100");
+      bar.setAttribute("aria-label", `${step.name}: ${run.model}`);
+      bar.append(Object.assign(document.createElement("div"), { className: "fill" }));
+      item.append(name, state, bar);
+      this.runs.append(item);
+      return { item, state, bar };
+    });
+  }
+
+  render(step) {
+    const percent = Math.round((step.progress || 0) * 100);
+    const said = STEP_STATUS[step.status] || step.status;
+    this.element.dataset.status = step.status;
+    this.status.className = `badge ${step.status}`;
+    this.status.textContent = said;
+    setBar(this.bar, percent, `${said}, ${percent}%`);
+    (step.runs || []).forEach((run, index) => {
+      const row = this.runRows[index];
+      if (!row) return;
+      const runPercent = Math.round((run.progress || 0) * 100);
+      const runSaid = STEP_STATUS[run.status] || run.status;
+      row.item.dataset.status = run.status;
+      row.item.dataset.cached = run.cached ? "true" : "false";
+      row.state.textContent = run.cached ? `${runSaid} · from the cache` : `${runSaid} · ${runPercent}%`;
+      setBar(row.bar, runPercent, row.state.textContent);
+    });
   }
 }
 
