@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import typing as tp
@@ -268,3 +269,28 @@ def test_a_json_body_is_refused_clearly_when_it_is_not_an_object_of_fields(deplo
                                  timeout=30)
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", response.text
         assert words in response.json()["error"]["message"]
+
+
+def test_a_long_run_of_a_workflow_is_split_into_parts_on_the_workers(deployment, tmp_path):
+    """A run longer than DEMIX_SPLIT_S runs as parts and a merge, as a long plain job does
+    (here on a worker whose split length is 2 s; the module's worker is back afterwards)."""
+    from demix.workflows.runs import unit_id
+
+    stop_process(deployment.workers.pop("all"), timeout=60)
+    split_worker = dataclasses.replace(deployment, env={**deployment.env, "DEMIX_SPLIT_S": "2"})
+    split_worker.start_worker("split")
+    try:
+        mix = write_wav(tmp_path / "mix.wav", 44100, 2, 25.0, subtype="FLOAT")
+        workflow = {"steps": [{"name": "voc", "models": [TINY_VOCALS]},
+                              {"name": "band", "input": "voc/no_vocals", "models": [TINY_MODEL]}]}
+        job = deployment.finished(deployment.submit(mix, workflow).json()["id"])
+        assert job["status"] == "succeeded", job
+        run_id = unit_id(job["id"], f"band/{TINY_MODEL}")
+        log = (deployment.root / "logs" / "split.log").read_text()
+        assert f"job {run_id} attempt 1: split into parts, sent to the workers" in log
+        parts = re.search(f"job {run_id} succeeded on attempt 1 from ([0-9]+) parts", log)
+        assert parts and int(parts.group(1)) >= 2, log[-2000:]
+        assert set(job["outputs"]) == {"drums", "bass", "other", "vocals"}
+    finally:
+        stop_process(split_worker.workers.pop("split"), timeout=60)
+        deployment.start_worker("all")
