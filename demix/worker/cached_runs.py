@@ -16,6 +16,7 @@ import torch
 
 from demix.audio.io import read_info
 from demix.audio.output_formats import OutputOptions
+from demix.jobs.metrics import count_cache_lookup
 from demix.jobs.records import Job
 from demix.jobs.result_cache import ResultCache, audio_digest, entry_file, entry_key
 from demix.stems import ALL
@@ -75,6 +76,7 @@ def serve_from_cache(job: Job, attempt: int, context: WorkerContext, lease: Atte
     if entry is None or not set(layout.sources) <= set(entry.sources) \
             or (entry.samplerate, entry.channels, entry.frames) != (info.samplerate, info.channels, info.frames):
         log.info("job %s: result cache miss (%s)", job.id, key[:12])
+        count_cache_lookup(context.jobs.redis, hit=False)
         return None
     try:
         with context.storage.cached_copies(key, [entry_file(source) for source in layout.sources]) as copies:
@@ -91,8 +93,10 @@ def serve_from_cache(job: Job, attempt: int, context: WorkerContext, lease: Atte
         context.storage.clear_stems(job.id, attempt)
         context.jobs.update_running(job.id, attempt, cached=False)
         cache.drop(key)
+        count_cache_lookup(context.jobs.redis, hit=False)
         return None
     log.info("job %s: stems from the result cache (%s), no model run", job.id, key[:12])
+    count_cache_lookup(context.jobs.redis, hit=True)
     return names
 
 
