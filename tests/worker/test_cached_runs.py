@@ -24,6 +24,7 @@ from demix.jobs.lifecycle import delete_job
 from demix.jobs.records import Job, JobStatus, JobStore, new_job_id
 from demix.jobs.result_cache import ResultCache
 from demix.separation.models import ModelCache
+from demix.services import make_storage
 from demix.storage.local import JobStorage
 from demix.worker.attempt import WorkerContext, job_model_spec
 from demix.worker.runner import run_job
@@ -185,6 +186,26 @@ def test_a_workflow_again_runs_no_model_and_gives_the_same_stems(context, tmp_pa
     # A plain job with the first step's model on the same song: served from the workflow's entry.
     assert context.jobs.get(plain_job(context, mix, sample_format="float32")).cached
     assert counter.taken() == 0
+
+
+def test_a_workflow_again_over_a_bucket_runs_no_model(context, s3_settings, tmp_path):
+    bucket = dataclasses.replace(context, settings=dataclasses.replace(s3_settings, cache_mb=64, split_s=0),
+                                 storage=make_storage(dataclasses.replace(s3_settings, cache_mb=64)))
+    bucket.jobs = JobStore(context.jobs.redis)
+    bucket.jobs.on_finished.append(lambda job: on_child_finished(job, bucket))
+    mix = write_wav(tmp_path / "mix.wav", 44100, 2, 1.5, subtype="FLOAT")
+    counter = ForwardCounter(bucket)
+    first = workflow_job(bucket, mix)
+    assert counter.taken() > 0
+    cache = ResultCache.from_settings(bucket.jobs.redis, bucket.storage, bucket.settings)
+    assert len(cache.entries()) == 2 and all(list(bucket.storage.list_keys(f"cache/{key}/")) for key in cache.entries())
+    second = workflow_job(bucket, mix)
+    assert counter.taken() == 0
+    assert same_stems(stems(bucket, first), stems(bucket, second))
+    for job_id in (first, second):
+        delete_job(bucket.jobs, bucket.storage, job_id)
+    assert cache.entries() == [] and list(bucket.storage.list_keys("cache/")) == []
+    assert list(bucket.storage.scratch_root.iterdir()) == []
 
 
 def test_a_job_with_cache_false_neither_reads_nor_writes_the_cache(context, tmp_path):
