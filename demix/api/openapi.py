@@ -76,10 +76,10 @@ ERROR_SCHEMA = {
 ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
     400: ("The request is malformed: no `file` part nor `url`, both, an unknown `stems` value, an "
           "output option that cannot be written, a `url` or `callback_url` that is not an http(s) URL "
-          "or is on a private range (`DEMIX_ALLOW_PRIVATE_URLS`), a `cache` neither true nor false, an invalid "
+          "or is on a private range (`DEMIX_ALLOW_PRIVATE_URLS`), a `workflow` that cannot run, a `cache` neither true nor false, an invalid "
           "`Idempotency-Key` header.",
           ("missing_file", "file_and_url", "unknown_model", "invalid_stems", "invalid_output",
-           "invalid_callback_url", "invalid_url", "invalid_cache", errors.AddressNotAllowed.code,
+           "invalid_callback_url", "invalid_url", "invalid_workflow", "invalid_cache", errors.AddressNotAllowed.code,
            errors.InvalidIdempotencyKey.code, "bad_request")),
     401: ("API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
           (errors.Unauthorized.code,)),
