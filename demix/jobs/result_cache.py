@@ -128,11 +128,11 @@ if ARGV[2] ~= '' then
   redis.call('SREM', KEYS[4], ARGV[2])
   if redis.call('SCARD', KEYS[4]) > 0 then return 0 end
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[1], KEYS[4])
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
-return 1
+return existed
 """
 
 
