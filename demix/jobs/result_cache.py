@@ -33,7 +33,7 @@ import redis
 
 from demix import redis_keys as keys
 from demix.audio.io import AudioReader
-from demix.storage.local import Storage, StoredFile
+from demix.storage.local import ORPHAN_AGE_S, Storage, StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -235,3 +235,22 @@ def release_job_entries(client: redis.Redis, storage: Storage, job_id: str) -> l
     """`ResultCache.release_job` for a deleted job, whatever the cache's bound (entries it
     used are released even once the cache is turned off)."""
     return ResultCache(client, storage, 0).release_job(job_id)
+
+
+def sweep_orphaned_entries(client: redis.Redis, storage: Storage, now: tp.Optional[float] = None,
+                           max_age_s: float = ORPHAN_AGE_S) -> list[str]:
+    """Delete the files of result cache entries the index does not name and that were
+    untouched for `max_age_s` (left by a process killed between storing an entry's files and
+    recording it, or while building one); returns their names. A younger one may be an entry
+    being stored right now."""
+    now = time.time() if now is None else now
+    removed = []
+    for entry, last_modified in storage.stored_cache_entries():
+        if now - last_modified < max_age_s or client.exists(keys.cache_entry_key(entry)):
+            continue
+        storage.delete_cache_entry(entry)
+        removed.append(entry)
+    if removed:
+        log.info("retention: deleted %d result cache entr%s without an index entry", len(removed),
+                 "y" if len(removed) == 1 else "ies")
+    return removed

@@ -278,6 +278,11 @@ class Storage(abc.ABC):
         """Remove every file of result cache entry `entry` (nothing if it has none)."""
 
     @abc.abstractmethod
+    def stored_cache_entries(self) -> tp.Iterator[tuple[str, float]]:
+        """`(entry, last modified as a Unix time)` of every result cache entry with files
+        stored (a local folder's entries being built too, under their temporary names)."""
+
+    @abc.abstractmethod
     def free_bytes(self) -> int:
         """Free space on the local filesystem holding uploads being received and scratch, in bytes."""
 
@@ -490,6 +495,17 @@ class JobStorage(Storage):
 
     def delete_cache_entry(self, entry: str) -> None:
         shutil.rmtree(self.cache_dir(entry), ignore_errors=True)
+
+    def stored_cache_entries(self) -> tp.Iterator[tuple[str, float]]:
+        try:
+            folders = list((self.root / "cache").iterdir())
+        except FileNotFoundError:
+            return
+        for folder in folders:
+            try:
+                yield folder.name, _last_modified(folder)
+            except FileNotFoundError:
+                continue
 
     def free_bytes(self) -> int:
         """Free space on the filesystem holding the data dir, in bytes (for unprivileged users)."""

@@ -408,6 +408,14 @@ class ObjectStorage(Storage):
     def delete_cache_entry(self, entry: str) -> None:
         self.delete_prefix(f"{cache_key(entry)}/")
 
+    def stored_cache_entries(self) -> tp.Iterator[tuple[str, float]]:
+        latest: dict[str, float] = {}
+        base = self.object_key("cache/")
+        for item in self.list_keys("cache/"):
+            entry = item["Key"][len(base):].split("/", 1)[0]
+            latest[entry] = max(latest.get(entry, 0.0), item["LastModified"].timestamp())
+        yield from latest.items()
+
 
 class PendingObject:
     """A file written to scratch; `commit` uploads it as object `key` (complete, or not at all)."""

@@ -15,7 +15,7 @@ import soundfile as sf
 from demix import redis_keys as keys
 from demix.jobs.lifecycle import delete_job
 from demix.jobs.records import Job, JobStatus, JobStore, new_job_id
-from demix.jobs.result_cache import ResultCache, audio_digest, entry_file, entry_key
+from demix.jobs.result_cache import ResultCache, audio_digest, entry_file, entry_key, sweep_orphaned_entries
 from demix.jobs.retention import sweep_expired_jobs
 from demix.services import make_storage
 from demix.storage.local import JobStorage
@@ -136,6 +136,21 @@ def test_an_entry_of_a_job_deleted_while_it_ran_is_not_kept(jobs, tmp_path):
     jobs.delete(job_id)  # the record went while the run stored its stems
     assert store(cache, job_id, "f" * 64) is None
     assert cache.entries() == [] and not (storage.root / "cache" / ("f" * 64)).exists()
+
+
+@pytest.mark.parametrize("backend", ["folder", "bucket"])
+def test_entry_files_the_index_does_not_name_are_swept_once_old(backend, jobs, tmp_path, request):
+    storage = JobStorage(tmp_path / "data") if backend == "folder" else make_storage(request.getfixturevalue(
+        "s3_settings"))
+    cache = ResultCache(jobs.redis, storage, 64 << 20)
+    job_id = finished_job(jobs, storage, tmp_path)
+    store(cache, job_id, "a" * 64)
+    # Files of an entry never recorded: its process was killed between storing and recording it.
+    storage.store_cache_entry("b" * 64, {"vocals.wav": storage.stem(job_id, "vocals", "wav", 1)})
+    assert sorted(entry for entry, _ in storage.stored_cache_entries()) == ["a" * 64, "b" * 64]
+    assert sweep_orphaned_entries(jobs.redis, storage) == []  # young: it may be being recorded
+    assert sweep_orphaned_entries(jobs.redis, storage, now=time.time() + 7200) == ["b" * 64]
+    assert [entry for entry, _ in storage.stored_cache_entries()] == ["a" * 64]
 
 
 def test_a_cache_of_zero_bytes_is_off(jobs, settings):
