@@ -125,6 +125,9 @@ class Settings:
     lost_message_s: int = _setting(
         120, "A job queued this many seconds whose broker message is gone (a Redis crash lost it, "
              "a flushed or replaced Redis) is sent again within this time; 0: never look.")
+    workflows: str = _setting(
+        "", "YAML file of named workflows (presets) that jobs choose with `preset=NAME` (`demix workflows "
+            "add NAME FILE` writes it); empty: workflows.yaml in DEMIX_DATA_DIR.")
     workflow_max_runs: int = _setting(
         8, "Most model runs (the models of all its steps) one workflow job may ask for; more get 400.")
     max_attempts: int = _setting(
@@ -191,6 +194,11 @@ class Settings:
         """The Celery queue of `model`'s jobs: `DEMIX_QUEUE` for the default model (so a
         deployment of one model keeps its one queue), `<DEMIX_QUEUE>.<model>` for the others."""
         return self.queue if model == self.default_model else f"{self.queue}.{model}"
+
+    @property
+    def workflows_file(self) -> Path:
+        """The presets file (`DEMIX_WORKFLOWS`, else workflows.yaml in the data folder)."""
+        return Path(self.workflows).expanduser() if self.workflows else self.data_dir / "workflows.yaml"
 
     @property
     def models_dir(self) -> Path:

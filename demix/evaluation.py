@@ -244,10 +244,16 @@ class Separator(tp.Protocol):
     def __call__(self, mixture: Path, folder: Path, progress: ProgressFn) -> dict[str, Path]: ...
 
 
-def evaluation_job(model: tp.Optional[str] = None) -> dict[str, str]:
+def evaluation_job(model: tp.Optional[str] = None, workflow: tp.Optional[str] = None,
+                   preset: tp.Optional[str] = None) -> dict[str, str]:
     """The fields of the job that separates each mixture, as `POST /v1/jobs` takes them: every
-    source of `model` (None: the default), as float WAV. Both ways of running the evaluation
-    build their job here, the engine's by reading the same fields as the API."""
+    source of `model` (None: the default), or the stems of a `workflow` (JSON text) or
+    `preset`, as float WAV. Both ways of running the evaluation build their job here, the
+    engine's by reading the same fields as the API (a workflow runs on the service only)."""
+    if workflow:
+        return {"workflow": workflow, **ESTIMATE_OUTPUT}
+    if preset:
+        return {"preset": preset, **ESTIMATE_OUTPUT}
     fields = {"stems": "all", **ESTIMATE_OUTPUT}
     if model:
         fields["model"] = model

@@ -70,6 +70,7 @@ TESTED_IN = {
     "demix.api.job_views": "api/test_api_contract.py",  # and the api/test_api_jobs*.py tests, over HTTP
     "demix.api.metrics_view": "api/test_api_contract.py",  # GET /metrics's own tests: jobs/test_metrics.py, over HTTP
     "demix.api.upload_requests": "api/test_api_uploads.py",
+    "demix.api.workflow_views": "api/test_api_contract.py",  # its own tests: api/test_api_workflows.py, over HTTP
     "demix.grpc_api.protos": "grpc_api/test_server.py",
     "demix.api_keys": "api/test_auth.py",
     "demix.audio.decoders": "intake/test_intake_formats.py",

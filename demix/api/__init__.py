@@ -42,11 +42,12 @@ def create_app(test_config: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> Flas
     app.teardown_request(discard_unclaimed_uploads)
 
     from demix.api import (auth, docs, error_responses as errors, health, job_views as jobs, metrics_view as metrics,
-                           model_views as models, web)
+                           model_views as models, web, workflow_views as workflows)
     errors.register(app)
     auth.register(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(models.bp)
+    app.register_blueprint(workflows.bp)
     app.register_blueprint(health.bp)
     app.extensions["demix_metrics"] = metrics.make_registry(app.extensions["demix"])
     app.register_blueprint(metrics.bp)

@@ -25,7 +25,7 @@ from demix.intake.uploads import ensure_room_for_upload
 
 from demix.api.auth import request_owner
 from demix.api.downloads import send_stored_file
-from demix.api.upload_requests import refuse_oversized_body, upload_path
+from demix.api.upload_requests import JSON, json_body_fields, refuse_oversized_body, upload_path
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -105,12 +105,13 @@ def create_job():
         return early
     key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
     idempotent = IdempotentSubmit(idempotency_owner(), key) if key is not None else None
-    upload, url = request.files.get(FILE_FIELD), request.form.get(URL_FIELD, "").strip()
+    fields = json_body_fields() if request.mimetype == JSON else request.form
+    upload, url = request.files.get(FILE_FIELD), fields.get(URL_FIELD, "").strip()
     if upload is not None and url:
         raise BadRequest("send either the file field 'file' or the field 'url', not both",
                          code="file_and_url")
     if url:
-        job, created = submit_url(url, request.form, services, owner=request_owner(), idempotent=idempotent)
+        job, created = submit_url(url, fields, services, owner=request_owner(), idempotent=idempotent)
         return _job_response(job, 202 if created else 200)
     if upload is None:
         raise BadRequest("missing the multipart file field 'file' (the audio file to separate), "

@@ -25,8 +25,10 @@ from demix import errors
 from demix.catalogue import describe_model
 from demix.config import Settings
 from demix.jobs.idempotency import HEADER as IDEMPOTENCY_HEADER, KEY_PATTERN, MAX_KEY_LENGTH
-from demix.intake.job_request import FILE_FIELD, FORM_FIELDS, URL_FIELD
+from demix.intake.job_request import FILE_FIELD, FORM_FIELDS, PRESET_FIELD, URL_FIELD, WORKFLOW_FIELD
 from demix.outbound import MAX_URL_LENGTH
+from demix.workflows.presets import all_presets
+from demix.workflows.spec import ENSEMBLE_ALGORITHMS
 from demix.jobs.records import JobStatus
 from demix.audio.output_formats import CHANNEL_MODES, CLIP_MODES, FORMATS, MIME_TYPES, MP3_SAMPLERATES, SAMPLE_FORMATS
 
@@ -76,11 +78,13 @@ ERROR_SCHEMA = {
 ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
     400: ("The request is malformed: no `file` part nor `url`, both, an unknown `stems` value, an "
           "output option that cannot be written, a `url` or `callback_url` that is not an http(s) URL "
-          "or is on a private range (`DEMIX_ALLOW_PRIVATE_URLS`), a `workflow` that cannot run, a `cache` neither true nor false, an invalid "
-          "`Idempotency-Key` header.",
+          "or is on a private range (`DEMIX_ALLOW_PRIVATE_URLS`), an invalid "
+          "`Idempotency-Key` header, a refused `workflow` (its `field` names the bad value's path), "
+          "an unknown or disabled `preset`, a `cache` neither true nor false.",
           ("missing_file", "file_and_url", "unknown_model", "invalid_stems", "invalid_output",
-           "invalid_callback_url", "invalid_url", "invalid_workflow", "invalid_cache", errors.AddressNotAllowed.code,
-           errors.InvalidIdempotencyKey.code, "bad_request")),
+           "invalid_callback_url", "invalid_url", errors.AddressNotAllowed.code,
+           errors.InvalidIdempotencyKey.code, "invalid_workflow", "unknown_preset", "preset_disabled", "invalid_cache",
+           "bad_request")),
     401: ("API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
           (errors.Unauthorized.code,)),
     404: ("No such job (or it belongs to another API key), no such stem, or no such path.",
@@ -190,6 +194,29 @@ JOB_FIELDS: dict[str, dict] = {
                              "since `started_at`. Null otherwise, and while too little is done to tell."},
     "outputs": {"type": ["object", "null"], "additionalProperties": _URL,
                 "description": "When succeeded: stem name → download URL. Null otherwise."},
+    "workflow": {
+        "type": "object", "required": ["steps", "outputs"],
+        "properties": {
+            "steps": {"type": "array", "items": {
+                "type": "object", "required": ["name", "input", "models", "status", "progress", "runs"],
+                "properties": {
+                    "name": {"type": "string"}, "input": {"type": "string"},
+                    "models": {"type": "array", "items": {"type": "string"}},
+                    "sources": {"type": "array", "items": {"type": "string"}},
+                    "ensemble": {"type": ["string", "null"]},
+                    "weights": {"type": ["array", "null"], "items": {"type": "number"}},
+                    "status": {"type": "string", "enum": ["waiting", "queued", "running", "succeeded",
+                                                          "failed", "cancelled"]},
+                    "progress": {"type": "number", "minimum": 0, "maximum": 1},
+                    "runs": {"type": "array", "items": {
+                        "type": "object", "required": ["model", "status", "progress", "cached", "attempts"],
+                        "properties": {"model": {"type": "string"}, "status": {"type": "string"},
+                                       "progress": {"type": "number"}, "cached": {"type": "boolean"},
+                                       "attempts": {"type": "integer", "minimum": 0}}}}}}},
+            "outputs": {"type": "object", "additionalProperties": {"type": "string"}}},
+        "description": "A workflow job only: each step (in the order they run) with its state, its "
+                       "progress and each model run's (`cached`: taken from the result cache), and "
+                       "which step's stem each output is."},
     "result_url": {**_URL, "description": "When succeeded: `GET /v1/jobs/{id}/result`."},
     "zip_url": {**_URL, "description": "When succeeded: `GET /v1/jobs/{id}/stems.zip`."},
 }
@@ -217,9 +244,31 @@ MODEL_FIELDS: dict[str, dict] = {
 }
 """Every field of a model in `GET /v1/models` (`demix.catalogue.catalogue`)."""
 
+_STEM_REF = {"type": "string", "pattern": "^[a-z][a-z0-9_-]*/[a-z0-9_]+$"}
+
+WORKFLOW_SCHEMA = {
+    "type": "object", "required": ["steps"], "additionalProperties": False,
+    "properties": {
+        "steps": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "models"], "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$", "not": {"const": "mix"}},
+                "input": {"anyOf": [{"const": "mix"}, _STEM_REF], "default": "mix",
+                          "description": "`mix` (the job's input) or `step/stem`: a stem another step makes."},
+                "models": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"type": "string"}},
+                "ensemble": {"type": "string", "enum": list(ENSEMBLE_ALGORITHMS), "default": "avg_wave",
+                             "description": "How several models' stems are combined (MSST's algorithms)."},
+                "weights": {"type": "array", "items": {"type": "number", "minimum": 0},
+                            "description": "One per model; only the avg_* algorithms weigh (as MSST)."}}}},
+        "outputs": {"type": "object", "minProperties": 1, "additionalProperties": _STEM_REF,
+                    "description": "Stem name → `step/stem`. Default: the last step's stems."}},
+}
+"""The `workflow` field's JSON (`demix.workflows.spec`, which also checks what a schema cannot:
+served models, steps that exist, no cycle, `DEMIX_WORKFLOW_MAX_RUNS`)."""
+
 JOB_SCHEMA = {
     "type": "object",
-    "required": [name for name in JOB_FIELDS if name not in ("result_url", "zip_url")],
+    "required": [name for name in JOB_FIELDS if name not in ("result_url", "zip_url", "workflow")],
     "properties": JOB_FIELDS,
     "additionalProperties": False,
 }
@@ -246,6 +295,8 @@ def _form_schema(settings: Settings) -> dict:
         if field.default is not None:
             schema["default"] = int(field.default) if schema.get("type") == "integer" else field.default
         properties[field.name] = schema
+    properties[WORKFLOW_FIELD]["contentSchema"] = WORKFLOW_SCHEMA
+    properties[PRESET_FIELD]["enum"] = [preset.name for preset in all_presets(settings) if not preset.disabled]
     offered = _stems_by_model(settings)
     properties["model"]["enum"] = list(offered)
     properties["stems"]["enum"] = list(dict.fromkeys(stem for stems in offered.values() for stem in stems))
@@ -279,6 +330,13 @@ _FORM_RULES = [
     _when_format("mp3", {"not": {"required": ["sample_format"]}, "properties": {
         "samplerate": {"anyOf": [{"const": "input"}, {"enum": list(MP3_SAMPLERATES)}]}}}),
     _when_format("flac", {"properties": {"sample_format": {"enum": ["pcm16", "pcm24"]}}}),
+    # A workflow or preset names its models and stems itself, and keeps the input's rate and
+    # channels (so an MP3 output needs an input at an MP3 rate: that depends on the upload).
+    *({"if": {"required": [field]}, "then": {
+        "not": {"anyOf": [{"required": [other]} for other in ("model", "stems", WORKFLOW_FIELD, PRESET_FIELD)
+                          if other != field]},
+        "properties": {"samplerate": {"const": "input"}, "channels": {"const": "input"}}}}
+      for field in (WORKFLOW_FIELD, PRESET_FIELD)),
 ]
 """Combinations of form fields that cannot be written, as JSON Schema."""
 
@@ -379,6 +437,30 @@ OPERATIONS: tuple[Operation, ...] = (
         tags=("models",),
         responses={"200": _json({"type": "object", "required": ["models"], "properties": {
             "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}}, "The catalogue."),
+            "503": _error_codes(503)}),
+    Operation(
+        "workflows.list_workflows", "get", "The named workflows (presets) a job can choose",
+        description="Each preset a job can name in `preset`: the ones the service ships (built from the "
+                    "served models) and the operator's (`DEMIX_WORKFLOWS`), its workflow, the models it "
+                    "needs and how many warm workers serve each, whether this deployment can run it "
+                    "(`enabled`, else `disabled_reason`) and whether it would start now (`available`).",
+        tags=("models",),
+        responses={"200": _json({"type": "object", "required": ["workflows"], "properties": {
+            "workflows": {"type": "array", "items": {
+                "type": "object",
+                "required": ["name", "description", "origin", "workflow", "models", "enabled",
+                             "disabled_reason", "available"],
+                "properties": {
+                    "name": {"type": "string"}, "description": {"type": "string"},
+                    "origin": {"type": "string", "description": "`shipped`, or the presets file it is from."},
+                    "workflow": {"type": ["object", "null"], "description": "The workflow JSON (null: a "
+                                 "shipped preset the served models cannot make)."},
+                    "models": {"type": "array", "items": {
+                        "type": "object", "required": ["name", "served", "workers"],
+                        "properties": {"name": {"type": "string"}, "served": {"type": "boolean"},
+                                       "workers": {"type": "integer", "minimum": 0}}}},
+                    "enabled": {"type": "boolean"}, "disabled_reason": {"type": ["string", "null"]},
+                    "available": {"type": "boolean"}}}}}}, "The presets."),
             "503": _error_codes(503)}),
     Operation(
         "health.healthz", "get", "Is the API up, can it reach Redis, how long is the queue",

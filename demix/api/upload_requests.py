@@ -2,6 +2,7 @@
 rejected or aborted one leaves nothing behind."""
 from __future__ import annotations
 
+import json
 import typing as tp
 from pathlib import Path
 
@@ -12,11 +13,13 @@ from werkzeug.formparser import FormDataParser, MultiPartParser
 from werkzeug.sansio.multipart import File
 
 from demix.config import Settings
-from demix.errors import DemixError, FormFieldTooLarge, TooManyFormParts
+from demix.errors import BadRequest, DemixError, FormFieldTooLarge, TooManyFormParts
+from demix.intake.job_request import WORKFLOW_FIELD
 from demix.intake.uploads import CappedUploadFile, upload_too_large
 
 MULTIPART = "multipart/form-data"
 URLENCODED = "application/x-www-form-urlencoded"
+JSON = "application/json"
 
 MAX_FORM_PARTS = 100
 """Most parts of a multipart form the API reads. A job's form has a dozen fields; each file
@@ -101,10 +104,10 @@ class UploadRequest(Request):
 
     @property  # type: ignore[override]
     def max_content_length(self) -> tp.Optional[int]:
-        """The app's limit; an urlencoded body (text fields alone) is read whole into memory,
-        so it gets the text field limit."""
+        """The app's limit; an urlencoded or JSON body (text fields alone) is read whole into
+        memory, so it gets the text field limit."""
         limit = super().max_content_length
-        if self.mimetype != URLENCODED or limit is None:
+        if self.mimetype not in (URLENCODED, JSON) or limit is None:
             return limit
         return min(limit, self.max_form_memory_size or limit)
 
@@ -132,11 +135,39 @@ def refuse_oversized_body() -> None:
 def body_too_large(settings: Settings) -> DemixError:
     """The error for a request body over `max_content_length`: an upload over
     DEMIX_MAX_UPLOAD_MB, or an urlencoded body (text fields alone) over the text field limit."""
-    if request.mimetype == URLENCODED:
+    if request.mimetype in (URLENCODED, JSON):
         return FormFieldTooLarge(
-            f"an {URLENCODED} body holds text fields only, at most {request.max_content_length} "
+            f"an {request.mimetype} body holds text fields only, at most {request.max_content_length} "
             f"bytes; send the audio as the file part 'file' of a {MULTIPART} body")
     return upload_too_large(settings)
+
+
+def json_body_fields() -> dict[str, str]:
+    """A JSON body's fields as the form's: an object of strings, numbers or booleans, and the
+    `workflow` as JSON text when it is an object (a JSON body carries no file: `url` inputs).
+
+    Raises:
+        BadRequest: (`invalid_json`) the body is not such an object.
+    """
+    try:
+        body = json.loads(request.get_data(cache=False) or b"null")
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("a JSON body is an object of the job's fields, e.g. {\"url\": ..., \"preset\": ...}",
+                         code="invalid_json")
+    fields = {}
+    for name, value in body.items():
+        if name == WORKFLOW_FIELD and isinstance(value, dict):
+            fields[name] = json.dumps(value)
+        elif isinstance(value, bool):
+            fields[name] = "true" if value else "false"
+        elif isinstance(value, (str, int, float)):
+            fields[name] = str(value)
+        elif value is not None:
+            raise BadRequest(f"{name}: expected a string or a number, not {type(value).__name__}",
+                             code="invalid_json", details={"field": name})
+    return fields
 
 
 def upload_path(file_storage: tp.Any) -> Path:

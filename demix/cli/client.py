@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -106,7 +107,9 @@ class Client:
 
     def submit(self, path: tp.Union[str, os.PathLike], stems: str = "all", *,
                model: tp.Optional[str] = None, callback_url: tp.Optional[str] = None, idempotency_key: tp.Optional[str] = None,
-               on_upload: tp.Optional[tp.Callable[[int, int], None]] = None, **output_options: tp.Any) -> dict:
+               on_upload: tp.Optional[tp.Callable[[int, int], None]] = None,
+               workflow: tp.Union[str, dict, None] = None, preset: tp.Optional[str] = None,
+               **output_options: tp.Any) -> dict:
         """Upload a song (any format the service reads) as a new job; returns the queued job's JSON.
 
         Args:
@@ -117,16 +120,15 @@ class Client:
             idempotency_key: sent as `Idempotency-Key`; a fresh one per call when not given.
             on_upload: called as the upload goes with (bytes of the file sent, file size);
                 a retried upload starts again from 0.
+            workflow: instead of `model` and `stems`, a chain or ensemble of models (its JSON
+                text, or the object): docs/workflows.md.
+            preset: instead of `model` and `stems`, a named workflow (`workflows()`).
             output_options: `format`, `sample_format`, `samplerate`, `bitrate`, `clip`, `channels`.
         Raises:
             ClientError: the service refused the upload, or stayed unreachable.
         """
         path = Path(path)
-        fields = {"stems": stems, **{k: str(v) for k, v in output_options.items() if v is not None}}
-        if callback_url:
-            fields["callback_url"] = callback_url
-        if model:
-            fields["model"] = model
+        fields = job_fields(stems, model, callback_url, workflow, preset, output_options)
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
 
         def send() -> requests.Response:
@@ -157,14 +159,19 @@ class Client:
         Raises:
             ClientError: the service refused the URL (e.g. `url_not_allowed`), or stayed unreachable.
         """
-        fields = {"url": url, "stems": stems, **{k: str(v) for k, v in output_options.items() if v is not None}}
-        if callback_url:
-            fields["callback_url"] = callback_url
+        fields = {"url": url, **job_fields(stems, None, callback_url, None, None, output_options)}
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         response = self._retrying(lambda: self.session.post(f"{self.url}/v1/jobs", data=fields, headers=headers,
                                                              timeout=UPLOAD_TIMEOUT_S))
         _raise_for_error(response)
         return response.json()
+
+    def workflows(self) -> list[dict]:
+        """The service's named workflows (`GET /v1/workflows`): each one's `name`, `description`,
+        `workflow`, `models`, `enabled` (else `disabled_reason`) and `available`."""
+        response = self._get("/v1/workflows")
+        _raise_for_error(response)
+        return response.json()["workflows"]
 
     def job(self, job_id: str) -> dict:
         """The job's JSON (`status`, `progress`, `outputs`, ...)."""
@@ -319,6 +326,24 @@ class Submitted:
     job: dict
 
 
+def job_fields(stems: str, model: tp.Optional[str], callback_url: tp.Optional[str],
+               workflow: tp.Union[str, dict, None], preset: tp.Optional[str],
+               output_options: tp.Mapping[str, tp.Any]) -> dict[str, str]:
+    """A submission's form fields: a workflow or preset replaces `model` and `stems`."""
+    fields = {k: str(v) for k, v in output_options.items() if v is not None}
+    if workflow is not None:
+        fields["workflow"] = workflow if isinstance(workflow, str) else json.dumps(workflow)
+    elif preset:
+        fields["preset"] = preset
+    else:
+        fields["stems"] = stems
+        if model:
+            fields["model"] = model
+    if callback_url:
+        fields["callback_url"] = callback_url
+    return fields
+
+
 def is_url(item: tp.Union[str, os.PathLike]) -> bool:
     """Whether a `demix separate` argument is an http(s) address rather than a file."""
     return str(item).lower().startswith(("http://", "https://"))
@@ -332,7 +357,8 @@ def output_name(item: tp.Union[str, os.PathLike]) -> str:
 
 
 def submit_with_progress(client: Client, path: tp.Union[Path, str], stems: str,
-                         model: tp.Optional[str] = None) -> dict:
+                         model: tp.Optional[str] = None, workflow: tp.Optional[str] = None,
+                         preset: tp.Optional[str] = None) -> dict:
     """Upload one song with a progress bar (or, for a URL, have the service fetch it);
     returns the queued job."""
     if is_url(path):
@@ -342,7 +368,7 @@ def submit_with_progress(client: Client, path: tp.Union[Path, str], stems: str,
         def on_upload(sent: int, _size: int) -> None:
             bar.update(sent - bar.n)  # negative when a retried upload starts again
 
-        return client.submit(path, stems, model=model, on_upload=on_upload)
+        return client.submit(path, stems, model=model, on_upload=on_upload, workflow=workflow, preset=preset)
 
 
 def wait_and_download(client: Client, submitted: list[Submitted], out_dir: Path) -> int:
@@ -378,6 +404,10 @@ def wait_and_download(client: Client, submitted: list[Submitted], out_dir: Path)
 
 
 def _stage_text(job: dict) -> str:
+    if job.get("workflow") and job["status"] == "running":
+        steps = [step for step in job["workflow"]["steps"] if step["status"] in ("queued", "running")]
+        return ", ".join(f"{step['name']} {step['status']} {round(step['progress'] * 100)}%" for step in steps) \
+            or "running"
     download = job.get("download")
     if job.get("stage") == "downloading" and download:
         received = download["received_bytes"] / 2 ** 20
@@ -387,13 +417,15 @@ def _stage_text(job: dict) -> str:
 
 
 def run_separate(server: str, files: tp.Sequence[tp.Union[str, Path]], stems: str, out_dir: Path,
-                 api_key: tp.Optional[str] = None, model: tp.Optional[str] = None) -> int:
-    """Submit all files, then wait for all; returns a process exit code."""
+                 api_key: tp.Optional[str] = None, model: tp.Optional[str] = None,
+                 workflow: tp.Optional[str] = None, preset: tp.Optional[str] = None) -> int:
+    """Submit all files, then wait for all; returns a process exit code. `workflow` (JSON
+    text) or `preset` replaces `model` and `stems`."""
     with Client(server, api_key=api_key) as client:
         submitted = []
         for path in (item if is_url(item) else Path(item) for item in files):
             try:
-                submitted.append(Submitted(path, submit_with_progress(client, path, stems, model)))
+                submitted.append(Submitted(path, submit_with_progress(client, path, stems, model, workflow, preset)))
             except (ClientError, requests.RequestException, OSError) as exc:
                 print(f"demix: upload of {path}: {exc}", file=sys.stderr)
         if not submitted:

@@ -31,6 +31,10 @@ def add_parser(commands: tp.Any) -> None:
     evaluation.add_argument("--api-key", help="API key for --url, sent as `Authorization: Bearer` "
                                               "(default: DEMIX_API_KEY)")
     evaluation.add_argument("--json", type=Path, metavar="PATH", help="also write the scores as JSON here")
+    chosen = evaluation.add_mutually_exclusive_group()
+    chosen.add_argument("--workflow", type=Path, metavar="FILE",
+                        help="score a workflow (JSON file, docs/workflows.md) instead of a model; needs --url")
+    chosen.add_argument("--preset", help="score a named workflow (GET /v1/workflows) instead of a model; needs --url")
 
 
 class ServiceSeparator:
@@ -42,9 +46,10 @@ class ServiceSeparator:
 
     def __call__(self, mixture: Path, folder: Path, progress: tp.Callable[[float], None]) -> dict[str, Path]:
         fields = dict(self.job)
-        stems, model = fields.pop("stems"), fields.pop("model", None)
+        stems, model = fields.pop("stems", "all"), fields.pop("model", None)
+        workflow, preset = fields.pop("workflow", None), fields.pop("preset", None)
         try:
-            job = self.client.submit(mixture, stems, model=model, **fields)
+            job = self.client.submit(mixture, stems, model=model, workflow=workflow, preset=preset, **fields)
             try:
                 done = self.client.wait(job["id"], progress=lambda polled: progress(polled["progress"]))
                 return self.client.download(job["id"], folder, job=done)
@@ -68,7 +73,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"demix eval: no track in {args.folder}: a track is a folder holding mixture.<ext> and "
               "<stem>.<ext> for each reference stem", file=sys.stderr)
         return 1
-    job = evaluation_job(args.model)
+    if (args.workflow or args.preset) and not args.url:
+        print("demix eval: a workflow runs on the service, its runs spread over the workers: give --url "
+              "(e.g. http://127.0.0.1:8000 under `demix up`)", file=sys.stderr)
+        return 2
+    try:
+        job = evaluation_job(args.model, args.workflow.read_text() if args.workflow else None, args.preset)
+    except OSError as exc:
+        print(f"demix eval: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.url:
             with Client(args.url, api_key=args.api_key or settings.api_key or None) as client:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from demix.config import Settings
 
-from demix.cli import eval_command, model_commands as models
+from demix.cli import eval_command, model_commands as models, workflow_commands
 from demix.cli.argv import api_argv, check_worker_models, flower_argv, worker_argv
 
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "DEMIX_FLOWER_AUTH (without one and with API keys: on 127.0.0.1 only)")
     commands.add_parser("config", help="print every DEMIX_* setting, its value and its meaning")
     models.add_parser(commands)
+    workflow_commands.add_parser(commands)
     separate = commands.add_parser("separate", help="upload songs (WAV, FLAC, MP3, M4A, ...), or have the "
                                    "service fetch http(s) URLs, and download their stems")
     separate.add_argument("files", nargs="+", metavar="SONG_OR_URL",
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     separate.add_argument("--stems", default="all", help="all (default), or one source of the model "
                                                          "(htdemucs: drums, bass, vocals or other)")
     separate.add_argument("--model", help="one of the service's models (`GET /v1/models`); default: its default")
+    chosen = separate.add_mutually_exclusive_group()
+    chosen.add_argument("--workflow", type=Path, metavar="FILE",
+                        help="instead of --model/--stems: a chain or ensemble of models, as a JSON file "
+                             "(docs/workflows.md)")
+    chosen.add_argument("--preset", help="instead of --model/--stems: a named workflow (`GET /v1/workflows`)")
     separate.add_argument("--server", help="service URL (default: http://DEMIX_HOST:DEMIX_PORT)")
     separate.add_argument("--api-key", help="API key sent as `Authorization: Bearer` (default: DEMIX_API_KEY)")
     separate.add_argument("-o", "--out", type=Path, default=Path("separated"),
@@ -86,9 +92,12 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         from demix.cli.client import run_separate
         server = args.server or f"http://{settings.host}:{settings.port}"
         return run_separate(server, args.files, args.stems, args.out,
-                            api_key=args.api_key or settings.api_key or None, model=args.model)
+                            api_key=args.api_key or settings.api_key or None, model=args.model,
+                            workflow=args.workflow.read_text() if args.workflow else None, preset=args.preset)
     if args.command == "models":
         return models.run(args, settings)
+    if args.command == "workflows":
+        return workflow_commands.run(args, settings)
     if args.command == "eval":
         return eval_command.run(args, settings)
     if args.command == "config":

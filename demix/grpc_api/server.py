@@ -5,7 +5,10 @@ queues a job, waits for it and answers with every stem as base64 of a complete W
 file in a JSON string — what clients of the original service expect. The job is an
 ordinary job: `GET /v1/jobs/<id>` shows it too (its id is in the `demix-job-id`
 initial metadata). The proto has no model field: a call gets the default model, or the
-one its `demix-model` metadata entry names.
+one its `demix-model` metadata entry names. Likewise a workflow job (a chain or ensemble of
+models, `demix.workflows`) is asked for in metadata, `demix-workflow` (its JSON) or
+`demix-preset` (a preset's name), and answered in the same `Answer`, one entry per output
+the workflow names: old clients see the same proto and the same answers.
 """
 from __future__ import annotations
 
@@ -22,13 +25,15 @@ import grpc
 import redis
 
 from demix.config import Settings
-from demix.errors import BadRequest, DemixError, IllegalTransition, JobNotFound, ServiceUnavailable
+from demix.errors import BadRequest, DemixError, IllegalTransition, JobNotFound, ServiceUnavailable, shown
 from demix.jobs.records import Job, JobStatus
 from demix.jobs.lifecycle import cancel_job
 from demix.services import Services, build_services
 from demix.stems import ALL
+from demix.intake.job_request import PRESET_FIELD, WORKFLOW_FIELD
 from demix.intake.submission import submit_upload
 from demix.intake.uploads import stage_upload_bytes
+from demix.workflows.spec import MAX_WORKFLOW_CHARS
 
 from demix.grpc_api.protos import demixing_pb2, demixing_pb2_grpc
 
@@ -45,7 +50,20 @@ MAX_ANSWER_BYTES = 2 ** 31 - 1
 JOB_ID_METADATA = "demix-job-id"
 MODEL_METADATA = "demix-model"
 """Call metadata naming the model to separate with (default: the service's default model)."""
+WORKFLOW_METADATA = "demix-workflow"
+"""Call metadata holding a workflow's JSON (`demix.workflows.spec`): run it instead of one model."""
+PRESET_METADATA = "demix-preset"
+"""Call metadata naming a preset workflow (`GET /v1/workflows`): run it instead of one model."""
 ERROR_CODE_METADATA = "demix-error-code"
+ERROR_FIELD_METADATA = "demix-error-field"
+"""Trailing metadata naming the refused value, where the error says (HTTP's `field`): `sounds`,
+`demix-model`, a path into the workflow such as `workflow.steps[1].input`."""
+MAX_FIELD_CHARS = 200
+"""Longest `demix-error-field` value: a path can hold the caller's own text (a stem name)."""
+MAX_METADATA_BYTES = 4 * MAX_WORKFLOW_CHARS
+"""Largest call metadata the server takes (gRPC's default: 8 KiB): room for the longest
+workflow the service accepts, so a long one is refused by its checks, saying why, not by the
+transport."""
 MAX_DETAILS_CHARS = 2000
 """Longest status message a call ends with. It travels in the trailers, which a client refuses
 over its metadata limit (8 KiB by default), turning any status into RESOURCE_EXHAUSTED."""
@@ -95,7 +113,9 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
                                                                    context))
         except DemixError as exc:
             code = _job_failure_status(exc) or grpc_status_for(exc)
-            context.set_trailing_metadata(((ERROR_CODE_METADATA, exc.code),))
+            field = exc.details.get("field")
+            context.set_trailing_metadata(((ERROR_CODE_METADATA, exc.code),)
+                                          + (((ERROR_FIELD_METADATA, field_metadata(field)),) if field else ()))
             context.abort(code, status_details(exc.message))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             log.error("backend unavailable: %s", exc)
@@ -105,10 +125,9 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
 
     def separate(self, audio: bytes, sounds: str, context: grpc.ServicerContext) -> str:
         """Queue a job for `audio`, wait for it; returns the Answer's JSON string."""
-        stems = parse_sounds(sounds)
         owner = self.caller(context)
-        model = dict(context.invocation_metadata()).get(MODEL_METADATA, "")
-        job = self.submit(audio, stems, owner=owner, model=model)
+        fields = job_fields(sounds, dict(context.invocation_metadata()))
+        job = self.submit(audio, fields, owner=owner)
         context.send_initial_metadata(((JOB_ID_METADATA, job.id),))
         job = self.wait(job.id, context)
         if job is None:  # the client went away or its deadline passed: nothing to answer
@@ -126,13 +145,13 @@ class DemixingServicer(demixing_pb2_grpc.demixingServicer):
         return self.services.api_keys.authenticate(metadata.get("authorization", ""),
                                                    "the metadata 'authorization: Bearer <key>'")
 
-    def submit(self, audio: bytes, stems: str, owner: str = "", model: str = "") -> Job:
+    def submit(self, audio: bytes, fields: tp.Mapping[str, str], owner: str = "") -> Job:
+        """Queue `audio` as `owner`'s job with the form `fields` of `job_fields`."""
         services = self.services
         services.limits.check(owner)
         path = stage_upload_bytes(services, audio, field="audio_file")
         try:
-            # The original interface answers with WAV files (in the input's own sample format).
-            job, _ = submit_upload(path, {"stems": stems, "format": "wav", "model": model}, services, owner=owner)
+            job, _ = submit_upload(path, fields, services, owner=owner)
             return job
         except BadRequest as exc:
             if exc.code == "invalid_stems":  # said in the proto's own words
@@ -185,6 +204,13 @@ def status_details(message: str) -> str:
     return message if len(message) <= MAX_DETAILS_CHARS else message[:MAX_DETAILS_CHARS - 1] + "…"
 
 
+def field_metadata(field: str) -> str:
+    """A refused value's path as a metadata value: printable ASCII (the rest escaped as in
+    Python), cut to `MAX_FIELD_CHARS`. gRPC fails a call whose metadata holds anything else."""
+    text = field if field.isascii() and field.isprintable() else ascii(field)[1:-1]
+    return text if len(text) <= MAX_FIELD_CHARS else text[:MAX_FIELD_CHARS - 3] + "..."
+
+
 def _job_failure_status(error: DemixError) -> tp.Optional[grpc.StatusCode]:
     return grpc.StatusCode.ABORTED if isinstance(error, JobAborted) else None
 
@@ -192,6 +218,37 @@ def _job_failure_status(error: DemixError) -> tp.Optional[grpc.StatusCode]:
 def parse_sounds(sounds: str) -> str:
     """The Query's `sounds` as a stems choice (empty: `all`); the job's model checks it."""
     return sounds.strip().lower() or ALL
+
+
+def job_fields(sounds: str, metadata: tp.Mapping[str, str]) -> dict[str, str]:
+    """The job's form fields (`demix.intake.job_request`) from a Query's `sounds` and the
+    call's metadata: the model's stems, or the `demix-workflow` or `demix-preset` to run.
+
+    The original interface answers with WAV files (in the input's own sample format).
+
+    Raises:
+        BadRequest: (`invalid_workflow`) a workflow or preset with a `sounds` other than
+            `all` (a workflow names its own stems), a `demix-model`, or both; the `field`
+            detail names the metadata entry or `sounds`.
+    """
+    fields = {"format": "wav"}
+    model = metadata.get(MODEL_METADATA, "")
+    workflow, preset = metadata.get(WORKFLOW_METADATA, ""), metadata.get(PRESET_METADATA, "")
+    if not workflow.strip() and not preset.strip():
+        return {**fields, "model": model, "stems": parse_sounds(sounds)}
+    what = "a preset" if preset.strip() else "a workflow"
+    if parse_sounds(sounds) != ALL:
+        raise _conflict("sounds", f"{what}'s answer holds every stem it names; leave 'sounds' empty or "
+                                  f"'all', not {shown(sounds)}")
+    if model.strip():
+        raise _conflict(MODEL_METADATA, f"{what} names its own models; leave out the {MODEL_METADATA} metadata")
+    if workflow.strip() and preset.strip():
+        raise _conflict(WORKFLOW_METADATA, f"send {WORKFLOW_METADATA} or {PRESET_METADATA}, not both")
+    return {**fields, WORKFLOW_FIELD: workflow, PRESET_FIELD: preset}
+
+
+def _conflict(field: str, message: str) -> BadRequest:
+    return BadRequest(f"{field}: {message}", code="invalid_workflow", details={"field": field})
 
 
 def _door_services(settings: Settings) -> Services:
@@ -208,6 +265,8 @@ def make_server(settings: Settings, services: tp.Optional[Services] = None,
         options=[("grpc.max_receive_message_length",
                   min(settings.max_upload_bytes + MESSAGE_OVERHEAD_BYTES, MAX_ANSWER_BYTES)),
                  ("grpc.max_send_message_length", MAX_ANSWER_BYTES),
+                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                 ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
                  # Without this, a second server on the same port would silently share it.
                  ("grpc.so_reuseport", 0)])
     demixing_pb2_grpc.add_demixingServicer_to_server(

@@ -18,6 +18,7 @@ from demix.audio.output_formats import (CHANNEL_MODES, CLIP_MODES, FORMATS, MAX_
 from demix.stems import ALL, SOURCES, check_stems
 from demix.errors import BadRequest
 from demix.jobs.webhooks import MAX_CALLBACK_URL_LENGTH, validate_callback_url
+from demix.workflows.presets import preset_workflow
 from demix.workflows.spec import Workflow, parse_workflow
 
 FILE_FIELD = "file"
@@ -25,6 +26,9 @@ FILE_FIELD = "file"
 
 WORKFLOW_FIELD = "workflow"
 """The form field holding a workflow's JSON (`demix.workflows.spec`)."""
+
+PRESET_FIELD = "preset"
+"""The form field naming a preset workflow (`demix.workflows.presets`)."""
 
 URL_FIELD = "url"
 """The form field naming an http(s) address to fetch the input from, instead of a `file`."""
@@ -67,6 +71,8 @@ FORM_FIELDS: tp.Tuple[FormField, ...] = (
     FormField("workflow", "Instead of `model` and `stems`: a chain or ensemble of models as one job, "
               "as JSON (`{\"steps\": [...], \"outputs\": {...}}`, see docs/workflows.md). Its stems keep "
               "the input's rate and channels.", schema={"type": "string", "contentMediaType": "application/json"}),
+    FormField("preset", "Instead of `model` and `stems` (or a `workflow`): a named workflow, one of "
+              "`GET /v1/workflows`.", schema={"type": "string"}),
     FormField("cache", "`true`: a model run reuses the stems an earlier job computed with the same model "
               "on the same audio (the result cache), and keeps its own for later jobs; `false`: it neither "
               "reads nor writes the cache.", ("true", "false"), "true"),
@@ -110,7 +116,7 @@ def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo, settings: tp.
     """
     settings = settings or get_settings()
     cache = use_cache(form)
-    if (form.get(WORKFLOW_FIELD) or "").strip():
+    if (form.get(WORKFLOW_FIELD) or "").strip() or (form.get(PRESET_FIELD) or "").strip():
         return dataclasses.replace(_workflow_request(form, info, settings, reported), cache=cache)
     model = chosen_model(form, settings, reported)
     stems = check_stems((form.get("stems") or ALL).strip().lower() or ALL, model.sources or SOURCES,
@@ -134,11 +140,13 @@ def use_cache(form: tp.Mapping[str, str]) -> bool:
 
 def _workflow_request(form: tp.Mapping[str, str], info: AudioInfo, settings: Settings,
                       reported: tp.Mapping[str, tp.Mapping[str, tp.Any]]) -> JobRequest:
-    for name in ("model", "stems"):
+    preset = (form.get(PRESET_FIELD) or "").strip()
+    for name in ("model", "stems") + ((WORKFLOW_FIELD,) if preset else ()):
         if (form.get(name) or "").strip():
-            raise BadRequest(f"{name}: a workflow job names its models and stems in its workflow; leave "
-                             f"{name!r} out", code="invalid_workflow", details={"field": name})
-    workflow = parse_workflow(form[WORKFLOW_FIELD], settings, reported)
+            raise BadRequest(f"{name}: a {'preset' if preset else 'workflow'} job names its models and stems in "
+                             f"its workflow; leave {name!r} out", code="invalid_workflow", details={"field": name})
+    workflow = preset_workflow(preset, settings, reported) if preset \
+        else parse_workflow(form[WORKFLOW_FIELD], settings, reported)
     output = resolve_output(form, info)
     if output.samplerate != info.samplerate or output.channel_mode != "input":
         field = "samplerate" if output.samplerate != info.samplerate else "channels"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from demix.audio.io import AudioInfo
 from demix.catalogue import warm_model_notes
-from demix.errors import BadRequest, JobNotFound, ServiceUnavailable, TooManyActiveJobs
+from demix.errors import JobNotFound, ServiceUnavailable, TooManyActiveJobs
 from demix.jobs.idempotency import IdempotencyKeys
 from demix.intake.inspection import inspect_upload
 from demix.jobs.records import Job, JobStatus, new_job_id
@@ -108,16 +108,19 @@ def submit_url(url: str, fields: tp.Mapping[str, str], services: Services, owner
     url = check_url_syntax(url, "url")
     check_public_url(url, "url", services.settings.allow_private_urls)
     job_request = _checked_request(fields, URL_INPUT_PLACEHOLDER, services)
-    if job_request.workflow is not None:
-        raise BadRequest("workflow: a workflow job takes an uploaded file; a url input is not supported yet",
-                         code="invalid_workflow", details={"field": "url"})
+    request_fields = {name: str(value) for name, value in fields.items() if name != URL_FIELD}
 
     def queue(job_id: str) -> Job:
+        if job_request.workflow is not None:  # its first unit fetches the input
+            return queue_new_job(new_workflow_job(job_request.workflow, None, None, owner=owner,
+                                                  callback_url=job_request.callback_url, job_id=job_id,
+                                                  source_url=url, request_fields=request_fields,
+                                                  cache=job_request.cache), services)
         model = job_request.model or services.settings.default_model
         job = Job(id=job_id, status=JobStatus.QUEUED, stems=job_request.stems, model=model,
                   samplerate=0, channels=0, frames=0, created_at=time.time(), queue=services.settings.queue_for(model),
                   owner=owner, callback_url=job_request.callback_url, source_url=url, use_cache=job_request.cache,
-                  request_fields={name: str(value) for name, value in fields.items() if name != URL_FIELD})
+                  request_fields=request_fields)
         return queue_new_job(job, services)
 
     return _queue_once(queue, services, idempotent)

@@ -25,7 +25,7 @@ def job_json(job: Job, url: str, *, retention_s: int, queue_position: tp.Optiona
     is its steps' view (`demix.workflows.runs.workflow_progress`), its progress the job's.
     """
     if workflow is not None:
-        job = dataclasses.replace(job, progress=workflow["progress"])
+        job = dataclasses.replace(job, progress=workflow["progress"], download=workflow["download"] or job.download)
     body = job.to_public()
     if workflow is not None:
         body["workflow"] = {"steps": workflow["steps"], "outputs": workflow["outputs"]}

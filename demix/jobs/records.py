@@ -199,16 +199,21 @@ if KEYS[7] ~= '' then
   else redis.call('ZREM', KEYS[7], ARGV[1]) end
 end
 local counters = KEYS[4]
+-- A workflow's run counts as a requeue (a lost worker) but not as a job of its own: the
+-- outcome counters and histograms count the jobs clients submitted.
+local unit = redis.call('HGET', job, 'workflow_unit')
+local is_run = unit and unit ~= '{}'
 if target == 'queued' then
   redis.call('HINCRBY', counters, 'requeued:' .. ARGV[11], 1)
   if ARGV[11] == 'handed_back' then redis.call('HINCRBY', job, 'handed_back', 1) end
+elseif is_run then
 elseif target == 'succeeded' or target == 'cancelled' then
   redis.call('HINCRBY', counters, target, 1)
 elseif target == 'failed' then
   local error = cjson.decode(redis.call('HGET', job, 'error'))
   redis.call('HINCRBY', counters, 'failed:' .. ((type(error) == 'table' and error.code) or 'unknown'), 1)
 end
-if target == 'succeeded' then
+if target == 'succeeded' and not is_run then
   local function observe(histogram, buckets, value)
     local field = '+Inf'
     for _, bound in ipairs(cjson.decode(buckets)) do
@@ -276,11 +281,14 @@ return 1
 """
 
 
-# Creates a child job's record unless it exists. Returns 1 if created, else 0.
-#   KEYS: job hash, the parent's children set, the child's queue's queued index ('' = none)
+# Creates a child job's record unless it exists or its parent is not running (a child made
+# while its parent is cancelled or deleted would outlive it). Returns 1 if created, else 0.
+#   KEYS: job hash, the parent's children set, the child's queue's queued index ('' = none),
+#         the parent's hash
 #   ARGV: job id, created at, then field/value pairs
 _CREATE_CHILD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('HGET', KEYS[4], 'status') ~= '"running"' then return 0 end
 local fields = {}
 for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
@@ -349,14 +357,14 @@ class JobStore:
         pipe.execute()
 
     def create_child(self, job: Job, parent_id: str) -> bool:
-        """Write the record of a child job of `parent_id` (a workflow's run) unless it exists:
-        True for exactly one of several callers creating the same child, which then sends
-        its task. A child is not in the jobs index (it is listed, kept and deleted with its
-        parent, `children`) nor counted as submitted."""
+        """Write the record of a child job of `parent_id` (a workflow's run) unless it exists
+        or the parent is no longer running: True for exactly one of several callers creating
+        the same child, which then sends its task. A child is not in the jobs index (it is
+        listed, kept and deleted with its parent, `children`) nor counted as submitted."""
         fields = {f.name: json.dumps(_plain(getattr(job, f.name))) for f in dataclasses.fields(job)}
         queued_key = keys.queued_jobs_key(job.queue) if job.status is JobStatus.QUEUED and job.queue else ""
         return bool(self._create_child(
-            keys=[keys.job_key(job.id), keys.job_children_key(parent_id), queued_key],
+            keys=[keys.job_key(job.id), keys.job_children_key(parent_id), queued_key, keys.job_key(parent_id)],
             args=[job.id, repr(job.created_at), *(item for pair in fields.items() for item in pair)]))
 
     def children(self, job_id: str) -> list[str]:

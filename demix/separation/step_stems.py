@@ -2,11 +2,12 @@
 its models' runs (an ensemble of each source, and the complements `no_X`), stems
 re-encoded into a job's output format, and a job's stems from a result cache entry.
 
-Both write through a `StemSink` as the engine does, so the files are published only when
+All of them write through a `StemSink` as the engine does, so the files are published only when
 every one is complete, and a job's `clip=rescale` sees every stem's peak first.
 """
 from __future__ import annotations
 
+import contextlib
 import typing as tp
 from pathlib import Path
 
@@ -43,8 +44,7 @@ def write_step_stems(runs: tp.Sequence[tp.Mapping[str, Path]], input_path: Path,
                        progress=lambda value, i=index: progress(0.8 * (i + value) / len(sources)))
     with AudioReader(input_path) as mix:
         samplerate, channels, frames = mix.samplerate, mix.channels, mix.frames
-    writers = {}
-    try:
+    with _published(sink) as writers:
         for name in stems:
             writers[name] = sink.open_stem(name, samplerate, channels, "FLOAT", frames)
         for index, source in enumerate(sources):
@@ -55,11 +55,6 @@ def write_step_stems(runs: tp.Sequence[tp.Mapping[str, Path]], input_path: Path,
                     if f"no_{source}" in writers:
                         writers[f"no_{source}"].write(mix.read(len(block)) - block)
             progress(0.8 + 0.2 * (index + 1) / len(sources))
-    finally:
-        for writer in writers.values():
-            writer.close()
-    for name in stems:
-        sink.publish(name)
     return list(stems)
 
 
@@ -67,8 +62,7 @@ def encode_stems(files: tp.Mapping[str, Path], sink: StemSink, output: OutputOpt
                  progress: ProgressFn = lambda _value: None) -> list[str]:
     """Write each float32 WAV of `files` (name -> path, at the output's rate and channels) as
     stem `name` in `output`'s format; returns the names written."""
-    writers = {}
-    try:
+    with _published(sink) as writers:
         for index, (name, path) in enumerate(files.items()):
             with AudioReader(path) as reader:
                 writers[name] = sink.open_stem(name, output.samplerate, output.channels, output.grid_subtype,
@@ -76,11 +70,6 @@ def encode_stems(files: tp.Mapping[str, Path], sink: StemSink, output: OutputOpt
                 while len(block := reader.read(BLOCK_FRAMES)):
                     writers[name].write(quantize(block, output.grid_subtype))
             progress((index + 1) / len(files))
-    finally:
-        for writer in writers.values():
-            writer.close()
-    for name in files:
-        sink.publish(name)
     return list(files)
 
 
@@ -96,8 +85,7 @@ def write_cached_stems(files: tp.Mapping[str, Path], input_path: Path, names: tp
     sources = [name for name in names if not name.startswith("no_")]
     with AudioReader(input_path) as mix:
         samplerate, channels, frames = mix.samplerate, mix.channels, mix.frames
-    writers = {}
-    try:
+    with _published(sink) as writers:
         for name in names:
             writers[name] = sink.open_stem(name, samplerate, channels, subtype, frames)
         for index, source in enumerate(sources):
@@ -110,9 +98,18 @@ def write_cached_stems(files: tp.Mapping[str, Path], input_path: Path, names: tp
                         mix_block = quantize(original.read(len(samples)), subtype)
                         rest.write(quantize(dequantize(mix_block, subtype) - dequantize(samples, subtype), subtype))
             progress((index + 1) / len(sources))
+    return list(names)
+
+
+@contextlib.contextmanager
+def _published(sink: StemSink) -> tp.Iterator[dict[str, tp.Any]]:
+    """The writers the block opens in `sink` (name -> writer), all closed however it ends, and
+    published only if it ends well: every stem appears, or none."""
+    writers: dict[str, tp.Any] = {}
+    try:
+        yield writers
     finally:
         for writer in writers.values():
             writer.close()
-    for name in names:
+    for name in writers:
         sink.publish(name)
-    return list(names)

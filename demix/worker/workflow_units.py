@@ -17,7 +17,8 @@ from pathlib import Path
 from demix.audio.output_formats import OutputOptions
 from demix.errors import IllegalTransition, JobNotFound
 from demix.jobs.records import Job, JobStatus
-from demix.workflows.runs import OUTPUTS, STEP, stem_file
+from demix.intake.url_jobs import fetch_input
+from demix.workflows.runs import FETCH, OUTPUTS, STEP, stem_file
 
 from demix.separation import JobStemSink, encode_stems, write_step_stems
 from demix.worker.attempt import AttemptLease, JobInterrupted, WorkerContext, retry_while_redis_is_down
@@ -26,13 +27,18 @@ log = logging.getLogger(__name__)
 
 
 def is_workflow_unit(job: Job) -> bool:
-    """Whether `job` is a workflow unit that runs no model (a step's stems, the outputs)."""
-    return job.workflow_unit.get("kind") in (STEP, OUTPUTS)
+    """Whether `job` is a workflow unit that runs no model (a `url` input's fetch, a step's
+    stems, the outputs)."""
+    return job.workflow_unit.get("kind") in (FETCH, STEP, OUTPUTS)
 
 
 def run_workflow_unit(job: Job, attempt: int, context: WorkerContext, lease: AttemptLease) -> list[str]:
     """Run attempt `attempt` of unit `job`; returns the stems it wrote for itself."""
-    if job.workflow_unit["kind"] == STEP:
+    kind = job.workflow_unit["kind"]
+    if kind == FETCH:  # the workflow adopts the fetched input when this unit succeeds
+        fetch_input(job, context, lease)
+        return []
+    if kind == STEP:
         return _run_step(job, attempt, context, lease)
     return _run_outputs(job, context, lease)
 

@@ -29,7 +29,7 @@ import typing as tp
 
 from demix import redis_keys as keys
 from demix.audio.output_formats import OutputOptions
-from demix.errors import DemixError, IllegalTransition, JobNotFound
+from demix.errors import BadRequest, DemixError, IllegalTransition, JobNotFound
 from demix.jobs.lifecycle import end_children, enqueue_job
 from demix.jobs.records import Job, JobStatus, JobStore, new_job_id
 from demix.stems import ALL, output_names
@@ -37,13 +37,13 @@ from demix.workflows.spec import StemRef, Step, Workflow
 
 log = logging.getLogger(__name__)
 
-MODEL, STEP, OUTPUTS = "model", "step", "outputs"
+MODEL, STEP, OUTPUTS, FETCH = "model", "step", "outputs", "fetch"
 """The kinds of unit (`Job.workflow_unit["kind"]`)."""
 
 WORKFLOW_MODEL = "workflow"
 """What a workflow job's `model` field says (its models are in its workflow)."""
 
-UNIT_PROGRESS_WEIGHT = {MODEL: 1.0, STEP: 0.1, OUTPUTS: 0.1}
+UNIT_PROGRESS_WEIGHT = {MODEL: 1.0, STEP: 0.1, OUTPUTS: 0.1, FETCH: 0.1}
 """How much of a workflow's progress each kind of unit is: a model run is the work."""
 
 
@@ -118,7 +118,11 @@ class Unit:
 
 
 def units(workflow: Workflow, parent: Job, settings: tp.Any) -> list[Unit]:
-    """Every unit of the workflow, in the order they can run."""
+    """Every unit of the workflow, in the order they can run (a `url` job whose input is not
+    fetched yet: the fetch alone; what follows depends on the input)."""
+    first_model = workflow.steps[0].models[0]
+    if parent.awaits_input:
+        return [Unit(FETCH, FETCH, first_model, settings.queue_for(first_model), {})]
     found = []
     for step in workflow.steps:
         location = stem_location(workflow, parent.id, step.input)
@@ -142,17 +146,21 @@ def unit_inputs(unit: Unit) -> list[str]:
         return [unit.reads["input"]["job"]]
     if unit.kind == STEP:
         return list(unit.reads["runs"]) + [unit.reads["input"]["job"]]
+    if unit.kind == FETCH:
+        return []
     return [location["job"] for location in unit.reads["outputs"].values()]
 
 
 def child_job(parent: Job, unit: Unit, cache: bool = True) -> Job:
     """The record of `unit`'s child job (`cache`: whether its model run may use the result cache)."""
-    return Job(id=unit_id(parent.id, unit.name), status=JobStatus.QUEUED, stems=ALL, model=unit.model,
-               samplerate=parent.samplerate, channels=parent.channels, frames=parent.frames,
-               created_at=time.time(), input_format=parent.input_format,
-               output=intermediate_output(parent).to_dict(), queue=unit.queue,
-               workflow_unit={"parent": parent.id, "unit": unit.name, "kind": unit.kind, **unit.reads},
-               use_cache=cache)
+    job = Job(id=unit_id(parent.id, unit.name), status=JobStatus.QUEUED, stems=ALL, model=unit.model,
+              samplerate=parent.samplerate, channels=parent.channels, frames=parent.frames,
+              created_at=time.time(), input_format=parent.input_format, queue=unit.queue,
+              workflow_unit={"parent": parent.id, "unit": unit.name, "kind": unit.kind, **unit.reads},
+              use_cache=cache)
+    if unit.kind == FETCH:  # the job's `url` input, fetched and checked as a `url` job's
+        return dataclasses.replace(job, source_url=parent.source_url, request_fields=parent.request_fields)
+    return dataclasses.replace(job, output=intermediate_output(parent).to_dict())
 
 
 def start_workflow(parent: Job, context: Context) -> None:
@@ -176,11 +184,18 @@ def advance(parent_id: str, context: Context) -> list[str]:
         return []
     workflow = Workflow.from_dict(parent.workflow)
     children = _children(jobs, parent_id)
-    done = {parent_id} | {child.id for child in children.values() if child.status is JobStatus.SUCCEEDED}
     for child in children.values():
         if child.status in (JobStatus.FAILED, JobStatus.CANCELLED):
             _fail(parent, child, context)
             return []
+    fetched = children.get(unit_id(parent_id, FETCH))
+    if parent.awaits_input and fetched is not None and fetched.status is JobStatus.SUCCEEDED:
+        parent = _adopt_input(parent, fetched, context)
+        if parent is None:
+            return []
+    done = {child.id for child in children.values() if child.status is JobStatus.SUCCEEDED}
+    if not parent.awaits_input:
+        done.add(parent_id)
     sent = []
     for unit in units(workflow, parent, context.settings):
         child_id = unit_id(parent_id, unit.name)
@@ -194,6 +209,26 @@ def advance(parent_id: str, context: Context) -> list[str]:
             log.info("workflow job %s: %s sent to %s", parent_id, unit.name, child.queue)
             sent.append(unit.name)
     return sent
+
+
+def _adopt_input(parent: Job, fetched: Job, context: Context) -> tp.Optional[Job]:
+    """A `url` workflow's input is fetched: make it the job's own and record what it is
+    (its rate, channels, output options resolved from it); None if the job failed here."""
+    output = OutputOptions.from_dict(fetched.output)
+    if output.samplerate != fetched.samplerate or output.channel_mode != "input":
+        _fail(parent, dataclasses.replace(fetched, error=BadRequest(
+            f"the input is {fetched.samplerate} Hz and a workflow job's stems keep the input's rate and "
+            f"channels; {output.format} stems cannot (choose wav or flac)", code="invalid_output").to_dict()),
+            context)
+        return None
+    context.storage.copy_input(parent.id, context.storage.stored_input(fetched.id))
+    try:
+        return context.jobs.update_running(
+            parent.id, parent.attempts, samplerate=fetched.samplerate, channels=fetched.channels,
+            frames=fetched.frames, input_format=fetched.input_format, output=fetched.output,
+            download=fetched.download)
+    except (IllegalTransition, JobNotFound):  # cancelled or deleted meanwhile
+        return None
 
 
 def _children(jobs: JobStore, parent_id: str) -> dict[str, Job]:
@@ -224,6 +259,8 @@ def _fail(parent: Job, child: Job, context: Context) -> None:
 def _describe(unit: str) -> str:
     if unit == OUTPUTS:
         return "writing the outputs"
+    if unit == FETCH:
+        return "fetching the input"
     step, _, model = unit.partition("/")
     return f"step {step!r}, model {model!r}," if model else f"step {step!r} (its ensemble)"
 
@@ -279,12 +316,13 @@ def workflow_progress(parent: Job, children: tp.Sequence[Job]) -> dict:
         weighted, total = weighted + step_done, total + sum(weights)
         steps.append({**step.to_dict(), "status": _step_status(unit_jobs),
                       "progress": round(step_done / sum(weights), 4), "runs": runs})
-    outputs_job = by_unit.get(OUTPUTS)
-    weighted += UNIT_PROGRESS_WEIGHT[OUTPUTS] * _done(outputs_job)
-    total += UNIT_PROGRESS_WEIGHT[OUTPUTS]
+    for kind in (OUTPUTS, FETCH) if parent.source_url else (OUTPUTS,):
+        weighted += UNIT_PROGRESS_WEIGHT[kind] * _done(by_unit.get(kind))
+        total += UNIT_PROGRESS_WEIGHT[kind]
     progress = 1.0 if parent.status is JobStatus.SUCCEEDED else weighted / total
+    fetch = by_unit.get(FETCH)
     return {"steps": steps, "outputs": {name: str(ref) for name, ref in workflow.outputs.items()},
-            "progress": round(progress, 4)}
+            "progress": round(progress, 4), "download": fetch.download if fetch else None}
 
 
 def _done(child: tp.Optional[Job]) -> float:
@@ -308,15 +346,21 @@ def _step_status(unit_jobs: tp.Sequence[tp.Optional[Job]]) -> str:
     return JobStatus.QUEUED.value
 
 
-def new_workflow_job(workflow: Workflow, info: tp.Any, output: OutputOptions, owner: str = "",
+def new_workflow_job(workflow: Workflow, info: tp.Any, output: tp.Optional[OutputOptions], owner: str = "",
                      callback_url: tp.Optional[str] = None, job_id: tp.Optional[str] = None,
+                     source_url: tp.Optional[str] = None, request_fields: tp.Mapping[str, str] = {},
                      cache: bool = True) -> Job:
-    """The record of a new workflow job on an input described by `info` (`AudioInfo`). It is
-    `running` from the start, at attempt 1 (the fence its outputs unit finishes it with),
-    with no queue and no lease of its own: its units have those. With `cache` false, its
-    model runs neither read nor write the result cache."""
+    """The record of a new workflow job on an input described by `info` (`AudioInfo`; None
+    for a `url` job, whose input and `output` are known once fetched). It is `running` from
+    the start, at attempt 1 (the fence its outputs unit finishes it with), with no queue and
+    no lease of its own: its units have those. With `cache` false, its model runs neither
+    read nor write the result cache."""
     now = time.time()
-    return Job(id=job_id or new_job_id(), status=JobStatus.RUNNING, stems=ALL, model=WORKFLOW_MODEL,
-               samplerate=info.samplerate, channels=info.channels, frames=info.frames, created_at=now,
-               started_at=now, attempts=1, input_format=info.input_format, output=output.to_dict(),
-               owner=owner, callback_url=callback_url, workflow=workflow.to_dict(), use_cache=cache)
+    job = Job(id=job_id or new_job_id(), status=JobStatus.RUNNING, stems=ALL, model=WORKFLOW_MODEL,
+              samplerate=0, channels=0, frames=0, created_at=now, started_at=now, attempts=1,
+              owner=owner, callback_url=callback_url, workflow=workflow.to_dict(), source_url=source_url,
+              request_fields=dict(request_fields), use_cache=cache)
+    if info is None:
+        return job
+    return dataclasses.replace(job, samplerate=info.samplerate, channels=info.channels, frames=info.frames,
+                               input_format=info.input_format, output=output.to_dict())

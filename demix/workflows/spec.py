@@ -52,6 +52,11 @@ def refused(field: str, message: str) -> BadRequest:
     return BadRequest(f"{field}: {message}", code="invalid_workflow", details={"field": field})
 
 
+def key_in_path(key: str) -> str:
+    """A user's key as a path's part, cut so that a long one cannot swamp the message."""
+    return key if len(key) <= 40 else f"{key[:40]}…"
+
+
 @dataclasses.dataclass(frozen=True)
 class StemRef:
     """A stem of a step (`step/stem`), or the job's input (`mix`: step and stem empty)."""
@@ -160,7 +165,8 @@ def parse_workflow(value: tp.Any, settings: Settings,
     data = _decoded(value)
     unknown = sorted(set(data) - _WORKFLOW_KEYS)
     if unknown:
-        raise refused(f"workflow.{unknown[0]}", f"unknown key; a workflow has {', '.join(sorted(_WORKFLOW_KEYS))}")
+        raise refused(f"workflow.{key_in_path(str(unknown[0]))}",
+                      f"unknown key; a workflow has {', '.join(sorted(_WORKFLOW_KEYS))}")
     raw_steps = data.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
         raise refused("workflow.steps", "expected a non-empty list of steps")
@@ -199,7 +205,7 @@ def _step(raw: tp.Any, field: str, settings: Settings, reported: tp.Mapping[str,
         raise refused(field, "expected an object with name, input and models")
     unknown = sorted(set(raw) - _STEP_KEYS)
     if unknown:
-        raise refused(f"{field}.{unknown[0]}", f"unknown key; a step has {', '.join(sorted(_STEP_KEYS))}")
+        raise refused(f"{field}.{key_in_path(str(unknown[0]))}", f"unknown key; a step has {', '.join(sorted(_STEP_KEYS))}")
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name) or name == MIX:
         raise refused(f"{field}.name", "expected a name of 1-32 lower-case letters, digits, _ or -, "
@@ -281,7 +287,7 @@ def _outputs(raw: tp.Any, steps: list[Step], by_name: tp.Mapping[str, Step]) -> 
         raise refused("workflow.outputs", "expected an object of stem names to \"step/stem\"")
     outputs = {}
     for name, text in raw.items():
-        field = f"workflow.outputs.{name}"
+        field = f"workflow.outputs.{key_in_path(str(name))}"
         if not isinstance(name, str) or not _NAME.match(name):
             raise refused(field, "a stem name is 1-32 lower-case letters, digits, _ or -, starting with a letter")
         ref = StemRef.parse(text, field, allow_mix=False)

@@ -59,7 +59,8 @@ def test_the_job_schema_has_exactly_the_fields_of_the_job_json(idle_server, spec
                         timeout=30).json()
     schema = spec["components"]["schemas"]["Job"]
     assert set(job) == set(schema["required"])
-    assert set(schema["properties"]) == set(job) | {"result_url", "zip_url"}  # those two once succeeded
+    # The links once succeeded; `workflow` for a workflow job (its schema: tests/workflows/).
+    assert set(schema["properties"]) == set(job) | {"result_url", "zip_url", "workflow"}
     assert schema["additionalProperties"] is False
 
 

@@ -101,3 +101,21 @@ def test_eval_through_the_service_scores_what_the_engine_scores(tmp_path, live_s
     for remote, local in zip(service["tracks"], engine["tracks"]):
         for stem, score in remote["stems"].items():
             assert score["sdr"] == pytest.approx(local["stems"][stem]["sdr"], abs=1e-2)
+
+
+@pytest.mark.slow
+def test_eval_scores_a_workflow_on_the_service(tmp_path, live_server, capsys):
+    songs = write_songs(tmp_path / "songs")
+    workflow = tmp_path / "band.json"
+    workflow.write_text(json.dumps({"steps": [{"name": "band", "models": ["tiny"]}],
+                                    "outputs": {"drums": "band/drums", "bass": "band/bass", "vocals": "band/vocals"}}))
+    assert main(["eval", str(songs), "--workflow", str(workflow)]) == 2
+    assert "a workflow runs on the service" in capsys.readouterr().err
+    by_workflow, by_model = tmp_path / "workflow.json", tmp_path / "model.json"
+    assert main(["eval", str(songs), "--url", live_server.url, "--workflow", str(workflow),
+                 "--json", str(by_workflow)]) == 0
+    assert main(["eval", str(songs), "--url", live_server.url, "--json", str(by_model)]) == 0
+    # One step of one model: the workflow's stems are that model's, so are their scores.
+    workflow_scores, model_scores = json.loads(by_workflow.read_text()), json.loads(by_model.read_text())
+    check_report(workflow_scores, {"drums", "bass", "vocals"})
+    assert workflow_scores["mean"] == model_scores["mean"]

@@ -20,11 +20,12 @@ import soundfile as sf
 
 from demix.cli.redis_server import free_port
 from demix.grpc_api.protos import PROTO_FILE
-from demix.grpc_api.server import DemixingServicer, grpc_status_for, make_server
+from demix.grpc_api.server import DemixingServicer, grpc_status_for, job_fields, make_server
 from demix.services import build_services
 from demix.errors import DemixError
 from demix.jobs.records import JobStatus
 from testkit.synthetic_audio import write_wav
+from testkit.tiny_models import TINY_MODEL
 from tests.support.environment import UNCONSUMED_QUEUE
 from tests.support.waiting import wait_for
 
@@ -54,7 +55,8 @@ CLIENT = textwrap.dedent("""
                               "metadata": dict(call.initial_metadata())}))
         except grpc.RpcError as error:
             print(json.dumps({"code": error.code().name, "details": error.details(),
-                              "metadata": dict(error.initial_metadata() or ())}))
+                              "metadata": dict(error.initial_metadata() or ()),
+                              "trailing": dict(error.trailing_metadata() or ())}))
 """)
 
 
@@ -70,10 +72,12 @@ def grpc_client_dir(tmp_path_factory) -> Path:
 
 
 def call(client_dir: Path, address: str, audio: Path, sounds: str, timeout: float = 300,
-         api_key: tp.Optional[str] = None, model: tp.Optional[str] = None) -> dict:
-    """Run the generated client in its own process; returns its answer or its error."""
+         api_key: tp.Optional[str] = None, model: tp.Optional[str] = None,
+         metadata: tp.Sequence[tuple[str, str]] = ()) -> dict:
+    """Run the generated client in its own process, with `metadata` and the entries `api_key`
+    and `model` make; returns its answer or its error."""
     metadata = ([("authorization", f"Bearer {api_key}")] if api_key else []) + \
-        ([("demix-model", model)] if model else [])
+        ([("demix-model", model)] if model else []) + list(metadata)
     done = subprocess.run([sys.executable, str(client_dir / "client.py"), address, str(audio), sounds,
                            str(timeout), json.dumps(metadata)],
                           cwd=client_dir, capture_output=True, text=True, timeout=600, check=True)
@@ -313,3 +317,102 @@ def test_a_demix_model_metadata_entry_chooses_the_model_and_its_queue(grpc_clien
     finally:
         server.stop(grace=None).wait()
         services.jobs.redis.close()
+
+
+CHAIN = {"steps": [{"name": "voc", "input": "mix", "models": [TINY_MODEL]},
+                   {"name": "band", "input": "voc/no_vocals", "models": [TINY_MODEL]}],
+         "outputs": {"vocals": "voc/vocals", "instrumental": "voc/no_vocals", "drums": "band/drums",
+                     "bass": "band/bass"}}
+"""A two-step chain over the session worker's one model: vocals out, then the band from the rest."""
+
+
+def test_without_a_workflow_a_call_asks_for_what_it_always_did():
+    assert job_fields("", {}) == {"format": "wav", "model": "", "stems": "all"}
+    assert job_fields(" Vocals ", {"demix-model": "m"}) == {"format": "wav", "model": "m", "stems": "vocals"}
+
+
+def test_a_demix_workflow_metadata_entry_runs_the_workflow_and_answers_its_named_stems(
+        grpc_client_dir, grpc_address, live_server, tmp_path):
+    song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.6, seed=5)
+    answer = call(grpc_client_dir, grpc_address, song, "", metadata=[("demix-workflow", json.dumps(CHAIN))])
+    assert "code" not in answer, answer
+    job = requests.get(f"{live_server.url}/v1/jobs/{answer['metadata']['demix-job-id']}", timeout=30).json()
+    assert job["status"] == "succeeded" and list(job["outputs"]) == list(CHAIN["outputs"])  # seen over HTTP too
+    stems = decode_stems(answer)
+    assert list(stems) == ["vocals", "instrumental", "drums", "bass"]
+    original, rate = sf.read(str(song), dtype="float64", always_2d=True)
+    for samples, stem_rate in stems.values():
+        assert stem_rate == rate and samples.shape == original.shape
+    (vocals, _), (instrumental, _) = stems["vocals"], stems["instrumental"]
+    assert np.abs(vocals + instrumental - original).max() <= 2 / 2 ** 15  # each stem rounded to 16 bits
+
+
+def test_a_demix_preset_metadata_entry_runs_the_preset(grpc_client_dir, grpc_address, settings, tmp_path):
+    """A preset from the server's presets file; `sounds` may say `all`, as old clients do."""
+    from demix.workflows.presets import add_preset, remove_preset
+
+    band = {"steps": [{"name": "band", "input": "mix", "models": [TINY_MODEL]}],
+            "outputs": {"drums": "band/drums", "no_drums": "band/no_drums"}}
+    add_preset(settings, "grpc_band", json.dumps(band))
+    try:
+        song = write_wav(tmp_path / "mono.wav", 22050, 1, seconds=0.5, seed=6)
+        answer = call(grpc_client_dir, grpc_address, song, "all", metadata=[("demix-preset", "grpc_band")])
+    finally:
+        remove_preset(settings, "grpc_band")
+    assert "code" not in answer, answer
+    stems = decode_stems(answer)
+    assert list(stems) == ["drums", "no_drums"]
+    original, rate = sf.read(str(song), dtype="float64", always_2d=True)
+    (drums, drums_rate), (rest, _) = stems["drums"], stems["no_drums"]
+    assert drums_rate == rate and drums.shape == rest.shape == original.shape
+    assert np.abs(drums + rest - original).max() <= 2 / 2 ** 15
+
+
+@pytest.mark.parametrize("sounds, metadata, field, said", [
+    ("", [("demix-workflow", json.dumps({"steps": [{"name": "a", "input": "mix", "models": ["nope"]}]}))],
+     "workflow.steps[0].models[0]", "unknown model 'nope'"),
+    ("", [("demix-workflow", json.dumps({**CHAIN, "outputs": {"vocals": "band/guitar"}}))],
+     "workflow.outputs.vocals", "guitar"),
+    ("", [("demix-workflow", "{not json")], "workflow", "not valid JSON"),
+    ("", [("demix-preset", "no_such_preset")], "preset", "no preset is named 'no_such_preset'"),
+    ("vocals", [("demix-workflow", json.dumps(CHAIN))], "sounds", "leave 'sounds' empty or 'all'"),
+    ("", [("demix-workflow", json.dumps(CHAIN)), ("demix-model", TINY_MODEL)], "demix-model", "names its own models"),
+    ("", [("demix-workflow", json.dumps(CHAIN)), ("demix-preset", "best_vocals")], "demix-workflow", "not both"),
+])
+def test_a_refused_workflow_is_invalid_argument_naming_the_field(grpc_client_dir, grpc_address, tmp_path,
+                                                                sounds, metadata, field, said):
+    song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.2)
+    answer = call(grpc_client_dir, grpc_address, song, sounds, timeout=60, metadata=metadata)
+    assert answer["code"] == "INVALID_ARGUMENT", answer
+    assert answer["details"].startswith(f"{field}: ") and said in answer["details"], answer
+    assert answer["trailing"]["demix-error-field"] == field, answer
+    assert answer["trailing"]["demix-error-code"] in ("invalid_workflow", "unknown_preset"), answer
+
+
+def test_a_workflow_as_long_as_the_service_takes_fits_in_the_metadata(grpc_client_dir, grpc_address, tmp_path):
+    """gRPC's default limit on a call's metadata (8 KiB) would refuse it, saying nothing of why."""
+    from demix.workflows.spec import MAX_WORKFLOW_CHARS
+
+    compact = json.dumps(CHAIN)
+    longest = compact[:-1] + " " * (MAX_WORKFLOW_CHARS - len(compact)) + "}"  # whitespace JSON allows
+    song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.2)
+    answer = call(grpc_client_dir, grpc_address, song, "", metadata=[("demix-workflow", longest)])
+    assert list(json.loads(answer.get("demixed_audio", "{}"))) == list(CHAIN["outputs"]), answer
+    answer = call(grpc_client_dir, grpc_address, song, "", metadata=[("demix-workflow", longest + " ")])
+    assert answer["code"] == "INVALID_ARGUMENT", answer
+    assert answer["details"] == f"workflow: {MAX_WORKFLOW_CHARS + 1} characters; at most {MAX_WORKFLOW_CHARS}"
+
+
+def test_a_field_path_holding_the_callers_own_text_is_sent_as_a_bounded_ascii_trailer(grpc_client_dir,
+                                                                                       grpc_address, tmp_path):
+    """A stem name is the caller's: a newline in it, or 5000 characters, must not break the
+    trailer (an invalid metadata value, or one over the client's 8 KiB limit; the workflow's
+    check cuts a long key to 40 characters, the trailer escapes what is not ASCII)."""
+    song = write_wav(tmp_path / "song.wav", 44100, 2, seconds=0.2)
+    for name, field in (("Bad\nnamé", "workflow.outputs.Bad\\nnam\\xe9"),
+                        ("x" * 5000, "workflow.outputs." + "x" * 40 + "\\u2026")):
+        workflow = {**CHAIN, "outputs": {name: "voc/vocals"}}
+        answer = call(grpc_client_dir, grpc_address, song, "", timeout=60,
+                      metadata=[("demix-workflow", json.dumps(workflow))])
+        assert answer["code"] == "INVALID_ARGUMENT" and answer["details"].startswith("workflow.outputs."), answer
+        assert answer["trailing"]["demix-error-field"] == field, answer

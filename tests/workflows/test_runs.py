@@ -24,8 +24,8 @@ from demix.jobs.lifecycle import cancel_job, delete_job
 from demix.jobs.records import JobStatus, JobStore
 from demix.audio.output_formats import default_output
 from demix.storage.local import JobStorage
-from demix.workflows.runs import (MODEL, OUTPUTS, STEP, advance, in_flight, new_workflow_job, on_child_finished,
-                                  start_workflow, unit_id, workflow_view)
+from demix.workflows.runs import (MODEL, OUTPUTS, STEP, advance, child_job, in_flight, new_workflow_job,
+                                  on_child_finished, start_workflow, unit_id, units, workflow_view)
 from demix.workflows.spec import parse_workflow
 from testkit.synthetic_audio import write_wav
 
@@ -205,3 +205,25 @@ def test_a_workflow_with_cache_false_gives_it_to_its_runs(context, tmp_path):
     runs = [context.jobs.get(child) for child in context.jobs.children(job.id)]
     assert runs and not job.use_cache and all(not run.use_cache for run in runs)
     assert all(context.jobs.get(child).use_cache for child in context.jobs.children(submit(context, tmp_path).id))
+
+
+def test_runs_are_not_counted_as_jobs_in_the_metrics(context, tmp_path):
+    counters = keys.metrics_counters_key()
+    before = {name.decode(): int(value) for name, value in context.jobs.redis.hgetall(counters).items()}
+    parent = submit(context, tmp_path)
+    run(context, unit_id(parent.id, "voc/tiny_vocals"), ["vocals", "no_vocals"])
+    cancel_job(context.jobs, context.storage, parent.id)
+    after = {name.decode(): int(value) for name, value in context.jobs.redis.hgetall(counters).items()}
+    changed = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    assert changed == {"submitted": 1, "cancelled": 1}  # the job; its run's success and cancel are not
+
+
+def test_no_run_is_made_for_a_job_that_is_no_longer_running(context, tmp_path):
+    parent = submit(context, tmp_path)
+    first = unit_id(parent.id, "voc/tiny_vocals")
+    context.jobs.redis.delete(keys.job_key(first))  # as if it had not been made yet
+    context.jobs.mark_cancelled(parent.id)
+    unit = next(unit for unit in units(parse_workflow(CHAIN, context.settings, REPORTED), parent, context.settings)
+                if unit.name == "voc/tiny_vocals")
+    assert not context.jobs.create_child(child_job(parent, unit), parent.id)
+    assert not context.jobs.redis.exists(keys.job_key(first))

@@ -139,3 +139,9 @@ def test_an_overlong_workflow_text_is_refused_before_it_is_decoded():
 def test_the_algorithms_are_msst_s_eight():
     assert ENSEMBLE_ALGORITHMS == ("avg_wave", "median_wave", "min_wave", "max_wave",
                                    "avg_fft", "median_fft", "min_fft", "max_fft")
+
+
+def test_a_long_key_is_cut_in_the_path_so_the_reason_stays_readable():
+    field, message = refusal({**ISSUE_EXAMPLE, "outputs": {"x" * 5000: "voc/vocals"}})
+    assert field == "workflow.outputs." + "x" * 40 + "…" and message.endswith("starting with a letter")
+    assert len(message) < 200

@@ -18,6 +18,7 @@ import subprocess
 import typing as tp
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import requests
@@ -159,6 +160,27 @@ def test_a_chain_of_an_ensemble_and_a_model_equals_the_engine_run_by_hand(deploy
     assert [run["model"] for run in steps[0]["runs"]] == [TINY_VOCALS, TINY_VOCALS_BS]
     assert all(run["status"] == "succeeded" and run["attempts"] == 1 for step in steps for run in step["runs"])
     assert (job["progress"], job["model"], job["workflow"]["outputs"]) == (1.0, "workflow", CHAIN["outputs"])
+    spec = requests.get(f"{deployment.url}/openapi.json", timeout=30).json()
+    jsonschema.validate(job, spec["components"]["schemas"]["Job"])
+
+
+def test_the_shipped_presets_run_with_the_served_models(deployment, tmp_path):
+    listed = {preset["name"]: preset for preset in
+              requests.get(f"{deployment.url}/v1/workflows", timeout=30).json()["workflows"]}
+    assert listed["best_vocals"]["models"] == [{"name": name, "served": True, "workers": 1}
+                                               for name in (TINY_MODEL, TINY_VOCALS, TINY_VOCALS_BS)]
+    assert listed["vocals_then_band"]["available"] and listed["vocals_then_band"]["workflow"]["steps"][1] == \
+        {"name": "band", "input": "vocals/no_vocals", "models": [TINY_MODEL]}
+    mix = write_wav(tmp_path / "mix.wav", 44100, 2, 2.0)
+    for preset, stems in (("best_vocals", {"vocals", "instrumental"}),
+                          ("vocals_then_band", {"vocals", "drums", "bass", "other"})):
+        with open(mix, "rb") as file:
+            submitted = requests.post(f"{deployment.url}/v1/jobs", files={"file": file}, data={"preset": preset},
+                                      timeout=60)
+        assert submitted.status_code == 202, submitted.text
+        job = deployment.finished(submitted.json()["id"])
+        assert job["status"] == "succeeded" and set(job["outputs"]) == stems, job
+        assert job["output"]["sample_format"] == "pcm16"  # the input's own format, as for any job
 
 
 def test_a_workers_kill_9_mid_workflow_redoes_only_the_run_it_was_running(deployment, tmp_path):
@@ -215,3 +237,34 @@ def test_a_workflows_runs_are_not_jobs_of_the_api(deployment, tmp_path):
     run_id = unit_id(job["id"], f"v/{TINY_VOCALS}")
     assert requests.get(f"{deployment.url}/v1/jobs/{run_id}", timeout=30).status_code == 404
     assert requests.post(f"{deployment.url}/v1/jobs/{run_id}/cancel", timeout=30).status_code == 404
+
+
+def test_a_json_body_runs_a_workflow_on_a_url_input(deployment, tmp_path):
+    from tests.support.file_server import FileServer
+
+    mix = write_wav(tmp_path / "mix.flac", 44100, 2, 2.0, subtype="PCM_16", format="FLAC")
+    workflow = {"steps": [{"name": "voc", "models": [TINY_VOCALS, TINY_VOCALS_BS], "ensemble": "max_wave"}]}
+    with FileServer() as files:
+        files.routes["/song.flac"] = (200, {"Content-Type": "audio/flac"}, mix.read_bytes())
+        response = requests.post(f"{deployment.url}/v1/jobs", json={"url": f"{files.base}/song.flac",
+                                                                   "workflow": workflow, "format": "flac"}, timeout=60)
+        assert response.status_code == 202, response.text
+        submitted = response.json()
+        assert (submitted["stage"], submitted["samplerate"]) == ("downloading", 0)
+        job = deployment.finished(submitted["id"])
+    assert job["status"] == "succeeded", job
+    assert (job["samplerate"], job["channels"], job["input_format"], job["output"]["format"]) == \
+        (44100, 2, "FLAC/PCM_16", "flac")
+    assert set(job["outputs"]) == {"vocals", "no_vocals"}
+    assert job["download"]["received_bytes"] == mix.stat().st_size
+    stems = deployment.stems(job)
+    assert stems["vocals"].shape == (88200, 2)
+
+
+def test_a_json_body_is_refused_clearly_when_it_is_not_an_object_of_fields(deployment):
+    for body, words in (("[1]", "a JSON body is an object"), ("{", "not valid JSON"),
+                        ('{"url": "https://example.test/a.wav", "model": {"x": 1}}', "model: expected a string")):
+        response = requests.post(f"{deployment.url}/v1/jobs", data=body, headers={"Content-Type": "application/json"},
+                                 timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", response.text
+        assert words in response.json()["error"]["message"]
