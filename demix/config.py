@@ -94,6 +94,10 @@ class Settings:
         6 * 3600, "Longest a job may run before the broker hands it to another worker, in seconds.")
     retention_s: int = _setting(
         24 * 3600, "Seconds a finished job (record and files) is kept after it finished; 0: forever.")
+    cache_mb: int = _setting(
+        2048, "Size of the result cache, in MiB: the stems a model computed for an input, reused by later "
+              "jobs with the same audio, model and engine options (least recently used entries go first); "
+              "0: no cache.")
     sweep_interval_s: int = _setting(
         60, "Seconds between two maintenance sweeps (expired jobs, orphaned files) in each worker.")
     min_free_mb: int = _setting(

@@ -121,6 +121,33 @@ def workflows_key() -> str:
     return f"{PREFIX}:workflows"
 
 
+def cache_entry_key(entry: str) -> str:
+    """Hash of one result cache entry (`demix.jobs.result_cache`): its model, sources, frames,
+    rate, channels and byte size."""
+    return f"{PREFIX}:cache:entry:{entry}"
+
+
+def cache_recency_key() -> str:
+    """Sorted set of result cache entry keys scored by when each was last stored or used (epoch s)."""
+    return f"{PREFIX}:cache:recency"
+
+
+def cache_sizes_key() -> str:
+    """Hash from result cache entry key to its size in bytes (their sum is the cache's size)."""
+    return f"{PREFIX}:cache:sizes"
+
+
+def cache_entry_jobs_key(entry: str) -> str:
+    """Set of the ids of the jobs that stored or used a result cache entry; an entry no job
+    refers to any more is deleted."""
+    return f"{PREFIX}:cache:jobs:{entry}"
+
+
+def job_cache_entries_key(job_id: str) -> str:
+    """Set of the result cache entry keys a job stored or used (released when it is deleted)."""
+    return f"{PREFIX}:cache:of:{job_id}"
+
+
 def warm_workers_key() -> str:
     """Hash from worker process id (`<host>:<pid>`) to a JSON note written when that
     process has loaded and warmed its model (see `demix.readiness`)."""

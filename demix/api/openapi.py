@@ -79,11 +79,11 @@ ERRORS_BY_STATUS: dict[int, tuple[str, tp.Sequence[str]]] = {
     400: ("The request is malformed: no `file` part nor `url`, both, an unknown `stems` value, an "
           "output option that cannot be written, a `url` or `callback_url` that is not an http(s) URL "
           "or is on a private range (`DEMIX_ALLOW_PRIVATE_URLS`), an invalid "
-          "`Idempotency-Key` header, a refused `workflow` (its `field` names the bad value's path) or "
-          "an unknown or disabled `preset`.",
+          "`Idempotency-Key` header, a refused `workflow` (its `field` names the bad value's path), "
+          "an unknown or disabled `preset`, a `cache` neither true nor false.",
           ("missing_file", "file_and_url", "unknown_model", "invalid_stems", "invalid_output",
            "invalid_callback_url", "invalid_url", errors.AddressNotAllowed.code,
-           errors.InvalidIdempotencyKey.code, "invalid_workflow", "unknown_preset", "preset_disabled",
+           errors.InvalidIdempotencyKey.code, "invalid_workflow", "unknown_preset", "preset_disabled", "invalid_cache",
            "bad_request")),
     401: ("API keys are configured and the request has no valid `Authorization: Bearer <key>`.",
           (errors.Unauthorized.code,)),
@@ -177,6 +177,8 @@ JOB_FIELDS: dict[str, dict] = {
                        "total_bytes": {"type": ["integer", "null"], "minimum": 0}}}],
         "description": "A `url` job's fetch: bytes received so far and the total (null while the "
                        "server has not said). Null for uploads."},
+    "cached": {"type": "boolean", "description": "Its stems were taken from the result cache (an earlier "
+               "run of the same model on the same audio) instead of running the model."},
     "expires_at": {**_TIMESTAMP, "description": "When the finished job and its files are deleted "
                    "(`DEMIX_RETENTION_S` after it finished). Null while it is not finished, or when "
                    "jobs are kept forever."},

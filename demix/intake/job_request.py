@@ -73,6 +73,9 @@ FORM_FIELDS: tp.Tuple[FormField, ...] = (
               "the input's rate and channels.", schema={"type": "string", "contentMediaType": "application/json"}),
     FormField("preset", "Instead of `model` and `stems` (or a `workflow`): a named workflow, one of "
               "`GET /v1/workflows`.", schema={"type": "string"}),
+    FormField("cache", "`true`: a model run reuses the stems an earlier job computed with the same model "
+              "on the same audio (the result cache), and keeps its own for later jobs; `false`: it neither "
+              "reads nor writes the cache.", ("true", "false"), "true"),
     FormField("callback_url", "An http or https URL the service POSTs the job's JSON to when it "
               "finishes (succeeded, failed or cancelled), signed in `X-Demix-Signature`. Default: none.",
               schema={"type": "string", "format": "uri", "maxLength": MAX_CALLBACK_URL_LENGTH,
@@ -92,6 +95,8 @@ class JobRequest:
     """Where to POST the job when it finishes (webhook), if anywhere."""
     workflow: tp.Optional[Workflow] = None
     """A workflow job's checked workflow (then `model` is empty)."""
+    cache: bool = True
+    """Whether the job's model runs may use the result cache."""
 
 
 def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo, settings: tp.Optional[Settings] = None,
@@ -110,13 +115,27 @@ def parse_job_request(form: tp.Mapping[str, str], info: AudioInfo, settings: tp.
             for a callback_url that is not an http(s) URL.
     """
     settings = settings or get_settings()
+    cache = use_cache(form)
     if (form.get(WORKFLOW_FIELD) or "").strip() or (form.get(PRESET_FIELD) or "").strip():
-        return _workflow_request(form, info, settings, reported)
+        return dataclasses.replace(_workflow_request(form, info, settings, reported), cache=cache)
     model = chosen_model(form, settings, reported)
     stems = check_stems((form.get("stems") or ALL).strip().lower() or ALL, model.sources or SOURCES,
                         model=model.name)
     return JobRequest(stems=stems, output=resolve_output(form, info), model=model.name,
-                      callback_url=validate_callback_url(form.get("callback_url")))
+                      callback_url=validate_callback_url(form.get("callback_url")), cache=cache)
+
+
+def use_cache(form: tp.Mapping[str, str]) -> bool:
+    """The form's `cache` field (blank: true).
+
+    Raises:
+        BadRequest: (`invalid_cache`) neither true nor false.
+    """
+    value = (form.get("cache") or "").strip().lower() or "true"
+    if value not in ("true", "false"):
+        raise BadRequest(f"cache: {value!r} is neither true nor false", code="invalid_cache",
+                         details={"field": "cache"})
+    return value == "true"
 
 
 def _workflow_request(form: tp.Mapping[str, str], info: AudioInfo, settings: Settings,

@@ -114,11 +114,12 @@ def submit_url(url: str, fields: tp.Mapping[str, str], services: Services, owner
         if job_request.workflow is not None:  # its first unit fetches the input
             return queue_new_job(new_workflow_job(job_request.workflow, None, None, owner=owner,
                                                   callback_url=job_request.callback_url, job_id=job_id,
-                                                  source_url=url, request_fields=request_fields), services)
+                                                  source_url=url, request_fields=request_fields,
+                                                  cache=job_request.cache), services)
         model = job_request.model or services.settings.default_model
         job = Job(id=job_id, status=JobStatus.QUEUED, stems=job_request.stems, model=model,
                   samplerate=0, channels=0, frames=0, created_at=time.time(), queue=services.settings.queue_for(model),
-                  owner=owner, callback_url=job_request.callback_url, source_url=url,
+                  owner=owner, callback_url=job_request.callback_url, source_url=url, use_cache=job_request.cache,
                   request_fields=request_fields)
         return queue_new_job(job, services)
 
@@ -162,14 +163,15 @@ def submit_job(upload: Path, info: AudioInfo, job_request: JobRequest, services:
     on its model's queue (all or nothing, as `queue_new_job`)."""
     if job_request.workflow is not None:
         return queue_new_job(new_workflow_job(job_request.workflow, info, job_request.output, owner=owner,
-                                              callback_url=job_request.callback_url, job_id=job_id),
+                                              callback_url=job_request.callback_url, job_id=job_id,
+                                              cache=job_request.cache),
                              services, upload)
     model = job_request.model or services.settings.default_model
     job = Job(id=job_id or new_job_id(), status=JobStatus.QUEUED, stems=job_request.stems,
               model=model, samplerate=info.samplerate, channels=info.channels,
               frames=info.frames, created_at=time.time(), input_format=info.input_format,
               output=job_request.output.to_dict(), queue=services.settings.queue_for(model), owner=owner,
-              callback_url=job_request.callback_url)
+              callback_url=job_request.callback_url, use_cache=job_request.cache)
     return queue_new_job(job, services, upload)
 
 

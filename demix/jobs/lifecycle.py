@@ -10,6 +10,7 @@ import typing as tp
 from demix.celery_app import SEPARATE_TASK
 from demix.errors import IllegalTransition, JobNotFound, WorkerLost
 from demix.jobs.records import Job, JobStatus, JobStore
+from demix.jobs.result_cache import release_job_entries
 from demix.storage.local import Storage
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ def cancel_job(jobs: JobStore, storage: Storage, job_id: str) -> Job:
 
 def end_children(jobs: JobStore, storage: Storage, job_id: str, *, delete: bool = False) -> None:
     """Cancel the job's child jobs (a workflow's runs) that have not finished and remove
-    their files; with `delete`, their records too. A running child stops at its next
-    segment, as any cancelled job."""
+    their files; with `delete`, their records too (and their uses of the result cache). A
+    running child stops at its next segment, as any cancelled job."""
     for child_id in jobs.children(job_id):
         try:
             jobs.mark_cancelled(child_id)
@@ -53,12 +54,14 @@ def end_children(jobs: JobStore, storage: Storage, job_id: str, *, delete: bool 
             pass  # finished already (or deleted by another caller)
         if delete:
             jobs.delete(child_id)
+            release_job_entries(jobs.redis, storage, child_id)
         storage.delete_job(child_id)
 
 
 def delete_job(jobs: JobStore, storage: Storage, job_id: str) -> None:
     """Delete a job whatever its state: cancel it if it is not finished, then remove its
-    record and every file. A worker still running it stops and cleans up after itself.
+    record and every file, and release the result cache entries it stored or used (an entry
+    no other job uses goes too). A worker still running it stops and cleans up after itself.
 
     Raises:
         JobNotFound: no such job.
@@ -69,6 +72,7 @@ def delete_job(jobs: JobStore, storage: Storage, job_id: str) -> None:
         pass  # already finished: nothing runs any more
     end_children(jobs, storage, job_id, delete=True)
     jobs.delete(job_id)
+    release_job_entries(jobs.redis, storage, job_id)
     storage.delete_job(job_id)
     log.info("deleted job %s", job_id)
 

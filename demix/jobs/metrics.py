@@ -40,6 +40,15 @@ def count_warm_timeout(client: tp.Any) -> None:
     client.hincrby(keys.metrics_counters_key(), WARM_TIMEOUTS_FIELD, 1)
 
 
+CACHE_HITS_FIELD, CACHE_MISSES_FIELD = "cache_hits", "cache_misses"
+"""Counters of model runs served from the result cache, and of those that looked and ran the model."""
+
+
+def count_cache_lookup(client: tp.Any, hit: bool) -> None:
+    """One more model run that looked in the result cache (`demix.worker.cached_runs`)."""
+    client.hincrby(keys.metrics_counters_key(), CACHE_HITS_FIELD if hit else CACHE_MISSES_FIELD, 1)
+
+
 class ServiceCollector(Collector):
     """Reads the service's metrics from Redis (and the disk) at each scrape, so the numbers
     are the same whichever API process answers."""
@@ -87,6 +96,10 @@ class ServiceCollector(Collector):
                        "DEMIX_WARM_TIMEOUT_S (each one's Python stack is in its worker's log).",
                        counters.get(WARM_TIMEOUTS_FIELD, 0))
         yield _counter("demix_upload_bytes", "Bytes of accepted uploads.", counters.get("upload_bytes", 0))
+        yield _counter("demix_cache_hits", "Model runs served from the result cache (no model run).",
+                       counters.get(CACHE_HITS_FIELD, 0))
+        yield _counter("demix_cache_misses", "Model runs that looked in the result cache and ran the model.",
+                       counters.get(CACHE_MISSES_FIELD, 0))
 
         for (name, (doc, bounds)), raw in zip(JOB_HISTOGRAMS.items(), histograms_raw):
             yield _histogram(f"demix_{name}", doc, bounds, raw)

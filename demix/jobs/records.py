@@ -94,6 +94,8 @@ class Job:
     `kind`, and what it reads."""
     cached: bool = False
     """Its stems were taken from the result cache instead of running the model."""
+    use_cache: bool = True
+    """The job may read and write the result cache (the request's `cache` field)."""
 
     @property
     def duration(self) -> float:
@@ -140,6 +142,7 @@ class Job:
             "source_url": self.source_url,
             "stage": self.stage,
             "download": self.download,
+            "cached": self.cached,
         }
 
 
@@ -389,7 +392,7 @@ class JobStore:
         """
         return self._move(job_id, JobStatus.RUNNING, (JobStatus.QUEUED,), lease_s=lease_s,
                           holder=holder, started_at=time.time(), progress=0.0, error=None,
-                          finished_at=None, outputs=[])
+                          finished_at=None, outputs=[], cached=False)
 
     def heartbeat(self, job_id: str, attempt: int, lease_s: float, holder: str = "",
                   progress: tp.Optional[float] = None) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import socket
 import threading
@@ -106,8 +108,6 @@ def load_model(spec: ModelSpec) -> torch.nn.Module:
 
 def find_manifest(spec: ModelSpec) -> tp.Optional[tuple[ModelInfo, Path]]:
     """The manifest of `spec.name` and its folder: `DEMIX_MODEL_REPO` first, then the cache."""
-    import json
-
     for folder in (Path(spec.repo).expanduser() if spec.repo else None,
                    Path(spec.cache).expanduser() if spec.cache else None):
         if folder is not None and (path := folder / f"{spec.name}{MANIFEST_SUFFIX}").is_file():
@@ -232,14 +232,39 @@ def _socket_timeout(seconds: float) -> tp.Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
+def model_digest(model: torch.nn.Module) -> str:
+    """A sha256 hex that changes when what the model computes changes: every tensor of its
+    `state_dict` (name, dtype, shape, bytes) and the settings beside the weights that shape
+    its output (a bag's weights and segment, a RoFormer's config)."""
+    digest = hashlib.sha256()
+    described = {"class": type(model).__name__, "sources": list(model.sources),
+                 "samplerate": int(model.samplerate), "segment": str(getattr(model, "segment", None)),
+                 "bag_weights": repr(getattr(model, "weights", None)), "config": repr(getattr(model, "config", None))}
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"\n{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class ModelCache:
     """Models loaded by this process, kept for its lifetime; `loads` counts real loads."""
 
     def __init__(self, loader: tp.Callable[[ModelSpec], torch.nn.Module] = load_model):
         self._loader = loader
         self._models: dict[ModelSpec, torch.nn.Module] = {}
+        self._digests: dict[ModelSpec, str] = {}
         self._lock = threading.Lock()
         self.loads = 0
+
+    def digest(self, spec: ModelSpec) -> str:
+        """`model_digest` of the model of `spec` (loaded if it is not yet), computed once."""
+        model = self.get(spec)
+        with self._lock:
+            if spec not in self._digests:
+                self._digests[spec] = model_digest(model)
+            return self._digests[spec]
 
     def get(self, spec: ModelSpec) -> torch.nn.Module:
         with self._lock:

@@ -1,8 +1,8 @@
 """Stems made from other stems, block by block in flat memory: a workflow step's stems from
-its models' runs (an ensemble of each source, and the complements `no_X`), and stems
-re-encoded into a job's output format.
+its models' runs (an ensemble of each source, and the complements `no_X`), stems
+re-encoded into a job's output format, and a job's stems from a result cache entry.
 
-Both write through a `StemSink` as the engine does, so the files are published only when
+All of them write through a `StemSink` as the engine does, so the files are published only when
 every one is complete, and a job's `clip=rescale` sees every stem's peak first.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ import contextlib
 import typing as tp
 from pathlib import Path
 
-from demix.audio.io import AudioReader, quantize
+from demix.audio.io import AudioReader, dequantize, quantize
 from demix.audio.output_formats import OutputOptions
 
 from .engine import StemSink
 from .ensemble import ensemble_files
-from .mix_io import BLOCK_FRAMES
+from .mix_io import BLOCK_FRAMES, MixReader
 
 ProgressFn = tp.Callable[[float], None]
 
@@ -71,6 +71,34 @@ def encode_stems(files: tp.Mapping[str, Path], sink: StemSink, output: OutputOpt
                     writers[name].write(quantize(block, output.grid_subtype))
             progress((index + 1) / len(files))
     return list(files)
+
+
+def write_cached_stems(files: tp.Mapping[str, Path], input_path: Path, names: tp.Sequence[str], sink: StemSink,
+                       output: OutputOptions, progress: ProgressFn = lambda _value: None) -> list[str]:
+    """Write stems `names` of the input at `input_path` from a model's float32 WAVs `files`
+    (source -> path, at the input's rate and channels, as the engine computed them before
+    putting them on the output's grid) exactly as the engine would have: each source `X`
+    on the output's sample grid, `no_X` as the input minus `X` on that grid (see
+    `demix.separation.engine`'s `_write_block`). The output keeps the input's rate and
+    channels; returns the names written."""
+    subtype = output.grid_subtype
+    sources = [name for name in names if not name.startswith("no_")]
+    with AudioReader(input_path) as mix:
+        samplerate, channels, frames = mix.samplerate, mix.channels, mix.frames
+    with _published(sink) as writers:
+        for name in names:
+            writers[name] = sink.open_stem(name, samplerate, channels, subtype, frames)
+        for index, source in enumerate(sources):
+            rest = writers.get(f"no_{source}")
+            with AudioReader(files[source]) as stem, MixReader(input_path, samplerate) as original:
+                while len(block := stem.read(BLOCK_FRAMES)):
+                    samples = quantize(block, subtype)
+                    writers[source].write(samples)
+                    if rest is not None:
+                        mix_block = quantize(original.read(len(samples)), subtype)
+                        rest.write(quantize(dequantize(mix_block, subtype) - dequantize(samples, subtype), subtype))
+            progress((index + 1) / len(sources))
+    return list(names)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ Every file of a job has a *key*, the same under both backends::
     jobs/<id>/input.wav
     jobs/<id>/stems-<attempt>/<name>.<wav|flac|mp3>
     jobs/<id>/split-<attempt>/<file>   a split job's mix, plan and parts, while it runs
+    cache/<entry>/<source>.wav         a result cache entry (`demix.jobs.result_cache`)
 
 `JobStorage` keeps them in a local folder (`DEMIX_DATA_DIR`, the default: one machine, or
 many sharing that folder); `demix.storage.s3.ObjectStorage` in an S3-compatible
@@ -73,6 +74,11 @@ def stem_key(job_id: str, name: str, extension: str = DEFAULT_EXTENSION, attempt
 def split_key(job_id: str, attempt: int) -> str:
     """The key prefix of one attempt's split working files."""
     return f"{job_key(job_id)}/split-{attempt}"
+
+
+def cache_key(entry: str) -> str:
+    """The key prefix of one result cache entry's files."""
+    return f"cache/{entry}"
 
 
 def attempt_of(folder: str) -> tp.Optional[tuple[str, int]]:
@@ -248,6 +254,33 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def stored_jobs(self) -> tp.Iterator[tuple[str, float]]:
         """`(job id, last modified as a Unix time)` of every job with files stored."""
+
+    # The result cache's entries (`demix.jobs.result_cache` keeps their index in Redis).
+
+    @abc.abstractmethod
+    def store_cache_entry(self, entry: str, files: tp.Mapping[str, StoredFile]) -> int:
+        """Publish `files` (file name -> a complete stored file, e.g. a job's stem) as the files
+        of result cache entry `entry`: all of them or none become visible, and an entry
+        already stored is kept as it is. Returns the entry's size in bytes."""
+
+    @abc.abstractmethod
+    def cached_copies(self, entry: str, names: tp.Sequence[str]) -> tp.ContextManager[dict[str, Path]]:
+        """Local copies of files `names` of entry `entry` (name -> path) for the block, made
+        before it starts (hard links in a local folder, downloads from a bucket): once made,
+        the entry may be evicted or deleted without harm to the reader.
+
+        Raises:
+            FileNotFoundError: the entry or one of its files is gone (evicted, deleted).
+        """
+
+    @abc.abstractmethod
+    def delete_cache_entry(self, entry: str) -> None:
+        """Remove every file of result cache entry `entry` (nothing if it has none)."""
+
+    @abc.abstractmethod
+    def stored_cache_entries(self) -> tp.Iterator[tuple[str, float]]:
+        """`(entry, last modified as a Unix time)` of every result cache entry with files
+        stored (a local folder's entries being built too, under their temporary names)."""
 
     @abc.abstractmethod
     def free_bytes(self) -> int:
@@ -426,10 +459,72 @@ class JobStorage(Storage):
             except FileNotFoundError:
                 continue
 
+    def cache_dir(self, entry: str) -> Path:
+        return self.root / cache_key(entry)
+
+    def store_cache_entry(self, entry: str, files: tp.Mapping[str, StoredFile]) -> int:
+        target = self.cache_dir(entry)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside its final place, then renamed into it whole: a reader sees all or nothing.
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{entry}-"))
+        try:
+            for name, source in files.items():
+                _link_or_copy(source, staging / name)
+            size = sum(path.stat().st_size for path in staging.iterdir())
+            try:
+                os.rename(staging, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # Another job stored the same entry first: its files are the same samples.
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return size
+
+    @contextlib.contextmanager
+    def cached_copies(self, entry: str, names: tp.Sequence[str]) -> tp.Iterator[dict[str, Path]]:
+        # Hard links in the staging folder (the same filesystem): the samples stay readable
+        # through them however the entry's own names are removed meanwhile.
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.incoming_dir, prefix="cached-") as folder:
+            copies = {}
+            for name in names:
+                copies[name] = Path(folder) / name
+                os.link(self.cache_dir(entry) / name, copies[name])
+            yield copies
+
+    def delete_cache_entry(self, entry: str) -> None:
+        shutil.rmtree(self.cache_dir(entry), ignore_errors=True)
+
+    def stored_cache_entries(self) -> tp.Iterator[tuple[str, float]]:
+        try:
+            folders = list((self.root / "cache").iterdir())
+        except FileNotFoundError:
+            return
+        for folder in folders:
+            try:
+                yield folder.name, _last_modified(folder)
+            except FileNotFoundError:
+                continue
+
     def free_bytes(self) -> int:
         """Free space on the filesystem holding the data dir, in bytes (for unprivileged users)."""
         self.root.mkdir(parents=True, exist_ok=True)
         return disk_free_bytes(self.root)
+
+
+def _link_or_copy(source: StoredFile, target: Path) -> None:
+    """Make `target` a hard link to `source` (files are never rewritten in place), or a copy
+    when it is elsewhere."""
+    if source.local_path is not None:
+        try:
+            os.link(source.local_path, target)
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise
+    with source.open() as stream, open(target, "wb") as copy:
+        shutil.copyfileobj(stream, copy, 1 << 20)
 
 
 def _last_modified(folder: Path) -> float:

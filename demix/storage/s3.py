@@ -44,7 +44,7 @@ from botocore.config import Config
 from demix.errors import DiskFull, StorageUnavailable
 from demix.host_processes import is_gone_here, this_host
 from demix.storage.local import (DEFAULT_EXTENSION, INPUT_NAME, MIB, SplitFiles, Storage, StoredFile, attempt_of,
-                                 disk_free_bytes, job_key, split_key, stem_key, stems_key, sweep_orphaned_uploads)
+                                 cache_key, disk_free_bytes, job_key, split_key, stem_key, stems_key, sweep_orphaned_uploads)
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +369,52 @@ class ObjectStorage(Storage):
 
     def sweep_abandoned_uploads(self, max_age_s: float) -> int:
         return self.abort_uploads("", older_than=time.time() - max_age_s)
+
+    def store_cache_entry(self, entry: str, files: tp.Mapping[str, StoredFile]) -> int:
+        # Each object exists only once complete; the entry is used only once the result
+        # cache's index in Redis names it, after every object is stored.
+        size = 0
+        for name, source in files.items():
+            key = f"{cache_key(entry)}/{name}"
+            if isinstance(source, ObjectFile):  # copied by the server
+                try:
+                    self.client.copy({"Bucket": self.bucket, "Key": self.object_key(source.key)}, self.bucket,
+                                     self.object_key(key), Config=TRANSFER)
+                except STORE_ERRORS as exc:
+                    raise _read_failure(source.key, exc) from exc
+            else:
+                with source.open() as stream:
+                    try:
+                        self.client.upload_fileobj(stream, self.bucket, self.object_key(key), Config=TRANSFER)
+                    except (*STORE_ERRORS, boto3.exceptions.S3UploadFailedError) as exc:
+                        raise _unavailable(f"store {key}", exc) from exc
+            size += self.size_of(key)
+        return size
+
+    @contextlib.contextmanager
+    def cached_copies(self, entry: str, names: tp.Sequence[str]) -> tp.Iterator[dict[str, Path]]:
+        copies: dict[str, Path] = {}
+        try:
+            for name in names:
+                key = f"{cache_key(entry)}/{name}"
+                self.ensure_scratch_room(self.size_of(key), f"the cached {name}")
+                copies[name] = self.scratch_file(name)
+                self.get_file(key, copies[name])
+            yield copies
+        finally:
+            for path in copies.values():
+                shutil.rmtree(path.parent, ignore_errors=True)
+
+    def delete_cache_entry(self, entry: str) -> None:
+        self.delete_prefix(f"{cache_key(entry)}/")
+
+    def stored_cache_entries(self) -> tp.Iterator[tuple[str, float]]:
+        latest: dict[str, float] = {}
+        base = self.object_key("cache/")
+        for item in self.list_keys("cache/"):
+            entry = item["Key"][len(base):].split("/", 1)[0]
+            latest[entry] = max(latest.get(entry, 0.0), item["LastModified"].timestamp())
+        yield from latest.items()
 
 
 class PendingObject:

@@ -23,6 +23,7 @@ from demix.errors import DemixError, JobNotFound, WorkerLost
 from demix.jobs.records import JobStatus, JobStore
 from demix.jobs.lifecycle import recover_lost_job, resend_lost_message
 from demix.readiness import forget_dead_processes
+from demix.jobs.result_cache import sweep_orphaned_entries
 from demix.jobs.retention import (sweep_abandoned_uploads, sweep_dead_scratch, sweep_expired_jobs,
                                   sweep_orphaned_job_folders)
 from demix.jobs.split_records import MERGE, PartsExhausted, SplitStore, part_unit, send_unit
@@ -225,6 +226,8 @@ SWEEPS += [
     Sweep("orphaned uploads", lambda context: sweep_orphaned_uploads(context.storage),
           retention_sweep_interval),
     Sweep("orphaned job folders", lambda context: sweep_orphaned_job_folders(context.jobs, context.storage),
+          retention_sweep_interval),
+    Sweep("orphaned cache entries", lambda context: sweep_orphaned_entries(context.jobs.redis, context.storage),
           retention_sweep_interval),
     Sweep("abandoned object uploads", lambda context: sweep_abandoned_uploads(context.storage),
           retention_sweep_interval),

@@ -38,6 +38,7 @@ from demix.separation import (JobStemSink, ModelCache, batch_segments, keep_free
 from demix.worker.attempt import (AttemptLease, JobInterrupted, WorkerContext, attempt_scratch, job_model_spec,
                                   lease_holder, model_spec, record_outcome, retry_while_redis_is_down,
                                   separation_options)
+from demix.worker.cached_runs import run_key, serve_from_cache, store_in_cache
 from demix.worker.split import should_split, start_split
 from demix.worker.workflow_units import is_workflow_unit, run_workflow_unit
 from demix.intake.url_jobs import fetch_input
@@ -217,7 +218,8 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
     if job.awaits_input:
         job = fetch_input(job, context, lease)
     device = resolve_device(settings.device)
-    model = context.models.get(job_model_spec(job, settings, device))
+    spec = job_model_spec(job, settings, device)
+    model = context.models.get(spec)
     lease.check()
     options = separation_options(settings, device)
     # A job deleted or cancelled meanwhile has no input any more: the caller confirms why.
@@ -225,11 +227,17 @@ def _separate(job: Job, attempt: int, context: WorkerContext,
         # Records written before output options existed mean the input's own format.
         output = OutputOptions.from_dict(job.output) if job.output else default_output(read_info(input_path))
         layout = stem_layout(model, input_path, job.stems, output)
+        key = run_key(job, context, model, spec, options, input_path, layout)
+        if key is not None and (names := serve_from_cache(job, attempt, context, lease, key, input_path,
+                                                          layout)) is not None:
+            return names
         if should_split(job, settings, model, layout):
             start_split(job, attempt, context, lease, model, layout, input_path)
             return None
-        return separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
-                             options=options, progress=lease.report_progress, output=output)
+        names = separate_file(model, input_path, job.stems, sink=JobStemSink(storage, job.id, output, attempt),
+                              options=options, progress=lease.report_progress, output=output)
+        store_in_cache(job, attempt, context, key, model, names, layout)
+        return names
 
 
 def _abandon(job_id: str, attempt: int, stop: JobInterrupted, context: WorkerContext) -> None:

@@ -152,11 +152,12 @@ def unit_inputs(unit: Unit) -> list[str]:
 
 
 def child_job(parent: Job, unit: Unit, cache: bool = True) -> Job:
-    """The record of `unit`'s child job."""
+    """The record of `unit`'s child job (`cache`: whether its model run may use the result cache)."""
     job = Job(id=unit_id(parent.id, unit.name), status=JobStatus.QUEUED, stems=ALL, model=unit.model,
               samplerate=parent.samplerate, channels=parent.channels, frames=parent.frames,
               created_at=time.time(), input_format=parent.input_format, queue=unit.queue,
-              workflow_unit={"parent": parent.id, "unit": unit.name, "kind": unit.kind, **unit.reads})
+              workflow_unit={"parent": parent.id, "unit": unit.name, "kind": unit.kind, **unit.reads},
+              use_cache=cache)
     if unit.kind == FETCH:  # the job's `url` input, fetched and checked as a `url` job's
         return dataclasses.replace(job, source_url=parent.source_url, request_fields=parent.request_fields)
     return dataclasses.replace(job, output=intermediate_output(parent).to_dict())
@@ -200,7 +201,7 @@ def advance(parent_id: str, context: Context) -> list[str]:
         child_id = unit_id(parent_id, unit.name)
         if child_id in children or not all(job_id in done for job_id in unit_inputs(unit)):
             continue
-        child = child_job(parent, unit)
+        child = child_job(parent, unit, cache=parent.use_cache)
         if "input" in unit.reads:  # its own copy of what it reads: it runs as any job
             context.storage.copy_input(child.id, stem_file(context, unit.reads["input"]))
         if jobs.create_child(child, parent_id):
@@ -347,16 +348,18 @@ def _step_status(unit_jobs: tp.Sequence[tp.Optional[Job]]) -> str:
 
 def new_workflow_job(workflow: Workflow, info: tp.Any, output: tp.Optional[OutputOptions], owner: str = "",
                      callback_url: tp.Optional[str] = None, job_id: tp.Optional[str] = None,
-                     source_url: tp.Optional[str] = None, request_fields: tp.Mapping[str, str] = {}) -> Job:
+                     source_url: tp.Optional[str] = None, request_fields: tp.Mapping[str, str] = {},
+                     cache: bool = True) -> Job:
     """The record of a new workflow job on an input described by `info` (`AudioInfo`; None
     for a `url` job, whose input and `output` are known once fetched). It is `running` from
     the start, at attempt 1 (the fence its outputs unit finishes it with), with no queue and
-    no lease of its own: its units have those."""
+    no lease of its own: its units have those. With `cache` false, its model runs neither
+    read nor write the result cache."""
     now = time.time()
     job = Job(id=job_id or new_job_id(), status=JobStatus.RUNNING, stems=ALL, model=WORKFLOW_MODEL,
               samplerate=0, channels=0, frames=0, created_at=now, started_at=now, attempts=1,
               owner=owner, callback_url=callback_url, workflow=workflow.to_dict(), source_url=source_url,
-              request_fields=dict(request_fields))
+              request_fields=dict(request_fields), use_cache=cache)
     if info is None:
         return job
     return dataclasses.replace(job, samplerate=info.samplerate, channels=info.channels, frames=info.frames,

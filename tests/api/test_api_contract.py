@@ -60,6 +60,14 @@ def without_workflow_text(case, mode: GenerationMode) -> None:
         case.body.pop("workflow", None)
 
 
+def without_blank_choices(case, mode: GenerationMode) -> None:
+    """A negative case breaks the form in a way other than a blank field: the parser takes a
+    blank field as its default (tests/intake/test_job_request.py), which an `enum` cannot say."""
+    if mode is GenerationMode.NEGATIVE and isinstance(case.body, dict) and any(
+            isinstance(value, str) and not value.strip() for value in case.body.values()):
+        hypothesis.reject()
+
+
 # One test per operation and mode, from the same list the spec is built from (schemathesis'
 # pytest plugin, `from_fixture`, does not run under pytest 9, so hypothesis is driven here).
 # Negative cases need an input to break: operations without any only run positive ones.
@@ -79,6 +87,7 @@ def test_every_response_matches_the_spec(api_schema, redis_client, operation_id,
     def check(case):
         forget_idempotency_keys(redis_client)
         without_workflow_text(case, mode)
+        without_blank_choices(case, mode)
         statuses.add(case.call_and_validate(timeout=30).status_code)
 
     check()
@@ -117,6 +126,7 @@ def test_with_api_keys_every_response_matches_the_spec(keyed_schema, redis_clien
     def check(case):
         forget_idempotency_keys(redis_client)
         without_workflow_text(case, mode)
+        without_blank_choices(case, mode)
         response = case.call_and_validate(headers={"Authorization": f"Bearer {CONTRACT_KEY}"}, timeout=30)
         statuses.add(response.status_code)
 

@@ -73,7 +73,8 @@ def test_documented_defaults_are_what_the_parser_fills_in():
     parsed = parse_job_request({}, info())
     resolved = {"stems": parsed.stems, "bitrate": str(parsed.output.bitrate),
                 "clip": parsed.output.clip, "channels": parsed.output.channel_mode,
-                "samplerate": "input" if parsed.output.samplerate == info().samplerate else None}
+                "samplerate": "input" if parsed.output.samplerate == info().samplerate else None,
+                "cache": str(parsed.cache).lower()}
     assert defaults == resolved
     assert parse_job_request(defaults, info()) == parsed
 
@@ -124,3 +125,16 @@ def test_one_source_models_give_the_source_and_its_complement_for_all():
     assert output_names("all", ("vocals",)) == ["vocals", "no_vocals"]
     assert output_names("vocals", ("vocals",)) == ["vocals", "no_vocals"]
     assert output_names("all", ("vocals", "other")) == ["vocals", "other"]
+
+
+@pytest.mark.parametrize("raw,cache", [("", True), ("true", True), (" FALSE ", False), ("false", False)])
+def test_cache_is_true_unless_false(raw, cache):
+    assert parse_job_request({"cache": raw}, info()).cache is cache
+    assert parse_job_request({"cache": raw, "workflow": '{"steps": [{"name": "a", "models": ["tiny"]}], '
+                              '"outputs": {"v": "a/vocals"}}'}, info(samplerate=44100)).cache is cache
+
+
+def test_a_cache_neither_true_nor_false_is_invalid_cache():
+    with pytest.raises(BadRequest) as caught:
+        parse_job_request({"cache": "sometimes"}, info())
+    assert caught.value.code == "invalid_cache" and "sometimes" in caught.value.message

@@ -67,6 +67,21 @@ def test_the_cache_loads_each_model_once(tmp_path):
     assert loads == [spec] and cache.loads == 1
 
 
+def test_a_models_digest_changes_with_its_weights_and_is_computed_once(tmp_path, monkeypatch):
+    model, same, other = make_tiny_htdemucs(), make_tiny_htdemucs(), make_tiny_htdemucs(seed=1)
+    assert models.model_digest(model) == models.model_digest(same) != models.model_digest(other)
+    with torch.no_grad():
+        next(iter(same.parameters())).view(-1)[0] += 1e-6
+    assert models.model_digest(same) != models.model_digest(model)
+    computed = []
+    cache = ModelCache(loader=lambda spec: model)
+    original = models.model_digest
+    monkeypatch.setattr(models, "model_digest", lambda loaded: computed.append(loaded) or original(loaded))
+    spec = ModelSpec("tiny", cache=str(tmp_path))
+    assert cache.digest(spec) == cache.digest(spec) == original(model)
+    assert computed == [model]
+
+
 @pytest.mark.slow  # `verify` runs the model over audio
 def test_demix_models_list_and_verify(tmp_path, monkeypatch, capsys):
     write_tiny_repo(tmp_path / "data" / "models")

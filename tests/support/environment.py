@@ -27,12 +27,16 @@ os.environ.update({
     "DEMIX_LEASE_S": "6",
     # Every test server, webhook receiver and `url` input is on 127.0.0.1.
     "DEMIX_ALLOW_PRIVATE_URLS": "1",
+    # The result cache off: the same synthetic songs run again and again through the session's
+    # one Redis, and a test that cancels, kills or times a run needs the model to run. The
+    # cache's own tests turn it on (tests/jobs/test_result_cache.py, tests/worker/test_cached_runs.py).
+    "DEMIX_CACHE_MB": "0",
 })
 for _name in list(os.environ):  # a developer's own DEMIX_* settings must not leak in
     if _name.startswith("DEMIX_") and _name not in {
             "DEMIX_REDIS_URL", "DEMIX_DATA_DIR", "DEMIX_MODEL", "DEMIX_MODEL_REPO",
             "DEMIX_DEVICE", "DEMIX_TORCH_THREADS", "DEMIX_LEASE_S", "DEMIX_TEST_CACHE",
-            "DEMIX_ALLOW_PRIVATE_URLS"}:
+            "DEMIX_ALLOW_PRIVATE_URLS", "DEMIX_CACHE_MB"}:
         del os.environ[_name]
 
 

@@ -194,6 +194,19 @@ def test_the_steps_view_gives_each_runs_state_and_the_jobs_progress(context, tmp
     assert view["outputs"] == CHAIN["outputs"]
 
 
+def test_a_workflow_with_cache_false_gives_it_to_its_runs(context, tmp_path):
+    upload = write_wav(tmp_path / "upload.wav", 44100, 2, 1.0)
+    info = inspect_upload(upload, context.settings)
+    job = new_workflow_job(parse_workflow(CHAIN, context.settings, REPORTED), info, default_output(info),
+                           cache=False)
+    context.storage.accept_upload(upload, job.id)
+    context.jobs.create(job)
+    start_workflow(job, context)
+    runs = [context.jobs.get(child) for child in context.jobs.children(job.id)]
+    assert runs and not job.use_cache and all(not run.use_cache for run in runs)
+    assert all(context.jobs.get(child).use_cache for child in context.jobs.children(submit(context, tmp_path).id))
+
+
 def test_runs_are_not_counted_as_jobs_in_the_metrics(context, tmp_path):
     counters = keys.metrics_counters_key()
     before = {name.decode(): int(value) for name, value in context.jobs.redis.hgetall(counters).items()}
