@@ -96,7 +96,10 @@ def deployment(tmp_path_factory) -> tp.Iterator[Deployment]:
     with RedisServer(root / "redis", port=free_port(), persist=False) as redis_server:
         env = {**os.environ, "DEMIX_REDIS_URL": redis_server.url, "DEMIX_DATA_DIR": str(root / "data"),
                "DEMIX_MODEL_REPO": str(repo), "DEMIX_MODELS": MODELS, "DEMIX_QUEUE": QUEUE,
-               "DEMIX_TORCH_THREADS": "1", "DEMIX_LEASE_S": "6"}
+               "DEMIX_TORCH_THREADS": "1", "DEMIX_LEASE_S": "6",
+               # The result cache on (the session turns it off): every test but the cache's
+               # own sends a song of a length no other test sends, so its models run.
+               "DEMIX_CACHE_MB": "512"}
         env.pop("DEMIX_WORKER_MODELS", None)
         with LiveServer(create_app({"SETTINGS": Settings.from_env(env)})) as server:
             deployment = Deployment(server.url, env, root, repo, {})
@@ -294,3 +297,26 @@ def test_a_long_run_of_a_workflow_is_split_into_parts_on_the_workers(deployment,
     finally:
         stop_process(split_worker.workers.pop("split"), timeout=60)
         deployment.start_worker("all")
+
+
+def test_a_repeated_workflow_and_a_plain_job_on_its_song_are_served_from_the_result_cache(deployment, tmp_path):
+    mix = write_wav(tmp_path / "mix.wav", 44100, 2, 4.5, subtype="FLOAT", seed=7)
+    first, second = (deployment.finished(deployment.submit(mix, CHAIN).json()["id"]) for _ in range(2))
+    bypass = deployment.finished(deployment.submit(mix, CHAIN, cache="false").json()["id"])
+    for job, cached in ((first, False), (second, True), (bypass, False)):
+        assert job["status"] == "succeeded", job
+        assert [run["cached"] for step in job["workflow"]["steps"] for run in step["runs"]] == [cached] * 3
+    stems = [deployment.stems(job) for job in (first, second, bypass)]
+    for name in stems[0]:
+        assert np.array_equal(stems[0][name], stems[1][name]) and np.array_equal(stems[0][name], stems[2][name])
+    # Plain jobs on the song asking `vocals` (+ `no_vocals`) in PCM16 of a model a workflow ran
+    # on it: a one-source RoFormer (step 1 of the chain) and the 4-stem Demucs (run here).
+    band = {"steps": [{"name": "band", "models": [TINY_MODEL]}]}
+    assert deployment.finished(deployment.submit(mix, band).json()["id"])["status"] == "succeeded"
+    for model in (TINY_VOCALS, TINY_MODEL):
+        with open(mix, "rb") as file:
+            plain = requests.post(f"{deployment.url}/v1/jobs", files={"file": file}, timeout=60,
+                                  data={"model": model, "stems": "vocals", "sample_format": "pcm16"}).json()
+        plain = deployment.finished(plain["id"])
+        assert plain["status"] == "succeeded" and plain["cached"] is True, plain
+        assert set(plain["outputs"]) == {"vocals", "no_vocals"}
