@@ -449,15 +449,7 @@ class JobStorage(Storage):
         log.warning("job %s: its folder %s could not be removed completely", job_id, folder)
 
     def stored_jobs(self) -> tp.Iterator[tuple[str, float]]:
-        try:
-            folders = list((self.root / "jobs").iterdir())
-        except FileNotFoundError:
-            return
-        for folder in folders:
-            try:
-                yield folder.name, _last_modified(folder)
-            except FileNotFoundError:
-                continue
+        return _folders_by_age(self.root / "jobs")
 
     def cache_dir(self, entry: str) -> Path:
         return self.root / cache_key(entry)
@@ -497,15 +489,7 @@ class JobStorage(Storage):
         shutil.rmtree(self.cache_dir(entry), ignore_errors=True)
 
     def stored_cache_entries(self) -> tp.Iterator[tuple[str, float]]:
-        try:
-            folders = list((self.root / "cache").iterdir())
-        except FileNotFoundError:
-            return
-        for folder in folders:
-            try:
-                yield folder.name, _last_modified(folder)
-            except FileNotFoundError:
-                continue
+        return _folders_by_age(self.root / "cache")
 
     def free_bytes(self) -> int:
         """Free space on the filesystem holding the data dir, in bytes (for unprivileged users)."""
@@ -525,6 +509,20 @@ def _link_or_copy(source: StoredFile, target: Path) -> None:
                 raise
     with source.open() as stream, open(target, "wb") as copy:
         shutil.copyfileobj(stream, copy, 1 << 20)
+
+
+def _folders_by_age(parent: Path) -> tp.Iterator[tuple[str, float]]:
+    """Each folder in `parent` (none if it does not exist) and when anything in it last
+    changed; one removed while being looked at is passed over."""
+    try:
+        folders = list(parent.iterdir())
+    except FileNotFoundError:
+        return
+    for folder in folders:
+        try:
+            yield folder.name, _last_modified(folder)
+        except FileNotFoundError:
+            continue
 
 
 def _last_modified(folder: Path) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import time
 from pathlib import Path
 
@@ -19,35 +18,21 @@ import soundfile as sf
 from demix import redis_keys as keys
 from demix.audio.io import read_info
 from demix.audio.output_formats import resolve_output
-from demix.intake.inspection import inspect_upload
 from demix.jobs.lifecycle import delete_job
-from demix.jobs.records import Job, JobStatus, JobStore, new_job_id
+from demix.jobs.records import Job, JobStatus, new_job_id
 from demix.jobs.result_cache import ResultCache
-from demix.separation.models import ModelCache
-from demix.services import make_storage
 from demix.storage.local import JobStorage
 from demix.worker.attempt import WorkerContext, job_model_spec
 from demix.worker.runner import run_job
-from demix.workflows.runs import new_workflow_job, on_child_finished, start_workflow
-from demix.workflows.spec import parse_workflow
 from testkit.synthetic_audio import write_wav
 from testkit.tiny_models import TINY_MODEL
+from tests.support.workflows import run_workflow, worker_context
 
 pytestmark = pytest.mark.slow
 
 WORKFLOW = {"steps": [{"name": "a", "models": [TINY_MODEL]},
                       {"name": "b", "input": "a/no_vocals", "models": [TINY_MODEL]}],
             "outputs": {"vocals": "a/vocals", "drums": "b/drums", "rest": "b/no_drums"}}
-
-
-class QueueRecorder:
-    """Celery as far as a workflow uses it: the tasks sent, run here in order."""
-
-    def __init__(self):
-        self.sent: list[str] = []
-
-    def send_task(self, name, args, queue, **_options):
-        self.sent.append(args[0])
 
 
 class ForwardCounter:
@@ -76,10 +61,8 @@ class ForwardCounter:
 def context(settings, redis_client, tiny_model_repo, tmp_path) -> WorkerContext:
     for key in redis_client.scan_iter(f"{keys.PREFIX}:cache:*"):  # this process's Redis: no other test's entries
         redis_client.delete(key)
-    context = WorkerContext(settings=dataclasses.replace(settings, cache_mb=64, split_s=0), jobs=JobStore(redis_client),
-                            storage=JobStorage(tmp_path / "data"), models=ModelCache(), celery=QueueRecorder())
-    context.jobs.on_finished.append(lambda job: on_child_finished(job, context))
-    return context
+    return worker_context(dataclasses.replace(settings, cache_mb=64, split_s=0), redis_client,
+                          JobStorage(tmp_path / "data"))
 
 
 def plain_job(context: WorkerContext, mix: Path, stems: str = "all", cache: bool = True, **form: str) -> str:
@@ -97,17 +80,7 @@ def plain_job(context: WorkerContext, mix: Path, stems: str = "all", cache: bool
 
 
 def workflow_job(context: WorkerContext, mix: Path, cache: bool = True) -> str:
-    with context.storage.open_upload() as upload:
-        upload.write(mix.read_bytes())
-    info = inspect_upload(Path(upload.name), context.settings)
-    job = new_workflow_job(parse_workflow(json.dumps(WORKFLOW), context.settings), info,
-                           resolve_output({"sample_format": "float32"}, info), cache=cache)
-    context.storage.accept_upload(Path(upload.name), job.id)
-    context.jobs.create(job)
-    start_workflow(job, context)
-    while context.celery.sent:
-        run_job(context.celery.sent.pop(0), context)
-    return job.id
+    return run_workflow(context, mix, WORKFLOW, cache=cache)
 
 
 def stems(context: WorkerContext, job_id: str) -> dict[str, np.ndarray]:
@@ -189,10 +162,7 @@ def test_a_workflow_again_runs_no_model_and_gives_the_same_stems(context, tmp_pa
 
 
 def test_a_workflow_again_over_a_bucket_runs_no_model(context, s3_settings, tmp_path):
-    bucket = dataclasses.replace(context, settings=dataclasses.replace(s3_settings, cache_mb=64, split_s=0),
-                                 storage=make_storage(dataclasses.replace(s3_settings, cache_mb=64)))
-    bucket.jobs = JobStore(context.jobs.redis)
-    bucket.jobs.on_finished.append(lambda job: on_child_finished(job, bucket))
+    bucket = worker_context(dataclasses.replace(s3_settings, cache_mb=64, split_s=0), context.jobs.redis)
     mix = write_wav(tmp_path / "mix.wav", 44100, 2, 1.5, subtype="FLOAT")
     counter = ForwardCounter(bucket)
     first = workflow_job(bucket, mix)

@@ -1,5 +1,5 @@
-"""A workflow run whole in this process by the worker's own code (`run_job` for every unit it
-sends, in order), over a local folder and over a real S3 bucket: the same stems either way,
+"""A workflow run whole in this process by the worker's own code (`demix.worker.runner.run_job`,
+which hands its units to `demix.worker.workflow_units`, for every unit it sends, in order), over a local folder and over a real S3 bucket: the same stems either way,
 the runs' intermediate files gone once the job succeeded, nothing left in scratch.
 
 (Real worker processes, kills and cancels: tests/workflows/test_workflow_jobs.py.)
@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from demix.audio.output_formats import resolve_output
-from demix.intake.inspection import inspect_upload
-from demix.jobs.records import JobStatus, JobStore
-from demix.separation.models import ModelCache
-from demix.services import make_storage
+from demix.jobs.records import JobStatus
 from demix.worker.attempt import WorkerContext
-from demix.worker.runner import run_job
-from demix.workflows.runs import new_workflow_job, on_child_finished, start_workflow, unit_id
-from demix.workflows.spec import parse_workflow
+from demix.workflows.runs import unit_id
 from testkit.synthetic_audio import write_wav
 from testkit.tiny_models import TINY_MODEL, write_tiny_repo
+from tests.support.workflows import run_workflow, worker_context
 
 pytestmark = pytest.mark.slow
 
@@ -34,37 +27,6 @@ SECOND = "tiny_seed1"
 WORKFLOW = {"steps": [{"name": "a", "models": [TINY_MODEL, SECOND], "ensemble": "max_fft"},
                       {"name": "b", "input": "a/no_vocals", "models": [TINY_MODEL]}],
             "outputs": {"vocals": "a/vocals", "drums": "b/drums", "rest": "b/no_drums"}}
-
-
-class QueueRecorder:
-    """Celery as far as a workflow uses it: the tasks sent, run here in order by `drain`."""
-
-    def __init__(self):
-        self.sent: list[str] = []
-
-    def send_task(self, name, args, queue, **_options):
-        self.sent.append(args[0])
-
-
-def worker_context(settings, redis_client) -> WorkerContext:
-    context = WorkerContext(settings=settings, jobs=JobStore(redis_client), storage=make_storage(settings),
-                            models=ModelCache(), celery=QueueRecorder())
-    context.jobs.on_finished.append(lambda job: on_child_finished(job, context))
-    return context
-
-
-def run_workflow(context: WorkerContext, mix: Path) -> str:
-    with context.storage.open_upload() as upload:
-        upload.write(mix.read_bytes())
-    info = inspect_upload(Path(upload.name), context.settings)
-    job = new_workflow_job(parse_workflow(json.dumps(WORKFLOW), context.settings), info,
-                           resolve_output({"sample_format": "float32"}, info))
-    context.storage.accept_upload(Path(upload.name), job.id)
-    context.jobs.create(job)
-    start_workflow(job, context)
-    while context.celery.sent:
-        run_job(context.celery.sent.pop(0), context)
-    return job.id
 
 
 def stems(context: WorkerContext, job_id: str) -> dict[str, np.ndarray]:
@@ -90,8 +52,8 @@ def test_a_workflow_gives_the_same_stems_from_a_bucket_as_from_a_folder(
     local = worker_context(dataclasses.replace(settings, data_dir=tmp_path / "folder", **served), redis_client)
     bucket = worker_context(dataclasses.replace(s3_settings, **served), redis_client)
 
-    from_folder = stems(local, run_workflow(local, mix))
-    job_id = run_workflow(bucket, mix)
+    from_folder = stems(local, run_workflow(local, mix, WORKFLOW))
+    job_id = run_workflow(bucket, mix, WORKFLOW)
     from_bucket = stems(bucket, job_id)
     assert set(from_folder) == {"vocals", "drums", "rest"}
     for name in from_folder:

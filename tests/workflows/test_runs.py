@@ -28,16 +28,9 @@ from demix.workflows.runs import (MODEL, OUTPUTS, STEP, advance, child_job, in_f
                                   on_child_finished, start_workflow, unit_id, units, workflow_view)
 from demix.workflows.spec import parse_workflow
 from testkit.synthetic_audio import write_wav
+from tests.support.workflows import QueueRecorder
 
 SOURCES4 = ["drums", "bass", "other", "vocals"]
-
-
-class RecordingCelery:
-    def __init__(self):
-        self.sent: list[tuple[str, str]] = []
-
-    def send_task(self, name, args, queue, **_options):
-        self.sent.append((args[0], queue))
 
 
 @dataclasses.dataclass
@@ -45,13 +38,13 @@ class Context:
     settings: Settings
     jobs: JobStore
     storage: JobStorage
-    celery: RecordingCelery
+    celery: QueueRecorder
 
 
 @pytest.fixture
 def context(redis_client, tmp_path) -> Context:
     settings = Settings(models="tiny,tiny_vocals,tiny_vocals2", queue="wf", data_dir=tmp_path / "data")
-    context = Context(settings, JobStore(redis_client), JobStorage(tmp_path / "data"), RecordingCelery())
+    context = Context(settings, JobStore(redis_client), JobStorage(tmp_path / "data"), QueueRecorder())
     context.jobs.on_finished.append(lambda job: on_child_finished(job, context))
     return context
 
