@@ -390,12 +390,9 @@ class JobStorage(Storage):
         return _LocalFile(self.input_path(job_id))
 
     def copy_input(self, job_id: str, source: StoredFile) -> None:
-        if not isinstance(source, _LocalFile):
-            return super().copy_input(job_id, source)
-        # A hard link: the same samples, no copy (stems are never rewritten in place).
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         staged = self.incoming_dir / f"link-{os.getpid()}-{time.monotonic_ns()}.part"
-        os.link(source.path, staged)
+        _link_or_copy(source, staged)  # a hard link: the same samples, no copy
         self.accept_upload(staged, job_id)
 
     @contextlib.contextmanager

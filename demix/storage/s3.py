@@ -297,14 +297,29 @@ class ObjectStorage(Storage):
 
     @contextlib.contextmanager
     def input_file(self, job_id: str) -> tp.Iterator[Path]:
-        key = f"{job_key(job_id)}/{INPUT_NAME}"
-        self.ensure_scratch_room(self.size_of(key), "the job's input")
-        path = self.scratch_file(INPUT_NAME)
+        with self._downloaded(f"{job_key(job_id)}/{INPUT_NAME}", "the job's input") as path:
+            yield path
+
+    @contextlib.contextmanager
+    def _downloaded(self, key: str, what: str) -> tp.Iterator[Path]:
+        """Object `key` as a file of this process's scratch folder for the block (`what` it is
+        names it when the scratch disk lacks room)."""
+        self.ensure_scratch_room(self.size_of(key), what)
+        path = self.scratch_file(key.rsplit("/", 1)[-1])
         try:
             self.get_file(key, path)
             yield path
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)
+
+    def _server_copy(self, source: str, target: str) -> None:
+        """Copy object `source` to `target` in the bucket: the samples never travel through
+        this machine."""
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": self.object_key(source)}, self.bucket,
+                             self.object_key(target), Config=TRANSFER)
+        except STORE_ERRORS as exc:
+            raise _read_failure(source, exc) from exc
 
     def _require_job(self, job_id: str) -> None:
         # As the local folder's writers fail once the job's folder is gone, so that a run
@@ -326,13 +341,7 @@ class ObjectStorage(Storage):
     def copy_input(self, job_id: str, source: StoredFile) -> None:
         if not isinstance(source, ObjectFile):
             return super().copy_input(job_id, source)
-        # Copied by the server: the samples never travel through this machine.
-        target = f"{job_key(job_id)}/{INPUT_NAME}"
-        try:
-            self.client.copy({"Bucket": self.bucket, "Key": self.object_key(source.key)}, self.bucket,
-                             self.object_key(target), Config=TRANSFER)
-        except STORE_ERRORS as exc:
-            raise _read_failure(source.key, exc) from exc
+        self._server_copy(source.key, f"{job_key(job_id)}/{INPUT_NAME}")
 
     def begin_split(self, job_id: str, attempt: int) -> "ObjectSplitFiles":
         self._require_job(job_id)
@@ -360,11 +369,15 @@ class ObjectStorage(Storage):
         self.delete_prefix(job_key(job_id) + "/")
 
     def stored_jobs(self) -> tp.Iterator[tuple[str, float]]:
+        return self._folders_by_age("jobs/")
+
+    def _folders_by_age(self, prefix: str) -> tp.Iterator[tuple[str, float]]:
+        """Each "folder" under key prefix `prefix` and when its newest object was written."""
         latest: dict[str, float] = {}
-        base = self.object_key("jobs/")
-        for item in self.list_keys("jobs/"):
-            job_id = item["Key"][len(base):].split("/", 1)[0]
-            latest[job_id] = max(latest.get(job_id, 0.0), item["LastModified"].timestamp())
+        base = self.object_key(prefix)
+        for item in self.list_keys(prefix):
+            folder = item["Key"][len(base):].split("/", 1)[0]
+            latest[folder] = max(latest.get(folder, 0.0), item["LastModified"].timestamp())
         yield from latest.items()
 
     def sweep_abandoned_uploads(self, max_age_s: float) -> int:
@@ -376,12 +389,8 @@ class ObjectStorage(Storage):
         size = 0
         for name, source in files.items():
             key = f"{cache_key(entry)}/{name}"
-            if isinstance(source, ObjectFile):  # copied by the server
-                try:
-                    self.client.copy({"Bucket": self.bucket, "Key": self.object_key(source.key)}, self.bucket,
-                                     self.object_key(key), Config=TRANSFER)
-                except STORE_ERRORS as exc:
-                    raise _read_failure(source.key, exc) from exc
+            if isinstance(source, ObjectFile):
+                self._server_copy(source.key, key)
             else:
                 with source.open() as stream:
                     try:
@@ -393,28 +402,15 @@ class ObjectStorage(Storage):
 
     @contextlib.contextmanager
     def cached_copies(self, entry: str, names: tp.Sequence[str]) -> tp.Iterator[dict[str, Path]]:
-        copies: dict[str, Path] = {}
-        try:
-            for name in names:
-                key = f"{cache_key(entry)}/{name}"
-                self.ensure_scratch_room(self.size_of(key), f"the cached {name}")
-                copies[name] = self.scratch_file(name)
-                self.get_file(key, copies[name])
-            yield copies
-        finally:
-            for path in copies.values():
-                shutil.rmtree(path.parent, ignore_errors=True)
+        with contextlib.ExitStack() as downloads:
+            yield {name: downloads.enter_context(self._downloaded(f"{cache_key(entry)}/{name}", f"the cached {name}"))
+                   for name in names}
 
     def delete_cache_entry(self, entry: str) -> None:
         self.delete_prefix(f"{cache_key(entry)}/")
 
     def stored_cache_entries(self) -> tp.Iterator[tuple[str, float]]:
-        latest: dict[str, float] = {}
-        base = self.object_key("cache/")
-        for item in self.list_keys("cache/"):
-            entry = item["Key"][len(base):].split("/", 1)[0]
-            latest[entry] = max(latest.get(entry, 0.0), item["LastModified"].timestamp())
-        yield from latest.items()
+        return self._folders_by_age("cache/")
 
 
 class PendingObject:

@@ -93,7 +93,7 @@ def local_copy(context: WorkerContext, location: tp.Mapping[str, tp.Any]) -> tp.
     """The stem (or input) at `location` as a local file for the block: the file itself in
     a local folder, a scratch copy from a bucket."""
     stored = stem_file(context, location)
-    path = getattr(stored, "local_path", None)
+    path = stored.local_path
     if path is not None:
         if not path.exists():
             raise FileNotFoundError(f"{location['stem'] or 'input'} of job {location['job']} is gone")

@@ -199,9 +199,7 @@ def add_preset(settings: Settings, name: str, workflow_text: str, description: s
     path = settings.workflows_file
     presets = read_presets_file(path)
     presets[name] = {**({"description": description} if description else {}), **workflow}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        temporary.write_text(yaml.safe_dump(presets, sort_keys=False))
+    _write_presets_file(path, presets)
     return path
 
 
@@ -211,6 +209,12 @@ def remove_preset(settings: Settings, name: str) -> bool:
     presets = read_presets_file(path)
     if presets.pop(name, None) is None:
         return False
-    with atomic_path(path) as temporary:
-        temporary.write_text(yaml.safe_dump(presets, sort_keys=False))
+    _write_presets_file(path, presets)
     return True
+
+
+def _write_presets_file(path: Path, presets: tp.Mapping[str, dict]) -> None:
+    """Write the presets file whole (a reader sees the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        temporary.write_text(yaml.safe_dump(dict(presets), sort_keys=False))
